@@ -1,0 +1,1 @@
+//! INTERFACE STUB: exports to be written.

@@ -1,0 +1,1 @@
+//! KVM: memslots from the flat view, split at the slot limit, and dirty logging. INTERFACE STUB.

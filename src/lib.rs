@@ -1,0 +1,21 @@
+//! hostmem: guest RAM for C virtual-machine monitors, with QEMU's semantics.
+//!
+//! Data flows one way: options → machine → backends → regions → flat view → listeners (KVM).
+//! See DESIGN.md for the map from each module to the QEMU code it replaces.
+
+pub mod backend;
+pub mod context;
+pub mod error;
+pub mod ffi;
+pub mod flatview;
+pub mod hostmap;
+pub mod kvm;
+pub mod listener;
+pub mod machine;
+pub mod memory;
+pub mod objects;
+pub mod options;
+pub mod ramblock;
+pub mod region;
+
+pub use error::{Error, HmErrorClass, Result};

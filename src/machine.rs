@@ -1,0 +1,1 @@
+//! MachineClass / MachineState and QEMU's machine-level RAM rules. INTERFACE STUB.
