@@ -20,6 +20,10 @@ pub struct Context {
     pub objects: ObjectRegistry,
     /// Defaults every new backend takes (-mem-prealloc sugar, machine mem-merge, ...).
     pub backend_defaults: BackendDefaults,
+    /// The machine built in this context, once configured (owned by `machine`).
+    pub machine: Option<crate::machine::MachineRuntime>,
+    /// The KVM VM attached to this context, if any (owned by `kvm`).
+    pub kvm: Option<crate::kvm::KvmHandle>,
 }
 
 impl Context {
@@ -29,6 +33,8 @@ impl Context {
             memory: MemorySystem::new(),
             objects: ObjectRegistry::default(),
             backend_defaults: BackendDefaults::default(),
+            machine: None,
+            kvm: None,
         }
     }
 }
