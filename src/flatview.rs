@@ -57,10 +57,7 @@ pub fn flatview_root(arena: &impl RegionLookup, root: RegionId) -> Option<Region
                     .subregions
                     .iter()
                     .filter(|&&c| arena.region(c).is_some_and(|c| c.enabled));
-                let first = enabled.next();
-                let Some(&only) = first else {
-                    return None;
-                };
+                let &only = enabled.next()?;
                 if enabled.next().is_some() {
                     return Some(id);
                 }

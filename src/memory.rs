@@ -42,6 +42,8 @@ pub struct MemorySystem {
     update_pending: bool,
     listeners: Vec<Box<dyn MemoryListener>>,
     global_dirty_log: bool,
+    /// The first error a `void` C call hit (QEMU would have aborted), until taken.
+    pending_error: Option<Error>,
     /// How many "cpu-memory-N" address spaces `info mtree` lists next to "memory" (they share
     /// its root in QEMU). The machine sets it to its CPU count; 1 by default.
     pub cpu_address_spaces: u32,
@@ -88,6 +90,7 @@ impl MemorySystem {
             listeners: Vec::new(),
             global_dirty_log: false,
             cpu_address_spaces: 1,
+            pending_error: None,
         };
         m.system = m.new_container("system", 1u128 << 64);
         // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
@@ -103,6 +106,16 @@ impl MemorySystem {
             });
         }
         m
+    }
+
+    /// Keeps `e` for a later `take_pending_error` unless an earlier error is still pending.
+    pub fn record_error(&mut self, e: Error) {
+        self.pending_error.get_or_insert(e);
+    }
+
+    /// The first error recorded since the last call, if any (`hm_memory_check`).
+    pub fn take_pending_error(&mut self) -> Option<Error> {
+        self.pending_error.take()
     }
 
     pub fn system_memory(&self) -> RegionId {
