@@ -43,6 +43,10 @@ pub fn flatview_root(arena: &impl RegionLookup, root: RegionId) -> Option<Region
         if !r.enabled {
             return None;
         }
+        // Descending would drop the read-only attribute that QEMU passes down while rendering.
+        if r.readonly {
+            return Some(id);
+        }
         match r.kind {
             RegionKind::Alias { target, offset } => {
                 let t = arena.region(target)?;
@@ -78,7 +82,19 @@ pub fn flatview_root(arena: &impl RegionLookup, root: RegionId) -> Option<Region
 pub fn render(arena: &impl RegionLookup, root: Option<RegionId>) -> FlatView {
     let mut view = FlatView::default();
     if let Some(root) = root {
-        render_region(arena, &mut view.ranges, root, 0, (0, SPACE_END), false, 0);
+        // The root starts at address 0 whatever its address in some parent: QEMU adds it,
+        // which shifts the view when the root was reached through an alias whose target is
+        // mapped elsewhere.
+        let base = arena.region(root).map_or(0, |r| -i128::from(r.addr));
+        render_region(
+            arena,
+            &mut view.ranges,
+            root,
+            base,
+            (0, SPACE_END),
+            false,
+            0,
+        );
     }
     simplify(&mut view);
     view
@@ -483,6 +499,21 @@ mod tests {
     }
 
     #[test]
+    fn root_reached_through_an_alias_renders_at_zero() {
+        let mut a = Arena::default();
+        let sys = a.container("system", 1 << 64);
+        let pci = a.container("pci", 1 << 64);
+        let bios = a.ram("bios", 0x1000);
+        a.attach(pci, 0xfffff000, bios, 0);
+        let whole = a.alias("whole", bios, 0, 0x1000);
+        a.attach(sys, 0, whole, 0);
+        assert_eq!(flatview_root(&a, sys), Some(bios));
+        let direct = render(&a, Some(sys));
+        assert_eq!(render(&a, flatview_root(&a, sys)), direct);
+        assert_eq!(direct.ranges[0].addr, 0);
+    }
+
+    #[test]
     fn diff_lists_gone_and_new_ranges() {
         let r = |addr: u64, region: usize| FlatRange {
             addr,
@@ -614,6 +645,8 @@ mod tests {
         fn render_agrees_with_per_address_lookup(specs in prop::collection::vec(spec(), 1..14)) {
             let (arena, root) = build(&specs);
             let view = render(&arena, Some(root));
+            // Rendering from the reduced root gives the same view.
+            prop_assert_eq!(&render(&arena, flatview_root(&arena, root)), &view);
             // Sorted, disjoint, non-empty, and fully simplified.
             for w in view.ranges.windows(2) {
                 prop_assert!(w[0].end() <= u128::from(w[1].addr));
