@@ -1,2 +1,457 @@
-//! QEMU's command-line options for machine RAM (-m, -machine, -mem-path, -mem-prealloc, -object,
-//! -numa). INTERFACE STUB.
+//! QEMU's command line, as far as machine RAM and the small VMM are concerned: `-m`, `-M` /
+//! `-machine`, `-mem-path`, `-mem-prealloc`, `-object`, `-numa`, `-smp`, `-accel`, `-S`,
+//! `-monitor`, and the options users add out of habit. Pure: argv in, [`Cmdline`] out.
+//!
+//! Errors read as QEMU 10 prints them. Those found while reading one option carry that option as
+//! a location prefix ("-m foo: Parameter 'size' expects ..."), exactly where QEMU prints one.
+
+use crate::error::{Error, HmErrorClass, Result};
+use crate::options::values::{parse_bool, parse_keyval, parse_size};
+
+/// `-m [size=]N[,slots=S,maxmem=M]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryOption {
+    /// Bytes; `None` when absent (and `-m 0` means "the board's default", also `None`).
+    pub size: Option<u64>,
+    pub slots: Option<u64>,
+    pub maxmem: Option<u64>,
+}
+
+/// `-numa node,...` (other `-numa` types are accepted and ignored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumaNode {
+    pub nodeid: Option<u32>,
+    pub memdev: Option<String>,
+    pub mem: Option<u64>,
+    /// The option text, for location-prefixed errors found later.
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// One `-object` option, kept as text: objects are created after the machine type is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectOption {
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    pub machine_type: Option<String>,
+    pub memory_backend: Option<String>,
+    /// Other `-machine` properties (name, value), checked once the type is known.
+    pub machine_props: Vec<(String, String)>,
+    pub memory: MemoryOption,
+    /// The text of the last `-m`, for errors that QEMU reports with it.
+    pub memory_text: Option<String>,
+    pub mem_path: Option<String>,
+    pub mem_prealloc: bool,
+    pub objects: Vec<ObjectOption>,
+    pub numa: Vec<NumaNode>,
+    pub smp_cpus: Option<u32>,
+    pub accel: Option<Accel>,
+    /// `-accel kvm,max-slot-size=SIZE` (hostmem's own property; 0 = the kernel's limit).
+    pub kvm_max_slot_size: u64,
+    pub start_paused: bool,
+    pub monitor_stdio: bool,
+}
+
+/// The hint QEMU prints after a malformed size.
+pub const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n";
+
+/// Options taking an argument that mean nothing to hostmem and are accepted as in QEMU.
+const IGNORED_WITH_ARG: &[&str] = &[
+    "-display", "-serial", "-name", "-vga", "-cpu", "-chardev", "-qmp", "-d", "-D", "-L", "-bios",
+];
+/// Options without an argument that mean nothing here.
+const IGNORED_FLAGS: &[&str] = &[
+    "-nodefaults",
+    "-nographic",
+    "-no-reboot",
+    "-no-shutdown",
+    "-no-user-config",
+];
+
+impl Cmdline {
+    /// Reads `args` (without the program name).
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Cmdline> {
+        let mut c = Cmdline::default();
+        let mut i = 0;
+        while i < args.len() {
+            let raw = args[i].as_ref();
+            i += 1;
+            if !raw.starts_with('-') || raw == "-" {
+                // QEMU takes a bare word as the disk image; hostmem has no disks.
+                return Err(Error::invalid(format!(
+                    "{raw}: hostmem's vmm takes no disk image"
+                )));
+            }
+            // QEMU accepts "--opt" as "-opt".
+            let opt = if raw.starts_with("--") {
+                &raw[1..]
+            } else {
+                raw
+            };
+            if IGNORED_FLAGS.contains(&opt) {
+                continue;
+            }
+            let flag = |name: &str| opt == name;
+            if flag("-S") {
+                c.start_paused = true;
+                continue;
+            }
+            if flag("-mem-prealloc") {
+                c.mem_prealloc = true;
+                continue;
+            }
+            if flag("-enable-kvm") {
+                c.accel = Some(Accel::Kvm);
+                continue;
+            }
+            let takes_arg = matches!(
+                opt,
+                "-m" | "-M"
+                    | "-machine"
+                    | "-mem-path"
+                    | "-object"
+                    | "-numa"
+                    | "-smp"
+                    | "-accel"
+                    | "-monitor"
+            ) || IGNORED_WITH_ARG.contains(&opt);
+            if !takes_arg {
+                return Err(Error::invalid(format!("{raw}: invalid option")));
+            }
+            let Some(arg) = args.get(i).map(|a| a.as_ref()) else {
+                return Err(Error::invalid(format!("{raw}: requires an argument")));
+            };
+            i += 1;
+            let at = |e: Error| e.prepend(&format!("{opt} {arg}: "));
+            match opt {
+                "-m" => {
+                    c.memory = parse_memory(arg).map_err(at)?;
+                    c.memory_text = Some(arg.to_string());
+                }
+                "-M" | "-machine" => c.parse_machine(arg).map_err(at)?,
+                "-mem-path" => c.mem_path = Some(arg.to_string()),
+                "-object" => c.objects.push(ObjectOption {
+                    text: arg.to_string(),
+                }),
+                "-numa" => {
+                    if let Some(node) = parse_numa(arg).map_err(at)? {
+                        c.numa.push(node);
+                    }
+                }
+                // QEMU checks the topology after reading the option, without its location.
+                "-smp" => {
+                    c.smp_cpus =
+                        Some(
+                            parse_smp(arg)
+                                .map_err(|e| if is_syntax_error(&e) { at(e) } else { e })?,
+                        )
+                }
+                "-accel" => c.parse_accel(arg).map_err(at)?,
+                "-monitor" => {
+                    if arg != "stdio" {
+                        return Err(at(Error::invalid(format!(
+                            "'{arg}' is not a valid char driver"
+                        ))));
+                    }
+                    c.monitor_stdio = true;
+                }
+                _ => {} // accepted and ignored
+            }
+        }
+        Ok(c)
+    }
+
+    fn parse_machine(&mut self, arg: &str) -> Result<()> {
+        for (key, value) in parse_keyval(arg, Some("type"))? {
+            match key.as_str() {
+                "type" => self.machine_type = Some(value),
+                "memory-backend" => self.memory_backend = Some(value),
+                "accel" => {
+                    self.accel = Some(parse_accel_name(&value)?);
+                }
+                _ => self.machine_props.push((key, value)),
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_accel(&mut self, arg: &str) -> Result<()> {
+        let mut accel = None;
+        for (key, value) in parse_keyval(arg, Some("accel"))? {
+            match key.as_str() {
+                "accel" => accel = Some(parse_accel_name(&value)?),
+                "max-slot-size" if accel == Some(Accel::Kvm) => {
+                    self.kvm_max_slot_size = parse_size(&value)?;
+                }
+                _ => {
+                    let class = match accel {
+                        Some(Accel::Kvm) => "kvm-accel",
+                        _ => "tcg-accel",
+                    };
+                    return Err(Error::invalid(format!(
+                        "Property '{class}.{key}' not found"
+                    )));
+                }
+            }
+        }
+        self.accel = accel.or(self.accel);
+        Ok(())
+    }
+}
+
+fn parse_accel_name(name: &str) -> Result<Accel> {
+    match name {
+        "kvm" => Ok(Accel::Kvm),
+        "tcg" => Ok(Accel::Tcg),
+        _ => Err(Error::invalid(format!("invalid accelerator {name}"))),
+    }
+}
+
+fn size_error() -> Error {
+    Error::invalid("Parameter 'size' expects a non-negative number below 2^64").with_hint(SIZE_HINT)
+}
+
+/// `-m`: MiB when the number has no suffix; 0 means the board's default.
+pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
+    let mut m = MemoryOption::default();
+    for (key, value) in parse_keyval(arg, Some("size"))? {
+        match key.as_str() {
+            "size" => {
+                if value.starts_with('-') {
+                    return Err(Error::invalid(format!(
+                        "Value '{value}' is out of range for parameter 'size'"
+                    )));
+                }
+                let with_unit = if value.ends_with(|ch: char| ch.is_ascii_digit()) {
+                    format!("{value}M")
+                } else {
+                    value.clone()
+                };
+                let bytes = parse_size(&with_unit).map_err(|_| size_error())?;
+                m.size = (bytes != 0).then_some(bytes);
+            }
+            "slots" => {
+                m.slots = Some(
+                    value
+                        .parse::<u64>()
+                        .map_err(|_| Error::invalid("Parameter 'slots' expects uint64"))?,
+                )
+            }
+            "maxmem" => {
+                m.maxmem = Some(
+                    parse_size(&value)
+                        .map_err(|_| Error::invalid("Parameter 'maxmem' expects a size value"))?,
+                )
+            }
+            _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
+        }
+    }
+    Ok(m)
+}
+
+fn parse_numa(arg: &str) -> Result<Option<NumaNode>> {
+    let pairs = parse_keyval(arg, Some("type"))?;
+    let ty = pairs
+        .iter()
+        .find(|(k, _)| k == "type")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    match ty {
+        "node" => {}
+        "dist" | "cpu" | "hmat-lb" | "hmat-cache" => return Ok(None),
+        _ => {
+            return Err(Error::invalid(format!(
+                "Parameter 'type' does not accept value '{ty}'"
+            )))
+        }
+    }
+    let mut node = NumaNode {
+        nodeid: None,
+        memdev: None,
+        mem: None,
+        text: arg.to_string(),
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "type" | "cpus" | "initiator" => {}
+            "nodeid" => {
+                node.nodeid = Some(
+                    value
+                        .parse()
+                        .map_err(|_| Error::invalid("Parameter 'nodeid' expects uint16"))?,
+                )
+            }
+            "memdev" => node.memdev = Some(value),
+            "mem" => node.mem = Some(parse_size(&value)?),
+            _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
+        }
+    }
+    if node.mem.is_some() && node.memdev.is_some() {
+        return Err(Error::invalid(
+            "numa configuration should use either mem= or memdev=,mixing both is not allowed",
+        ));
+    }
+    Ok(Some(node))
+}
+
+fn parse_smp(arg: &str) -> Result<u32> {
+    let mut cpus = None;
+    for (key, value) in parse_keyval(arg, Some("cpus"))? {
+        if key == "cpus" {
+            let n: u32 = value
+                .parse()
+                .map_err(|_| Error::invalid("Parameter 'cpus' expects uint64"))?;
+            if n == 0 {
+                return Err(Error::invalid(
+                    "Invalid CPU topology: CPU topology parameters must be greater than zero",
+                ));
+            }
+            cpus = Some(n);
+        }
+    }
+    Ok(cpus.unwrap_or(1))
+}
+
+/// Whether a message came from reading an option's text (QEMU then prefixes the option).
+pub fn is_syntax_error(e: &Error) -> bool {
+    e.class() == HmErrorClass::InvalidParameter
+        && (e.message().starts_with("Parameter '")
+            || e.message().starts_with("Invalid parameter '")
+            || e.message().starts_with("Duplicate ID '"))
+}
+
+/// Parses a QEMU boolean, for `-machine` properties that take one.
+pub fn machine_bool(value: &str) -> Result<bool> {
+    parse_bool(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Cmdline> {
+        let args: Vec<&str> = s.split_whitespace().collect();
+        Cmdline::parse(&args)
+    }
+
+    #[test]
+    fn bare_m_is_mebibytes_and_suffixes_are_kept() {
+        assert_eq!(parse("-m 64").unwrap().memory.size, Some(64 << 20));
+        assert_eq!(parse("-m 4G").unwrap().memory.size, Some(4 << 30));
+        assert_eq!(
+            parse("-m size=2G,slots=4,maxmem=8G").unwrap().memory,
+            MemoryOption {
+                size: Some(2 << 30),
+                slots: Some(4),
+                maxmem: Some(8 << 30)
+            }
+        );
+    }
+
+    #[test]
+    fn m_zero_means_board_default() {
+        assert_eq!(parse("-m 0").unwrap().memory.size, None);
+    }
+
+    #[test]
+    fn malformed_m_reads_like_qemu() {
+        let e = parse("-m foo").unwrap_err();
+        assert_eq!(
+            e.message(),
+            "-m foo: Parameter 'size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(e.hint(), Some(SIZE_HINT));
+        assert_eq!(
+            parse("-m -5").unwrap_err().message(),
+            "-m -5: Value '-5' is out of range for parameter 'size'"
+        );
+        assert_eq!(
+            parse("-m 64M,foo=1").unwrap_err().message(),
+            "-m 64M,foo=1: Invalid parameter 'foo'"
+        );
+        assert_eq!(
+            parse("-m").unwrap_err().message(),
+            "-m: requires an argument"
+        );
+    }
+
+    #[test]
+    fn machine_options_split_type_and_backend() {
+        let c = parse("-M pc,memory-backend=m0 -object memory-backend-ram,id=m0,size=1G").unwrap();
+        assert_eq!(c.machine_type.as_deref(), Some("pc"));
+        assert_eq!(c.memory_backend.as_deref(), Some("m0"));
+        assert_eq!(c.objects[0].text, "memory-backend-ram,id=m0,size=1G");
+        let c = parse("-machine memory-backend=m0 -machine q35").unwrap();
+        assert_eq!(c.machine_type.as_deref(), Some("q35"));
+        assert_eq!(c.memory_backend.as_deref(), Some("m0"));
+    }
+
+    #[test]
+    fn habitual_options_are_accepted() {
+        let c = parse("-nodefaults -nographic -display none -accel tcg -S -monitor stdio").unwrap();
+        assert!(c.start_paused && c.monitor_stdio);
+        assert_eq!(c.accel, Some(Accel::Tcg));
+    }
+
+    #[test]
+    fn unknown_options_are_refused_as_qemu_does() {
+        assert_eq!(parse("-foo").unwrap_err().message(), "-foo: invalid option");
+        assert_eq!(
+            parse("-accel foo").unwrap_err().message(),
+            "-accel foo: invalid accelerator foo"
+        );
+        assert_eq!(
+            parse("-monitor stdio2").unwrap_err().message(),
+            "-monitor stdio2: 'stdio2' is not a valid char driver"
+        );
+    }
+
+    #[test]
+    fn kvm_max_slot_size_is_ours_and_only_for_kvm() {
+        let c = parse("-accel kvm,max-slot-size=1G").unwrap();
+        assert_eq!((c.accel, c.kvm_max_slot_size), (Some(Accel::Kvm), 1 << 30));
+        assert_eq!(
+            parse("-accel tcg,max-slot-size=1G").unwrap_err().message(),
+            "-accel tcg,max-slot-size=1G: Property 'tcg-accel.max-slot-size' not found"
+        );
+    }
+
+    #[test]
+    fn numa_nodes_and_their_refusals() {
+        let c = parse(
+            "-numa node,memdev=m0 -numa node,nodeid=1,memdev=m1 -numa dist,src=0,dst=1,val=20",
+        )
+        .unwrap();
+        assert_eq!(c.numa.len(), 2);
+        assert_eq!(c.numa[1].nodeid, Some(1));
+        assert_eq!(
+            parse("-numa node,memdev=m,mem=64M").unwrap_err().message(),
+            "-numa node,memdev=m,mem=64M: numa configuration should use either mem= or memdev=,mixing both is not allowed"
+        );
+        assert_eq!(
+            parse("-numa foo").unwrap_err().message(),
+            "-numa foo: Parameter 'type' does not accept value 'foo'"
+        );
+        assert_eq!(
+            parse("-numa node,foo=1").unwrap_err().message(),
+            "-numa node,foo=1: Invalid parameter 'foo'"
+        );
+    }
+
+    #[test]
+    fn smp_zero_is_refused() {
+        assert_eq!(parse("-smp 2").unwrap().smp_cpus, Some(2));
+        assert_eq!(
+            parse("-smp 0").unwrap_err().message(),
+            "Invalid CPU topology: CPU topology parameters must be greater than zero"
+        );
+    }
+}
