@@ -1,0 +1,62 @@
+/*
+ * The boards of the small C VMM, written the way QEMU board code is, against hostmem.h.
+ *
+ * Each board lives in its own file and registers one MachineClass. Converting a board from
+ * the legacy memory_region_allocate_system_memory() to machine->ram touches that file only.
+ *
+ * Board private state is malloc'd by the board's init and hung on machine->opaque; whoever
+ * frees the machine calls board_machine_free(), which releases both.
+ */
+#ifndef VMM_BOARDS_H
+#define VMM_BOARDS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "hostmem.h"
+
+#define KiB (1ULL << 10)
+#define MiB (1ULL << 20)
+#define GiB (1ULL << 30)
+
+/* Registration, one per board file. */
+bool pc_i440fx_machine_register(Error **errp);
+bool pc_q35_machine_register(Error **errp);
+bool s390_ccw_machine_register(Error **errp);
+bool none_machine_register(Error **errp);
+bool sx1_machine_register(Error **errp);
+bool legacy_machine_register(Error **errp);
+bool microbit_machine_register(Error **errp);
+
+/* Registers every board above; the first failure is returned. */
+bool boards_register_all(Error **errp);
+
+/*
+ * pc.c: the part of QEMU's hw/i386/pc.c both PC machines share: maps machine->ram through
+ * "ram-below-4g" / "ram-above-4g" aliases split at @lowmem, under a 2^64 "pci" container at
+ * priority -1 as QEMU has it.
+ */
+typedef struct PCMemoryState {
+    MemoryRegion ram_below_4g;
+    MemoryRegion ram_above_4g;
+    MemoryRegion pci;
+} PCMemoryState;
+
+void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem);
+
+/* pc_memory_init plus QEMU's firmware ROMs; the board state goes to machine->opaque. */
+void pc_board_init(MachineState *machine, uint64_t lowmem);
+
+/* Frees the machine and the board state on machine->opaque. NULL is ignored. */
+void board_machine_free(MachineState *ms);
+
+/*
+ * QEMU's error_report() followed by exit(1), for the checks QEMU boards make in their init:
+ * prints "<program>: <message>" on stderr.
+ */
+void board_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* calloc that exits on failure, as g_new0 does. */
+void *board_new0(size_t size);
+
+#endif /* VMM_BOARDS_H */

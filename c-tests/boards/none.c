@@ -1,0 +1,28 @@
+/*
+ * The "none" machine (QEMU's hw/core/null-machine.c): no devices; RAM, when -m asks for some,
+ * at guest address 0. Its default size is 0, so without -m it has no RAM at all.
+ */
+#include "boards.h"
+
+static void machine_none_init(MachineState *machine)
+{
+    if (machine->ram_size && machine->ram) {
+        memory_region_add_subregion(get_system_memory(), 0, machine->ram);
+    }
+}
+
+static const MachineClass none_machine = {
+    .name = "none",
+    .alias = NULL,
+    .desc = "empty machine",
+    .init = machine_none_init,
+    .default_ram_size = 0,
+    .default_ram_id = "ram",
+    .numa_mem_supported = false,
+    .is_default = false,
+};
+
+bool none_machine_register(Error **errp)
+{
+    return hm_machine_class_register(&none_machine, errp);
+}

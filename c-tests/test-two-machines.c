@@ -1,0 +1,162 @@
+/*
+ * Two machines in one process (what the migration tests need): each built by
+ * hm_machine_new_from_argv from its own command line, each with its own RAM, RAMBlock names
+ * and backend ids, and each answering HMP about itself only.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "boards/boards.h"
+
+static int failures;
+
+#define CHECK(cond)                                                          \
+    do {                                                                     \
+        if (!(cond)) {                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
+                    #cond);                                                  \
+            failures++;                                                      \
+        }                                                                    \
+    } while (0)
+
+static MachineState *machine_new(const char *const *args)
+{
+    const char *argv[32] = { "test-two-machines" };
+    Error *err = NULL;
+    MachineState *ms;
+    int argc = 1;
+
+    while (*args) {
+        argv[argc++] = *args++;
+    }
+    argv[argc] = NULL;
+    ms = hm_machine_new_from_argv(argc, argv, &err);
+    if (!ms) {
+        fprintf(stderr, "machine_new: %s\n", error_get_pretty(err));
+        error_free(err);
+        failures++;
+    }
+    return ms;
+}
+
+/* True when the output of @cmd on @ms contains @needle. */
+static bool hmp_contains(MachineState *ms, const char *cmd, const char *needle)
+{
+    Error *err = NULL;
+    char *out = hm_hmp(ms, cmd, &err);
+    bool found;
+
+    if (!out) {
+        fprintf(stderr, "hm_hmp(%s): %s\n", cmd, error_get_pretty(err));
+        error_free(err);
+        failures++;
+        return false;
+    }
+    found = strstr(out, needle) != NULL;
+    hm_free(out);
+    return found;
+}
+
+#define RAMBLOCK_ROW(name, size)                                                   \
+    name "    4 KiB  0x0000000000000000 " size " " size
+
+static void test_two_pcs_have_their_own_ram(void)
+{
+    static const char *const a_args[] = { "-M", "pc", "-m", "64M", NULL };
+    static const char *const b_args[] = { "-M", "pc", "-m", "128M", NULL };
+    MachineState *a = machine_new(a_args);
+    MachineState *b = machine_new(b_args);
+
+    if (!a || !b) {
+        board_machine_free(a);
+        board_machine_free(b);
+        return;
+    }
+    CHECK(a->context != b->context);
+    CHECK(a->ram_size == 64 * MiB && b->ram_size == 128 * MiB);
+    CHECK(memory_region_size(a->ram) == 64 * MiB);
+    CHECK(memory_region_size(b->ram) == 128 * MiB);
+    /* Both name their RAMBlock "pc.ram": no clash across machines. */
+    CHECK(hmp_contains(a, "info ramblock", RAMBLOCK_ROW("pc.ram", "0x0000000004000000")));
+    CHECK(!hmp_contains(a, "info ramblock", "0x0000000008000000"));
+    CHECK(hmp_contains(b, "info ramblock", RAMBLOCK_ROW("pc.ram", "0x0000000008000000")));
+    CHECK(!hmp_contains(b, "info ramblock", "0x0000000004000000"));
+    CHECK(hmp_contains(a, "info mtree",
+                       "alias ram-below-4g @pc.ram 0000000000000000-0000000003ffffff"));
+    CHECK(hmp_contains(b, "info mtree",
+                       "alias ram-below-4g @pc.ram 0000000000000000-0000000007ffffff"));
+
+    /* The first machine outlives the second, and still answers about itself. */
+    board_machine_free(b);
+    CHECK(hmp_contains(a, "info ramblock", RAMBLOCK_ROW("pc.ram", "0x0000000004000000")));
+    CHECK(hmp_contains(a, "info memdev", "memory backend: pc.ram\n  size:  67108864\n"));
+    board_machine_free(a);
+}
+
+static void test_same_backend_id_in_two_machines(void)
+{
+    static const char *const a_args[] = {
+        "-object", "memory-backend-ram,id=mem,size=32M", "-M", "none,memory-backend=mem", NULL
+    };
+    static const char *const b_args[] = {
+        "-object", "memory-backend-memfd,id=mem,size=16M", "-M", "s390-ccw-virtio",
+        "-M", "memory-backend=mem", NULL
+    };
+    MachineState *a = machine_new(a_args);
+    MachineState *b = machine_new(b_args);
+
+    if (a && b) {
+        CHECK(a->ram_size == 32 * MiB && b->ram_size == 16 * MiB);
+        CHECK(a->memdev && b->memdev && a->memdev != b->memdev);
+        CHECK(hmp_contains(a, "info mtree", "0000000000000000-0000000001ffffff (prio 0, ram): mem"));
+        CHECK(hmp_contains(b, "info mtree", "0000000000000000-0000000000ffffff (prio 0, ram): mem"));
+        CHECK(hmp_contains(a, "info memdev", "  share: false\n"));
+        CHECK(hmp_contains(b, "info memdev", "  share: true\n"));
+    }
+    board_machine_free(b);
+    board_machine_free(a);
+}
+
+static void test_errors_leave_other_machines_alone(void)
+{
+    static const char *const good[] = { "-M", "q35", "-m", "4G", NULL };
+    static const char *const bad[] = { "-M", "q35", "-m", "64M", "-M", "memory-backend=x", NULL };
+    const char *argv[8] = { "test-two-machines" };
+    MachineState *a = machine_new(good);
+    MachineState *b;
+    Error *err = NULL;
+    int argc = 1;
+
+    for (const char *const *p = bad; *p; p++) {
+        argv[argc++] = *p;
+    }
+    b = hm_machine_new_from_argv(argc, argv, &err);
+    CHECK(b == NULL);
+    CHECK(err && strcmp(error_get_pretty(err), "Memory backend 'x' not found") == 0);
+    error_free(err);
+    if (a) {
+        CHECK(hmp_contains(a, "info mtree",
+                           "alias ram-above-4g @pc.ram 0000000080000000-00000000ffffffff"));
+    }
+    board_machine_free(a);
+}
+
+int main(void)
+{
+    Error *err = NULL;
+
+    if (!boards_register_all(&err)) {
+        error_report_err(err);
+        return 1;
+    }
+    test_two_pcs_have_their_own_ram();
+    test_same_backend_id_in_two_machines();
+    test_errors_leave_other_machines_alone();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
