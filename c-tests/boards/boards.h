@@ -36,15 +36,23 @@ bool boards_register_all(Error **errp);
  * "ram-below-4g" / "ram-above-4g" aliases split at @lowmem, under a 2^64 "pci" container at
  * priority -1 as QEMU has it.
  */
+#define PAM_REGIONS 13
+
 typedef struct PCMemoryState {
     MemoryRegion ram_below_4g;
     MemoryRegion ram_above_4g;
     MemoryRegion pci;
+    /* The host bridge's windows onto PCI below 1 MiB (i440FX and MCH alike). */
+    MemoryRegion smram_region;
+    MemoryRegion pam[PAM_REGIONS];
 } PCMemoryState;
 
 void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem);
 
-/* pc_memory_init plus QEMU's firmware ROMs; the board state goes to machine->opaque. */
+/*
+ * pc_memory_init plus the host bridge's legacy windows and QEMU's firmware ROMs; the board
+ * state goes to machine->opaque.
+ */
 void pc_board_init(MachineState *machine, uint64_t lowmem);
 
 /* Frees the machine and the board state on machine->opaque. NULL is ignored. */

@@ -70,13 +70,38 @@ void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem)
     }
 }
 
-/* Shared by pc and q35: the memory map and the firmware ROMs. */
+/*
+ * The host bridge's windows below 1 MiB in their reset state: the SMRAM window and the PAM
+ * segments (twelve of 16 KiB from 0xc0000, one of 64 KiB at 0xf0000) all show PCI, at
+ * priority 1 over RAM. That is why the option ROM and the ISA BIOS cover RAM there.
+ */
+static void pc_host_bridge_windows_init(PCMemoryState *s)
+{
+    MemoryRegion *system_memory = get_system_memory();
+    uint64_t start = 0xc0000;
+    int i;
+
+    memory_region_init_alias(&s->smram_region, NULL, "smram-region", &s->pci,
+                             0xa0000, 0x20000);
+    memory_region_add_subregion_overlap(system_memory, 0xa0000, &s->smram_region, 1);
+
+    for (i = 0; i < PAM_REGIONS; i++) {
+        uint64_t size = i == PAM_REGIONS - 1 ? 64 * KiB : 16 * KiB;
+
+        memory_region_init_alias(&s->pam[i], NULL, "pam-pci", &s->pci, start, size);
+        memory_region_add_subregion_overlap(system_memory, start, &s->pam[i], 1);
+        start += size;
+    }
+}
+
+/* Shared by pc and q35: the memory map, the host bridge windows and the firmware ROMs. */
 void pc_board_init(MachineState *machine, uint64_t lowmem)
 {
     PCBoardState *s = board_new0(sizeof(*s));
 
     machine->opaque = s;
     pc_memory_init(machine, &s->mem, lowmem);
+    pc_host_bridge_windows_init(&s->mem);
     pc_firmware_init(&s->mem, &s->fw);
 }
 
