@@ -638,9 +638,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pc_memory_and_io_trees_match_qemu() {
-        let dump = qemu!("pc-m4G.txt");
+    /// Rebuilds the "I/O" and "memory" trees of a pc-like dump and compares hostmem's dumps
+    /// with QEMU's: the address-space blocks, the aliased regions hostmem also has, and the
+    /// two FlatViews (renumbered: QEMU also has cpu-smm-0, smram and PCI bus-master spaces).
+    fn check_pc_like(dump: &str) {
         let mut m = MemorySystem::new();
         let io_block = block(dump, "address-space: I/O");
         let mem_block = block(dump, "address-space: cpu-memory-0");
@@ -656,7 +657,6 @@ mod tests {
             &["rtc"],
         );
         let tree = info_mtree(&m, MtreeOptions::default());
-        // QEMU also has cpu-smm-0, smram and the PCI bus-master spaces; the rest is ours too.
         let expected = io_block
             + &mem_block
             + &ram_block
@@ -668,6 +668,16 @@ mod tests {
         let expected = block(dump, "FlatView #0")
             + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1");
         assert_eq!(flat, expected);
+    }
+
+    #[test]
+    fn pc_memory_and_io_trees_match_qemu() {
+        check_pc_like(qemu!("pc-m4G.txt"));
+    }
+
+    #[test]
+    fn q35_memory_and_io_trees_match_qemu() {
+        check_pc_like(qemu!("q35-m4G.txt"));
     }
 
     #[test]
