@@ -31,6 +31,9 @@ struct Slot {
     region: Option<Region>,
 }
 
+/// Whether the accelerator maps a guest range `(gpa, size)` of the "memory" address space.
+pub type AccelQuery = Box<dyn Fn(u64, u64) -> bool + Send>;
+
 pub struct MemorySystem {
     pub ramblocks: RamBlockRegistry,
     slots: Vec<Slot>,
@@ -42,6 +45,8 @@ pub struct MemorySystem {
     update_pending: bool,
     listeners: Vec<Box<dyn MemoryListener>>,
     global_dirty_log: bool,
+    /// The accelerator's name and mapping query, for the " kvm" marks of `info mtree -f`.
+    accel: Option<(String, AccelQuery)>,
     /// The first error a `void` C call hit (QEMU would have aborted), until taken.
     pending_error: Option<Error>,
     /// How many "cpu-memory-N" address spaces `info mtree` lists next to "memory" (they share
@@ -91,6 +96,7 @@ impl MemorySystem {
             global_dirty_log: false,
             cpu_address_spaces: 1,
             pending_error: None,
+            accel: None,
         };
         m.system = m.new_container("system", 1u128 << 64);
         // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
@@ -106,6 +112,19 @@ impl MemorySystem {
             });
         }
         m
+    }
+
+    /// Installs (or with `None` removes) the accelerator's mapping query: `info mtree -f` then
+    /// marks each range the accelerator maps with " <name>", as QEMU does with " kvm". The
+    /// query runs with the context locked, so it must not lock the context itself.
+    pub fn set_accel_query(&mut self, name: &str, query: Option<AccelQuery>) {
+        self.accel = query.map(|q| (name.to_string(), q));
+    }
+
+    pub fn accel_query(&self) -> Option<crate::monitor::AccelHasMemory<'_>> {
+        self.accel
+            .as_ref()
+            .map(|(n, q)| (n.as_str(), q.as_ref() as &dyn Fn(u64, u64) -> bool))
     }
 
     /// Keeps `e` for a later `take_pending_error` unless an earlier error is still pending.

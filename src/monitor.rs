@@ -398,7 +398,7 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
             let rest = rest["info".len()..].trim_start();
             let opts = parse_mtree_flags(&rest["mtree".len()..])?;
             Ok(if opts.flat {
-                info_mtree_flat(&ctx.memory, opts, None)
+                info_mtree_flat(&ctx.memory, opts, ctx.memory.accel_query())
             } else {
                 info_mtree(&ctx.memory, opts)
             })
@@ -729,8 +729,8 @@ mod tests {
         m.add_subregion(m.system_memory(), 0, ram, None).unwrap();
         m.add_subregion(m.system_memory(), 1 << 20, rom, None)
             .unwrap();
-        let has = |gpa: u64, _size: u64| gpa == 0;
-        let flat = info_mtree_flat(&m, opts, Some(("kvm", &has)));
+        m.set_accel_query("kvm", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
+        let flat = info_mtree_flat(&m, opts, m.accel_query());
         assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram kvm\n"));
         assert!(flat.contains("  0000000000100000-000000000010ffff (prio 0, rom): rom\n"));
         assert!(flat.contains(" Root memory region: system\n"));

@@ -318,10 +318,46 @@ impl RamBlockRegistry {
             .dirty
             .words
             .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
-        let first = offset / DIRTY_PAGE_SIZE;
-        let last = (end - 1) / DIRTY_PAGE_SIZE;
-        for page in first..=last {
-            words[(page / 64) as usize] |= 1u64 << (page % 64);
+        set_bits(words, offset / DIRTY_PAGE_SIZE, (end - 1) / DIRTY_PAGE_SIZE);
+    }
+
+    /// ORs a dirty bitmap in KVM's layout (bit i of word w = page 64*w+i, little-endian u64
+    /// words) into the block, starting at the block's page `first_page`: what a listener's
+    /// `log_sync` does with KVM_GET_DIRTY_LOG for a slot that starts inside the block.
+    /// Pages beyond the block are ignored.
+    pub fn merge_dirty_bitmap(&mut self, id: RamBlockId, first_page: u64, bitmap: &[u64]) {
+        let Some(b) = self.blocks.get_mut(&id.0) else {
+            return;
+        };
+        let pages = b.max_length.div_ceil(DIRTY_PAGE_SIZE);
+        if first_page >= pages || bitmap.iter().all(|&w| w == 0) {
+            return;
+        }
+        let words = b
+            .dirty
+            .words
+            .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
+        let shift = (first_page % 64) as u32;
+        let base = (first_page / 64) as usize;
+        for (i, &w) in bitmap.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            let lo = w << shift;
+            let hi = if shift == 0 { 0 } else { w >> (64 - shift) };
+            if let Some(x) = words.get_mut(base + i) {
+                *x |= lo;
+            }
+            if let Some(x) = words.get_mut(base + i + 1) {
+                *x |= hi;
+            }
+        }
+        // Bits past the block's last page must stay clear.
+        let tail = (pages % 64) as u32;
+        if tail != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
         }
     }
 
@@ -349,6 +385,22 @@ impl RamBlockRegistry {
             .map(|w| w.iter().map(|x| u64::from(x.count_ones())).sum())
             .unwrap_or(0)
     }
+}
+
+/// Sets pages `first..=last` in a bitmap, a word at a time.
+fn set_bits(words: &mut [u64], first: u64, last: u64) {
+    let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+    let head = !0u64 << (first % 64);
+    let tail = !0u64 >> (63 - last % 64);
+    if fw == lw {
+        words[fw] |= head & tail;
+        return;
+    }
+    words[fw] |= head;
+    for w in &mut words[fw + 1..lw] {
+        *w = !0;
+    }
+    words[lw] |= tail;
 }
 
 fn no_block(id: RamBlockId) -> Error {
@@ -588,6 +640,37 @@ mod tests {
         assert_eq!(bm[0], 0b1110);
         assert_eq!(bm[1], 1);
         assert_eq!(r.dirty_pages(a), 0);
+        assert!(r.take_dirty(a).iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn dirty_ranges_across_words_set_exactly_those_pages() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB); // 256 pages
+        r.set_dirty(a, 60 * 4096, 70 * 4096); // pages 60..=129
+        let bm = r.take_dirty(a);
+        assert_eq!(bm[0], 0xf << 60);
+        assert_eq!(bm[1], !0);
+        assert_eq!(bm[2], 0b11);
+        assert_eq!(bm[3], 0);
+        r.set_dirty(a, 255 * 4096, 10 * 4096); // clipped to the last page
+        assert_eq!(r.take_dirty(a)[3], 1 << 63);
+    }
+
+    #[test]
+    fn kvm_bitmaps_merge_at_any_page_offset() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB - 4096); // 255 pages
+        r.merge_dirty_bitmap(a, 0, &[0b101]);
+        r.merge_dirty_bitmap(a, 62, &[0b111]); // pages 62, 63, 64
+        r.merge_dirty_bitmap(a, 192, &[!0]); // pages 192..=254, 255 does not exist
+        let bm = r.take_dirty(a);
+        assert_eq!(bm[0], 0b101 | (0b11 << 62));
+        assert_eq!(bm[1], 1);
+        assert_eq!(bm[3], !0 >> 1);
+        assert_eq!(r.dirty_pages(a), 0);
+        r.merge_dirty_bitmap(a, 300, &[1]);
+        r.merge_dirty_bitmap(a, 0, &[0]);
         assert!(r.take_dirty(a).iter().all(|&w| w == 0));
     }
 
