@@ -557,31 +557,10 @@ impl MemorySystem {
     pub fn vmstate_register_ram(&mut self, id: RegionId, owner_path: Option<&str>) -> Result<()> {
         let r = self.get(id)?;
         let name = r.name.clone();
-        let (block, created) = match r.kind {
-            RegionKind::Ram { block } => (block, false),
-            RegionKind::Alias { .. } if r.alias_block.is_some() => {
-                (r.alias_block.unwrap_or(RamBlockId(u32::MAX)), false)
-            }
-            RegionKind::Alias { .. } => {
-                let size = r.size;
-                let Some((ram, off)) = self.resolve_ram(id)? else {
-                    return Err(not_ram(&name));
-                };
-                let target = self.get(ram)?;
-                let RegionKind::Ram { block: tb } = target.kind else {
-                    return Err(not_ram(&name));
-                };
-                let avail = target.size.saturating_sub(u128::from(off));
-                let len = size.min(avail);
-                if len == 0 {
-                    return Err(Error::invalid(format!(
-                        "alias '{name}' starts beyond the end of '{}'",
-                        target.name
-                    )));
-                }
-                (self.ramblocks.add_alias(tb, off, size_to_u64(len))?, true)
-            }
-            _ => return Err(not_ram(&name)),
+        let (block, created) = match self.ram_block_of(id) {
+            Some(block) => (block, false),
+            None if r.alias_target().is_some() => (self.new_alias_block(id)?, true),
+            None => return Err(not_ram(&name)),
         };
         if let Err(e) = self.ramblocks.set_idstr(block, owner_path, &name) {
             if created {
@@ -594,6 +573,27 @@ impl MemorySystem {
             self.get_mut(id)?.alias_block = Some(block);
         }
         Ok(())
+    }
+
+    /// A RAMBlock for alias `id` over the memory it shows (clipped to its RAM target).
+    fn new_alias_block(&mut self, id: RegionId) -> Result<RamBlockId> {
+        let r = self.get(id)?;
+        let (name, size) = (r.name.clone(), r.size);
+        let Some((ram, off)) = self.resolve_ram(id)? else {
+            return Err(not_ram(&name));
+        };
+        let target = self.get(ram)?;
+        let RegionKind::Ram { block } = target.kind else {
+            return Err(not_ram(&name));
+        };
+        let len = size.min(target.size.saturating_sub(u128::from(off)));
+        if len == 0 {
+            return Err(Error::invalid(format!(
+                "alias '{name}' starts beyond the end of '{}'",
+                target.name
+            )));
+        }
+        self.ramblocks.add_alias(block, off, size_to_u64(len))
     }
 
     /// `vmstate_unregister_ram`: the block loses its name and leaves the migration stream; an

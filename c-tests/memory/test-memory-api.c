@@ -121,6 +121,20 @@ static void test_aliases_follow_to_ram(void)
     hm_memory_region_destroy(&ram);
     expect_pending("destroy aliased", "still the target of alias");
 
+    /* An alias of RAM registered for migration gets a RAMBlock of its own. */
+    CHECK(!hm_memory_region_is_migratable(&hi));
+    vmstate_register_ram_global(&lo);
+    expect_no_pending("register alias");
+    CHECK(hm_memory_region_is_migratable(&lo));
+    {
+        char *idstr = hm_memory_region_ram_block_idstr(&lo, &err);
+
+        CHECK(idstr && strcmp(idstr, "ram-below-4g") == 0);
+        hm_free(idstr);
+    }
+    vmstate_unregister_ram(&lo, NULL);
+    CHECK(!hm_memory_region_is_migratable(&lo));
+
     memory_region_set_alias_offset(&hi, 4 * MiB);
     CHECK(memory_region_get_ram_ptr(&hi) == base + 4 * MiB);
     expect_no_pending("alias offset");
