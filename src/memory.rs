@@ -45,6 +45,10 @@ pub struct MemorySystem {
     update_pending: bool,
     listeners: Vec<Box<dyn MemoryListener>>,
     global_dirty_log: bool,
+    /// What listeners were told of the "memory" view, one section per range of
+    /// `spaces[0].view`: a del must describe a section as it was added, even when its region
+    /// has been destroyed since.
+    memory_sections: Vec<MemorySection>,
     /// The accelerator's name and mapping query, for the " kvm" marks of `info mtree -f`.
     accel: Option<(String, AccelQuery)>,
     /// The first error a `void` C call hit (QEMU would have aborted), until taken.
@@ -97,6 +101,7 @@ impl MemorySystem {
             cpu_address_spaces: 1,
             pending_error: None,
             accel: None,
+            memory_sections: Vec::new(),
         };
         m.system = m.new_container("system", 1u128 << 64);
         // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
@@ -701,9 +706,26 @@ impl MemorySystem {
             let old = std::mem::replace(&mut self.spaces[i].view, new);
             // Listeners (KVM) follow the "memory" address space only.
             if i == 0 {
-                let (removed, added) = flatview::diff(&old, &self.spaces[0].view);
-                let removed: Vec<_> = removed.iter().map(|r| self.section(r)).collect();
-                let added: Vec<_> = added.iter().map(|r| self.section(r)).collect();
+                let new = &self.spaces[0].view;
+                let new_sections: Vec<MemorySection> =
+                    new.ranges.iter().map(|r| self.section(r)).collect();
+                let old_sections = std::mem::take(&mut self.memory_sections);
+                let (removed, added) = flatview::diff(&old, new);
+                let removed: Vec<MemorySection> = old
+                    .ranges
+                    .iter()
+                    .zip(old_sections)
+                    .filter(|(r, _)| removed.contains(r))
+                    .map(|(_, s)| s)
+                    .collect();
+                let added: Vec<MemorySection> = new
+                    .ranges
+                    .iter()
+                    .zip(&new_sections)
+                    .filter(|(r, _)| added.contains(r))
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                self.memory_sections = new_sections;
                 result = self.notify(&removed, &added);
             }
         }
@@ -758,13 +780,9 @@ impl MemorySystem {
         first.map_or(Ok(()), Err)
     }
 
-    fn current_sections(&self) -> Vec<MemorySection> {
-        self.spaces[0]
-            .view
-            .ranges
-            .iter()
-            .map(|r| self.section(r))
-            .collect()
+    /// The sections of the "memory" view, as listeners were told them.
+    pub fn current_sections(&self) -> Vec<MemorySection> {
+        self.memory_sections.clone()
     }
 
     /// Registers a listener and replays the current flat view to it as `region_add`s. If the
@@ -1272,5 +1290,132 @@ mod tests {
         let b = m.ramblocks.get(m.ram_block_of(r).unwrap()).unwrap();
         assert_eq!(b.used_length, crate::hostmap::host_page_size() as u64);
         assert!(m.new_ram_anonymous("zero", 0).is_err());
+    }
+
+    /// A listener that keeps what it was told as a map; a del of something it does not hold,
+    /// or an add over something it holds, is recorded as a protocol error.
+    struct Mirror(Arc<Mutex<(std::collections::BTreeMap<u64, MemorySection>, Vec<String>)>>);
+
+    impl MemoryListener for Mirror {
+        fn name(&self) -> &str {
+            "mirror"
+        }
+        fn region_del(&mut self, s: &MemorySection) -> Result<()> {
+            let mut g = self.0.lock().unwrap();
+            if g.0.remove(&s.gpa).as_ref() != Some(s) {
+                g.1.push(format!("del of unknown {s:?}"));
+            }
+            Ok(())
+        }
+        fn region_add(&mut self, s: &MemorySection) -> Result<()> {
+            let mut g = self.0.lock().unwrap();
+            if let Some(old) = g.0.insert(s.gpa, s.clone()) {
+                g.1.push(format!("add over {old:?}"));
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        NewRam(u8),
+        NewIo(u8),
+        NewContainer(u8),
+        NewAlias(usize, u8, u8),
+        Add(usize, usize, u8, i8),
+        Del(usize),
+        Enable(usize, bool),
+        Move(usize, u8),
+        AliasOffset(usize, u8),
+        Destroy(usize),
+        Begin,
+        Commit,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1u8..8).prop_map(Op::NewRam),
+            (1u8..8).prop_map(Op::NewIo),
+            (1u8..16).prop_map(Op::NewContainer),
+            (any::<usize>(), 0u8..8, 1u8..8).prop_map(|(t, o, s)| Op::NewAlias(t, o, s)),
+            (any::<usize>(), any::<usize>(), 0u8..16, -2i8..3)
+                .prop_map(|(p, c, a, pr)| Op::Add(p, c, a, pr)),
+            any::<usize>().prop_map(Op::Del),
+            (any::<usize>(), any::<bool>()).prop_map(|(r, e)| Op::Enable(r, e)),
+            (any::<usize>(), 0u8..16).prop_map(|(r, a)| Op::Move(r, a)),
+            (any::<usize>(), 0u8..8).prop_map(|(r, o)| Op::AliasOffset(r, o)),
+            any::<usize>().prop_map(Op::Destroy),
+            Just(Op::Begin),
+            Just(Op::Commit),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Whatever the sequence of operations (errors included), a listener that applies
+        /// every del/add it is told ends each outermost commit holding exactly the current view.
+        #[test]
+        fn listeners_track_the_view_through_any_operations(
+            ops in proptest::collection::vec(op(), 1..40)
+        ) {
+            const P: u64 = 0x1000;
+            let mut m = MemorySystem::new();
+            let state = Arc::new(Mutex::new(Default::default()));
+            m.add_listener(Box::new(Mirror(state.clone()))).unwrap();
+            let mut ids = vec![m.system_memory()];
+            let pick = |ids: &Vec<RegionId>, i: usize| ids[i % ids.len()];
+            for op in ops {
+                let _ = match op {
+                    Op::NewRam(s) => m.new_ram_anonymous("ram", u64::from(s) * P).map(|r| ids.push(r)),
+                    Op::NewIo(s) => {
+                        ids.push(m.new_io("io", u128::from(s) * u128::from(P)));
+                        Ok(())
+                    }
+                    Op::NewContainer(s) => {
+                        ids.push(m.new_container("c", u128::from(s) * u128::from(P)));
+                        Ok(())
+                    }
+                    Op::NewAlias(t, o, s) => m
+                        .new_alias("a", pick(&ids, t), u64::from(o) * P, u64::from(s) * P)
+                        .map(|r| ids.push(r)),
+                    Op::Add(p, c, a, pr) => m.add_subregion(
+                        pick(&ids, p),
+                        u64::from(a) * P,
+                        pick(&ids, c),
+                        Some(i32::from(pr)),
+                    ),
+                    Op::Del(c) => {
+                        let c = pick(&ids, c);
+                        match m.get(c).ok().and_then(|r| r.parent) {
+                            Some(p) => m.del_subregion(p, c),
+                            None => Ok(()),
+                        }
+                    }
+                    Op::Enable(r, e) => m.set_enabled(pick(&ids, r), e),
+                    Op::Move(r, a) => m.set_address(pick(&ids, r), u64::from(a) * P),
+                    Op::AliasOffset(r, o) => m.set_alias_offset(pick(&ids, r), u64::from(o) * P),
+                    Op::Destroy(r) => m.destroy_region(pick(&ids, r)),
+                    Op::Begin => {
+                        m.transaction_begin();
+                        Ok(())
+                    }
+                    Op::Commit => m.transaction_commit(),
+                };
+                if m.transaction_depth() == 0 {
+                    let g = state.lock().unwrap();
+                    proptest::prop_assert!(g.1.is_empty(), "{:?}", g.1);
+                    let held: Vec<MemorySection> = g.0.values().cloned().collect();
+                    let fresh: Vec<MemorySection> =
+                        m.memory_view().ranges.iter().map(|r| m.section(r)).collect();
+                    proptest::prop_assert_eq!(&held, &fresh);
+                    proptest::prop_assert_eq!(&held, &m.current_sections());
+                    // The stored view is the one a fresh render gives.
+                    let fresh = flatview::render(&m, flatview::flatview_root(&m, m.system_memory()));
+                    proptest::prop_assert_eq!(&fresh, m.memory_view());
+                }
+            }
+        }
     }
 }
