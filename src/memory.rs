@@ -1294,7 +1294,10 @@ mod tests {
 
     /// A listener that keeps what it was told as a map; a del of something it does not hold,
     /// or an add over something it holds, is recorded as a protocol error.
-    struct Mirror(Arc<Mutex<(std::collections::BTreeMap<u64, MemorySection>, Vec<String>)>>);
+    /// Sections held by gpa, and protocol errors.
+    type MirrorState = (std::collections::BTreeMap<u64, MemorySection>, Vec<String>);
+
+    struct Mirror(Arc<Mutex<MirrorState>>);
 
     impl MemoryListener for Mirror {
         fn name(&self) -> &str {
