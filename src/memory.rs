@@ -49,6 +49,9 @@ pub struct MemorySystem {
     /// `spaces[0].view`: a del must describe a section as it was added, even when its region
     /// has been destroyed since.
     memory_sections: Vec<MemorySection>,
+    /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
+    /// listeners that it is gone.
+    retired_mappings: Vec<Arc<HostMapping>>,
     /// The accelerator's name and mapping query, for the " kvm" marks of `info mtree -f`.
     accel: Option<(String, AccelQuery)>,
     /// The first error a `void` C call hit (QEMU would have aborted), until taken.
@@ -102,6 +105,7 @@ impl MemorySystem {
             pending_error: None,
             accel: None,
             memory_sections: Vec::new(),
+            retired_mappings: Vec::new(),
         };
         m.system = m.new_container("system", 1u128 << 64);
         // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
@@ -661,6 +665,10 @@ impl MemorySystem {
             .chain(r.alias_block)
             .collect();
             for b in blocks {
+                // Listeners (KVM) still map this memory until the commit tells them it went.
+                if let Some(blk) = m.ramblocks.get(b) {
+                    m.retired_mappings.push(blk.mapping.clone());
+                }
                 m.ramblocks.remove(b);
             }
             let slot = &mut m.slots[id.index as usize];
@@ -686,11 +694,17 @@ impl MemorySystem {
             ));
         }
         self.depth -= 1;
-        if self.depth > 0 || !self.update_pending {
+        if self.depth > 0 {
             return Ok(());
         }
-        self.update_pending = false;
-        self.update_topology()
+        let result = if self.update_pending {
+            self.update_pending = false;
+            self.update_topology()
+        } else {
+            Ok(())
+        };
+        self.retired_mappings.clear();
+        result
     }
 
     pub fn transaction_depth(&self) -> u32 {
@@ -1267,6 +1281,20 @@ mod tests {
         assert_eq!(m.get(ram).unwrap().parent, None);
         m.destroy_region(ram).unwrap();
         assert!(m.ramblocks.is_empty());
+    }
+
+    #[test]
+    fn destroyed_ram_stays_mapped_until_the_commit_told_listeners() {
+        let mut m = MemorySystem::new();
+        let r = m.new_ram_anonymous("r", 0x10000).unwrap();
+        m.add_subregion(m.system_memory(), 0, r, None).unwrap();
+        let mapping = Arc::downgrade(&m.ramblocks.get(m.ram_block_of(r).unwrap()).unwrap().mapping);
+        m.transaction_begin();
+        m.destroy_region(r).unwrap();
+        assert!(m.ramblocks.is_empty());
+        assert!(mapping.upgrade().is_some());
+        m.transaction_commit().unwrap();
+        assert!(mapping.upgrade().is_none());
     }
 
     #[test]
