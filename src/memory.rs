@@ -729,14 +729,14 @@ impl MemorySystem {
                     .ranges
                     .iter()
                     .zip(old_sections)
-                    .filter(|(r, _)| removed.contains(r))
+                    .filter(|(r, _)| flatview::sorted_contains(&removed, r))
                     .map(|(_, s)| s)
                     .collect();
                 let added: Vec<MemorySection> = new
                     .ranges
                     .iter()
                     .zip(&new_sections)
-                    .filter(|(r, _)| added.contains(r))
+                    .filter(|(r, _)| flatview::sorted_contains(&added, r))
                     .map(|(_, s)| s.clone())
                     .collect();
                 self.memory_sections = new_sections;
