@@ -293,11 +293,22 @@ static void test_io_space_and_rom(void)
     CHECK(memory_region_get_ram_ptr(&port) == NULL);
     expect_no_pending("io port");
 
-    CHECK(memory_region_init_ram(&rom, NULL, "pc.bios", 256 * 1024, &err));
-    memory_region_set_readonly(&rom, true);
+    CHECK(memory_region_init_rom(&rom, NULL, "pc.bios", 256 * 1024, &err));
+    CHECK(hm_memory_region_is_migratable(&rom));
+    CHECK(!memory_region_is_mapped(&rom));
     memory_region_add_subregion(get_system_memory(), 0xfffc0000, &rom);
+    CHECK(memory_region_is_mapped(&rom));
     CHECK(memory_region_get_ram_ptr(&rom) != NULL);
+    memory_region_set_readonly(&rom, false);
+    memory_region_set_readonly(&rom, true);
     expect_no_pending("rom");
+    {
+        MemoryRegion rom2 = { 0 };
+
+        CHECK(memory_region_init_rom_nomigrate(&rom2, NULL, "pc.bios", 4096, &err));
+        CHECK(!hm_memory_region_is_migratable(&rom2));
+        hm_memory_region_destroy(&rom2);
+    }
 
     /* 2^64 containers report UINT64_MAX, as in QEMU. */
     memory_region_init(&big, NULL, "pci", UINT64_MAX);
