@@ -178,7 +178,11 @@ const MAX_RANGE_ELEMENTS: u64 = 65536;
 /// A uint16 list in QEMU's string-visitor syntax: "0-1,3". Errors use QEMU 10's wording for
 /// parameter `name` ("expects a uint64 value or range", "expects uint16_t").
 pub fn parse_u16_list(name: &str, s: &str) -> Result<Vec<u16>> {
-    let bad = || Error::invalid(format!("Parameter '{name}' expects a uint64 value or range"));
+    let bad = || {
+        Error::invalid(format!(
+            "Parameter '{name}' expects a uint64 value or range"
+        ))
+    };
     let mut out = Vec::new();
     for item in s.split(',') {
         let (lo, hi) = match item.split_once('-') {
@@ -196,9 +200,10 @@ pub fn parse_u16_list(name: &str, s: &str) -> Result<Vec<u16>> {
             }
         };
         for v in lo..=hi {
-            out.push(u16::try_from(v).map_err(|_| {
-                Error::invalid(format!("Parameter '{name}' expects uint16_t"))
-            })?);
+            out.push(
+                u16::try_from(v)
+                    .map_err(|_| Error::invalid(format!("Parameter '{name}' expects uint16_t")))?,
+            );
         }
     }
     Ok(out)
@@ -373,8 +378,18 @@ mod tests {
     #[test]
     fn sizes_refused() {
         for bad in [
-            "", "abc", "-1", "16E", "18446744073709551616", "1MB", "1 M", "0x1k", "0x1.5", "k",
-            ".", "1M,",
+            "",
+            "abc",
+            "-1",
+            "16E",
+            "18446744073709551616",
+            "1MB",
+            "1 M",
+            "0x1k",
+            "0x1.5",
+            "k",
+            ".",
+            "1M,",
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
