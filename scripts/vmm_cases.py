@@ -11,6 +11,7 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
   ignore-lines: REGEX            lines dropped from both sides before comparing (a part of the
                                  board QEMU has and vmm does not model; say which)
   compare: ram | full            good cases: compare the RAM view (default) or everything
+  requires: kvm                  skipped (meson's status 77) where /dev/kvm is not usable
 
 In args, @TMPDIR@ stands for a fresh scratch directory (and is put back in messages).
 
@@ -52,6 +53,7 @@ class Case:
         self.expect = "qemu"
         self.ignore = []
         self.compare = "ram"
+        self.requires = []
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -75,12 +77,20 @@ class Case:
                     self.ignore.append(re.compile(value))
                 elif key == "compare":
                     self.compare = value
+                elif key == "requires":
+                    self.requires += value.split()
                 else:
                     raise ValueError(f"{path}:{lineno}: unknown key '{key}'")
         if self.expect not in ("qemu", "hand-written"):
             raise ValueError(f"{path}: expect must be 'qemu' or 'hand-written'")
         if self.compare not in ("ram", "full"):
             raise ValueError(f"{path}: compare must be 'ram' or 'full'")
+
+    def missing_requirements(self):
+        missing = []
+        if "kvm" in self.requires and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            missing.append("kvm")
+        return missing
 
     @property
     def expected_path(self):
