@@ -7,6 +7,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// QEMU's MAX_NODES: host-nodes values must be below it.
+#define MAX_NODES 128
+
+// QEMU's MAX_MEM_PREALLOC_THREAD_COUNT.
+#define MAX_THREADS 16
+
+// Below this much memory per thread, more threads cost more than they save.
+#define BYTES_PER_THREAD (64 << 20)
+
+// QEMU_VMALLOC_ALIGN on x86/arm/ppc64 hosts: anonymous guest RAM starts on a 2 MiB boundary so
+// transparent huge pages can back it.
+#define VMALLOC_ALIGN (2 << 20)
+
 // Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
 #define DIRTY_PAGE_SIZE 4096
 
@@ -43,8 +56,16 @@ typedef enum HmErrorClass {
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
 
+// A memory backend, as C sees it. Opaque.
+typedef struct HostMemoryBackend HostMemoryBackend;
+
 // An owner for regions: QEMU's `Object` reduced to its path. Opaque to C.
 typedef struct Object Object;
+
+// Progress of preallocation: bytes done, bytes total, the caller's opaque pointer. Called on
+// the thread that completes the backend (or switches `prealloc` on), never concurrently:
+// first with done = 0 before any page is touched, last with done = total on success.
+typedef void (*HmPreallocProgress)(uint64_t done, uint64_t total, void *opaque);
 
 // Storage for a memory region, embedded in board structs as in QEMU. Its content is a handle;
 // boards never read it. A zeroed MemoryRegion is "not initialised" and refused with an error.
@@ -77,6 +98,117 @@ extern struct Error *error_abort;
 // # Safety
 // `p` is NULL or was returned by hostmem as "release with hm_free" and not released yet.
 void hm_free(void *p);
+
+// Creates and completes a backend from a QEMU `-object` option string, e.g.
+// `"memory-backend-file,id=mem0,size=1G,mem-path=/dev/hugepages,prealloc=on"`. Nothing is
+// left behind on failure. NULL on error.
+//
+// # Safety
+// `opts` is NULL or NUL-terminated; `errp` follows the Error convention.
+struct HostMemoryBackend *hm_memory_backend_add(const char *opts, struct Error **errp);
+
+// Creates an uncompleted backend of QOM type `type` ("memory-backend-ram", "-file",
+// "-memfd") named `id`; set properties with `hm_memory_backend_set`, then
+// `hm_memory_backend_complete` it.
+//
+// # Safety
+// `type_` and `id` are NULL or NUL-terminated; `errp` follows the Error convention.
+struct HostMemoryBackend *hm_memory_backend_new(const char *type_,
+                                                const char *id,
+                                                struct Error **errp);
+
+// The backend named `id` in the current context, or NULL.
+//
+// # Safety
+// `id` is NULL or NUL-terminated.
+struct HostMemoryBackend *hm_memory_backend_find(const char *id);
+
+// `object-del`: deletes backend `id` of the current context; refused while mapped with
+// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+//
+// # Safety
+// `id` is NULL or NUL-terminated; `errp` follows the Error convention.
+bool hm_memory_backend_del(const char *id, struct Error **errp);
+
+// Sets property `prop` from its QEMU string form ("1G", "on", "0-1,3", "bind", ...), with
+// QEMU's guards: some properties refuse changes after completion; `merge`/`dump` apply at once;
+// `prealloc=on` on a complete backend preallocates right away (progress callback included).
+//
+// # Safety
+// `b` is NULL or a live handle; `prop`, `value` NULL or NUL-terminated; `errp` as usual.
+bool hm_memory_backend_set(struct HostMemoryBackend *b,
+                           const char *prop,
+                           const char *value,
+                           struct Error **errp);
+
+// Property `prop` as a string in the syntax `hm_memory_backend_set` takes (sizes in bytes,
+// booleans "on"/"off", host-nodes as "0-1,3"). Release with `hm_free`. NULL on error.
+//
+// # Safety
+// `b` is NULL or a live handle; `prop` NULL or NUL-terminated; `errp` as usual.
+char *hm_memory_backend_get(struct HostMemoryBackend *b, const char *prop, struct Error **errp);
+
+// Completes the backend: allocate → madvise → mbind (when host-nodes is set) → prealloc, then
+// its RAM region exists. On failure the backend stays uncompleted with nothing allocated.
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+bool hm_memory_backend_complete(struct HostMemoryBackend *b, struct Error **errp);
+
+// Sets (or, with `cb` NULL, clears) the preallocation progress callback of a backend.
+//
+// # Safety
+// `b` is NULL or a live handle; `cb` may be called with `opaque` until it is replaced or the
+// backend deleted; `errp` as usual.
+bool hm_memory_backend_set_prealloc_progress(struct HostMemoryBackend *b,
+                                             HmPreallocProgress cb,
+                                             void *opaque,
+                                             struct Error **errp);
+
+// The backend's memory region once complete (the embedded storage of the handle), or NULL.
+//
+// # Safety
+// `b` is NULL or a live handle.
+struct MemoryRegion *host_memory_backend_get_memory(struct HostMemoryBackend *b);
+
+// Whether a consumer (machine RAM, a NUMA node, a DIMM) has taken the backend.
+//
+// # Safety
+// `b` is NULL or a live handle.
+bool host_memory_backend_is_mapped(struct HostMemoryBackend *b);
+
+// Marks the backend taken (or free again); a mapped backend cannot be deleted.
+//
+// # Safety
+// `b` is NULL or a live handle.
+void host_memory_backend_set_mapped(struct HostMemoryBackend *b, bool mapped);
+
+// Page size backing the memory (2 MiB on hugetlbfs, else the host page size); 0 before
+// allocation.
+//
+// # Safety
+// `b` is NULL or a live handle.
+size_t host_memory_backend_pagesize(struct HostMemoryBackend *b);
+
+// The file descriptor behind a file or memfd backend (owned by hostmem; do not close), or -1.
+//
+// # Safety
+// `b` is NULL or a live handle.
+int hm_memory_backend_get_fd(struct HostMemoryBackend *b);
+
+// Host address of the backend's memory as soon as it is allocated (also from inside a
+// progress callback, before preallocation touches it), or NULL.
+//
+// # Safety
+// `b` is NULL or a live handle.
+void *hm_memory_backend_get_host_ptr(struct HostMemoryBackend *b);
+
+// The steps the last completion (and later merge/dump/prealloc changes) ran, in order, comma
+// separated: "allocate,hugepage,dontfork,mergeable,bind,prealloc". Release with `hm_free`.
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+char *hm_memory_backend_trace(struct HostMemoryBackend *b, struct Error **errp);
 
 // The human-readable message of `err` (valid until `error_free`).
 //
