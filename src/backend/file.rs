@@ -68,7 +68,7 @@ pub fn fd_page_size(fd: &OwnedFd) -> usize {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fd is open; `st` is valid for writes.
     if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0
-        && st.f_type as i64 == libc::HUGETLBFS_MAGIC as i64
+        && st.f_type == libc::HUGETLBFS_MAGIC
     {
         return st.f_bsize as usize;
     }
@@ -126,8 +126,8 @@ fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened>
     // SAFETY: cpath is NUL-terminated.
     let fd = unsafe { libc::open(cpath.as_ptr(), mode | libc::O_CLOEXEC) };
     if fd >= 0 {
-        // SAFETY: fd is a fresh descriptor we own.
         return Ok(Opened {
+            // SAFETY: fd is a fresh descriptor we own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             created: None,
         });
@@ -206,7 +206,7 @@ fn map_file(
     let page = fd_page_size(fd);
     let page64 = page as u64;
     if props.align != 0 {
-        if props.align % page64 != 0 {
+        if !props.align.is_multiple_of(page64) {
             return Err(Error::invalid(format!(
                 "alignment 0x{:x} must be multiples of page size 0x{page:x}",
                 props.align
@@ -219,7 +219,7 @@ fn map_file(
             )));
         }
     }
-    if props.offset % page64 != 0 {
+    if !props.offset.is_multiple_of(page64) {
         return Err(Error::invalid(format!(
             "offset 0x{:x} must be multiples of page size 0x{page:x}",
             props.offset
@@ -230,7 +230,7 @@ fn map_file(
             "memory size 0x{size:x} must be equal to or larger than page size 0x{page:x}"
         )));
     }
-    if size % page64 != 0 {
+    if !size.is_multiple_of(page64) {
         return Err(Error::invalid(format!(
             "backend '{type_name}' memory size must be multiple of {}",
             size_to_str(page64)
@@ -253,7 +253,7 @@ fn map_file(
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
             return Err(Error::host(
-                format!("can't resize backing store {} for guest RAM", region_name),
+                format!("can't resize backing store for guest RAM '{region_name}'"),
                 errno(),
             ));
         }
