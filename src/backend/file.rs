@@ -67,8 +67,7 @@ pub fn fd_page_size(fd: &OwnedFd) -> usize {
     // SAFETY: fstatfs writes one statfs into the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fd is open; `st` is valid for writes.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0
-        && st.f_type == libc::HUGETLBFS_MAGIC
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0 && st.f_type == libc::HUGETLBFS_MAGIC
     {
         return st.f_bsize as usize;
     }
