@@ -73,7 +73,7 @@ impl ObjectRegistry {
         })?;
         let id = value("id").ok_or_else(|| Error::invalid("Parameter 'id' is missing"))?;
         if !id_wellformed(id) {
-            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+            return Err(bad_id());
         }
         let mut backend = Backend::new(ty.name(), id, defaults)?;
         for (key, v) in &pairs {
@@ -126,7 +126,7 @@ impl ObjectRegistry {
             )));
         }
         if !id_wellformed(id) {
-            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+            return Err(bad_id());
         }
         if self.entries.contains_key(id) {
             return Err(duplicate(id));
@@ -217,6 +217,12 @@ impl ObjectRegistry {
     }
 }
 
+fn bad_id() -> Error {
+    Error::invalid("Parameter 'id' expects an identifier").with_hint(
+        "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n",
+    )
+}
+
 fn duplicate(id: &str) -> Error {
     Error::new(
         HmErrorClass::Duplicate,
@@ -283,6 +289,15 @@ mod tests {
             assert_eq!(e.message(), msg, "{opts}");
         }
         assert_eq!(o.ids(), ["m"], "failed adds leave nothing behind");
+        let e = o
+            .add_from_opts("memory-backend-ram,id=a/b,size=1M", &d, &mut mem)
+            .unwrap_err();
+        assert_eq!(
+            e.hint(),
+            Some(
+                "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
+            )
+        );
     }
 
     #[test]

@@ -224,9 +224,12 @@ fn map_file(
             props.offset
         )));
     }
-    if size < page64 {
+    // QEMU rounds the size up to the host page before comparing it with the file's page size,
+    // so a sub-page size only trips the multiple-of check below.
+    let rounded = size.next_multiple_of(host_page_size() as u64);
+    if rounded < page64 {
         return Err(Error::invalid(format!(
-            "memory size 0x{size:x} must be equal to or larger than page size 0x{page:x}"
+            "memory size 0x{rounded:x} must be equal to or larger than page size 0x{page:x}"
         )));
     }
     if !size.is_multiple_of(page64) {
@@ -369,7 +372,7 @@ mod tests {
         );
         assert_eq!(
             msg(&props(&path), 1000),
-            "memory size 0x3e8 must be equal to or larger than page size 0x1000"
+            "backend 'memory-backend-file' memory size must be multiple of 4 KiB"
         );
         assert_eq!(
             msg(&props(&path), 5000),
@@ -459,6 +462,28 @@ mod tests {
         // SAFETY: reading the first byte of the mapping just made.
         assert_eq!(unsafe { m.as_ptr().read() }, 0x5a);
         drop(m);
+        // Preallocating a read-only backend populates it for reading.
+        let mut b = crate::backend::Backend::new(
+            "memory-backend-file",
+            "ro",
+            &crate::backend::BackendDefaults::default(),
+        )
+        .unwrap();
+        for (k, v) in [
+            ("size", "4K"),
+            ("mem-path", path.as_str()),
+            ("readonly", "on"),
+            ("prealloc", "on"),
+        ] {
+            b.set(k, v).unwrap();
+        }
+        b.complete().unwrap();
+        let m = b.mapping().unwrap();
+        assert_eq!(
+            crate::backend::prealloc::resident_pages(m.as_ptr(), 4096),
+            1
+        );
+        drop(b);
         std::fs::remove_dir_all(d).unwrap();
     }
 }

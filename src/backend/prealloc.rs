@@ -60,7 +60,8 @@ pub struct Request<'a> {
     pub max_threads: u32,
     pub progress: Option<&'a ProgressFn>,
     pub remap: Remap,
-    /// None: sense MADV_POPULATE_WRITE; Some: force a method (tests).
+    /// None: sense MADV_POPULATE_WRITE (POPULATE_READ for a read-only mapping); Some: force a
+    /// method (tests).
     pub method: Option<Method>,
 }
 
@@ -100,10 +101,20 @@ pub fn online_cpus() -> usize {
     }
 }
 
-/// Whether the kernel has MADV_POPULATE_WRITE, sensed on the first page of the range.
-fn populate_write_works(addr: *mut u8, page: usize) -> bool {
+/// The populate advice for a mapping: a read-only mapping (rom) can only be populated for
+/// reading; writable ones are populated for writing, so no later write faults.
+fn populate_advice(readonly: bool) -> libc::c_int {
+    if readonly {
+        libc::MADV_POPULATE_READ
+    } else {
+        libc::MADV_POPULATE_WRITE
+    }
+}
+
+/// Whether the kernel has MADV_POPULATE_*, sensed on the first page of the range.
+fn populate_works(addr: *mut u8, page: usize, readonly: bool) -> bool {
     // SAFETY: advising the first page of the caller's mapping.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, libc::MADV_POPULATE_WRITE) };
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, populate_advice(readonly)) };
     rc == 0 || super::ram::errno() != libc::EINVAL
 }
 
@@ -123,7 +134,7 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     }
     let threads = thread_count(online_cpus(), req.max_threads, pages, total);
     let method = req.method.unwrap_or_else(|| {
-        if populate_write_works(req.addr, page) {
+        if populate_works(req.addr, page, req.remap.readonly) {
             Method::PopulateWrite
         } else {
             Method::Touch
@@ -143,10 +154,11 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     let base = req.addr as usize;
     let len = req.len;
     let (tx, rx) = mpsc::channel::<u64>();
+    let readonly = req.remap.readonly;
     let work = |first: u64, count: u64, tx: mpsc::Sender<u64>| {
         let start = base + (first as usize) * page;
         let end = (start + count as usize * page).min(base + len);
-        run_chunk(start, end, page, method, &tx)
+        run_chunk(start, end, page, method, readonly, &tx)
     };
     let results: Vec<ChunkResult> = if threads == 1 {
         drop(tx);
@@ -276,6 +288,7 @@ fn run_chunk(
     end: usize,
     page: usize,
     method: Method,
+    readonly: bool,
     tx: &mpsc::Sender<u64>,
 ) -> ChunkResult {
     let step = step_bytes(page);
@@ -299,7 +312,7 @@ fn run_chunk(
             Method::PopulateWrite => {
                 // SAFETY: [at, at+n) lies inside the caller's mapping.
                 let rc =
-                    unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+                    unsafe { libc::madvise(at as *mut libc::c_void, n, populate_advice(readonly)) };
                 if rc != 0 {
                     result.errno = super::ram::errno();
                     break;
@@ -308,12 +321,15 @@ fn run_chunk(
             Method::Touch => {
                 let mut p = at;
                 while p < at + n {
-                    // SAFETY: p lies inside the caller's writable mapping; reading a byte and
-                    // writing the same value back leaves the content unchanged. A SIGBUS here is
-                    // repaired by the handler (see the module comment).
+                    // SAFETY: p lies inside the caller's mapping (writable unless `readonly`);
+                    // reading a byte and writing the same value back leaves the content
+                    // unchanged. A SIGBUS here is repaired by the handler (see the module
+                    // comment).
                     unsafe {
                         let v = std::ptr::read_volatile(p as *const u8);
-                        std::ptr::write_volatile(p as *mut u8, v);
+                        if !readonly {
+                            std::ptr::write_volatile(p as *mut u8, v);
+                        }
                     }
                     compiler_fence(Ordering::SeqCst);
                     let fault = TOUCH.with(|t| t.fault.load(Ordering::Relaxed));
