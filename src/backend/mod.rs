@@ -1098,6 +1098,26 @@ mod tests {
         assert_eq!(b.region_name(), "/objects/m");
     }
 
+    #[test]
+    fn discard_data_drops_the_file_content_on_deletion() {
+        let path = format!("/dev/shm/hostmem-discard-{}", std::process::id());
+        let _ = std::fs::remove_file(&path);
+        for (discard, want) in [("off", 0x5a), ("on", 0)] {
+            let mut f = new("memory-backend-file");
+            for (p, v) in [("size", "1M"), ("mem-path", path.as_str()), ("share", "on")] {
+                f.set(p, v).unwrap();
+            }
+            f.set("discard-data", discard).unwrap();
+            f.complete().unwrap();
+            // SAFETY: writing inside the backend's shared mapping.
+            unsafe { f.mapping().unwrap().as_ptr().add(4096).write(0x5a) };
+            drop(f);
+            let data = std::fs::read(&path).unwrap();
+            assert_eq!(data[4096], want, "discard-data={discard}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// Reserves huge pages and mounts hugetlbfs through the project script; under CI a failure
     /// is a test failure, elsewhere the test is skipped with the reason printed.
     pub(crate) fn hugetlbfs() -> Option<String> {
