@@ -108,6 +108,7 @@ static void test_each_property_round_trips(void)
         { "memory-backend-file", "discard-data", "on", "on" },
         { "memory-backend-file", "readonly", "on", "on" },
         { "memory-backend-file", "rom", "off", "off" },
+        { "memory-backend-file", "pmem", "on", "on" },
         { "memory-backend-memfd", "hugetlb", "on", "on" },
         { "memory-backend-memfd", "hugetlbsize", "2M", "2097152" },
         { "memory-backend-memfd", "seal", "off", "off" },
@@ -292,6 +293,8 @@ static void test_refusals_step_by_step(void)
           "cannot change property 'readonly' of memory-backend-file." },
         { "memory-backend-file", "rom", "on",
           "cannot change property 'rom' of memory-backend-file." },
+        { "memory-backend-file", "pmem", "on",
+          "cannot change property 'pmem' of memory-backend-file." },
         { "memory-backend-memfd", "hugetlbsize", "2M",
           "cannot change property value" },
     };

@@ -19,6 +19,8 @@ pub struct FileProps {
     pub discard_data: bool,
     pub readonly: bool,
     pub rom: OnOffAuto,
+    /// `pmem`: map with MAP_SYNC so writes persist across host crashes on DAX storage.
+    pub pmem: bool,
 }
 
 impl Default for FileProps {
@@ -30,6 +32,7 @@ impl Default for FileProps {
             discard_data: false,
             readonly: false,
             rom: OnOffAuto::Auto,
+            pmem: false,
         }
     }
 }
@@ -269,9 +272,20 @@ fn map_file(
         noreserve,
         readonly: props.rom_effective(),
         file_offset: props.offset,
+        sync: props.pmem && share,
     };
-    let p = map_aligned(&spec, Some(fd))
-        .map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
+    let mapped = map_aligned(&spec, Some(fd)).or_else(|e| {
+        if !spec.sync {
+            return Err(e);
+        }
+        // Not DAX storage: QEMU goes on without MAP_SYNC and says so.
+        eprintln!(
+            "Warning: requesting persistence across crashes for backend file {} failed. Proceeding without persistence, data might become corrupted in case of host crash.",
+            props.mem_path.as_deref().unwrap_or_default()
+        );
+        map_aligned(&MapSpec { sync: false, ..spec }, Some(fd))
+    });
+    let p = mapped.map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
     Ok((p, len, page))
 }
 
@@ -484,6 +498,15 @@ mod tests {
             1
         );
         drop(b);
+        // pmem=on on a non-DAX file still maps (without MAP_SYNC), as in QEMU.
+        let p = FileProps {
+            pmem: true,
+            ..props(&path)
+        };
+        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false).unwrap();
+        // SAFETY: writing inside the shared mapping just made.
+        unsafe { m.as_ptr().write(1) };
+        drop(m);
         std::fs::remove_dir_all(d).unwrap();
     }
 }

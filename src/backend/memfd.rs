@@ -86,6 +86,7 @@ pub fn alloc(
         noreserve,
         readonly: false,
         file_offset: 0,
+        sync: false,
     };
     let p = map_aligned(&spec, Some(&fd))
         .map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;

@@ -354,6 +354,10 @@ impl Backend {
                 self.guard(prop)?;
                 self.file.rom = OnOffAuto::parse(prop, value)?;
             }
+            "pmem" => {
+                self.guard(prop)?;
+                self.file.pmem = parse_bool_param(prop, value)?;
+            }
             "hugetlb" => self.memfd.hugetlb = parse_bool_param(prop, value)?,
             "hugetlbsize" => {
                 self.guard(prop)?;
@@ -396,6 +400,7 @@ impl Backend {
             "discard-data" => b(self.file.discard_data),
             "readonly" => b(self.file.readonly),
             "rom" => self.file.rom.name().to_string(),
+            "pmem" => b(self.file.pmem),
             "hugetlb" => b(self.memfd.hugetlb),
             "hugetlbsize" => self.memfd.hugetlbsize.to_string(),
             "seal" => b(self.memfd.seal),
@@ -750,6 +755,7 @@ mod tests {
             ("discard-data", "on", "on"),
             ("readonly", "on", "on"),
             ("rom", "off", "off"),
+            ("pmem", "on", "on"),
         ] {
             f.set(p, v).unwrap();
             assert_eq!(f.get(p).unwrap(), back, "{p}");

@@ -26,6 +26,7 @@ pub const FILE: &[&str] = &[
     "discard-data",
     "readonly",
     "rom",
+    "pmem",
 ];
 
 /// memory-backend-memfd's own properties.
@@ -63,7 +64,7 @@ pub fn completed(ty: BackendType, prop: &str) -> Error {
         "mem-path" | "align" | "offset" => {
             format!("cannot change property '{prop}' of {}", ty.name())
         }
-        "readonly" | "rom" => format!("cannot change property '{prop}' of {}.", ty.name()),
+        "readonly" | "rom" | "pmem" => format!("cannot change property '{prop}' of {}.", ty.name()),
         _ => "cannot change property value".to_string(),
     };
     Error::new(HmErrorClass::Completed, msg)
