@@ -155,17 +155,23 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     let len = req.len;
     let (tx, rx) = mpsc::channel::<u64>();
     let readonly = req.remap.readonly;
-    let work = |first: u64, count: u64, tx: mpsc::Sender<u64>| {
+    let work = |first: u64, count: u64, done: &dyn Fn(u64)| {
         let start = base + (first as usize) * page;
         let end = (start + count as usize * page).min(base + len);
-        run_chunk(start, end, page, method, readonly, &tx)
+        run_chunk(start, end, page, method, readonly, done)
     };
     let results: Vec<ChunkResult> = if threads == 1 {
         drop(tx);
-        // One thread: no spawning, and progress can be reported as the work goes.
-        let (tx1, rx1) = mpsc::channel();
-        let r = work(0, pages, tx1);
-        report(req.progress, &rx1, total);
+        // One thread: no spawning; progress is reported directly as the work goes.
+        let sum = std::cell::Cell::new(0u64);
+        let r = work(0, pages, &|n| {
+            sum.set(sum.get() + n);
+            if let Some(p) = req.progress {
+                if sum.get() < total {
+                    p(sum.get(), total);
+                }
+            }
+        });
         vec![r]
     } else {
         let gate = Gate::default();
@@ -187,7 +193,9 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
                                 fault: None,
                             };
                         }
-                        work(first, count, tx)
+                        work(first, count, &|n| {
+                            let _ = tx.send(n);
+                        })
                     });
                 match h {
                     Ok(h) => handles.push(h),
@@ -289,7 +297,7 @@ fn run_chunk(
     page: usize,
     method: Method,
     readonly: bool,
-    tx: &mpsc::Sender<u64>,
+    done: &dyn Fn(u64),
 ) -> ChunkResult {
     let step = step_bytes(page);
     let mut at = start;
@@ -345,7 +353,7 @@ fn run_chunk(
                 }
             }
         }
-        let _ = tx.send(n as u64);
+        done(n as u64);
         at += n;
     }
     if method == Method::Touch {
@@ -593,6 +601,37 @@ mod tests {
             "progress goes forward"
         );
         assert!(seen.len() > 3);
+    }
+
+    #[test]
+    fn single_thread_progress_comes_while_pages_are_faulted_in() {
+        let len = 64 << 20;
+        let m = Arc::new(anon(len));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s2, m2) = (seen.clone(), m.clone());
+        let cb: ProgressFn = Arc::new(move |d, _| {
+            s2.lock()
+                .unwrap()
+                .push((d, resident_pages(m2.as_ptr(), m2.len())));
+        });
+        prealloc(&Request {
+            addr: m.as_ptr(),
+            len,
+            page_size: 4096,
+            max_threads: 1,
+            progress: Some(&cb),
+            remap: Remap::default(),
+            method: None,
+        })
+        .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0], (0, 0), "nothing resident before the first report");
+        let mid = seen[seen.len() / 2];
+        assert!(mid.0 > 0 && mid.0 < len as u64, "{mid:?}");
+        assert!(
+            mid.1 > 0 && mid.1 < len / 4096,
+            "reported while running: {mid:?}"
+        );
     }
 
     #[test]
