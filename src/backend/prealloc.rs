@@ -634,8 +634,13 @@ mod tests {
         );
     }
 
+    /// Tests that install SIGBUS handlers or use the touch method run one at a time: the
+    /// handler is process-wide.
+    static SIGNAL_TESTS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn touch_method_makes_pages_resident_and_keeps_content() {
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let len = 4 << 20;
         let m = anon(len);
         // SAFETY: writing inside the mapping.
@@ -694,6 +699,7 @@ mod tests {
     #[test]
     fn sigbus_while_touching_is_an_error_and_the_old_handler_returns() {
         use std::os::fd::AsRawFd;
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: installing a harmless handler to check it is restored.
         unsafe {
             let mut act: libc::sigaction = std::mem::zeroed();
