@@ -747,6 +747,8 @@ mod tests {
 
     #[test]
     fn populate_write_failure_uses_qemus_words() {
+        // Kernels without MADV_POPULATE_WRITE take the touch path here.
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let (fd, p) = truncated_memfd(4, 1);
         let e = prealloc(&Request {
             addr: p,
