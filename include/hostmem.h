@@ -81,6 +81,52 @@ typedef struct MemoryRegion {
 } MemoryRegion;
 #define MemoryRegion_MAGIC 1752001906
 
+// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
+// VMM-level options of its command line.
+typedef struct MachineState {
+  const struct MachineClass *mc;
+  // Main RAM for the board to map: the backend's region or the NUMA container. NULL when the
+  // board has no default_ram_id (it allocates its own, or calls the legacy function).
+  struct MemoryRegion *ram;
+  uint64_t ram_size;
+  uint64_t maxram_size;
+  uint64_t ram_slots;
+  // The backend behind `ram` (NULL with NUMA memdevs or without RAM).
+  struct HostMemoryBackend *memdev;
+  // The hostmem context of this machine.
+  uint32_t context;
+  // Board private state.
+  void *opaque;
+  // -S
+  bool start_paused;
+  // -monitor stdio
+  bool monitor_stdio;
+  // -accel kvm, -enable-kvm, -machine accel=kvm
+  bool accel_kvm;
+  // -accel kvm,max-slot-size=SIZE (0: the kernel's limit)
+  uint64_t kvm_max_slot_size;
+} MachineState;
+
+// A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
+typedef struct MachineClass {
+  // Full type name, e.g. "pc-i440fx-10.0".
+  const char *name;
+  // Short name accepted by -M, e.g. "pc" (may be NULL).
+  const char *alias;
+  const char *desc;
+  // Builds the board: maps `machine->ram`, adds its own regions.
+  void (*init)(struct MachineState *machine);
+  // Used when -m is absent or 0.
+  uint64_t default_ram_size;
+  // Name of main RAM (implicit backend id and RAMBlock); NULL for boards that take no -m.
+  const char *default_ram_id;
+  bool numa_mem_supported;
+  // The board -M defaults to.
+  bool is_default;
+  // The board starts without a CPU unless -smp asks for one (QEMU's `none`).
+  bool no_cpus_by_default;
+} MachineClass;
+
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
 typedef struct Object DeviceState;
 
@@ -249,6 +295,70 @@ void error_report_err(struct Error *err);
 // # Safety
 // `errp` is NULL or points to an `Error *` that is NULL or live.
 void hm_error_clear(struct Error **errp);
+
+// Registers a board type. `mc` and its strings must stay valid for the whole process (static
+// storage, as QEMU's type_init classes are). A name or alias already taken is an error.
+//
+// # Safety
+// `mc` is NULL or points to a MachineClass with static lifetime.
+bool hm_machine_class_register(const struct MachineClass *mc, struct Error **errp);
+
+// Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
+// options, creates a context for the machine and makes it current, creates the `-object`
+// backends, decides `machine->ram` (explicit memory-backend, implicit backend from
+// -m/-mem-path/-mem-prealloc, or NUMA container), then runs the board's init. Errors carry
+// QEMU 10's message for the same command line; nothing is left behind on failure.
+//
+// # Safety
+// `argv` holds `argc` NUL-terminated strings.
+struct MachineState *hm_machine_new_from_argv(int argc,
+                                              const char *const *argv,
+                                              struct Error **errp);
+
+// Frees a machine and its context. NULL is ignored.
+//
+// # Safety
+// `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.
+void hm_machine_free(struct MachineState *ms);
+
+// Makes `ms`'s context current, so QEMU-style globals (get_system_memory(), backends by id)
+// resolve to it. For VMMs running two machines in one process.
+//
+// # Safety
+// `ms` is NULL or a live machine.
+bool hm_machine_make_current(struct MachineState *ms, struct Error **errp);
+
+// Runs one HMP command on the machine and returns its output (release with hm_free).
+//
+// # Safety
+// `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
+char *hm_hmp(struct MachineState *ms, const char *cmdline, struct Error **errp);
+
+// The context id of the current machine (for C APIs keyed by context).
+uint32_t hm_context_current(void);
+
+// The legacy main-RAM allocation of QEMU before 5.0, for boards not converted yet. Exits
+// with the error, like QEMU, when it fails (see the `_err` form to handle it instead).
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage that outlives the machine; `name` NUL-terminated.
+void memory_region_allocate_system_memory(struct MemoryRegion *mr,
+                                          struct Object *_owner,
+                                          const char *name,
+                                          uint64_t ram_size);
+
+// `memory_region_allocate_system_memory` with an error instead of an exit.
+//
+// # Safety
+// As for `memory_region_allocate_system_memory`.
+bool hm_memory_region_allocate_system_memory(struct MemoryRegion *mr,
+                                             struct Object *_owner,
+                                             const char *name,
+                                             uint64_t ram_size,
+                                             struct Error **errp);
+
+// QEMU's size_to_str ("32 MiB"); release with hm_free.
+char *size_to_str(uint64_t size);
 
 // An owner object named `path` (QOM canonical path or qdev path, e.g. "/machine/peripheral/vga"
 // or "0000:00:02.0"). Freed with `hm_object_free`.
