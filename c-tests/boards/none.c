@@ -1,6 +1,7 @@
 /*
  * The "none" machine (QEMU's hw/core/null-machine.c): no devices; RAM, when -m asks for some,
- * at guest address 0. Its default size is 0, so without -m it has no RAM at all.
+ * at guest address 0. Its default size is 0, so without -m it has no RAM at all, and it has
+ * no CPU (so no CPU address space) unless -smp asks for one.
  */
 #include "boards.h"
 
@@ -20,6 +21,7 @@ static const MachineClass none_machine = {
     .default_ram_id = "ram",
     .numa_mem_supported = false,
     .is_default = false,
+    .no_cpus_by_default = true,
 };
 
 bool none_machine_register(Error **errp)
