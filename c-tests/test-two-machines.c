@@ -118,6 +118,43 @@ static void test_same_backend_id_in_two_machines(void)
     board_machine_free(a);
 }
 
+/* QEMU-style globals (get_system_memory(), RAM registration) follow the current machine. */
+static void test_globals_follow_the_current_machine(void)
+{
+    static const char *const a_args[] = { "-M", "none", "-m", "8M", NULL };
+    static const char *const b_args[] = { "-M", "none", "-m", "8M", NULL };
+    MachineState *a = machine_new(a_args);
+    MachineState *b = machine_new(b_args);
+    /* Region storage of the boards' kind, one per machine. */
+    MemoryRegion *extra = calloc(2, sizeof(*extra));
+    Error *err = NULL;
+
+    if (a && b && extra) {
+        CHECK(hm_machine_make_current(a, &err));
+        hm_error_clear(&err);
+        CHECK(memory_region_init_ram(extra, NULL, "extra.ram", 1 * MiB, &err));
+        hm_error_clear(&err);
+        memory_region_add_subregion(get_system_memory(), 0x10000000, extra);
+        CHECK(hm_memory_check(&err));
+        hm_error_clear(&err);
+        CHECK(hmp_contains(a, "info ramblock", "extra.ram"));
+        CHECK(hmp_contains(a, "info mtree",
+                           "0000000010000000-00000000100fffff (prio 0, ram): extra.ram"));
+        CHECK(!hmp_contains(b, "info ramblock", "extra.ram"));
+        CHECK(!hmp_contains(b, "info mtree", "extra.ram"));
+
+        /* The same name in the other machine is no duplicate. */
+        CHECK(hm_machine_make_current(b, &err));
+        hm_error_clear(&err);
+        CHECK(memory_region_init_ram(&extra[1], NULL, "extra.ram", 2 * MiB, &err));
+        hm_error_clear(&err);
+        CHECK(hmp_contains(b, "info ramblock", "extra.ram"));
+    }
+    free(extra);
+    board_machine_free(b);
+    board_machine_free(a);
+}
+
 static void test_errors_leave_other_machines_alone(void)
 {
     static const char *const good[] = { "-M", "q35", "-m", "4G", NULL };
@@ -152,6 +189,7 @@ int main(void)
     }
     test_two_pcs_have_their_own_ram();
     test_same_backend_id_in_two_machines();
+    test_globals_follow_the_current_machine();
     test_errors_leave_other_machines_alone();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
