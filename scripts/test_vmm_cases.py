@@ -158,6 +158,11 @@ class Cases(unittest.TestCase):
             if status != 0:
                 self.assertTrue(err.startswith("vmm: "), case.name)
 
+    def test_xfail_marks_name_what_is_missing(self):
+        for case in vc.all_cases():
+            if case.xfail is not None:
+                self.assertGreater(len(case.xfail), 20, case.name)
+
     def test_hand_written_cases_say_why(self):
         for case in vc.all_cases():
             if case.expect == "hand-written":
