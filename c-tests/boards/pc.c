@@ -5,11 +5,9 @@
  * Main RAM is machine->ram, created by the generic code from -m / -mem-path / memory-backend
  * or the NUMA node backends; the board only decides where it shows in the guest.
  */
-#include <stdlib.h>
-
 #include "boards.h"
 
-/* The part of 4 GiB below the boundary that PCI and firmware need. */
+/* Firmware as QEMU 10 loads it by default (SeaBIOS' 256 KiB image, the option ROM area). */
 #define PC_BIOS_SIZE (256 * KiB)
 #define PC_ROM_SIZE (128 * KiB)
 #define PC_ROM_BASE 0xc0000

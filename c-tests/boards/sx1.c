@@ -4,8 +4,6 @@
  * internal SRAM. Converted: SDRAM is machine->ram ("omap1.dram"), so -mem-path,
  * -mem-prealloc and memory-backend= work; any -m other than 32 MiB is refused.
  */
-#include <stdlib.h>
-
 #include "boards.h"
 
 #define SX1_SDRAM_SIZE (32 * MiB)
