@@ -29,6 +29,12 @@ pub const DONE_VALUE: u8 = 0x48;
 /// Identity mapping stays in the lower canonical half.
 const MAX_GPA: u64 = 1 << 47;
 const PAGE_2M: u64 = 2 << 20;
+/// Present, writable, accessed. Accessed (and dirty, for leaves) are set up front so that the
+/// CPU never writes the tables: the only guest writes are the ops', which the dirty-log tests
+/// count exactly.
+const TABLE_FLAGS: u64 = 0x23;
+/// Present, writable, accessed, dirty, 2 MiB page.
+const LEAF_FLAGS: u64 = 0xe3;
 
 /// One access the guest makes. Addresses must be 8-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,16 +142,16 @@ impl Payload {
             let pdpt = *pdpt_of.entry(i4).or_insert_with(|| {
                 tables.push([0; 512]);
                 let t = tables.len() - 1;
-                tables[0][i4 as usize] = addr_of(t) | 0x3; // present, writable
+                tables[0][i4 as usize] = addr_of(t) | TABLE_FLAGS;
                 t
             });
             let pd = *pd_of.entry((i4, i3)).or_insert_with(|| {
                 tables.push([0; 512]);
                 let t = tables.len() - 1;
-                tables[pdpt][i3 as usize] = addr_of(t) | 0x3;
+                tables[pdpt][i3 as usize] = addr_of(t) | TABLE_FLAGS;
                 t
             });
-            tables[pd][i2 as usize] = gpa | 0x83; // present, writable, 2 MiB page
+            tables[pd][i2 as usize] = gpa | LEAF_FLAGS;
         }
         let table_bytes: Vec<u8> = tables
             .iter()
@@ -298,6 +304,22 @@ fn enter_long_mode(vcpu: &VcpuFd) -> Result<()> {
         .map_err(|e| kvm_err("KVM_SET_REGS failed", e))
 }
 
+/// Lets KVM finish whatever the previous run left pending (an MMIO access we refused to
+/// serve, a port write) without running guest code: KVM completes pending I/O at the start of
+/// KVM_RUN, after any registers we set, so it must happen before the new registers go in.
+fn settle(vcpu: &mut VcpuFd) -> Result<()> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() != libc::EINTR => {
+            Err(Error::host("kvm_cpu_exec: KVM_RUN failed", e.errno())
+                .with_class(HmErrorClass::Kvm))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs `ops` on the vCPU and returns, for each op, the value it wrote or read.
 pub(crate) fn run_ops(vcpu: &mut VcpuFd, table: &SlotTable, ops: &[GuestOp]) -> Result<Vec<u64>> {
     let payload = Payload::build(ops)?;
@@ -306,6 +328,7 @@ pub(crate) fn run_ops(vcpu: &mut VcpuFd, table: &SlotTable, ops: &[GuestOp]) -> 
     write_guest(table, CODE_ADDR, &code(payload.ops_addr))?;
     write_guest(table, TABLES_ADDR, &payload.tables)?;
     write_guest(table, payload.ops_addr, &payload.ops)?;
+    settle(vcpu)?;
     enter_long_mode(vcpu)?;
 
     let where_ = |vcpu: &VcpuFd| match vcpu.get_regs() {
@@ -421,9 +444,9 @@ mod tests {
             let pd = entry(&p.tables, pdpt, (gpa >> 30) & 511) & !0xfff;
             entry(&p.tables, pd, (gpa >> 21) & 511)
         };
-        assert_eq!(walk((8 << 40) - 8), ((8 << 40) - PAGE_2M) | 0x83);
-        assert_eq!(walk((8 << 40) + 8), (8 << 40) | 0x83);
-        assert_eq!(walk(0x1000), 0x83);
+        assert_eq!(walk((8 << 40) - 8), ((8 << 40) - PAGE_2M) | 0xe3);
+        assert_eq!(walk((8 << 40) + 8), (8 << 40) | 0xe3);
+        assert_eq!(walk(0x1000), 0xe3);
         // Op list: count, then kind/gpa/value triples.
         assert_eq!(&p.ops[..8], &2u64.to_le_bytes());
         assert_eq!(&p.ops[8..16], &0u64.to_le_bytes());

@@ -212,12 +212,11 @@ impl KvmHandle {
         for &(i, gpa) in &targets {
             let s = &slots[i];
             let offset = s.block_offset + (gpa - s.gpa);
-            let found = match resolve(s.block, offset) {
+            let found = resolve(s.block, offset).map(|p| {
                 // SAFETY: `resolve` returned a pointer to 8 readable bytes of the RAMBlock's
                 // memory; the vCPU has halted, so nothing writes it concurrently.
-                Some(p) => Some(unsafe { std::ptr::read_unaligned(p as *const u64) }),
-                None => None,
-            };
+                unsafe { std::ptr::read_unaligned(p as *const u64) }
+            });
             if found != Some(signature(gpa)) {
                 bad.push(match found {
                     Some(v) => format!(

@@ -37,7 +37,7 @@ pub fn check_max_slot_size(size: u64, host_page: u64) -> Result<Option<u64>> {
     if size == 0 {
         return Ok(None);
     }
-    if size % host_page != 0 {
+    if !size.is_multiple_of(host_page) {
         return Err(Error::invalid(format!(
             "max-slot-size 0x{size:x} must be a multiple of the host page size 0x{host_page:x}"
         )));
