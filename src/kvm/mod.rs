@@ -346,7 +346,7 @@ mod tests {
             32764,
             0x7ff_ffff_f000,
             true,
-            &|s| format!("{}", s.region_name),
+            &|s| s.region_name.clone(),
         );
         let expected = "\
 KVM memslots: 3 used of 32764, max slot size 0x7fffffff000, dirty logging on
