@@ -7,6 +7,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
+#define DIRTY_PAGE_SIZE 4096
+
+// ram_addr offsets start on a bitmap word: 64 target pages (QEMU's find_ram_offset rounds to
+// `BITS_PER_LONG << TARGET_PAGE_BITS` so that bitmap syncs take the word-aligned fast path).
+#define RAM_OFFSET_ALIGN (64 * DIRTY_PAGE_SIZE)
+
+// QEMU keeps idstr in a 256-byte array; longer names were silently cut there.
+#define IDSTR_MAX 255
+
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
 typedef enum HmErrorClass {
@@ -32,6 +42,25 @@ typedef enum HmErrorClass {
 
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
+
+// An owner for regions: QEMU's `Object` reduced to its path. Opaque to C.
+typedef struct Object Object;
+
+// Storage for a memory region, embedded in board structs as in QEMU. Its content is a handle;
+// boards never read it. A zeroed MemoryRegion is "not initialised" and refused with an error.
+typedef struct MemoryRegion {
+  uint32_t magic;
+  uint32_t context;
+  uint32_t index;
+  uint32_t generation;
+} MemoryRegion;
+#define MemoryRegion_MAGIC 1752001906
+
+// QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
+typedef struct Object DeviceState;
+
+// Size of QEMU's "io" region: the x86 port space.
+#define SYSTEM_IO_SIZE 65536
 
 #ifdef __cplusplus
 extern "C" {
@@ -84,6 +113,247 @@ void error_report_err(struct Error *err);
 // # Safety
 // `errp` is NULL or points to an `Error *` that is NULL or live.
 void hm_error_clear(struct Error **errp);
+
+// An owner object named `path` (QOM canonical path or qdev path, e.g. "/machine/peripheral/vga"
+// or "0000:00:02.0"). Freed with `hm_object_free`.
+//
+// # Safety
+// `path` is NULL or NUL-terminated; `errp` follows the Error convention.
+struct Object *hm_object_new(const char *path, struct Error **errp);
+
+// Frees an owner made by `hm_object_new`. NULL is ignored. Regions keep their copy of the path.
+//
+// # Safety
+// `obj` is NULL or from `hm_object_new`, not freed yet.
+void hm_object_free(struct Object *obj);
+
+// The owner's path, valid until `hm_object_free`; NULL for NULL.
+//
+// # Safety
+// `obj` is NULL or a live `Object`.
+const char *hm_object_get_path(const struct Object *obj);
+
+// `memory_region_init`: a container of `size` bytes (`UINT64_MAX` means 2^64).
+//
+// # Safety
+// `mr` is NULL or writable MemoryRegion storage; `owner` NULL or live; `name` NULL or
+// NUL-terminated.
+void memory_region_init(struct MemoryRegion *mr,
+                        struct Object *owner,
+                        const char *name,
+                        uint64_t size);
+
+// `memory_region_init_ram_nomigrate`: anonymous RAM owned by the region, not registered for
+// migration.
+//
+// # Safety
+// As for `memory_region_init`; `errp` follows the Error convention.
+bool memory_region_init_ram_nomigrate(struct MemoryRegion *mr,
+                                      struct Object *owner,
+                                      const char *name,
+                                      uint64_t size,
+                                      struct Error **errp);
+
+// `memory_region_init_ram`: anonymous RAM registered for migration under
+// "<owner path>/<name>" (or "<name>" without owner), as QEMU's vmstate_register_ram does.
+//
+// # Safety
+// As for `memory_region_init_ram_nomigrate`.
+bool memory_region_init_ram(struct MemoryRegion *mr,
+                            struct Object *owner,
+                            const char *name,
+                            uint64_t size,
+                            struct Error **errp);
+
+// `memory_region_init_alias`: a window of `size` bytes (`UINT64_MAX` = 2^64) into `orig`
+// starting at `offset`.
+//
+// # Safety
+// `mr` writable storage, `orig` initialised storage (or NULL); `owner` NULL or live; `name`
+// NUL-terminated.
+void memory_region_init_alias(struct MemoryRegion *mr,
+                              struct Object *owner,
+                              const char *name,
+                              struct MemoryRegion *orig,
+                              uint64_t offset,
+                              uint64_t size);
+
+// An MMIO region of `size` bytes: hostmem dispatches no accesses, but it occupies guest
+// addresses and shows as "i/o" in the dumps (QEMU's memory_region_init_io without ops).
+//
+// # Safety
+// As for `memory_region_init`.
+void hm_memory_region_init_io(struct MemoryRegion *mr,
+                              struct Object *owner,
+                              const char *name,
+                              uint64_t size);
+
+// QEMU's `object_unparent(OBJECT(mr))`: the region leaves its parent, its RAM is freed once
+// nothing maps it, and the storage reads as not initialised again.
+//
+// # Safety
+// `mr` is NULL or writable MemoryRegion storage.
+void hm_memory_region_destroy(struct MemoryRegion *mr);
+
+// The current machine's "system" region (2^64 bytes), root of the "memory" address space.
+// The pointer stays valid for the life of the process.
+struct MemoryRegion *get_system_memory(void);
+
+// The current machine's "io" region (64 KiB), root of the "I/O" address space.
+struct MemoryRegion *get_system_io(void);
+
+// `memory_region_add_subregion`: maps `subregion` at `offset` inside `mr`. It may not
+// intersect another enabled sibling added this way (use the `_overlap` form to layer).
+//
+// # Safety
+// Both are NULL or MemoryRegion storage.
+void memory_region_add_subregion(struct MemoryRegion *mr,
+                                 uint64_t offset,
+                                 struct MemoryRegion *subregion);
+
+// `memory_region_add_subregion_overlap`: maps `subregion` with a priority; among overlapping
+// siblings the highest priority wins, the most recently added among equals.
+//
+// # Safety
+// Both are NULL or MemoryRegion storage.
+void memory_region_add_subregion_overlap(struct MemoryRegion *mr,
+                                         uint64_t offset,
+                                         struct MemoryRegion *subregion,
+                                         int32_t priority);
+
+// `memory_region_add_subregion` reporting failure (collision, listener refusal) through
+// `errp` instead of the pending error.
+//
+// # Safety
+// Both are NULL or MemoryRegion storage; `errp` follows the Error convention.
+bool hm_memory_region_add_subregion_err(struct MemoryRegion *mr,
+                                        uint64_t offset,
+                                        struct MemoryRegion *subregion,
+                                        struct Error **errp);
+
+// `memory_region_add_subregion_overlap` reporting failure through `errp`.
+//
+// # Safety
+// As for `hm_memory_region_add_subregion_err`.
+bool hm_memory_region_add_subregion_overlap_err(struct MemoryRegion *mr,
+                                                uint64_t offset,
+                                                struct MemoryRegion *subregion,
+                                                int32_t priority,
+                                                struct Error **errp);
+
+// `memory_region_del_subregion`.
+//
+// # Safety
+// Both are NULL or MemoryRegion storage.
+void memory_region_del_subregion(struct MemoryRegion *mr, struct MemoryRegion *subregion);
+
+// `memory_region_set_enabled`.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+void memory_region_set_enabled(struct MemoryRegion *mr, bool enabled);
+
+// `memory_region_set_address`: moves the region inside its parent.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+void memory_region_set_address(struct MemoryRegion *mr, uint64_t addr);
+
+// `memory_region_set_alias_offset`.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+void memory_region_set_alias_offset(struct MemoryRegion *mr, uint64_t offset);
+
+// `memory_region_set_readonly`: read-only RAM is ROM ("rom" in the dumps, "ro" in
+// `info ramblock`, a read-only KVM slot).
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+void memory_region_set_readonly(struct MemoryRegion *mr, bool readonly);
+
+// `memory_region_transaction_begin` on the current machine.
+void memory_region_transaction_begin(void);
+
+// `memory_region_transaction_commit`: at the outermost level the flat views are rendered and
+// listeners (KVM) told; their refusal becomes the pending error.
+void memory_region_transaction_commit(void);
+
+// `memory_region_transaction_commit` reporting a listener's refusal through `errp`.
+//
+// # Safety
+// `errp` follows the Error convention.
+bool hm_memory_region_transaction_commit_err(struct Error **errp);
+
+// `memory_region_size`: the size in bytes; a 2^64 region answers `UINT64_MAX`, as in QEMU.
+// 0 (plus a pending error) for a bad handle.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+uint64_t memory_region_size(struct MemoryRegion *mr);
+
+// `memory_region_get_ram_ptr`: host address of the region's first byte, following aliases;
+// NULL for a region without RAM behind it.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+void *memory_region_get_ram_ptr(struct MemoryRegion *mr);
+
+// `memory_region_name`: borrowed, valid while the region exists (like QEMU's). NULL for a bad
+// handle.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+const char *memory_region_name(const struct MemoryRegion *mr);
+
+// The idstr of the region's RAMBlock, malloc'd (free with `hm_free`): "" while unregistered,
+// NULL with an error for a region that has no RAMBlock of its own.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage; `errp` follows the Error convention.
+char *hm_memory_region_ram_block_idstr(const struct MemoryRegion *mr, struct Error **errp);
+
+// Whether the region's RAMBlock is in the migration stream (registered with
+// vmstate_register_ram). False for regions without a RAMBlock.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+bool hm_memory_region_is_migratable(const struct MemoryRegion *mr);
+
+// `vmstate_register_ram`: names the region's RAMBlock "<owner path>/<region name>" (or the
+// region name with a NULL owner) and puts it in the migration stream. A name already taken
+// is an error ("RAMBlock \"%s\" already registered"; QEMU aborted). On an alias of RAM it
+// gives the alias a RAMBlock of its own.
+//
+// # Safety
+// `mr` NULL or storage; `owner` NULL or live.
+void vmstate_register_ram(struct MemoryRegion *mr, DeviceState *owner);
+
+// `vmstate_register_ram_global`: `vmstate_register_ram` without owner.
+//
+// # Safety
+// `mr` NULL or storage.
+void vmstate_register_ram_global(struct MemoryRegion *mr);
+
+// `vmstate_register_ram` reporting a duplicate name through `errp`.
+//
+// # Safety
+// `mr` NULL or storage; `owner` NULL or live; `errp` follows the Error convention.
+bool hm_vmstate_register_ram_err(struct MemoryRegion *mr, DeviceState *owner, struct Error **errp);
+
+// `vmstate_unregister_ram`: the RAMBlock leaves the migration stream and loses its name.
+// `owner` is accepted for QEMU's signature and not needed.
+//
+// # Safety
+// `mr` NULL or storage.
+void vmstate_unregister_ram(struct MemoryRegion *mr, DeviceState *_owner);
+
+// Hands over the current machine's first pending memory-API error: returns true when there
+// was none; otherwise false, with the error stored through `errp` and cleared.
+//
+// # Safety
+// `errp` follows the Error convention.
+bool hm_memory_check(struct Error **errp);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,91 +1,1257 @@
 //! One context's memory system: the region arena, the RAMBlock registry, the address spaces,
-//! transactions and the listeners told about each commit. INTERFACE STUB: bodies to be written.
+//! transactions and the listeners told about each commit.
+//!
+//! Every mutation wraps itself in a transaction, as QEMU's memory API does, so a caller that
+//! opened one sees a single flat-view update at its outermost commit.
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, HmErrorClass, Result};
+use crate::flatview::{self, FlatRange, FlatView};
 use crate::hostmap::HostMapping;
-use crate::listener::MemoryListener;
+use crate::listener::{MemoryListener, MemorySection, RamSection};
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
-use crate::region::RegionId;
+use crate::region::{size_to_u64, Region, RegionId, RegionKind, RegionLookup};
+
+/// Size of QEMU's "io" region: the x86 port space.
+pub const SYSTEM_IO_SIZE: u128 = 0x10000;
+
+/// An address space: a name, a root region and the flat view last rendered from it.
+#[derive(Clone, Debug)]
+pub struct AddressSpace {
+    pub name: String,
+    pub root: RegionId,
+    pub view: FlatView,
+    /// The region the view was rendered from (QEMU's flatview root), `None` for an empty view.
+    pub view_root: Option<RegionId>,
+}
+
+struct Slot {
+    generation: u32,
+    region: Option<Region>,
+}
 
 pub struct MemorySystem {
     pub ramblocks: RamBlockRegistry,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    system: RegionId,
+    io: RegionId,
+    spaces: Vec<AddressSpace>,
+    depth: u32,
+    update_pending: bool,
+    listeners: Vec<Box<dyn MemoryListener>>,
+    global_dirty_log: bool,
+    /// The first error a `void` C call hit (QEMU would have aborted), until taken.
+    pending_error: Option<Error>,
+    /// How many "cpu-memory-N" address spaces `info mtree` lists next to "memory" (they share
+    /// its root in QEMU). The machine sets it to its CPU count; 1 by default.
+    pub cpu_address_spaces: u32,
+}
+
+impl RegionLookup for MemorySystem {
+    fn region(&self, id: RegionId) -> Option<&Region> {
+        self.slots
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.region.as_ref())
+    }
+}
+
+fn stale(id: RegionId) -> Error {
+    Error::new(
+        HmErrorClass::NotFound,
+        format!(
+            "memory region handle {}:{} is stale or invalid (the region was destroyed)",
+            id.index, id.generation
+        ),
+    )
 }
 
 impl MemorySystem {
     /// A fresh system with the "system" (2^64) and "io" (64 KiB) containers and the address
     /// spaces "memory" and "I/O" over them.
     pub fn new() -> Self {
-        todo!()
+        let mut m = MemorySystem {
+            ramblocks: RamBlockRegistry::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            system: RegionId {
+                index: 0,
+                generation: 0,
+            },
+            io: RegionId {
+                index: 0,
+                generation: 0,
+            },
+            spaces: Vec::new(),
+            depth: 0,
+            update_pending: false,
+            listeners: Vec::new(),
+            global_dirty_log: false,
+            cpu_address_spaces: 1,
+            pending_error: None,
+        };
+        m.system = m.new_container("system", 1u128 << 64);
+        // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
+        m.io = m.new_io("io", SYSTEM_IO_SIZE);
+        for (name, root) in [("memory", m.system), ("I/O", m.io)] {
+            let view_root = flatview::flatview_root(&m, root);
+            let view = flatview::render(&m, view_root);
+            m.spaces.push(AddressSpace {
+                name: name.to_string(),
+                root,
+                view,
+                view_root,
+            });
+        }
+        m
     }
+
+    /// Keeps `e` for a later `take_pending_error` unless an earlier error is still pending.
+    pub fn record_error(&mut self, e: Error) {
+        self.pending_error.get_or_insert(e);
+    }
+
+    /// The first error recorded since the last call, if any (`hm_memory_check`).
+    pub fn take_pending_error(&mut self) -> Option<Error> {
+        self.pending_error.take()
+    }
+
     pub fn system_memory(&self) -> RegionId {
-        todo!()
+        self.system
     }
+
+    pub fn system_io(&self) -> RegionId {
+        self.io
+    }
+
+    /// Address spaces in creation order ("memory", then "I/O").
+    pub fn address_spaces(&self) -> &[AddressSpace] {
+        &self.spaces
+    }
+
+    /// The flat view of the "memory" address space.
+    pub fn memory_view(&self) -> &FlatView {
+        &self.spaces[0].view
+    }
+
+    /// The region behind a handle; a destroyed region (stale handle) is an error.
+    pub fn get(&self, id: RegionId) -> Result<&Region> {
+        self.region(id).ok_or_else(|| stale(id))
+    }
+
+    fn get_mut(&mut self, id: RegionId) -> Result<&mut Region> {
+        self.slots
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.region.as_mut())
+            .ok_or_else(|| stale(id))
+    }
+
+    fn insert(&mut self, region: Region) -> RegionId {
+        match self.free.pop() {
+            Some(index) => {
+                let slot = &mut self.slots[index as usize];
+                slot.region = Some(region);
+                RegionId {
+                    index,
+                    generation: slot.generation,
+                }
+            }
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    region: Some(region),
+                });
+                RegionId {
+                    index: (self.slots.len() - 1) as u32,
+                    generation: 0,
+                }
+            }
+        }
+    }
+
     /// A RAM region over existing memory (a backend's), with an unnamed, unmigratable RAMBlock.
     pub fn new_ram_region(
         &mut self,
-        _name: &str,
-        _mapping: Arc<HostMapping>,
-        _mapping_offset: u64,
-        _size: u64,
-        _readonly: bool,
+        name: &str,
+        mapping: Arc<HostMapping>,
+        mapping_offset: u64,
+        size: u64,
+        readonly: bool,
     ) -> Result<RegionId> {
-        todo!()
+        if size == 0 {
+            return Err(Error::invalid(format!(
+                "RAM region '{name}' cannot have size 0"
+            )));
+        }
+        // RAMBlock lengths are whole host pages (QEMU's HOST_PAGE_ALIGN), as far as the
+        // mapping goes; the region keeps the exact size.
+        let page = crate::hostmap::host_page_size() as u64;
+        let avail = (mapping.len() as u64).saturating_sub(mapping_offset);
+        let len = size
+            .checked_next_multiple_of(page)
+            .unwrap_or(size)
+            .min(avail.max(size));
+        let block = self
+            .ramblocks
+            .add(mapping, mapping_offset, len, len, readonly)?;
+        let mut r = Region::new(name, u128::from(size), RegionKind::Ram { block });
+        r.readonly = readonly;
+        Ok(self.insert(r))
     }
-    pub fn new_container(&mut self, _name: &str, _size: u128) -> RegionId {
-        todo!()
+
+    /// `memory_region_init_ram`'s memory: anonymous, private, reserved lazily.
+    pub fn new_ram_anonymous(&mut self, name: &str, size: u64) -> Result<RegionId> {
+        if size == 0 {
+            return Err(Error::host(
+                format!("cannot set up guest memory '{name}'"),
+                libc::EINVAL,
+            ));
+        }
+        let mapping = crate::ramblock::map_anonymous(name, size)?;
+        self.new_ram_region(name, mapping, 0, size, false)
     }
+
+    pub fn new_container(&mut self, name: &str, size: u128) -> RegionId {
+        self.insert(Region::new(name, size, RegionKind::Container))
+    }
+
+    /// An MMIO placeholder ("i/o" in the dumps).
+    pub fn new_io(&mut self, name: &str, size: u128) -> RegionId {
+        self.insert(Region::new(name, size, RegionKind::Io))
+    }
+
+    /// `size` as in QEMU's C API: `u64::MAX` means 2^64.
     pub fn new_alias(
         &mut self,
-        _name: &str,
-        _target: RegionId,
-        _offset: u64,
-        _size: u64,
+        name: &str,
+        target: RegionId,
+        offset: u64,
+        size: u64,
     ) -> Result<RegionId> {
-        todo!()
+        self.get(target)?;
+        let size = crate::region::size_from_u64(size);
+        Ok(self.insert(Region::new(
+            name,
+            size,
+            RegionKind::Alias { target, offset },
+        )))
     }
+
+    /// Runs `f` inside begin/commit; the change's own error wins over a listener's.
+    fn in_transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.transaction_begin();
+        let r = f(self);
+        let c = self.transaction_commit();
+        let v = r?;
+        c?;
+        Ok(v)
+    }
+
+    /// Whether `from` can reach `to` by subregion or alias edges.
+    fn reaches(&self, from: RegionId, to: RegionId) -> bool {
+        let mut stack = vec![from];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(id) = stack.pop() {
+            if id == to {
+                return true;
+            }
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(r) = self.region(id) {
+                stack.extend(r.subregions.iter().copied());
+                if let Some((t, _)) = r.alias_target() {
+                    stack.push(t);
+                }
+            }
+        }
+        false
+    }
+
     /// `memory_region_add_subregion[_overlap]`: `priority` None means the non-overlapping form.
     pub fn add_subregion(
         &mut self,
-        _parent: RegionId,
-        _addr: u64,
-        _child: RegionId,
-        _priority: Option<i32>,
+        parent: RegionId,
+        addr: u64,
+        child: RegionId,
+        priority: Option<i32>,
     ) -> Result<()> {
-        todo!()
+        let p = self.get(parent)?;
+        let c = self.get(child)?;
+        if matches!(p.kind, RegionKind::Alias { .. }) {
+            return Err(Error::invalid(format!(
+                "memory region '{}' is an alias and cannot have subregions",
+                p.name
+            )));
+        }
+        if let Some(cur) = c.parent {
+            let cur = self.get(cur).map(|r| r.name.clone()).unwrap_or_default();
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!(
+                    "memory region '{}' is already a subregion of '{cur}'",
+                    c.name
+                ),
+            ));
+        }
+        if child == self.system || child == self.io {
+            return Err(Error::invalid(format!(
+                "memory region '{}' is the root of an address space and cannot be a subregion",
+                c.name
+            )));
+        }
+        if self.reaches(child, parent) {
+            return Err(Error::invalid(format!(
+                "adding memory region '{}' to '{}' would make a cycle",
+                c.name, p.name
+            )));
+        }
+        if u128::from(addr) + c.size > 1u128 << 64 {
+            return Err(Error::invalid(format!(
+                "memory region '{}' of 0x{:x} bytes at 0x{addr:x} ends beyond 2^64",
+                c.name, c.size
+            )));
+        }
+        let start = u128::from(addr);
+        let end = start + c.size;
+        if priority.is_none() && c.enabled {
+            for &s in &p.subregions {
+                let o = self.get(s)?;
+                if !o.may_overlap && o.enabled && start < o.end() && u128::from(o.addr) < end {
+                    return Err(Error::invalid(format!(
+                        "memory region '{}' at 0x{addr:x} overlaps '{}' at 0x{:x} in '{}'; use \
+                         memory_region_add_subregion_overlap to layer regions",
+                        c.name, o.name, o.addr, p.name
+                    )));
+                }
+            }
+        }
+        self.in_transaction(|m| {
+            {
+                let c = m.get_mut(child)?;
+                c.addr = addr;
+                c.priority = priority.unwrap_or(0);
+                c.may_overlap = priority.is_some();
+            }
+            m.link(parent, child)
+        })
     }
-    pub fn del_subregion(&mut self, _parent: RegionId, _child: RegionId) -> Result<()> {
-        todo!()
+
+    /// Inserts `child` among `parent`'s subregions before the first sibling of equal or lower
+    /// priority, so the newest of equals comes first, and marks the view stale.
+    fn link(&mut self, parent: RegionId, child: RegionId) -> Result<()> {
+        let prio = self.get(child)?.priority;
+        let pos = {
+            let p = self.get(parent)?;
+            p.subregions
+                .iter()
+                .position(|&s| self.region(s).is_some_and(|o| prio >= o.priority))
+                .unwrap_or(p.subregions.len())
+        };
+        self.get_mut(parent)?.subregions.insert(pos, child);
+        self.get_mut(child)?.parent = Some(parent);
+        self.update_pending = true;
+        Ok(())
     }
-    pub fn region_size(&self, _id: RegionId) -> Result<u128> {
-        todo!()
+
+    fn unlink(&mut self, child: RegionId) -> Result<()> {
+        if let Some(parent) = self.get(child)?.parent {
+            if let Ok(p) = self.get_mut(parent) {
+                p.subregions.retain(|&s| s != child);
+            }
+            self.get_mut(child)?.parent = None;
+            self.update_pending = true;
+        }
+        Ok(())
     }
-    pub fn ram_block_of(&self, _id: RegionId) -> Option<RamBlockId> {
-        todo!()
+
+    pub fn del_subregion(&mut self, parent: RegionId, child: RegionId) -> Result<()> {
+        let p = self.get(parent)?;
+        let c = self.get(child)?;
+        if c.parent != Some(parent) {
+            return Err(Error::new(
+                HmErrorClass::NotFound,
+                format!(
+                    "memory region '{}' is not a subregion of '{}'",
+                    c.name, p.name
+                ),
+            ));
+        }
+        self.in_transaction(|m| m.unlink(child))
     }
-    /// Names the region's RAMBlock and makes it migratable (`vmstate_register_ram`).
-    pub fn vmstate_register_ram(&mut self, _id: RegionId, _owner_path: Option<&str>) -> Result<()> {
-        todo!()
+
+    pub fn set_enabled(&mut self, id: RegionId, enabled: bool) -> Result<()> {
+        if self.get(id)?.enabled == enabled {
+            return Ok(());
+        }
+        self.in_transaction(|m| {
+            m.get_mut(id)?.enabled = enabled;
+            m.update_pending = true;
+            Ok(())
+        })
     }
-    pub fn destroy_region(&mut self, _id: RegionId) -> Result<()> {
-        todo!()
+
+    /// Moves a region inside its parent; like QEMU it re-inserts it, so it becomes the newest
+    /// among siblings of equal priority.
+    pub fn set_address(&mut self, id: RegionId, addr: u64) -> Result<()> {
+        let r = self.get(id)?;
+        if r.addr == addr {
+            return Ok(());
+        }
+        if u128::from(addr) + r.size > 1u128 << 64 {
+            return Err(Error::invalid(format!(
+                "memory region '{}' of 0x{:x} bytes at 0x{addr:x} ends beyond 2^64",
+                r.name, r.size
+            )));
+        }
+        let parent = r.parent;
+        self.in_transaction(|m| {
+            if let Some(p) = parent {
+                m.unlink(id)?;
+                m.get_mut(id)?.addr = addr;
+                m.link(p, id)
+            } else {
+                m.get_mut(id)?.addr = addr;
+                Ok(())
+            }
+        })
     }
+
+    pub fn set_alias_offset(&mut self, id: RegionId, offset: u64) -> Result<()> {
+        let r = self.get(id)?;
+        let RegionKind::Alias {
+            target,
+            offset: cur,
+        } = r.kind
+        else {
+            return Err(Error::invalid(format!(
+                "memory region '{}' is not an alias",
+                r.name
+            )));
+        };
+        if cur == offset {
+            return Ok(());
+        }
+        if r.alias_block.is_some() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!(
+                    "alias '{}' is registered for migration; unregister it before moving it",
+                    r.name
+                ),
+            ));
+        }
+        self.in_transaction(|m| {
+            m.get_mut(id)?.kind = RegionKind::Alias { target, offset };
+            m.update_pending = true;
+            Ok(())
+        })
+    }
+
+    pub fn set_readonly(&mut self, id: RegionId, readonly: bool) -> Result<()> {
+        let r = self.get(id)?;
+        if r.readonly == readonly {
+            return Ok(());
+        }
+        let block = match r.kind {
+            RegionKind::Ram { block } => Some(block),
+            _ => None,
+        };
+        self.in_transaction(|m| {
+            m.get_mut(id)?.readonly = readonly;
+            if let Some(b) = block {
+                m.ramblocks.set_readonly(b, readonly);
+            }
+            m.update_pending = true;
+            Ok(())
+        })
+    }
+
+    /// Records the owner's canonical path (shown by `info mtree -o`, prefixed to RAMBlock
+    /// names registered with an owner).
+    pub fn set_owner(&mut self, id: RegionId, owner: Option<&str>) -> Result<()> {
+        self.get_mut(id)?.owner = owner.map(str::to_string);
+        Ok(())
+    }
+
+    pub fn region_size(&self, id: RegionId) -> Result<u128> {
+        Ok(self.get(id)?.size)
+    }
+
+    pub fn region_name(&self, id: RegionId) -> Result<&str> {
+        Ok(&self.get(id)?.name)
+    }
+
+    /// The region's own RAMBlock: a RAM region's block, or the alias block of an alias
+    /// registered for migration.
+    pub fn ram_block_of(&self, id: RegionId) -> Option<RamBlockId> {
+        let r = self.region(id)?;
+        match r.kind {
+            RegionKind::Ram { block } => Some(block),
+            _ => r.alias_block,
+        }
+    }
+
+    /// Follows aliases down to a RAM region: (RAM region, offset into it). `None` when the
+    /// chain ends in a container or I/O.
+    pub fn resolve_ram(&self, id: RegionId) -> Result<Option<(RegionId, u64)>> {
+        let mut id = id;
+        let mut off: u64 = 0;
+        loop {
+            let r = self.get(id)?;
+            match r.kind {
+                RegionKind::Ram { .. } => return Ok(Some((id, off))),
+                RegionKind::Alias { target, offset } => {
+                    off = off.saturating_add(offset);
+                    id = target;
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// `memory_region_get_ram_ptr`: host address of the region's first byte, through aliases;
+    /// `None` for regions without RAM or an alias window starting past its target's end.
+    pub fn ram_ptr(&self, id: RegionId) -> Result<Option<*mut u8>> {
+        let Some((ram, off)) = self.resolve_ram(id)? else {
+            return Ok(None);
+        };
+        let r = self.get(ram)?;
+        let RegionKind::Ram { block } = r.kind else {
+            return Ok(None);
+        };
+        if u128::from(off) >= r.size {
+            return Ok(None);
+        }
+        Ok(self
+            .ramblocks
+            .get(block)
+            .map(|b| b.host_ptr().wrapping_add(off as usize)))
+    }
+
+    /// Names the region's RAMBlock and makes it migratable (`vmstate_register_ram`). For an
+    /// alias of RAM this gives the alias a RAMBlock of its own over the aliased memory, so a
+    /// big region can travel as several named blocks.
+    pub fn vmstate_register_ram(&mut self, id: RegionId, owner_path: Option<&str>) -> Result<()> {
+        let r = self.get(id)?;
+        let name = r.name.clone();
+        let (block, created) = match r.kind {
+            RegionKind::Ram { block } => (block, false),
+            RegionKind::Alias { .. } if r.alias_block.is_some() => {
+                (r.alias_block.unwrap_or(RamBlockId(u32::MAX)), false)
+            }
+            RegionKind::Alias { .. } => {
+                let size = r.size;
+                let Some((ram, off)) = self.resolve_ram(id)? else {
+                    return Err(not_ram(&name));
+                };
+                let target = self.get(ram)?;
+                let RegionKind::Ram { block: tb } = target.kind else {
+                    return Err(not_ram(&name));
+                };
+                let avail = target.size.saturating_sub(u128::from(off));
+                let len = size.min(avail);
+                if len == 0 {
+                    return Err(Error::invalid(format!(
+                        "alias '{name}' starts beyond the end of '{}'",
+                        target.name
+                    )));
+                }
+                (self.ramblocks.add_alias(tb, off, size_to_u64(len))?, true)
+            }
+            _ => return Err(not_ram(&name)),
+        };
+        if let Err(e) = self.ramblocks.set_idstr(block, owner_path, &name) {
+            if created {
+                self.ramblocks.remove(block);
+            }
+            return Err(e);
+        }
+        self.ramblocks.set_migratable(block, true);
+        if created {
+            self.get_mut(id)?.alias_block = Some(block);
+        }
+        Ok(())
+    }
+
+    /// `vmstate_unregister_ram`: the block loses its name and leaves the migration stream; an
+    /// alias's block, which exists only to be migrated, goes away.
+    pub fn vmstate_unregister_ram(&mut self, id: RegionId) -> Result<()> {
+        let r = self.get(id)?;
+        match r.kind {
+            RegionKind::Ram { block } => {
+                self.ramblocks.unset_idstr(block);
+                self.ramblocks.set_migratable(block, false);
+                Ok(())
+            }
+            _ => {
+                if let Some(b) = r.alias_block {
+                    self.ramblocks.remove(b);
+                    self.get_mut(id)?.alias_block = None;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// QEMU's `object_unparent` of a region: it leaves its parent, its children are detached,
+    /// its RAMBlock (if any) is freed, and its handle becomes stale.
+    pub fn destroy_region(&mut self, id: RegionId) -> Result<()> {
+        let r = self.get(id)?;
+        if id == self.system || id == self.io {
+            return Err(Error::invalid(format!(
+                "memory region '{}' is the root of an address space and cannot be destroyed",
+                r.name
+            )));
+        }
+        let name = r.name.clone();
+        if let Some(alias) = self
+            .slots
+            .iter()
+            .filter_map(|s| s.region.as_ref())
+            .find(|o| o.alias_target().is_some_and(|(t, _)| t == id))
+        {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!(
+                    "memory region '{name}' is still the target of alias '{}'",
+                    alias.name
+                ),
+            ));
+        }
+        self.in_transaction(|m| {
+            m.unlink(id)?;
+            let children = m.get(id)?.subregions.clone();
+            for c in children {
+                m.unlink(c)?;
+            }
+            let r = m.get(id)?;
+            let blocks: Vec<RamBlockId> = match r.kind {
+                RegionKind::Ram { block } => vec![block],
+                _ => vec![],
+            }
+            .into_iter()
+            .chain(r.alias_block)
+            .collect();
+            for b in blocks {
+                m.ramblocks.remove(b);
+            }
+            let slot = &mut m.slots[id.index as usize];
+            slot.region = None;
+            slot.generation = slot.generation.wrapping_add(1);
+            m.free.push(id.index);
+            m.update_pending = true;
+            Ok(())
+        })
+    }
+
     pub fn transaction_begin(&mut self) {
-        todo!()
+        self.depth += 1;
     }
-    /// Ends a transaction; at depth 0 renders the flat views and tells every listener.
+
+    /// Ends a transaction; at depth 0 renders the flat views and tells every listener. The
+    /// first listener error is returned; the region tree keeps the change either way.
     pub fn transaction_commit(&mut self) -> Result<()> {
-        todo!()
+        if self.depth == 0 {
+            return Err(Error::generic(
+                "memory_region_transaction_commit called without \
+                 memory_region_transaction_begin",
+            ));
+        }
+        self.depth -= 1;
+        if self.depth > 0 || !self.update_pending {
+            return Ok(());
+        }
+        self.update_pending = false;
+        self.update_topology()
     }
-    /// Registers a listener and replays the current flat view to it as `region_add`s.
-    pub fn add_listener(&mut self, _l: Box<dyn MemoryListener>) -> Result<()> {
-        todo!()
+
+    pub fn transaction_depth(&self) -> u32 {
+        self.depth
     }
+
+    fn update_topology(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        for i in 0..self.spaces.len() {
+            let view_root = flatview::flatview_root(self, self.spaces[i].root);
+            let new = flatview::render(self, view_root);
+            self.spaces[i].view_root = view_root;
+            let old = std::mem::replace(&mut self.spaces[i].view, new);
+            // Listeners (KVM) follow the "memory" address space only.
+            if i == 0 {
+                let (removed, added) = flatview::diff(&old, &self.spaces[0].view);
+                let removed: Vec<_> = removed.iter().map(|r| self.section(r)).collect();
+                let added: Vec<_> = added.iter().map(|r| self.section(r)).collect();
+                result = self.notify(&removed, &added);
+            }
+        }
+        result
+    }
+
+    /// What a listener sees of a flat range.
+    pub fn section(&self, r: &FlatRange) -> MemorySection {
+        let region = self.region(r.region);
+        let ram = region.and_then(|reg| match reg.kind {
+            RegionKind::Ram { block } => self.ramblocks.get(block).map(|b| RamSection {
+                host_addr: b.host_ptr() as usize + r.offset_in_region as usize,
+                block,
+                block_offset: r.offset_in_region,
+                page_size: b.page_size,
+                readonly: r.readonly,
+            }),
+            _ => None,
+        });
+        MemorySection {
+            gpa: r.addr,
+            size: size_to_u64(r.size),
+            region_name: region.map(|r| r.name.clone()).unwrap_or_default(),
+            ram,
+        }
+    }
+
+    fn notify(&mut self, removed: &[MemorySection], added: &[MemorySection]) -> Result<()> {
+        let mut first: Option<Error> = None;
+        let mut keep = |r: Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        for l in self.listeners.iter_mut() {
+            keep(l.begin());
+        }
+        // QEMU removes in reverse listener order and adds in forward order.
+        for l in self.listeners.iter_mut().rev() {
+            for s in removed {
+                keep(l.region_del(s));
+            }
+        }
+        for l in self.listeners.iter_mut() {
+            for s in added {
+                keep(l.region_add(s));
+            }
+        }
+        for l in self.listeners.iter_mut() {
+            keep(l.commit());
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn current_sections(&self) -> Vec<MemorySection> {
+        self.spaces[0]
+            .view
+            .ranges
+            .iter()
+            .map(|r| self.section(r))
+            .collect()
+    }
+
+    /// Registers a listener and replays the current flat view to it as `region_add`s. If the
+    /// replay fails the listener is not kept.
+    pub fn add_listener(&mut self, mut l: Box<dyn MemoryListener>) -> Result<()> {
+        let sections = self.current_sections();
+        l.begin()?;
+        if self.global_dirty_log {
+            l.log_global_start()?;
+        }
+        for s in &sections {
+            l.region_add(s)?;
+        }
+        l.commit()?;
+        self.listeners.push(l);
+        Ok(())
+    }
+
+    /// Unregisters the first listener named `name`, telling it every current section is gone
+    /// (QEMU's memory_listener_unregister). Its errors are ignored: it is leaving anyway.
+    pub fn remove_listener(&mut self, name: &str) -> Option<Box<dyn MemoryListener>> {
+        let i = self.listeners.iter().position(|l| l.name() == name)?;
+        let mut l = self.listeners.remove(i);
+        let sections = self.current_sections();
+        let _ = l.begin();
+        for s in &sections {
+            let _ = l.region_del(s);
+        }
+        let _ = l.commit();
+        Some(l)
+    }
+
+    pub fn listener_names(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .map(|l| l.name().to_string())
+            .collect()
+    }
+
+    /// QEMU's memory_global_dirty_log_start/stop: every listener is told; the first error is
+    /// returned.
+    pub fn set_global_dirty_log(&mut self, on: bool) -> Result<()> {
+        if self.global_dirty_log == on {
+            return Ok(());
+        }
+        self.global_dirty_log = on;
+        let mut first = None;
+        for l in self.listeners.iter_mut() {
+            let r = if on {
+                l.log_global_start()
+            } else {
+                l.log_global_stop()
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    pub fn global_dirty_log(&self) -> bool {
+        self.global_dirty_log
+    }
+
+    /// Asks every listener to fold its dirty pages into the RAMBlock bitmaps.
+    pub fn log_sync(&mut self) -> Result<()> {
+        let mut first = None;
+        for l in self.listeners.iter_mut() {
+            if let Err(e) = l.log_sync(&mut self.ramblocks) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn not_ram(name: &str) -> Error {
+    Error::invalid(format!(
+        "memory region '{name}' is not RAM; only RAM can be registered for migration"
+    ))
 }
 
 impl Default for MemorySystem {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    const MIB: u64 = 1 << 20;
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<String>>>);
+
+    impl Log {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    struct Recorder {
+        name: &'static str,
+        log: Log,
+        fail_add: bool,
+    }
+
+    impl MemoryListener for Recorder {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn begin(&mut self) -> Result<()> {
+            self.log
+                .0
+                .lock()
+                .unwrap()
+                .push(format!("{} begin", self.name));
+            Ok(())
+        }
+        fn region_del(&mut self, s: &MemorySection) -> Result<()> {
+            self.log.0.lock().unwrap().push(format!(
+                "{} del {} {:#x}+{:#x}",
+                self.name, s.region_name, s.gpa, s.size
+            ));
+            Ok(())
+        }
+        fn region_add(&mut self, s: &MemorySection) -> Result<()> {
+            self.log.0.lock().unwrap().push(format!(
+                "{} add {} {:#x}+{:#x}",
+                self.name, s.region_name, s.gpa, s.size
+            ));
+            if self.fail_add {
+                return Err(Error::new(HmErrorClass::Kvm, "no slot"));
+            }
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<()> {
+            self.log
+                .0
+                .lock()
+                .unwrap()
+                .push(format!("{} commit", self.name));
+            Ok(())
+        }
+        fn log_global_start(&mut self) -> Result<()> {
+            self.log
+                .0
+                .lock()
+                .unwrap()
+                .push(format!("{} start", self.name));
+            Ok(())
+        }
+        fn log_global_stop(&mut self) -> Result<()> {
+            self.log
+                .0
+                .lock()
+                .unwrap()
+                .push(format!("{} stop", self.name));
+            Ok(())
+        }
+        fn log_sync(&mut self, rb: &mut RamBlockRegistry) -> Result<()> {
+            for id in rb.ids() {
+                rb.set_dirty(id, 0, 1);
+            }
+            Ok(())
+        }
+    }
+
+    fn recorder(m: &mut MemorySystem, name: &'static str) -> Log {
+        let log = Log::default();
+        m.add_listener(Box::new(Recorder {
+            name,
+            log: log.clone(),
+            fail_add: false,
+        }))
+        .unwrap();
+        log
+    }
+
+    #[test]
+    fn new_system_has_qemu_roots_and_spaces() {
+        let m = MemorySystem::new();
+        let sys = m.get(m.system_memory()).unwrap();
+        assert_eq!((sys.name.as_str(), sys.size), ("system", 1u128 << 64));
+        let io = m.get(m.system_io()).unwrap();
+        assert_eq!((io.name.as_str(), io.size), ("io", 0x10000));
+        let names: Vec<_> = m.address_spaces().iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["memory", "I/O"]);
+        assert!(m.memory_view().ranges.is_empty());
+        assert_eq!(m.address_spaces()[1].view.ranges.len(), 1);
+    }
+
+    #[test]
+    fn mapping_ram_tells_listeners_with_host_addresses() {
+        let mut m = MemorySystem::new();
+        let log = recorder(&mut m, "l");
+        assert_eq!(log.take(), ["l begin", "l commit"]);
+        let ram = m.new_ram_anonymous("pc.ram", 4 * MIB).unwrap();
+        m.add_subregion(m.system_memory(), 0x1000_0000, ram, None)
+            .unwrap();
+        assert_eq!(
+            log.take(),
+            ["l begin", "l add pc.ram 0x10000000+0x400000", "l commit"]
+        );
+        let r = &m.memory_view().ranges[0];
+        let s = m.section(r);
+        let ptr = m.ram_ptr(ram).unwrap().unwrap();
+        let rs = s.ram.unwrap();
+        assert_eq!(rs.host_addr, ptr as usize);
+        assert_eq!(Some(rs.block), m.ram_block_of(ram));
+        assert_eq!(rs.block_offset, 0);
+        assert_eq!(rs.page_size, crate::hostmap::host_page_size() as u64);
+        m.del_subregion(m.system_memory(), ram).unwrap();
+        assert_eq!(
+            log.take(),
+            ["l begin", "l del pc.ram 0x10000000+0x400000", "l commit"]
+        );
+    }
+
+    #[test]
+    fn transactions_batch_into_one_update() {
+        let mut m = MemorySystem::new();
+        let log = recorder(&mut m, "l");
+        log.take();
+        let a = m.new_ram_anonymous("a", MIB).unwrap();
+        let b = m.new_ram_anonymous("b", MIB).unwrap();
+        m.transaction_begin();
+        m.add_subregion(m.system_memory(), 0, a, None).unwrap();
+        m.add_subregion(m.system_memory(), MIB, b, None).unwrap();
+        m.set_address(b, 2 * MIB).unwrap();
+        assert!(log.take().is_empty());
+        m.transaction_commit().unwrap();
+        assert_eq!(
+            log.take(),
+            [
+                "l begin",
+                "l add a 0x0+0x100000",
+                "l add b 0x200000+0x100000",
+                "l commit"
+            ]
+        );
+        assert!(m.transaction_commit().is_err());
+    }
+
+    #[test]
+    fn unchanged_sections_are_not_reannounced_and_dels_come_first() {
+        let mut m = MemorySystem::new();
+        let a = m.new_ram_anonymous("a", MIB).unwrap();
+        let b = m.new_ram_anonymous("b", MIB).unwrap();
+        m.add_subregion(m.system_memory(), 0, a, None).unwrap();
+        m.add_subregion(m.system_memory(), MIB, b, None).unwrap();
+        let log = recorder(&mut m, "l");
+        log.take();
+        m.set_enabled(b, false).unwrap();
+        m.set_enabled(b, false).unwrap();
+        assert_eq!(
+            log.take(),
+            ["l begin", "l del b 0x100000+0x100000", "l commit"]
+        );
+        m.set_address(a, 4 * MIB).unwrap();
+        assert_eq!(
+            log.take(),
+            [
+                "l begin",
+                "l del a 0x0+0x100000",
+                "l add a 0x400000+0x100000",
+                "l commit"
+            ]
+        );
+    }
+
+    #[test]
+    fn listener_errors_come_back_from_commit_and_the_change_stays() {
+        let mut m = MemorySystem::new();
+        let log = Log::default();
+        m.add_listener(Box::new(Recorder {
+            name: "kvm",
+            log: log.clone(),
+            fail_add: true,
+        }))
+        .unwrap();
+        let other = recorder(&mut m, "other");
+        other.take();
+        let a = m.new_ram_anonymous("a", MIB).unwrap();
+        let e = m.add_subregion(m.system_memory(), 0, a, None).unwrap_err();
+        assert_eq!(e.message(), "no slot");
+        assert_eq!(e.class(), HmErrorClass::Kvm);
+        // The other listener was still told, and the region is mapped.
+        assert!(other
+            .take()
+            .contains(&"other add a 0x0+0x100000".to_string()));
+        assert_eq!(m.memory_view().ranges.len(), 1);
+    }
+
+    #[test]
+    fn add_listener_replays_and_failed_replay_is_not_kept() {
+        let mut m = MemorySystem::new();
+        let a = m.new_ram_anonymous("a", MIB).unwrap();
+        m.add_subregion(m.system_memory(), 0, a, None).unwrap();
+        let log = recorder(&mut m, "l");
+        assert_eq!(log.take(), ["l begin", "l add a 0x0+0x100000", "l commit"]);
+        let bad = Box::new(Recorder {
+            name: "bad",
+            log: Log::default(),
+            fail_add: true,
+        });
+        assert!(m.add_listener(bad).is_err());
+        assert_eq!(m.listener_names(), ["l"]);
+        let l = m.remove_listener("l").unwrap();
+        assert_eq!(l.name(), "l");
+        assert_eq!(log.take(), ["l begin", "l del a 0x0+0x100000", "l commit"]);
+        assert!(m.listener_names().is_empty());
+    }
+
+    #[test]
+    fn dirty_log_start_stop_and_sync_reach_listeners() {
+        let mut m = MemorySystem::new();
+        let log = recorder(&mut m, "l");
+        log.take();
+        let a = m.new_ram_anonymous("a", MIB).unwrap();
+        m.set_global_dirty_log(true).unwrap();
+        m.set_global_dirty_log(true).unwrap();
+        assert!(m.global_dirty_log());
+        m.log_sync().unwrap();
+        let block = m.ram_block_of(a).unwrap();
+        assert_eq!(m.ramblocks.dirty_pages(block), 1);
+        m.set_global_dirty_log(false).unwrap();
+        assert_eq!(log.take(), ["l start", "l stop"]);
+    }
+
+    #[test]
+    fn stale_handles_are_errors_even_after_slot_reuse() {
+        let mut m = MemorySystem::new();
+        let a = m.new_container("a", 0x1000);
+        m.destroy_region(a).unwrap();
+        let b = m.new_container("b", 0x1000);
+        assert_eq!(a.index, b.index);
+        let e = m.region_size(a).unwrap_err();
+        assert_eq!(e.class(), HmErrorClass::NotFound);
+        assert!(m.add_subregion(m.system_memory(), 0, a, None).is_err());
+        assert_eq!(m.region_size(b).unwrap(), 0x1000);
+    }
+
+    #[test]
+    fn non_overlapping_form_refuses_collisions_but_overlap_form_layers() {
+        let mut m = MemorySystem::new();
+        let sys = m.system_memory();
+        let a = m.new_io("a", 0x1000);
+        let b = m.new_io("b", 0x1000);
+        let c = m.new_io("c", 0x1000);
+        let d = m.new_io("d", 0x1000);
+        m.add_subregion(sys, 0x1000, a, None).unwrap();
+        let e = m.add_subregion(sys, 0x1800, b, None).unwrap_err();
+        assert!(e.message().contains("overlaps 'a'"), "{}", e.message());
+        assert!(m.get(b).unwrap().parent.is_none());
+        m.add_subregion(sys, 0x1800, c, Some(1)).unwrap();
+        // A disabled region does not collide.
+        m.set_enabled(d, false).unwrap();
+        m.add_subregion(sys, 0x1000, d, None).unwrap();
+        assert_eq!(m.memory_view().lookup(0x1900).unwrap().region, c);
+    }
+
+    #[test]
+    fn misuse_is_refused_with_an_error() {
+        let mut m = MemorySystem::new();
+        let sys = m.system_memory();
+        let c = m.new_container("c", 0x10000);
+        let a = m.new_alias("al", c, 0, 0x1000).unwrap();
+        let x = m.new_io("x", 0x100);
+        m.add_subregion(sys, 0, c, None).unwrap();
+        assert!(m.add_subregion(sys, 0x100000, c, None).is_err()); // already mapped
+        assert!(m.add_subregion(a, 0, x, None).is_err()); // alias parent
+        assert!(m.add_subregion(c, 0, a, None).is_err()); // cycle through alias
+        assert!(m.add_subregion(c, 0, c, None).is_err()); // self
+        assert!(m.add_subregion(c, 0, sys, None).is_err()); // root
+        assert!(m.add_subregion(sys, u64::MAX, x, None).is_err()); // beyond 2^64
+        assert!(m.del_subregion(c, x).is_err()); // not a child
+        assert!(m.set_alias_offset(c, 4).is_err()); // not an alias
+        assert!(m.destroy_region(c).is_err()); // alias target
+        assert!(m.destroy_region(sys).is_err());
+        assert!(m.vmstate_register_ram(c, None).is_err()); // not RAM
+    }
+
+    #[test]
+    fn priorities_newest_first_among_equals() {
+        let mut m = MemorySystem::new();
+        let sys = m.system_memory();
+        let a = m.new_io("a", 0x1000);
+        let b = m.new_io("b", 0x1000);
+        let c = m.new_io("c", 0x1000);
+        m.add_subregion(sys, 0, a, Some(0)).unwrap();
+        m.add_subregion(sys, 0, b, Some(0)).unwrap();
+        m.add_subregion(sys, 0, c, Some(-1)).unwrap();
+        assert_eq!(m.get(sys).unwrap().subregions, [b, a, c]);
+        assert_eq!(m.memory_view().lookup(0).unwrap().region, b);
+        // Moving re-inserts: a becomes the newest of its priority.
+        m.set_address(a, 0x1000).unwrap();
+        m.set_address(a, 0).unwrap();
+        assert_eq!(m.get(sys).unwrap().subregions, [a, b, c]);
+    }
+
+    #[test]
+    fn ram_ptr_follows_aliases_and_is_none_for_io() {
+        let mut m = MemorySystem::new();
+        let ram = m.new_ram_anonymous("ram", 4 * MIB).unwrap();
+        let a1 = m.new_alias("a1", ram, MIB, 2 * MIB).unwrap();
+        let a2 = m.new_alias("a2", a1, 0x1000, 0x1000).unwrap();
+        let base = m.ram_ptr(ram).unwrap().unwrap();
+        assert_eq!(
+            m.ram_ptr(a2).unwrap().unwrap(),
+            base.wrapping_add(MIB as usize + 0x1000)
+        );
+        let io = m.new_io("io", 4);
+        assert_eq!(m.ram_ptr(io).unwrap(), None);
+        let past = m.new_alias("past", ram, 4 * MIB, 0x1000).unwrap();
+        assert_eq!(m.ram_ptr(past).unwrap(), None);
+        // The memory is really there and writable.
+        // SAFETY: base points at 4 MiB of our own anonymous mapping.
+        unsafe { base.write(7) };
+    }
+
+    #[test]
+    fn vmstate_register_names_blocks_and_refuses_duplicates() {
+        let mut m = MemorySystem::new();
+        let a = m.new_ram_anonymous("pc.ram", MIB).unwrap();
+        let b = m.new_ram_anonymous("pc.ram", MIB).unwrap();
+        let ba = m.ram_block_of(a).unwrap();
+        assert_eq!(m.ramblocks.get(ba).unwrap().idstr, "");
+        assert!(!m.ramblocks.get(ba).unwrap().migratable);
+        m.vmstate_register_ram(a, None).unwrap();
+        assert_eq!(m.ramblocks.get(ba).unwrap().idstr, "pc.ram");
+        assert!(m.ramblocks.get(ba).unwrap().migratable);
+        let e = m.vmstate_register_ram(b, None).unwrap_err();
+        assert_eq!(e.message(), "RAMBlock \"pc.ram\" already registered");
+        assert_eq!(e.class(), HmErrorClass::Duplicate);
+        m.vmstate_register_ram(b, Some("/machine/dev")).unwrap();
+        let bb = m.ram_block_of(b).unwrap();
+        assert_eq!(m.ramblocks.get(bb).unwrap().idstr, "/machine/dev/pc.ram");
+        m.vmstate_unregister_ram(a).unwrap();
+        assert_eq!(m.ramblocks.get(ba).unwrap().idstr, "");
+        assert!(!m.ramblocks.get(ba).unwrap().migratable);
+    }
+
+    #[test]
+    fn registered_alias_gets_its_own_block_over_the_target_memory() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.whole.ram", 8 * MIB).unwrap();
+        let lo = m.new_alias("s390.ram", whole, 0, 4 * MIB).unwrap();
+        let hi = m.new_alias("s390.ram.1", whole, 4 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(lo, None).unwrap();
+        m.vmstate_register_ram(hi, None).unwrap();
+        let hb = m.ram_block_of(hi).unwrap();
+        let blk = m.ramblocks.get(hb).unwrap();
+        assert_eq!(blk.idstr, "s390.ram.1");
+        assert!(blk.migratable);
+        assert_eq!(blk.max_length, 4 * MIB);
+        assert_eq!(blk.alias_of, m.ram_block_of(whole));
+        assert_eq!(blk.host_ptr(), m.ram_ptr(hi).unwrap().unwrap());
+        assert_eq!(m.ramblocks.len(), 3);
+        m.vmstate_unregister_ram(hi).unwrap();
+        assert_eq!(m.ram_block_of(hi), None);
+        assert_eq!(m.ramblocks.len(), 2);
+        m.vmstate_register_ram(hi, None).unwrap();
+        m.destroy_region(hi).unwrap();
+        assert_eq!(m.ramblocks.len(), 2);
+    }
+
+    #[test]
+    fn destroy_unmaps_frees_the_block_and_detaches_children() {
+        let mut m = MemorySystem::new();
+        let sys = m.system_memory();
+        let c = m.new_container("c", 0x100000);
+        let ram = m.new_ram_anonymous("r", 0x10000).unwrap();
+        m.add_subregion(c, 0, ram, None).unwrap();
+        m.add_subregion(sys, 0, c, None).unwrap();
+        assert_eq!(m.memory_view().ranges.len(), 1);
+        m.destroy_region(c).unwrap();
+        assert!(m.memory_view().ranges.is_empty());
+        assert_eq!(m.get(ram).unwrap().parent, None);
+        m.destroy_region(ram).unwrap();
+        assert!(m.ramblocks.is_empty());
+    }
+
+    #[test]
+    fn readonly_ram_is_rom_in_view_and_block() {
+        let mut m = MemorySystem::new();
+        let r = m.new_ram_anonymous("bios", 0x10000).unwrap();
+        m.add_subregion(m.system_memory(), 0, r, None).unwrap();
+        m.set_readonly(r, true).unwrap();
+        assert!(m.memory_view().ranges[0].readonly);
+        let b = m.ram_block_of(r).unwrap();
+        assert!(m.ramblocks.get(b).unwrap().readonly);
+        let s = m.section(&m.memory_view().ranges[0]);
+        assert!(s.ram.unwrap().readonly);
+    }
+
+    #[test]
+    fn ram_region_lengths_are_page_aligned_but_region_keeps_its_size() {
+        let mut m = MemorySystem::new();
+        let r = m.new_ram_anonymous("rsdp", 36).unwrap();
+        assert_eq!(m.region_size(r).unwrap(), 36);
+        let b = m.ramblocks.get(m.ram_block_of(r).unwrap()).unwrap();
+        assert_eq!(b.used_length, crate::hostmap::host_page_size() as u64);
+        assert!(m.new_ram_anonymous("zero", 0).is_err());
     }
 }

@@ -1,13 +1,47 @@
 //! RAMBlocks: the named, migratable units of guest RAM (QEMU's `RAMBlock` and `ram_list`).
-//! INTERFACE STUB: bodies to be written.
+//!
+//! The registry is the one source of truth for a block's name, lengths and ram_addr offset:
+//! `info ramblock`, the migration stream and KVM all read them from here.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, HmErrorClass, Result};
 use crate::hostmap::HostMapping;
+
+/// Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
+pub const DIRTY_PAGE_SIZE: u64 = 4096;
+
+/// ram_addr offsets start on a bitmap word: 64 target pages (QEMU's find_ram_offset rounds to
+/// `BITS_PER_LONG << TARGET_PAGE_BITS` so that bitmap syncs take the word-aligned fast path).
+pub const RAM_OFFSET_ALIGN: u64 = 64 * DIRTY_PAGE_SIZE;
+
+/// QEMU keeps idstr in a 256-byte array; longer names were silently cut there.
+pub const IDSTR_MAX: usize = 255;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RamBlockId(pub u32);
+
+/// A dirty bitmap allocated only on first use: a 9 TiB block would otherwise cost 288 MiB of
+/// bitmap even when nobody tracks dirty pages.
+#[derive(Default)]
+struct DirtyBitmap {
+    words: Option<Vec<u64>>,
+}
+
+impl fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.words {
+            None => f.write_str("DirtyBitmap(unallocated)"),
+            Some(w) => write!(f, "DirtyBitmap({} words)", w.len()),
+        }
+    }
+}
+
+fn bitmap_words(length: u64) -> usize {
+    length.div_ceil(DIRTY_PAGE_SIZE).div_ceil(64) as usize
+}
 
 #[derive(Debug)]
 pub struct RamBlock {
@@ -25,71 +59,509 @@ pub struct RamBlock {
     pub mapping_offset: u64,
     /// Set for a RAMBlock that an alias owns: it points into this block's memory.
     pub alias_of: Option<RamBlockId>,
+    dirty: DirtyBitmap,
 }
 
 impl RamBlock {
+    /// Host address of the block's first byte.
     pub fn host_ptr(&self) -> *mut u8 {
-        todo!()
+        self.mapping
+            .as_ptr()
+            .wrapping_add(self.mapping_offset as usize)
+    }
+
+    /// Whether a dirty bitmap has been allocated (tests and memory accounting).
+    pub fn has_dirty_bitmap(&self) -> bool {
+        self.dirty.words.is_some()
     }
 }
 
 #[derive(Debug, Default)]
-pub struct RamBlockRegistry {}
+pub struct RamBlockRegistry {
+    blocks: BTreeMap<u32, RamBlock>,
+    /// `info ramblock` order: max_length descending, earlier blocks first among equals.
+    order: Vec<RamBlockId>,
+    next_id: u32,
+}
 
 impl RamBlockRegistry {
     pub fn new() -> Self {
-        todo!()
+        Self::default()
     }
+
+    /// Best-fit gap after an existing block, as QEMU's find_ram_offset: the space before the
+    /// first block is only used when the list is empty.
+    fn find_offset(&self, size: u64) -> Result<u64> {
+        if self.blocks.is_empty() {
+            return Ok(0);
+        }
+        let mut best: Option<(u64, u64)> = None; // (offset, gap)
+        for b in self.blocks.values() {
+            let Some(candidate) = b
+                .offset
+                .checked_add(b.max_length)
+                .and_then(|end| end.checked_next_multiple_of(RAM_OFFSET_ALIGN))
+            else {
+                continue;
+            };
+            let next = self
+                .blocks
+                .values()
+                .filter(|o| o.offset >= candidate)
+                .map(|o| o.offset)
+                .min()
+                .unwrap_or(u64::MAX);
+            let gap = next - candidate;
+            if gap >= size && best.is_none_or(|(_, g)| gap < g) {
+                best = Some((candidate, gap));
+            }
+        }
+        best.map(|(o, _)| o).ok_or_else(|| {
+            Error::new(
+                HmErrorClass::Host,
+                format!("Failed to find gap of requested size: {size}"),
+            )
+        })
+    }
+
+    fn insert(&mut self, block: RamBlock) -> RamBlockId {
+        let id = RamBlockId(self.next_id);
+        self.next_id += 1;
+        let pos = self
+            .order
+            .iter()
+            .position(|o| self.blocks[&o.0].max_length < block.max_length)
+            .unwrap_or(self.order.len());
+        self.order.insert(pos, id);
+        self.blocks.insert(id.0, block);
+        id
+    }
+
     /// A new unnamed, unmigratable block over `mapping[mapping_offset..+max_length]`.
     pub fn add(
         &mut self,
-        _mapping: Arc<HostMapping>,
-        _mapping_offset: u64,
-        _used_length: u64,
-        _max_length: u64,
-        _readonly: bool,
+        mapping: Arc<HostMapping>,
+        mapping_offset: u64,
+        used_length: u64,
+        max_length: u64,
+        readonly: bool,
     ) -> Result<RamBlockId> {
-        todo!()
+        if max_length == 0 || used_length > max_length {
+            return Err(Error::invalid(format!(
+                "invalid RAMBlock lengths: used 0x{used_length:x}, max 0x{max_length:x}"
+            )));
+        }
+        let end = mapping_offset.checked_add(max_length);
+        if end.is_none_or(|e| e > mapping.len() as u64) {
+            return Err(Error::invalid(format!(
+                "RAMBlock of 0x{max_length:x} bytes at offset 0x{mapping_offset:x} exceeds its \
+                 mapping of 0x{:x} bytes",
+                mapping.len()
+            )));
+        }
+        let offset = self.find_offset(max_length)?;
+        let page_size = mapping.page_size() as u64;
+        Ok(self.insert(RamBlock {
+            idstr: String::new(),
+            offset,
+            used_length,
+            max_length,
+            page_size,
+            readonly,
+            migratable: false,
+            mapping,
+            mapping_offset,
+            alias_of: None,
+            dirty: DirtyBitmap::default(),
+        }))
     }
+
     /// A block that owns no memory of its own: `len` bytes of `of` starting at `offset`.
-    pub fn add_alias(&mut self, _of: RamBlockId, _offset: u64, _len: u64) -> Result<RamBlockId> {
-        todo!()
+    pub fn add_alias(&mut self, of: RamBlockId, offset: u64, len: u64) -> Result<RamBlockId> {
+        let target = self.get(of).ok_or_else(|| no_block(of))?;
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|e| e > target.max_length)
+        {
+            return Err(Error::invalid(format!(
+                "alias of 0x{len:x} bytes at offset 0x{offset:x} does not fit RAMBlock \"{}\" \
+                 of 0x{:x} bytes",
+                target.idstr, target.max_length
+            )));
+        }
+        let mapping = target.mapping.clone();
+        let mapping_offset = target.mapping_offset + offset;
+        let page_size = target.page_size;
+        let readonly = target.readonly;
+        // An alias of an alias points at the block that owns the memory.
+        let root = target.alias_of.unwrap_or(of);
+        let ram_offset = self.find_offset(len)?;
+        Ok(self.insert(RamBlock {
+            idstr: String::new(),
+            offset: ram_offset,
+            used_length: len,
+            max_length: len,
+            page_size,
+            readonly,
+            migratable: false,
+            mapping,
+            mapping_offset,
+            alias_of: Some(root),
+            dirty: DirtyBitmap::default(),
+        }))
     }
-    pub fn remove(&mut self, _id: RamBlockId) {
-        todo!()
+
+    pub fn remove(&mut self, id: RamBlockId) {
+        if self.blocks.remove(&id.0).is_some() {
+            self.order.retain(|&o| o != id);
+        }
     }
-    pub fn get(&self, _id: RamBlockId) -> Option<&RamBlock> {
-        todo!()
+
+    pub fn get(&self, id: RamBlockId) -> Option<&RamBlock> {
+        self.blocks.get(&id.0)
     }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
     /// Names the block "<owner_path>/<name>" or "<name>"; a name already taken is an error.
     pub fn set_idstr(
         &mut self,
-        _id: RamBlockId,
-        _owner_path: Option<&str>,
-        _name: &str,
+        id: RamBlockId,
+        owner_path: Option<&str>,
+        name: &str,
     ) -> Result<()> {
-        todo!()
+        let idstr = match owner_path {
+            Some(p) if !p.is_empty() => format!("{p}/{name}"),
+            _ => name.to_string(),
+        };
+        let block = self.get(id).ok_or_else(|| no_block(id))?;
+        if !block.idstr.is_empty() {
+            if block.idstr == idstr {
+                return Ok(());
+            }
+            return Err(Error::new(
+                HmErrorClass::Duplicate,
+                format!(
+                    "RAMBlock \"{}\" is already registered; cannot rename it to \"{idstr}\"",
+                    block.idstr
+                ),
+            ));
+        }
+        if idstr.is_empty() || idstr.len() > IDSTR_MAX {
+            return Err(Error::invalid(format!(
+                "RAMBlock name \"{idstr}\" must be 1 to {IDSTR_MAX} bytes long"
+            )));
+        }
+        if self.find_by_idstr(&idstr).is_some() {
+            return Err(Error::new(
+                HmErrorClass::Duplicate,
+                format!("RAMBlock \"{idstr}\" already registered"),
+            ));
+        }
+        if let Some(b) = self.blocks.get_mut(&id.0) {
+            b.idstr = idstr;
+        }
+        Ok(())
     }
-    pub fn unset_idstr(&mut self, _id: RamBlockId) {
-        todo!()
+
+    pub fn unset_idstr(&mut self, id: RamBlockId) {
+        if let Some(b) = self.blocks.get_mut(&id.0) {
+            b.idstr.clear();
+        }
     }
-    pub fn set_migratable(&mut self, _id: RamBlockId, _migratable: bool) {
-        todo!()
+
+    pub fn set_migratable(&mut self, id: RamBlockId, migratable: bool) {
+        if let Some(b) = self.blocks.get_mut(&id.0) {
+            b.migratable = migratable;
+        }
     }
-    pub fn find_by_idstr(&self, _idstr: &str) -> Option<RamBlockId> {
-        todo!()
+
+    pub fn set_readonly(&mut self, id: RamBlockId, readonly: bool) {
+        if let Some(b) = self.blocks.get_mut(&id.0) {
+            b.readonly = readonly;
+        }
     }
+
+    pub fn find_by_idstr(&self, idstr: &str) -> Option<RamBlockId> {
+        if idstr.is_empty() {
+            return None;
+        }
+        self.order
+            .iter()
+            .copied()
+            .find(|id| self.blocks[&id.0].idstr == idstr)
+    }
+
     /// Blocks in `info ramblock` order.
     pub fn ids(&self) -> Vec<RamBlockId> {
-        todo!()
+        self.order.clone()
     }
-    /// Marks `[offset, offset+len)` of the block dirty (target pages of 4 KiB).
-    pub fn set_dirty(&mut self, _id: RamBlockId, _offset: u64, _len: u64) {
-        todo!()
+
+    /// Marks `[offset, offset+len)` of the block dirty (target pages of 4 KiB). Ranges beyond
+    /// the block are clipped.
+    pub fn set_dirty(&mut self, id: RamBlockId, offset: u64, len: u64) {
+        let Some(b) = self.blocks.get_mut(&id.0) else {
+            return;
+        };
+        let end = offset.saturating_add(len).min(b.max_length);
+        if len == 0 || offset >= end {
+            return;
+        }
+        let words = b
+            .dirty
+            .words
+            .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
+        let first = offset / DIRTY_PAGE_SIZE;
+        let last = (end - 1) / DIRTY_PAGE_SIZE;
+        for page in first..=last {
+            words[(page / 64) as usize] |= 1u64 << (page % 64);
+        }
     }
-    /// Returns the block's dirty bitmap (one bit per 4 KiB page, little-endian u64 words) and
-    /// clears it.
-    pub fn take_dirty(&mut self, _id: RamBlockId) -> Vec<u64> {
-        todo!()
+
+    /// Returns the block's dirty bitmap (one bit per 4 KiB page of max_length, little-endian
+    /// u64 words) and clears it. Asking is using dirty tracking, so this allocates the bitmap
+    /// if nothing was dirtied yet. An unknown block yields an empty vector.
+    pub fn take_dirty(&mut self, id: RamBlockId) -> Vec<u64> {
+        let Some(b) = self.blocks.get_mut(&id.0) else {
+            return Vec::new();
+        };
+        let n = bitmap_words(b.max_length);
+        match b.dirty.words.as_mut() {
+            Some(w) => std::mem::replace(w, vec![0; n]),
+            None => {
+                b.dirty.words = Some(vec![0; n]);
+                vec![0; n]
+            }
+        }
+    }
+
+    /// Number of dirty 4 KiB pages, without clearing (0 when tracking never started).
+    pub fn dirty_pages(&self, id: RamBlockId) -> u64 {
+        self.get(id)
+            .and_then(|b| b.dirty.words.as_ref())
+            .map(|w| w.iter().map(|x| u64::from(x.count_ones())).sum())
+            .unwrap_or(0)
+    }
+}
+
+fn no_block(id: RamBlockId) -> Error {
+    Error::new(
+        HmErrorClass::NotFound,
+        format!("no RAMBlock with id {}", id.0),
+    )
+}
+
+/// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`).
+/// MAP_NORESERVE: pages are only committed when touched, so sparse huge guests stay cheap.
+pub fn map_anonymous(name: &str, size: u64) -> Result<Arc<HostMapping>> {
+    let page = crate::hostmap::host_page_size() as u64;
+    let len = size
+        .checked_next_multiple_of(page)
+        .filter(|&l| l != 0 && l <= isize::MAX as u64)
+        .ok_or_else(|| Error::host(format!("cannot set up guest memory '{name}'"), libc::EINVAL))?;
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no existing
+    // memory; the result is checked against MAP_FAILED before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::last_os(format!(
+            "cannot set up guest memory '{name}'"
+        )));
+    }
+    // SAFETY: `p..p+len` was just mapped by us and nothing else knows of it.
+    let m = unsafe {
+        HostMapping::from_raw(
+            p as *mut u8,
+            len as usize,
+            page as usize,
+            None,
+            false,
+            false,
+        )
+    };
+    Ok(Arc::new(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn mapping(size: u64) -> Arc<HostMapping> {
+        map_anonymous("test", size).unwrap()
+    }
+
+    fn add(r: &mut RamBlockRegistry, size: u64) -> RamBlockId {
+        r.add(mapping(size), 0, size, size, false).unwrap()
+    }
+
+    #[test]
+    fn first_block_starts_at_zero_and_next_ones_follow_aligned() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, 64 * MIB);
+        let b = add(&mut r, 4096);
+        let c = add(&mut r, 4096);
+        assert_eq!(r.get(a).unwrap().offset, 0);
+        assert_eq!(r.get(b).unwrap().offset, 64 * MIB);
+        // 256 KiB alignment: the 4 KiB block does not pack right after b.
+        assert_eq!(r.get(c).unwrap().offset, 64 * MIB + RAM_OFFSET_ALIGN);
+    }
+
+    #[test]
+    fn offsets_fill_the_smallest_fitting_gap() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB); // 0
+        let b = add(&mut r, MIB); // 1M
+        let c = add(&mut r, 4 * MIB); // 2M
+        let d = add(&mut r, MIB); // 6M
+        assert_eq!(r.get(d).unwrap().offset, 6 * MIB);
+        r.remove(b); // gap of 1M at 1M
+        r.remove(c); // now a gap [1M, 6M)
+        let e = add(&mut r, 512 * 1024);
+        assert_eq!(r.get(e).unwrap().offset, MIB);
+        let _ = a;
+        // Gap [1.5M, 6M) is smaller than the open end after d: best fit picks it.
+        let f = add(&mut r, MIB);
+        assert_eq!(r.get(f).unwrap().offset, MIB + 512 * 1024);
+    }
+
+    #[test]
+    fn pc_layout_matches_qemu_offsets() {
+        // From a real `info ramblock` of `-M pc -m 4G`: creation order and sizes.
+        let mut r = RamBlockRegistry::new();
+        let mut offs = Vec::new();
+        for (used, max) in [
+            (0x1_0000_0000u64, 0x1_0000_0000u64),
+            (0x40000, 0x40000),
+            (0x20000, 0x20000),
+            (0x20000, 0x200000),
+            (0x1000, 0x10000),
+            (0x1000, 0x1000),
+        ] {
+            let id = r.add(mapping(max), 0, used, max, false).unwrap();
+            offs.push(r.get(id).unwrap().offset);
+        }
+        assert_eq!(
+            offs,
+            [
+                0,
+                0x100000000,
+                0x100040000,
+                0x100080000,
+                0x100280000,
+                0x1002c0000
+            ]
+        );
+        let maxes: Vec<u64> = r
+            .ids()
+            .iter()
+            .map(|&i| r.get(i).unwrap().max_length)
+            .collect();
+        assert_eq!(
+            maxes,
+            [0x100000000, 0x200000, 0x40000, 0x20000, 0x10000, 0x1000]
+        );
+    }
+
+    #[test]
+    fn ids_are_sorted_by_max_length_keeping_creation_order_among_equals() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB);
+        let b = add(&mut r, 2 * MIB);
+        let c = add(&mut r, MIB);
+        assert_eq!(r.ids(), vec![b, a, c]);
+    }
+
+    #[test]
+    fn duplicate_idstr_is_an_error_of_class_duplicate() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB);
+        let b = add(&mut r, MIB);
+        r.set_idstr(a, None, "pc.ram").unwrap();
+        let e = r.set_idstr(b, None, "pc.ram").unwrap_err();
+        assert_eq!(e.message(), "RAMBlock \"pc.ram\" already registered");
+        assert_eq!(e.class(), HmErrorClass::Duplicate);
+        r.set_idstr(b, Some("/machine/unattached/device[0]"), "pc.ram")
+            .unwrap();
+        assert_eq!(
+            r.get(b).unwrap().idstr,
+            "/machine/unattached/device[0]/pc.ram"
+        );
+        assert_eq!(r.find_by_idstr("pc.ram"), Some(a));
+        r.unset_idstr(a);
+        assert_eq!(r.find_by_idstr("pc.ram"), None);
+        r.set_idstr(b, None, "x").unwrap_err();
+    }
+
+    #[test]
+    fn host_ptr_adds_mapping_offset_and_aliases_share_memory() {
+        let mut r = RamBlockRegistry::new();
+        let m = mapping(4 * MIB);
+        let a = r.add(m.clone(), MIB, 2 * MIB, 2 * MIB, false).unwrap();
+        assert_eq!(
+            r.get(a).unwrap().host_ptr(),
+            m.as_ptr().wrapping_add(MIB as usize)
+        );
+        let al = r.add_alias(a, MIB, MIB).unwrap();
+        let blk = r.get(al).unwrap();
+        assert_eq!(blk.host_ptr(), m.as_ptr().wrapping_add(2 * MIB as usize));
+        assert_eq!(blk.alias_of, Some(a));
+        assert_ne!(blk.offset, r.get(a).unwrap().offset);
+        let al2 = r.add_alias(al, 0, 4096).unwrap();
+        assert_eq!(r.get(al2).unwrap().alias_of, Some(a));
+        assert!(r.add_alias(a, MIB, MIB + 1).is_err());
+        r.set_migratable(al, true);
+        assert!(r.get(al).unwrap().migratable);
+    }
+
+    #[test]
+    fn block_beyond_mapping_is_refused() {
+        let mut r = RamBlockRegistry::new();
+        assert!(r.add(mapping(MIB), 4096, MIB, MIB, false).is_err());
+        assert!(r.add(mapping(MIB), 0, 0, 0, false).is_err());
+    }
+
+    #[test]
+    fn dirty_bitmap_is_lazy_and_take_clears() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB);
+        assert!(!r.get(a).unwrap().has_dirty_bitmap());
+        r.set_dirty(a, 4096, 8192 + 1); // pages 1, 2, 3
+        r.set_dirty(a, 64 * 4096, 1); // page 64
+        assert_eq!(r.dirty_pages(a), 4);
+        let bm = r.take_dirty(a);
+        assert_eq!(bm.len(), 4); // 256 pages
+        assert_eq!(bm[0], 0b1110);
+        assert_eq!(bm[1], 1);
+        assert_eq!(r.dirty_pages(a), 0);
+        assert!(r.take_dirty(a).iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn huge_sparse_block_allocates_no_bitmap_until_used() {
+        let mut r = RamBlockRegistry::new();
+        let nine_tib = 9u64 << 40;
+        let id = r
+            .add(mapping(nine_tib), 0, nine_tib, nine_tib, false)
+            .unwrap();
+        assert!(!r.get(id).unwrap().has_dirty_bitmap());
+        assert_eq!(r.dirty_pages(id), 0);
+        assert_eq!(r.get(id).unwrap().used_length, nine_tib);
     }
 }
