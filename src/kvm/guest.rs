@@ -366,7 +366,7 @@ pub(crate) fn run_ops(vcpu: &mut VcpuFd, table: &SlotTable, ops: &[GuestOp]) -> 
             }
             Ok(VcpuExit::MmioWrite(addr, _)) => {
                 return Err(fail(format!(
-                    "guest write to 0x{addr:x} reached no memslot (MMIO exit, {})",
+                    "guest write to 0x{addr:x} reached no writable memslot (MMIO exit, {})",
                     where_(vcpu)
                 )))
             }
