@@ -354,3 +354,28 @@ fn a_read_only_region_is_a_read_only_slot_the_guest_can_read_but_not_write() {
     let check = kvm.run_guest_check(&pc.mem).unwrap();
     assert_eq!((check.slots, check.signatures), (1, 2));
 }
+
+#[test]
+fn detaching_unregisters_the_listener_and_drops_the_vm() {
+    if !kvm_usable() {
+        return;
+    }
+    let id = hostmem::context::create();
+    hostmem::context::with(id, |ctx| {
+        let ram = ctx.memory.new_ram_anonymous("pc.ram", GIB)?;
+        let sys = ctx.memory.system_memory();
+        ctx.memory.add_subregion(sys, 0, ram, None)?;
+        KvmHandle::attach(ctx, 256 * MIB)?;
+        assert_eq!(ctx.memory.listener_names(), vec!["kvm-memory".to_string()]);
+        KvmHandle::detach(ctx)?;
+        assert!(ctx.kvm.is_none());
+        assert!(ctx.memory.listener_names().is_empty());
+        assert_eq!(
+            KvmHandle::detach(ctx).unwrap_err().message(),
+            "KVM is not attached to this machine"
+        );
+        Ok(())
+    })
+    .unwrap();
+    hostmem::context::destroy(id).unwrap();
+}

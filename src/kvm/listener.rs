@@ -31,7 +31,7 @@ pub(crate) fn lock(t: &Arc<Mutex<SlotTable>>) -> MutexGuard<'_, SlotTable> {
 
 impl MemoryListener for KvmListener {
     fn name(&self) -> &str {
-        "kvm-memory"
+        super::LISTENER_NAME
     }
 
     fn region_del(&mut self, section: &MemorySection) -> Result<()> {

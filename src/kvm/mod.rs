@@ -27,6 +27,14 @@ pub use guest::GuestOp;
 pub use listener::KvmListener;
 pub use table::{Slot, SlotTable};
 
+/// The name the KVM listener registers under.
+pub const LISTENER_NAME: &str = "kvm-memory";
+
+/// The error of a KVM call on a machine without KVM.
+pub fn not_attached() -> Error {
+    Error::new(HmErrorClass::Kvm, "KVM is not attached to this machine")
+}
+
 /// QEMU's slot budget when the kernel does not report `KVM_CAP_NR_MEMSLOTS`.
 const DEFAULT_NR_SLOTS: u32 = 32;
 
@@ -96,6 +104,16 @@ impl KvmHandle {
         let handle = KvmHandle::open(max_slot_size)?;
         ctx.memory.add_listener(Box::new(handle.listener()))?;
         ctx.kvm = Some(handle);
+        Ok(())
+    }
+
+    /// Detaches the context's VM: the listener leaves the memory system (every slot is removed
+    /// on the way) and the VM is closed.
+    pub fn detach(ctx: &mut Context) -> Result<()> {
+        if ctx.kvm.take().is_none() {
+            return Err(not_attached());
+        }
+        ctx.memory.remove_listener(LISTENER_NAME);
         Ok(())
     }
 
