@@ -13,6 +13,10 @@
 // `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
 #define HM_KVM_SLOT_READONLY 2
 
+// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
+// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
+#define HM_KVM_SIGNATURE 7525360446248152353
+
 #define GDT_ADDR 1280
 
 #define CODE_ADDR 4096

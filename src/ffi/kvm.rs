@@ -16,6 +16,10 @@ pub const HM_KVM_SLOT_LOG_DIRTY: u32 = 1;
 /// `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
 pub const HM_KVM_SLOT_READONLY: u32 = 2;
 
+/// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
+/// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
+pub const HM_KVM_SIGNATURE: u64 = 0x686f_7374_6d65_6d21;
+
 /// One KVM memslot as `hm_kvm_get_slots` reports it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

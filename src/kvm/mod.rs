@@ -41,7 +41,7 @@ const DEFAULT_NR_SLOTS: u32 = 32;
 /// The value the guest check writes at `gpa`: different at every address, so a write that
 /// lands at the wrong place cannot pass for the right one.
 pub fn signature(gpa: u64) -> u64 {
-    0x686f_7374_6d65_6d21 ^ gpa // "hostmem!"
+    crate::ffi::kvm::HM_KVM_SIGNATURE ^ gpa
 }
 
 /// What the guest check verified.
