@@ -44,6 +44,10 @@
 // QEMU keeps idstr in a 256-byte array; longer names were silently cut there.
 #define IDSTR_MAX 255
 
+// Alignment of anonymous guest RAM, QEMU's QEMU_VMALLOC_ALIGN on x86: lets the kernel back
+// it with transparent huge pages from the first byte.
+#define ANON_ALIGN (2 << 20)
+
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
 typedef enum HmErrorClass {
@@ -292,6 +296,28 @@ bool memory_region_init_ram(struct MemoryRegion *mr,
                             uint64_t size,
                             struct Error **errp);
 
+// `memory_region_init_rom_nomigrate`: read-only anonymous RAM (firmware images), not
+// registered for migration.
+//
+// # Safety
+// As for `memory_region_init_ram_nomigrate`.
+bool memory_region_init_rom_nomigrate(struct MemoryRegion *mr,
+                                      struct Object *owner,
+                                      const char *name,
+                                      uint64_t size,
+                                      struct Error **errp);
+
+// `memory_region_init_rom`: read-only anonymous RAM registered for migration like
+// `memory_region_init_ram` ("pc.bios", "pc.rom").
+//
+// # Safety
+// As for `memory_region_init_ram_nomigrate`.
+bool memory_region_init_rom(struct MemoryRegion *mr,
+                            struct Object *owner,
+                            const char *name,
+                            uint64_t size,
+                            struct Error **errp);
+
 // `memory_region_init_alias`: a window of `size` bytes (`UINT64_MAX` = 2^64) into `orig`
 // starting at `offset`.
 //
@@ -432,6 +458,12 @@ void *memory_region_get_ram_ptr(struct MemoryRegion *mr);
 // # Safety
 // `mr` is NULL or MemoryRegion storage.
 const char *memory_region_name(const struct MemoryRegion *mr);
+
+// `memory_region_is_mapped`: whether the region is a subregion of some container.
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage.
+bool memory_region_is_mapped(const struct MemoryRegion *mr);
 
 // The idstr of the region's RAMBlock, malloc'd (free with `hm_free`): "" while unregistered,
 // NULL with an error for a region that has no RAMBlock of its own.

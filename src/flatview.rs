@@ -221,9 +221,14 @@ pub fn diff(old: &FlatView, new: &FlatView) -> (Vec<FlatRange>, Vec<FlatRange>) 
 }
 
 fn contains(view: &FlatView, r: &FlatRange) -> bool {
-    view.ranges
+    sorted_contains(&view.ranges, r)
+}
+
+/// Whether `ranges` (sorted by address, disjoint, as views and diffs are) holds `r`.
+pub fn sorted_contains(ranges: &[FlatRange], r: &FlatRange) -> bool {
+    ranges
         .binary_search_by(|f| f.addr.cmp(&r.addr))
-        .is_ok_and(|i| view.ranges[i] == *r)
+        .is_ok_and(|i| ranges[i] == *r)
 }
 
 impl FlatView {

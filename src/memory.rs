@@ -31,6 +31,9 @@ struct Slot {
     region: Option<Region>,
 }
 
+/// Whether the accelerator maps a guest range `(gpa, size)` of the "memory" address space.
+pub type AccelQuery = Box<dyn Fn(u64, u64) -> bool + Send>;
+
 pub struct MemorySystem {
     pub ramblocks: RamBlockRegistry,
     slots: Vec<Slot>,
@@ -42,6 +45,15 @@ pub struct MemorySystem {
     update_pending: bool,
     listeners: Vec<Box<dyn MemoryListener>>,
     global_dirty_log: bool,
+    /// What listeners were told of the "memory" view, one section per range of
+    /// `spaces[0].view`: a del must describe a section as it was added, even when its region
+    /// has been destroyed since.
+    memory_sections: Vec<MemorySection>,
+    /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
+    /// listeners that it is gone.
+    retired_mappings: Vec<Arc<HostMapping>>,
+    /// The accelerator's name and mapping query, for the " kvm" marks of `info mtree -f`.
+    accel: Option<(String, AccelQuery)>,
     /// The first error a `void` C call hit (QEMU would have aborted), until taken.
     pending_error: Option<Error>,
     /// How many "cpu-memory-N" address spaces `info mtree` lists next to "memory" (they share
@@ -91,6 +103,9 @@ impl MemorySystem {
             global_dirty_log: false,
             cpu_address_spaces: 1,
             pending_error: None,
+            accel: None,
+            memory_sections: Vec::new(),
+            retired_mappings: Vec::new(),
         };
         m.system = m.new_container("system", 1u128 << 64);
         // QEMU's "io" is an I/O region (unassigned ports answer as "io"), not a bare container.
@@ -106,6 +121,19 @@ impl MemorySystem {
             });
         }
         m
+    }
+
+    /// Installs (or with `None` removes) the accelerator's mapping query: `info mtree -f` then
+    /// marks each range the accelerator maps with " <name>", as QEMU does with " kvm". The
+    /// query runs with the context locked, so it must not lock the context itself.
+    pub fn set_accel_query(&mut self, name: &str, query: Option<AccelQuery>) {
+        self.accel = query.map(|q| (name.to_string(), q));
+    }
+
+    pub fn accel_query(&self) -> Option<crate::monitor::AccelHasMemory<'_>> {
+        self.accel
+            .as_ref()
+            .map(|(n, q)| (n.as_str(), q.as_ref() as &dyn Fn(u64, u64) -> bool))
     }
 
     /// Keeps `e` for a later `take_pending_error` unless an earlier error is still pending.
@@ -538,31 +566,10 @@ impl MemorySystem {
     pub fn vmstate_register_ram(&mut self, id: RegionId, owner_path: Option<&str>) -> Result<()> {
         let r = self.get(id)?;
         let name = r.name.clone();
-        let (block, created) = match r.kind {
-            RegionKind::Ram { block } => (block, false),
-            RegionKind::Alias { .. } if r.alias_block.is_some() => {
-                (r.alias_block.unwrap_or(RamBlockId(u32::MAX)), false)
-            }
-            RegionKind::Alias { .. } => {
-                let size = r.size;
-                let Some((ram, off)) = self.resolve_ram(id)? else {
-                    return Err(not_ram(&name));
-                };
-                let target = self.get(ram)?;
-                let RegionKind::Ram { block: tb } = target.kind else {
-                    return Err(not_ram(&name));
-                };
-                let avail = target.size.saturating_sub(u128::from(off));
-                let len = size.min(avail);
-                if len == 0 {
-                    return Err(Error::invalid(format!(
-                        "alias '{name}' starts beyond the end of '{}'",
-                        target.name
-                    )));
-                }
-                (self.ramblocks.add_alias(tb, off, size_to_u64(len))?, true)
-            }
-            _ => return Err(not_ram(&name)),
+        let (block, created) = match self.ram_block_of(id) {
+            Some(block) => (block, false),
+            None if r.alias_target().is_some() => (self.new_alias_block(id)?, true),
+            None => return Err(not_ram(&name)),
         };
         if let Err(e) = self.ramblocks.set_idstr(block, owner_path, &name) {
             if created {
@@ -575,6 +582,27 @@ impl MemorySystem {
             self.get_mut(id)?.alias_block = Some(block);
         }
         Ok(())
+    }
+
+    /// A RAMBlock for alias `id` over the memory it shows (clipped to its RAM target).
+    fn new_alias_block(&mut self, id: RegionId) -> Result<RamBlockId> {
+        let r = self.get(id)?;
+        let (name, size) = (r.name.clone(), r.size);
+        let Some((ram, off)) = self.resolve_ram(id)? else {
+            return Err(not_ram(&name));
+        };
+        let target = self.get(ram)?;
+        let RegionKind::Ram { block } = target.kind else {
+            return Err(not_ram(&name));
+        };
+        let len = size.min(target.size.saturating_sub(u128::from(off)));
+        if len == 0 {
+            return Err(Error::invalid(format!(
+                "alias '{name}' starts beyond the end of '{}'",
+                target.name
+            )));
+        }
+        self.ramblocks.add_alias(block, off, size_to_u64(len))
     }
 
     /// `vmstate_unregister_ram`: the block loses its name and leaves the migration stream; an
@@ -637,6 +665,10 @@ impl MemorySystem {
             .chain(r.alias_block)
             .collect();
             for b in blocks {
+                // Listeners (KVM) still map this memory until the commit tells them it went.
+                if let Some(blk) = m.ramblocks.get(b) {
+                    m.retired_mappings.push(blk.mapping.clone());
+                }
                 m.ramblocks.remove(b);
             }
             let slot = &mut m.slots[id.index as usize];
@@ -662,11 +694,17 @@ impl MemorySystem {
             ));
         }
         self.depth -= 1;
-        if self.depth > 0 || !self.update_pending {
+        if self.depth > 0 {
             return Ok(());
         }
-        self.update_pending = false;
-        self.update_topology()
+        let result = if self.update_pending {
+            self.update_pending = false;
+            self.update_topology()
+        } else {
+            Ok(())
+        };
+        self.retired_mappings.clear();
+        result
     }
 
     pub fn transaction_depth(&self) -> u32 {
@@ -682,9 +720,26 @@ impl MemorySystem {
             let old = std::mem::replace(&mut self.spaces[i].view, new);
             // Listeners (KVM) follow the "memory" address space only.
             if i == 0 {
-                let (removed, added) = flatview::diff(&old, &self.spaces[0].view);
-                let removed: Vec<_> = removed.iter().map(|r| self.section(r)).collect();
-                let added: Vec<_> = added.iter().map(|r| self.section(r)).collect();
+                let new = &self.spaces[0].view;
+                let new_sections: Vec<MemorySection> =
+                    new.ranges.iter().map(|r| self.section(r)).collect();
+                let old_sections = std::mem::take(&mut self.memory_sections);
+                let (removed, added) = flatview::diff(&old, new);
+                let removed: Vec<MemorySection> = old
+                    .ranges
+                    .iter()
+                    .zip(old_sections)
+                    .filter(|(r, _)| flatview::sorted_contains(&removed, r))
+                    .map(|(_, s)| s)
+                    .collect();
+                let added: Vec<MemorySection> = new
+                    .ranges
+                    .iter()
+                    .zip(&new_sections)
+                    .filter(|(r, _)| flatview::sorted_contains(&added, r))
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                self.memory_sections = new_sections;
                 result = self.notify(&removed, &added);
             }
         }
@@ -739,13 +794,9 @@ impl MemorySystem {
         first.map_or(Ok(()), Err)
     }
 
-    fn current_sections(&self) -> Vec<MemorySection> {
-        self.spaces[0]
-            .view
-            .ranges
-            .iter()
-            .map(|r| self.section(r))
-            .collect()
+    /// The sections of the "memory" view, as listeners were told them.
+    pub fn current_sections(&self) -> Vec<MemorySection> {
+        self.memory_sections.clone()
     }
 
     /// Registers a listener and replays the current flat view to it as `region_add`s. If the
@@ -1233,6 +1284,20 @@ mod tests {
     }
 
     #[test]
+    fn destroyed_ram_stays_mapped_until_the_commit_told_listeners() {
+        let mut m = MemorySystem::new();
+        let r = m.new_ram_anonymous("r", 0x10000).unwrap();
+        m.add_subregion(m.system_memory(), 0, r, None).unwrap();
+        let mapping = Arc::downgrade(&m.ramblocks.get(m.ram_block_of(r).unwrap()).unwrap().mapping);
+        m.transaction_begin();
+        m.destroy_region(r).unwrap();
+        assert!(m.ramblocks.is_empty());
+        assert!(mapping.upgrade().is_some());
+        m.transaction_commit().unwrap();
+        assert!(mapping.upgrade().is_none());
+    }
+
+    #[test]
     fn readonly_ram_is_rom_in_view_and_block() {
         let mut m = MemorySystem::new();
         let r = m.new_ram_anonymous("bios", 0x10000).unwrap();
@@ -1253,5 +1318,135 @@ mod tests {
         let b = m.ramblocks.get(m.ram_block_of(r).unwrap()).unwrap();
         assert_eq!(b.used_length, crate::hostmap::host_page_size() as u64);
         assert!(m.new_ram_anonymous("zero", 0).is_err());
+    }
+
+    /// A listener that keeps what it was told as a map; a del of something it does not hold,
+    /// or an add over something it holds, is recorded as a protocol error.
+    /// Sections held by gpa, and protocol errors.
+    type MirrorState = (std::collections::BTreeMap<u64, MemorySection>, Vec<String>);
+
+    struct Mirror(Arc<Mutex<MirrorState>>);
+
+    impl MemoryListener for Mirror {
+        fn name(&self) -> &str {
+            "mirror"
+        }
+        fn region_del(&mut self, s: &MemorySection) -> Result<()> {
+            let mut g = self.0.lock().unwrap();
+            if g.0.remove(&s.gpa).as_ref() != Some(s) {
+                g.1.push(format!("del of unknown {s:?}"));
+            }
+            Ok(())
+        }
+        fn region_add(&mut self, s: &MemorySection) -> Result<()> {
+            let mut g = self.0.lock().unwrap();
+            if let Some(old) = g.0.insert(s.gpa, s.clone()) {
+                g.1.push(format!("add over {old:?}"));
+            }
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        NewRam(u8),
+        NewIo(u8),
+        NewContainer(u8),
+        NewAlias(usize, u8, u8),
+        Add(usize, usize, u8, i8),
+        Del(usize),
+        Enable(usize, bool),
+        Move(usize, u8),
+        AliasOffset(usize, u8),
+        Destroy(usize),
+        Begin,
+        Commit,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1u8..8).prop_map(Op::NewRam),
+            (1u8..8).prop_map(Op::NewIo),
+            (1u8..16).prop_map(Op::NewContainer),
+            (any::<usize>(), 0u8..8, 1u8..8).prop_map(|(t, o, s)| Op::NewAlias(t, o, s)),
+            (any::<usize>(), any::<usize>(), 0u8..16, -2i8..3)
+                .prop_map(|(p, c, a, pr)| Op::Add(p, c, a, pr)),
+            any::<usize>().prop_map(Op::Del),
+            (any::<usize>(), any::<bool>()).prop_map(|(r, e)| Op::Enable(r, e)),
+            (any::<usize>(), 0u8..16).prop_map(|(r, a)| Op::Move(r, a)),
+            (any::<usize>(), 0u8..8).prop_map(|(r, o)| Op::AliasOffset(r, o)),
+            any::<usize>().prop_map(Op::Destroy),
+            Just(Op::Begin),
+            Just(Op::Commit),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Whatever the sequence of operations (errors included), a listener that applies
+        /// every del/add it is told ends each outermost commit holding exactly the current view.
+        #[test]
+        fn listeners_track_the_view_through_any_operations(
+            ops in proptest::collection::vec(op(), 1..40)
+        ) {
+            const P: u64 = 0x1000;
+            let mut m = MemorySystem::new();
+            let state = Arc::new(Mutex::new(Default::default()));
+            m.add_listener(Box::new(Mirror(state.clone()))).unwrap();
+            let mut ids = vec![m.system_memory()];
+            let pick = |ids: &Vec<RegionId>, i: usize| ids[i % ids.len()];
+            for op in ops {
+                let _ = match op {
+                    Op::NewRam(s) => m.new_ram_anonymous("ram", u64::from(s) * P).map(|r| ids.push(r)),
+                    Op::NewIo(s) => {
+                        ids.push(m.new_io("io", u128::from(s) * u128::from(P)));
+                        Ok(())
+                    }
+                    Op::NewContainer(s) => {
+                        ids.push(m.new_container("c", u128::from(s) * u128::from(P)));
+                        Ok(())
+                    }
+                    Op::NewAlias(t, o, s) => m
+                        .new_alias("a", pick(&ids, t), u64::from(o) * P, u64::from(s) * P)
+                        .map(|r| ids.push(r)),
+                    Op::Add(p, c, a, pr) => m.add_subregion(
+                        pick(&ids, p),
+                        u64::from(a) * P,
+                        pick(&ids, c),
+                        Some(i32::from(pr)),
+                    ),
+                    Op::Del(c) => {
+                        let c = pick(&ids, c);
+                        match m.get(c).ok().and_then(|r| r.parent) {
+                            Some(p) => m.del_subregion(p, c),
+                            None => Ok(()),
+                        }
+                    }
+                    Op::Enable(r, e) => m.set_enabled(pick(&ids, r), e),
+                    Op::Move(r, a) => m.set_address(pick(&ids, r), u64::from(a) * P),
+                    Op::AliasOffset(r, o) => m.set_alias_offset(pick(&ids, r), u64::from(o) * P),
+                    Op::Destroy(r) => m.destroy_region(pick(&ids, r)),
+                    Op::Begin => {
+                        m.transaction_begin();
+                        Ok(())
+                    }
+                    Op::Commit => m.transaction_commit(),
+                };
+                if m.transaction_depth() == 0 {
+                    let g = state.lock().unwrap();
+                    proptest::prop_assert!(g.1.is_empty(), "{:?}", g.1);
+                    let held: Vec<MemorySection> = g.0.values().cloned().collect();
+                    let fresh: Vec<MemorySection> =
+                        m.memory_view().ranges.iter().map(|r| m.section(r)).collect();
+                    proptest::prop_assert_eq!(&held, &fresh);
+                    proptest::prop_assert_eq!(&held, &m.current_sections());
+                    // The stored view is the one a fresh render gives.
+                    let fresh = flatview::render(&m, flatview::flatview_root(&m, m.system_memory()));
+                    proptest::prop_assert_eq!(&fresh, m.memory_view());
+                }
+            }
+        }
     }
 }

@@ -398,7 +398,7 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
             let rest = rest["info".len()..].trim_start();
             let opts = parse_mtree_flags(&rest["mtree".len()..])?;
             Ok(if opts.flat {
-                info_mtree_flat(&ctx.memory, opts, None)
+                info_mtree_flat(&ctx.memory, opts, ctx.memory.accel_query())
             } else {
                 info_mtree(&ctx.memory, opts)
             })
@@ -523,6 +523,7 @@ mod tests {
         ty: String,
         name: String,
         alias: Option<(String, u64)>,
+        enabled: bool,
     }
 
     fn parse_line(l: &str) -> Line {
@@ -531,6 +532,10 @@ mod tests {
         let start = u64::from_str_radix(&l[0..16], 16).unwrap();
         let end = u64::from_str_radix(&l[17..33], 16).unwrap();
         let (meta, name) = l[35..].split_once("): ").unwrap();
+        let (name, enabled) = match name.strip_suffix(" [disabled]") {
+            Some(n) => (n, false),
+            None => (name, true),
+        };
         let (prio, ty) = meta.trim_start_matches("prio ").split_once(", ").unwrap();
         let (name, alias) = match name.strip_prefix("alias ") {
             Some(rest) => {
@@ -549,6 +554,7 @@ mod tests {
             ty: ty.to_string(),
             name,
             alias,
+            enabled,
         }
     }
 
@@ -635,12 +641,18 @@ mod tests {
             for &(p, addr, c, prio) in links.iter().rev() {
                 m.add_subregion(p, addr, c, Some(prio)).unwrap();
             }
+            for (i, l) in ls.iter().enumerate() {
+                if !l.enabled {
+                    m.set_enabled(ids[b][i].unwrap(), false).unwrap();
+                }
+            }
         }
     }
 
-    #[test]
-    fn pc_memory_and_io_trees_match_qemu() {
-        let dump = qemu!("pc-m4G.txt");
+    /// Rebuilds the "I/O" and "memory" trees of a pc-like dump and compares hostmem's dumps
+    /// with QEMU's: the address-space blocks, the aliased regions hostmem also has, and the
+    /// two FlatViews (renumbered: QEMU also has cpu-smm-0, smram and PCI bus-master spaces).
+    fn check_pc_like(dump: &str) {
         let mut m = MemorySystem::new();
         let io_block = block(dump, "address-space: I/O");
         let mem_block = block(dump, "address-space: cpu-memory-0");
@@ -656,7 +668,6 @@ mod tests {
             &["rtc"],
         );
         let tree = info_mtree(&m, MtreeOptions::default());
-        // QEMU also has cpu-smm-0, smram and the PCI bus-master spaces; the rest is ours too.
         let expected = io_block
             + &mem_block
             + &ram_block
@@ -664,6 +675,57 @@ mod tests {
             + &block(dump, "memory-region: pci");
         assert_eq!(tree, expected);
 
+        let flat = info_mtree_flat(&m, MtreeOptions::default(), None);
+        let expected = block(dump, "FlatView #0")
+            + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1");
+        assert_eq!(flat, expected);
+    }
+
+    #[test]
+    fn pc_memory_and_io_trees_match_qemu() {
+        check_pc_like(qemu!("pc-m4G.txt"));
+    }
+
+    #[test]
+    fn q35_memory_and_io_trees_match_qemu() {
+        check_pc_like(qemu!("q35-m4G.txt"));
+    }
+
+    #[test]
+    fn pc_with_disabled_regions_matches_qemu_with_and_without_capital_d() {
+        let dump_d = qemu!("pc-m4G.mtree-D.txt");
+        let dump = qemu!("pc-m4G.txt");
+        let mut m = MemorySystem::new();
+        let io_block = block(dump_d, "address-space: I/O");
+        let mem_block = block(dump_d, "address-space: cpu-memory-0");
+        let ram_block = block(dump_d, "memory-region: pc.ram");
+        let (sys, io) = (m.system_memory(), m.system_io());
+        rebuild(
+            &mut m,
+            &[
+                (&ram_block, None),
+                (&io_block, Some(io)),
+                (&mem_block, Some(sys)),
+            ],
+            &["rtc"],
+        );
+        let with_d = MtreeOptions {
+            disabled: true,
+            ..Default::default()
+        };
+        let expected = io_block
+            + &mem_block
+            + &ram_block
+            + &block(dump_d, "memory-region: pc.bios")
+            + &block(dump_d, "memory-region: pci");
+        assert_eq!(info_mtree(&m, with_d), expected);
+        // The same tree without -D hides the disabled lines exactly as QEMU did.
+        let expected = block(dump, "address-space: I/O")
+            + &block(dump, "address-space: cpu-memory-0")
+            + &block(dump, "memory-region: pc.ram")
+            + &block(dump, "memory-region: pc.bios")
+            + &block(dump, "memory-region: pci");
+        assert_eq!(info_mtree(&m, MtreeOptions::default()), expected);
         let flat = info_mtree_flat(&m, MtreeOptions::default(), None);
         let expected = block(dump, "FlatView #0")
             + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1");
@@ -719,8 +781,8 @@ mod tests {
         m.add_subregion(m.system_memory(), 0, ram, None).unwrap();
         m.add_subregion(m.system_memory(), 1 << 20, rom, None)
             .unwrap();
-        let has = |gpa: u64, _size: u64| gpa == 0;
-        let flat = info_mtree_flat(&m, opts, Some(("kvm", &has)));
+        m.set_accel_query("kvm", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
+        let flat = info_mtree_flat(&m, opts, m.accel_query());
         assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram kvm\n"));
         assert!(flat.contains("  0000000000100000-000000000010ffff (prio 0, rom): rom\n"));
         assert!(flat.contains(" Root memory region: system\n"));

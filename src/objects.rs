@@ -1,55 +1,335 @@
 //! The `/objects` container of one context: user-creatable backends by id, each with the RAM
-//! region that exposes its memory once complete. INTERFACE STUB: bodies to be written.
+//! region that exposes its memory once complete.
 
-use crate::backend::{Backend, BackendDefaults};
-use crate::error::Result;
+use std::collections::BTreeMap;
+
+use crate::backend::{Backend, BackendDefaults, BackendType, PreallocJob};
+use crate::error::{Error, HmErrorClass, Result};
 use crate::memory::MemorySystem;
+use crate::options::values::parse_keyval;
 use crate::region::RegionId;
 
 pub struct BackendEntry {
     pub backend: Backend,
     /// The RAM region over the backend's memory, once complete.
     pub region: Option<RegionId>,
+    /// Unique within the process for this entry's lifetime: C handles name an entry by it, so
+    /// a deleted and re-created id is a different object.
+    pub serial: u64,
 }
 
 #[derive(Default)]
-pub struct ObjectRegistry {}
+pub struct ObjectRegistry {
+    entries: BTreeMap<String, BackendEntry>,
+}
+
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.
+fn id_wellformed(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || "-._".contains(ch))
+}
 
 impl ObjectRegistry {
-    /// `-object` / `object-add`: parse a QEMU option string, create, set, complete.
+    /// `-object` / `object-add`: parse a QEMU option string ("memory-backend-ram,id=m,size=1G";
+    /// the leading bare word, or `qom-type=`, names the type), create, set, complete. Nothing
+    /// is registered unless every step succeeds. Returns the id.
     pub fn add_from_opts(
         &mut self,
-        _opts: &str,
-        _defaults: &BackendDefaults,
-        _mem: &mut MemorySystem,
+        opts: &str,
+        defaults: &BackendDefaults,
+        mem: &mut MemorySystem,
     ) -> Result<String> {
-        todo!()
+        let (id, backend) = self.build_from_opts(opts, defaults)?;
+        self.insert(backend)?;
+        if let Err(e) = self.complete(&id, mem) {
+            self.entries.remove(&id);
+            return Err(e);
+        }
+        Ok(id)
     }
+
+    /// Parses and checks `opts` into an uncompleted backend with every property set, without
+    /// registering it.
+    pub fn build_from_opts(
+        &self,
+        opts: &str,
+        defaults: &BackendDefaults,
+    ) -> Result<(String, Backend)> {
+        let pairs = parse_keyval(opts, Some("qom-type"))?;
+        let value = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v);
+        let type_name =
+            value("qom-type").ok_or_else(|| Error::invalid("Parameter 'qom-type' is missing"))?;
+        let ty = BackendType::from_name(type_name).ok_or_else(|| {
+            Error::invalid(format!(
+                "Parameter 'qom-type' does not accept value '{type_name}'"
+            ))
+        })?;
+        let id = value("id").ok_or_else(|| Error::invalid("Parameter 'id' is missing"))?;
+        if !id_wellformed(id) {
+            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+        }
+        let mut backend = Backend::new(ty.name(), id, defaults)?;
+        for (key, v) in &pairs {
+            if key == "qom-type" || key == "id" {
+                continue;
+            }
+            if !crate::backend::props::exists(ty, key) {
+                return Err(Error::invalid(format!("Invalid parameter '{key}'")));
+            }
+            backend.set(key, v)?;
+        }
+        // The QAPI schema makes these mandatory, so QEMU's parser names them first.
+        let mut required = vec!["size"];
+        if ty == BackendType::File {
+            required.push("mem-path");
+        }
+        for r in required {
+            if value(r).is_none() {
+                return Err(Error::invalid(format!("Parameter '{r}' is missing")));
+            }
+        }
+        if self.entries.contains_key(id.as_str()) {
+            return Err(duplicate(id));
+        }
+        Ok((id.clone(), backend))
+    }
+
+    /// Registers an uncompleted backend built elsewhere.
+    pub fn insert(&mut self, backend: Backend) -> Result<()> {
+        let id = backend.id().to_string();
+        if self.entries.contains_key(&id) {
+            return Err(duplicate(&id));
+        }
+        self.entries.insert(
+            id,
+            BackendEntry {
+                backend,
+                region: None,
+                serial: next_serial(),
+            },
+        );
+        Ok(())
+    }
+
     /// Creates an uncompleted backend.
-    pub fn create(
-        &mut self,
-        _type_name: &str,
-        _id: &str,
-        _defaults: &BackendDefaults,
-    ) -> Result<()> {
-        todo!()
+    pub fn create(&mut self, type_name: &str, id: &str, defaults: &BackendDefaults) -> Result<()> {
+        if BackendType::from_name(type_name).is_none() {
+            return Err(Error::invalid(format!(
+                "Parameter 'qom-type' does not accept value '{type_name}'"
+            )));
+        }
+        if !id_wellformed(id) {
+            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+        }
+        if self.entries.contains_key(id) {
+            return Err(duplicate(id));
+        }
+        self.insert(Backend::new(type_name, id, defaults)?)
     }
+
     /// Completes a backend and creates its RAM region.
-    pub fn complete(&mut self, _id: &str, _mem: &mut MemorySystem) -> Result<()> {
-        todo!()
+    pub fn complete(&mut self, id: &str, mem: &mut MemorySystem) -> Result<()> {
+        let job = self.begin_complete(id)?;
+        let result = job.map(|j| j.run());
+        self.finish_complete(id, mem, result)
     }
+
+    /// First half of [`ObjectRegistry::complete`]: allocate, advise, bind. The returned job (if
+    /// any) may run without any lock held.
+    pub fn begin_complete(&mut self, id: &str) -> Result<Option<PreallocJob>> {
+        self.entry_mut(id)?.backend.begin_complete()
+    }
+
+    /// Second half: records the preallocation result and creates the backend's RAM region
+    /// (an unnamed RAMBlock, not migratable until a consumer registers it). On error the
+    /// backend is left uncompleted with nothing allocated.
+    pub fn finish_complete(
+        &mut self,
+        id: &str,
+        mem: &mut MemorySystem,
+        prealloc: Option<Result<crate::backend::prealloc::Outcome>>,
+    ) -> Result<()> {
+        let entry = self.entry_mut(id)?;
+        entry.backend.finish_complete(prealloc)?;
+        let b = &entry.backend;
+        let mapping = b.mapping().expect("a complete backend has memory");
+        match mem.new_ram_region(&b.region_name(), mapping, 0, b.size(), b.is_readonly()) {
+            Ok(r) => {
+                entry.region = Some(r);
+                Ok(())
+            }
+            Err(e) => {
+                entry.backend.abort_complete();
+                Err(e)
+            }
+        }
+    }
+
     /// `object-del`: refused while mapped.
-    pub fn delete(&mut self, _id: &str, _mem: &mut MemorySystem) -> Result<()> {
-        todo!()
+    pub fn delete(&mut self, id: &str, mem: &mut MemorySystem) -> Result<()> {
+        let entry = self.entry_mut(id)?;
+        if entry.backend.is_mapped() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!("object '{id}' is in use, can not be deleted"),
+            ));
+        }
+        if let Some(r) = entry.region {
+            mem.destroy_region(r)?;
+        }
+        self.entries.remove(id);
+        Ok(())
     }
-    pub fn get(&self, _id: &str) -> Option<&BackendEntry> {
-        todo!()
+
+    pub fn get(&self, id: &str) -> Option<&BackendEntry> {
+        self.entries.get(id)
     }
-    pub fn get_mut(&mut self, _id: &str) -> Option<&mut BackendEntry> {
-        todo!()
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut BackendEntry> {
+        self.entries.get_mut(id)
     }
+
+    /// The entry whose serial is `serial` (C handles).
+    pub fn by_serial(&self, serial: u64) -> Option<&BackendEntry> {
+        self.entries.values().find(|e| e.serial == serial)
+    }
+
+    pub fn by_serial_mut(&mut self, serial: u64) -> Option<&mut BackendEntry> {
+        self.entries.values_mut().find(|e| e.serial == serial)
+    }
+
+    fn entry_mut(&mut self, id: &str) -> Result<&mut BackendEntry> {
+        self.entries
+            .get_mut(id)
+            .ok_or_else(|| Error::new(HmErrorClass::NotFound, format!("object '{id}' not found")))
+    }
+
     /// Ids in `info memdev` order (sorted).
     pub fn ids(&self) -> Vec<String> {
-        todo!()
+        self.entries.keys().cloned().collect()
+    }
+}
+
+fn duplicate(id: &str) -> Error {
+    Error::new(
+        HmErrorClass::Duplicate,
+        format!("Duplicate ID '{id}' for object"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (ObjectRegistry, MemorySystem, BackendDefaults) {
+        (
+            ObjectRegistry::default(),
+            MemorySystem::new(),
+            BackendDefaults::default(),
+        )
+    }
+
+    #[test]
+    fn add_creates_completes_and_makes_an_unnamed_region() {
+        let (mut o, mut mem, d) = setup();
+        let id = o
+            .add_from_opts("memory-backend-ram,id=mem0,size=4M", &d, &mut mem)
+            .unwrap();
+        assert_eq!(id, "mem0");
+        let e = o.get("mem0").unwrap();
+        assert!(e.backend.is_complete());
+        let r = e.region.unwrap();
+        assert_eq!(mem.region_size(r).unwrap(), 4 << 20);
+        let block = mem.ram_block_of(r).unwrap();
+        let rb = mem.ramblocks.get(block).unwrap();
+        assert_eq!(rb.idstr, "");
+        assert!(!rb.migratable);
+        assert_eq!(o.ids(), ["mem0"]);
+        // qom-type= works as the leading bare word does.
+        o.add_from_opts("qom-type=memory-backend-memfd,id=f,size=1M", &d, &mut mem)
+            .unwrap();
+        assert_eq!(o.ids(), ["f", "mem0"]);
+    }
+
+    #[test]
+    fn option_parser_refusals_use_qemu_10_words() {
+        let (mut o, mut mem, d) = setup();
+        o.add_from_opts("memory-backend-ram,id=m,size=1M", &d, &mut mem)
+            .unwrap();
+        let cases = [
+            ("memory-backend-foo,id=x,size=1M", "Parameter 'qom-type' does not accept value 'memory-backend-foo'"),
+            ("id=x,size=1M", "Parameter 'qom-type' is missing"),
+            ("memory-backend-ram,size=1M", "Parameter 'id' is missing"),
+            ("memory-backend-ram,id=x", "Parameter 'size' is missing"),
+            ("memory-backend-file,id=x,size=1M", "Parameter 'mem-path' is missing"),
+            ("memory-backend-ram,id=x,size=1M,foo=1", "Invalid parameter 'foo'"),
+            ("memory-backend-ram,id=x,size=1M,mem-path=/tmp", "Invalid parameter 'mem-path'"),
+            ("memory-backend-ram,id=x,size=abc", "Parameter 'size' expects a size value"),
+            ("memory-backend-ram,id=x,size=0", "property 'size' of memory-backend-ram doesn't take value '0'"),
+            ("memory-backend-ram,id=x,size=1M,merge=maybe", "Parameter 'merge' expects 'on' or 'off'"),
+            ("memory-backend-ram,id=m,size=1M", "Duplicate ID 'm' for object"),
+            ("memory-backend-ram,id=1x,size=1M", "Parameter 'id' expects an identifier"),
+            ("memory-backend-ram,id=x,size=1M,host-nodes=0", "host-nodes must be empty for policy default, or you should explicitly specify a policy other than default"),
+        ];
+        for (opts, msg) in cases {
+            let e = o.add_from_opts(opts, &d, &mut mem).unwrap_err();
+            assert_eq!(e.message(), msg, "{opts}");
+        }
+        assert_eq!(o.ids(), ["m"], "failed adds leave nothing behind");
+    }
+
+    #[test]
+    fn delete_refused_while_mapped() {
+        let (mut o, mut mem, d) = setup();
+        o.add_from_opts("memory-backend-ram,id=m,size=1M", &d, &mut mem)
+            .unwrap();
+        o.get_mut("m").unwrap().backend.set_mapped(true);
+        let e = o.delete("m", &mut mem).unwrap_err();
+        assert_eq!(e.message(), "object 'm' is in use, can not be deleted");
+        assert_eq!(e.class(), HmErrorClass::InUse);
+        o.get_mut("m").unwrap().backend.set_mapped(false);
+        o.delete("m", &mut mem).unwrap();
+        assert!(o.get("m").is_none());
+        assert_eq!(
+            o.delete("m", &mut mem).unwrap_err().message(),
+            "object 'm' not found"
+        );
+    }
+
+    #[test]
+    fn create_set_complete_step_by_step() {
+        let (mut o, mut mem, d) = setup();
+        o.create("memory-backend-file", "f", &d).unwrap();
+        assert_eq!(
+            o.create("memory-backend-ram", "f", &d)
+                .unwrap_err()
+                .message(),
+            "Duplicate ID 'f' for object"
+        );
+        let e = o.get_mut("f").unwrap();
+        e.backend.set("size", "2M").unwrap();
+        assert_eq!(
+            o.complete("f", &mut mem).unwrap_err().message(),
+            "mem-path property not set"
+        );
+        let dir = std::env::temp_dir();
+        let e = o.get_mut("f").unwrap();
+        e.backend.set("mem-path", dir.to_str().unwrap()).unwrap();
+        e.backend
+            .set("x-use-canonical-path-for-ramblock-id", "on")
+            .unwrap();
+        o.complete("f", &mut mem).unwrap();
+        let e = o.get("f").unwrap();
+        assert_eq!(e.backend.region_name(), "/objects/f");
+        assert!(e.region.is_some());
+        let serial = e.serial;
+        assert_eq!(o.by_serial(serial).unwrap().backend.id(), "f");
     }
 }

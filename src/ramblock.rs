@@ -318,10 +318,46 @@ impl RamBlockRegistry {
             .dirty
             .words
             .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
-        let first = offset / DIRTY_PAGE_SIZE;
-        let last = (end - 1) / DIRTY_PAGE_SIZE;
-        for page in first..=last {
-            words[(page / 64) as usize] |= 1u64 << (page % 64);
+        set_bits(words, offset / DIRTY_PAGE_SIZE, (end - 1) / DIRTY_PAGE_SIZE);
+    }
+
+    /// ORs a dirty bitmap in KVM's layout (bit i of word w = page 64*w+i, little-endian u64
+    /// words) into the block, starting at the block's page `first_page`: what a listener's
+    /// `log_sync` does with KVM_GET_DIRTY_LOG for a slot that starts inside the block.
+    /// Pages beyond the block are ignored.
+    pub fn merge_dirty_bitmap(&mut self, id: RamBlockId, first_page: u64, bitmap: &[u64]) {
+        let Some(b) = self.blocks.get_mut(&id.0) else {
+            return;
+        };
+        let pages = b.max_length.div_ceil(DIRTY_PAGE_SIZE);
+        if first_page >= pages || bitmap.iter().all(|&w| w == 0) {
+            return;
+        }
+        let words = b
+            .dirty
+            .words
+            .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
+        let shift = (first_page % 64) as u32;
+        let base = (first_page / 64) as usize;
+        for (i, &w) in bitmap.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            let lo = w << shift;
+            let hi = if shift == 0 { 0 } else { w >> (64 - shift) };
+            if let Some(x) = words.get_mut(base + i) {
+                *x |= lo;
+            }
+            if let Some(x) = words.get_mut(base + i + 1) {
+                *x |= hi;
+            }
+        }
+        // Bits past the block's last page must stay clear.
+        let tail = (pages % 64) as u32;
+        if tail != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u64 << tail) - 1;
+            }
         }
     }
 
@@ -351,6 +387,22 @@ impl RamBlockRegistry {
     }
 }
 
+/// Sets pages `first..=last` in a bitmap, a word at a time.
+fn set_bits(words: &mut [u64], first: u64, last: u64) {
+    let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+    let head = !0u64 << (first % 64);
+    let tail = !0u64 >> (63 - last % 64);
+    if fw == lw {
+        words[fw] |= head & tail;
+        return;
+    }
+    words[fw] |= head;
+    for w in &mut words[fw + 1..lw] {
+        *w = !0;
+    }
+    words[lw] |= tail;
+}
+
 fn no_block(id: RamBlockId) -> Error {
     Error::new(
         HmErrorClass::NotFound,
@@ -358,20 +410,30 @@ fn no_block(id: RamBlockId) -> Error {
     )
 }
 
-/// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`).
-/// MAP_NORESERVE: pages are only committed when touched, so sparse huge guests stay cheap.
+/// Alignment of anonymous guest RAM, QEMU's QEMU_VMALLOC_ALIGN on x86: lets the kernel back
+/// it with transparent huge pages from the first byte.
+pub const ANON_ALIGN: u64 = 2 << 20;
+
+/// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`),
+/// aligned to [`ANON_ALIGN`]. MAP_NORESERVE: pages are only committed when touched, so sparse
+/// huge guests stay cheap.
 pub fn map_anonymous(name: &str, size: u64) -> Result<Arc<HostMapping>> {
     let page = crate::hostmap::host_page_size() as u64;
     let len = size
         .checked_next_multiple_of(page)
-        .filter(|&l| l != 0 && l <= isize::MAX as u64)
+        .filter(|&l| {
+            l != 0
+                && l.checked_add(ANON_ALIGN)
+                    .is_some_and(|t| t <= isize::MAX as u64)
+        })
         .ok_or_else(|| Error::host(format!("cannot set up guest memory '{name}'"), libc::EINVAL))?;
+    let total = len + ANON_ALIGN;
     // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no existing
     // memory; the result is checked against MAP_FAILED before use.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len as usize,
+            total as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -383,10 +445,24 @@ pub fn map_anonymous(name: &str, size: u64) -> Result<Arc<HostMapping>> {
             "cannot set up guest memory '{name}'"
         )));
     }
-    // SAFETY: `p..p+len` was just mapped by us and nothing else knows of it.
+    let start = p as usize;
+    let aligned = (start as u64).next_multiple_of(ANON_ALIGN) as usize;
+    let head = aligned - start;
+    let tail = total as usize - head - len as usize;
+    // SAFETY: both trimmed pieces lie inside the mapping just made and are not used; the kept
+    // range [aligned, aligned+len) stays mapped.
+    unsafe {
+        if head != 0 {
+            libc::munmap(p, head);
+        }
+        if tail != 0 {
+            libc::munmap((aligned + len as usize) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: `aligned..aligned+len` is mapped by us and nothing else knows of it.
     let m = unsafe {
         HostMapping::from_raw(
-            p as *mut u8,
+            aligned as *mut u8,
             len as usize,
             page as usize,
             None,
@@ -531,6 +607,20 @@ mod tests {
     }
 
     #[test]
+    fn anonymous_memory_is_aligned_like_qemu_and_usable() {
+        let m = map_anonymous("rsdp", 36).unwrap();
+        assert_eq!(m.as_ptr() as u64 % ANON_ALIGN, 0);
+        assert_eq!(m.len(), crate::hostmap::host_page_size());
+        // SAFETY: the mapping is ours and at least one page long.
+        unsafe { m.as_ptr().write(1) };
+        let e = map_anonymous("zero", 0).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "cannot set up guest memory 'zero': Invalid argument"
+        );
+    }
+
+    #[test]
     fn block_beyond_mapping_is_refused() {
         let mut r = RamBlockRegistry::new();
         assert!(r.add(mapping(MIB), 4096, MIB, MIB, false).is_err());
@@ -550,6 +640,37 @@ mod tests {
         assert_eq!(bm[0], 0b1110);
         assert_eq!(bm[1], 1);
         assert_eq!(r.dirty_pages(a), 0);
+        assert!(r.take_dirty(a).iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn dirty_ranges_across_words_set_exactly_those_pages() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB); // 256 pages
+        r.set_dirty(a, 60 * 4096, 70 * 4096); // pages 60..=129
+        let bm = r.take_dirty(a);
+        assert_eq!(bm[0], 0xf << 60);
+        assert_eq!(bm[1], !0);
+        assert_eq!(bm[2], 0b11);
+        assert_eq!(bm[3], 0);
+        r.set_dirty(a, 255 * 4096, 10 * 4096); // clipped to the last page
+        assert_eq!(r.take_dirty(a)[3], 1 << 63);
+    }
+
+    #[test]
+    fn kvm_bitmaps_merge_at_any_page_offset() {
+        let mut r = RamBlockRegistry::new();
+        let a = add(&mut r, MIB - 4096); // 255 pages
+        r.merge_dirty_bitmap(a, 0, &[0b101]);
+        r.merge_dirty_bitmap(a, 62, &[0b111]); // pages 62, 63, 64
+        r.merge_dirty_bitmap(a, 192, &[!0]); // pages 192..=254, 255 does not exist
+        let bm = r.take_dirty(a);
+        assert_eq!(bm[0], 0b101 | (0b11 << 62));
+        assert_eq!(bm[1], 1);
+        assert_eq!(bm[3], !0 >> 1);
+        assert_eq!(r.dirty_pages(a), 0);
+        r.merge_dirty_bitmap(a, 300, &[1]);
+        r.merge_dirty_bitmap(a, 0, &[0]);
         assert!(r.take_dirty(a).iter().all(|&w| w == 0));
     }
 

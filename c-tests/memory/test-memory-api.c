@@ -121,6 +121,20 @@ static void test_aliases_follow_to_ram(void)
     hm_memory_region_destroy(&ram);
     expect_pending("destroy aliased", "still the target of alias");
 
+    /* An alias of RAM registered for migration gets a RAMBlock of its own. */
+    CHECK(!hm_memory_region_is_migratable(&hi));
+    vmstate_register_ram_global(&lo);
+    expect_no_pending("register alias");
+    CHECK(hm_memory_region_is_migratable(&lo));
+    {
+        char *idstr = hm_memory_region_ram_block_idstr(&lo, &err);
+
+        CHECK(idstr && strcmp(idstr, "ram-below-4g") == 0);
+        hm_free(idstr);
+    }
+    vmstate_unregister_ram(&lo, NULL);
+    CHECK(!hm_memory_region_is_migratable(&lo));
+
     memory_region_set_alias_offset(&hi, 4 * MiB);
     CHECK(memory_region_get_ram_ptr(&hi) == base + 4 * MiB);
     expect_no_pending("alias offset");
@@ -267,6 +281,52 @@ static void test_misuse_is_reported_not_fatal(void)
     expect_no_pending("end");
 }
 
+static void test_io_space_and_rom(void)
+{
+    MemoryRegion port = { 0 }, rom = { 0 }, big = { 0 };
+    Error *err = NULL;
+    char *idstr;
+
+    hm_memory_region_init_io(&port, NULL, "port92", 1);
+    memory_region_add_subregion(get_system_io(), 0x92, &port);
+    CHECK(memory_region_size(&port) == 1);
+    CHECK(memory_region_get_ram_ptr(&port) == NULL);
+    expect_no_pending("io port");
+
+    CHECK(memory_region_init_rom(&rom, NULL, "pc.bios", 256 * 1024, &err));
+    CHECK(hm_memory_region_is_migratable(&rom));
+    CHECK(!memory_region_is_mapped(&rom));
+    memory_region_add_subregion(get_system_memory(), 0xfffc0000, &rom);
+    CHECK(memory_region_is_mapped(&rom));
+    CHECK(memory_region_get_ram_ptr(&rom) != NULL);
+    memory_region_set_readonly(&rom, false);
+    memory_region_set_readonly(&rom, true);
+    expect_no_pending("rom");
+    {
+        MemoryRegion rom2 = { 0 };
+
+        CHECK(memory_region_init_rom_nomigrate(&rom2, NULL, "pc.bios", 4096, &err));
+        CHECK(!hm_memory_region_is_migratable(&rom2));
+        hm_memory_region_destroy(&rom2);
+    }
+
+    /* 2^64 containers report UINT64_MAX, as in QEMU. */
+    memory_region_init(&big, NULL, "pci", UINT64_MAX);
+    CHECK(memory_region_size(&big) == UINT64_MAX);
+    idstr = hm_memory_region_ram_block_idstr(&big, &err);
+    CHECK(idstr == NULL && err != NULL);
+    CHECK(err && hm_error_get_class(err) == HM_ERROR_CLASS_NOT_FOUND);
+    error_free(err);
+    err = NULL;
+
+    memory_region_del_subregion(get_system_io(), &port);
+    memory_region_del_subregion(get_system_memory(), &rom);
+    hm_memory_region_destroy(&port);
+    hm_memory_region_destroy(&rom);
+    hm_memory_region_destroy(&big);
+    expect_no_pending("cleanup io");
+}
+
 int main(void)
 {
     test_containers_and_ram();
@@ -274,6 +334,7 @@ int main(void)
     test_priorities_and_overlap();
     test_vmstate_duplicate();
     test_misuse_is_reported_not_fatal();
+    test_io_space_and_rom();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

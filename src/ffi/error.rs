@@ -38,9 +38,12 @@ pub(crate) fn report(err: &Error) {
 }
 
 /// Stores `err` through `errp` following QEMU's error_propagate rules.
-pub fn set_error(errp: *mut *mut Error, err: Error) {
-    // SAFETY: only the addresses of the statics are taken; nothing reads or writes through them.
-    let (fatal, abort) = unsafe { (addr_of_mut!(error_fatal), addr_of_mut!(error_abort)) };
+///
+/// # Safety
+/// `errp` is NULL, `&error_fatal`, `&error_abort`, or points to a writable `Error *` that is NULL
+/// or a live error.
+pub unsafe fn set_error(errp: *mut *mut Error, err: Error) {
+    let (fatal, abort) = (addr_of_mut!(error_fatal), addr_of_mut!(error_abort));
     if errp.is_null() {
         return;
     }

@@ -347,6 +347,67 @@ pub unsafe extern "C" fn memory_region_init_ram(
     })
 }
 
+/// `memory_region_init_rom_nomigrate`: read-only anonymous RAM (firmware images), not
+/// registered for migration.
+///
+/// # Safety
+/// As for `memory_region_init_ram_nomigrate`.
+#[no_mangle]
+pub unsafe extern "C" fn memory_region_init_rom_nomigrate(
+    mr: *mut MemoryRegion,
+    owner: *mut Object,
+    name: *const c_char,
+    size: u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: forwarded caller contract.
+        let name = unsafe { str_arg(name, "name") }?;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            init_region(
+                mr,
+                owner,
+                |m| m.new_ram_anonymous(name, size),
+                |m, id, _| m.set_readonly(id, true),
+            )
+        }?;
+        Ok(true)
+    })
+}
+
+/// `memory_region_init_rom`: read-only anonymous RAM registered for migration like
+/// `memory_region_init_ram` ("pc.bios", "pc.rom").
+///
+/// # Safety
+/// As for `memory_region_init_ram_nomigrate`.
+#[no_mangle]
+pub unsafe extern "C" fn memory_region_init_rom(
+    mr: *mut MemoryRegion,
+    owner: *mut Object,
+    name: *const c_char,
+    size: u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: forwarded caller contract.
+        let name = unsafe { str_arg(name, "name") }?;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            init_region(
+                mr,
+                owner,
+                |m| m.new_ram_anonymous(name, size),
+                |m, id, owner| {
+                    m.set_readonly(id, true)?;
+                    m.vmstate_register_ram(id, owner)
+                },
+            )
+        }?;
+        Ok(true)
+    })
+}
+
 /// `memory_region_init_alias`: a window of `size` bytes (`UINT64_MAX` = 2^64) into `orig`
 /// starting at `offset`.
 ///
@@ -734,6 +795,23 @@ pub unsafe extern "C" fn memory_region_name(mr: *const MemoryRegion) -> *const c
             .entry((c, id))
             .or_insert_with(|| CString::new(name.replace('\0', " ")).unwrap_or_default());
         out = s.as_ptr();
+        Ok(())
+    });
+    out
+}
+
+/// `memory_region_is_mapped`: whether the region is a subregion of some container.
+///
+/// # Safety
+/// `mr` is NULL or MemoryRegion storage.
+#[no_mangle]
+pub unsafe extern "C" fn memory_region_is_mapped(mr: *const MemoryRegion) -> bool {
+    let mut out = false;
+    void_export(|ctx| {
+        // SAFETY: forwarded caller contract.
+        let (c, id) = unsafe { handle(mr, "mr") }?;
+        *ctx = Some(c);
+        out = with_memory(c, |m| Ok(m.get(id)?.parent.is_some()))?;
         Ok(())
     });
     out

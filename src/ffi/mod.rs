@@ -25,11 +25,14 @@ pub(crate) fn guard<T>(errp: *mut *mut Error, on_fail: T, f: impl FnOnce() -> Re
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
-            set_error(errp, e);
+            // SAFETY: every export passes its caller's errp, which QEMU's convention makes
+            // NULL, a sentinel, or a valid `Error **`.
+            unsafe { set_error(errp, e) };
             on_fail
         }
         Err(panic) => {
-            set_error(errp, panic_error(panic));
+            // SAFETY: as above.
+            unsafe { set_error(errp, panic_error(panic)) };
             on_fail
         }
     }

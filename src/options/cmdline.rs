@@ -322,10 +322,10 @@ fn parse_smp(arg: &str) -> Result<u32> {
 
 /// Whether a message came from reading an option's text (QEMU then prefixes the option).
 pub fn is_syntax_error(e: &Error) -> bool {
-    e.class() == HmErrorClass::InvalidParameter
-        && (e.message().starts_with("Parameter '")
-            || e.message().starts_with("Invalid parameter '")
-            || e.message().starts_with("Duplicate ID '"))
+    let m = e.message();
+    m.starts_with("Duplicate ID '")
+        || (e.class() == HmErrorClass::InvalidParameter
+            && (m.starts_with("Parameter '") || m.starts_with("Invalid parameter '")))
 }
 
 /// Parses a QEMU boolean, for `-machine` properties that take one.

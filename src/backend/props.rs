@@ -1,0 +1,184 @@
+//! Property names, value types and QEMU's wording for refusing them.
+
+use crate::error::{Error, HmErrorClass, Result};
+
+use super::BackendType;
+
+/// Properties every backend type has (backends/hostmem.c class properties).
+pub const COMMON: &[&str] = &[
+    "size",
+    "merge",
+    "dump",
+    "prealloc",
+    "prealloc-threads",
+    "share",
+    "reserve",
+    "policy",
+    "host-nodes",
+    "x-use-canonical-path-for-ramblock-id",
+];
+
+/// memory-backend-file's own properties.
+pub const FILE: &[&str] = &[
+    "mem-path",
+    "align",
+    "offset",
+    "discard-data",
+    "readonly",
+    "rom",
+];
+
+/// memory-backend-memfd's own properties.
+pub const MEMFD: &[&str] = &["hugetlb", "hugetlbsize", "seal"];
+
+/// Whether `prop` is a property of backends of type `ty`.
+pub fn exists(ty: BackendType, prop: &str) -> bool {
+    COMMON.contains(&prop)
+        || match ty {
+            BackendType::Ram => false,
+            BackendType::File => FILE.contains(&prop),
+            BackendType::Memfd => MEMFD.contains(&prop),
+        }
+}
+
+/// `qom-set` of a property the type lacks.
+pub fn not_found(ty: BackendType, prop: &str) -> Error {
+    Error::invalid(format!("Property '{}.{prop}' not found", ty.name()))
+}
+
+/// QEMU's host_memory_backend setters: "property 'size' of memory-backend-ram doesn't take
+/// value '0'".
+pub fn zero_refused(ty: BackendType, prop: &str) -> Error {
+    Error::invalid(format!(
+        "property '{prop}' of {} doesn't take value '0'",
+        ty.name()
+    ))
+}
+
+/// The three after-completion wordings QEMU uses, each for its own set of properties.
+pub fn completed(ty: BackendType, prop: &str) -> Error {
+    let msg = match prop {
+        // host_memory_backend_set_size's format ends in a space.
+        "size" => format!("cannot change property {prop} of {} ", ty.name()),
+        "mem-path" | "align" | "offset" => {
+            format!("cannot change property '{prop}' of {}", ty.name())
+        }
+        "readonly" | "rom" => format!("cannot change property '{prop}' of {}.", ty.name()),
+        _ => "cannot change property value".to_string(),
+    };
+    Error::new(HmErrorClass::Completed, msg)
+}
+
+/// An enum value QEMU does not know: "Parameter 'policy' does not accept value 'foo'".
+pub fn bad_enum(prop: &str, value: &str) -> Error {
+    Error::invalid(format!(
+        "Parameter '{prop}' does not accept value '{value}'"
+    ))
+}
+
+/// HostMemPolicy: the Linux MPOL_* numbering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostMemPolicy {
+    Default = 0,
+    Preferred = 1,
+    Bind = 2,
+    Interleave = 3,
+}
+
+impl HostMemPolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "default" => Self::Default,
+            "preferred" => Self::Preferred,
+            "bind" => Self::Bind,
+            "interleave" => Self::Interleave,
+            _ => return Err(bad_enum("policy", s)),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Preferred => "preferred",
+            Self::Bind => "bind",
+            Self::Interleave => "interleave",
+        }
+    }
+}
+
+/// QAPI OnOffAuto, for `rom`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OnOffAuto {
+    Auto,
+    On,
+    Off,
+}
+
+impl OnOffAuto {
+    pub fn parse(prop: &str, s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "on" => Self::On,
+            "off" => Self::Off,
+            _ => return Err(bad_enum(prop, s)),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_belong_to_their_types() {
+        assert!(exists(BackendType::Ram, "size"));
+        assert!(!exists(BackendType::Ram, "mem-path"));
+        assert!(exists(BackendType::File, "mem-path"));
+        assert!(!exists(BackendType::File, "seal"));
+        assert!(exists(BackendType::Memfd, "hugetlbsize"));
+        assert!(!exists(BackendType::Memfd, "foo"));
+    }
+
+    #[test]
+    fn completion_wordings() {
+        let t = BackendType::File;
+        assert_eq!(
+            completed(t, "size").message(),
+            "cannot change property size of memory-backend-file "
+        );
+        assert_eq!(
+            completed(t, "mem-path").message(),
+            "cannot change property 'mem-path' of memory-backend-file"
+        );
+        assert_eq!(
+            completed(t, "rom").message(),
+            "cannot change property 'rom' of memory-backend-file."
+        );
+        assert_eq!(
+            completed(t, "share").message(),
+            "cannot change property value"
+        );
+        assert_eq!(completed(t, "share").class(), HmErrorClass::Completed);
+    }
+
+    #[test]
+    fn enums_parse_and_print() {
+        for p in ["default", "preferred", "bind", "interleave"] {
+            assert_eq!(HostMemPolicy::parse(p).unwrap().name(), p);
+        }
+        assert_eq!(
+            HostMemPolicy::parse("foo").unwrap_err().message(),
+            "Parameter 'policy' does not accept value 'foo'"
+        );
+        assert_eq!(OnOffAuto::parse("rom", "auto").unwrap(), OnOffAuto::Auto);
+        assert!(OnOffAuto::parse("rom", "yes").is_err());
+    }
+}

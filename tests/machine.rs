@@ -1,0 +1,284 @@
+//! The generic machine's RAM rules, end to end through a context: which backend becomes
+//! `machine->ram`, how it is named in the RAMBlock list, and every refusal with QEMU's words.
+
+use hostmem::context;
+use hostmem::machine::{self, BoardInfo};
+use hostmem::options::cmdline::Cmdline;
+use hostmem::Result;
+
+fn pc() -> BoardInfo {
+    BoardInfo {
+        name: "pc-i440fx-10.0".into(),
+        alias: Some("pc".into()),
+        default_ram_size: 128 << 20,
+        default_ram_id: Some("pc.ram".into()),
+        numa_mem_supported: true,
+    }
+}
+
+fn legacy_board() -> BoardInfo {
+    BoardInfo {
+        name: "legacy".into(),
+        alias: None,
+        default_ram_size: 64 << 20,
+        default_ram_id: None,
+        numa_mem_supported: true,
+    }
+}
+
+/// Configures a machine on a fresh context and returns (ram name, ram size, RAMBlock ids in
+/// `info ramblock` order, backend ids), then drops the context.
+fn configure(
+    board: &BoardInfo,
+    args: &str,
+) -> Result<(Option<String>, u64, Vec<String>, Vec<String>)> {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let cmd = Cmdline::parse(&args)?;
+    let id = context::create();
+    let result = context::with(id, |ctx| {
+        machine::configure(ctx, &cmd, board)?;
+        let m = ctx.machine.as_ref().unwrap();
+        let ram_name = match m.ram {
+            Some(r) => Some(ctx.memory.region_name(r)?.to_string()),
+            None => None,
+        };
+        let blocks = ctx
+            .memory
+            .ramblocks
+            .ids()
+            .into_iter()
+            .map(|b| ctx.memory.ramblocks.get(b).unwrap().idstr.clone())
+            .collect();
+        Ok((ram_name, m.ram_size, blocks, ctx.objects.ids()))
+    });
+    context::destroy(id).unwrap();
+    result
+}
+
+fn error(board: &BoardInfo, args: &str) -> String {
+    match configure(board, args) {
+        Ok(v) => panic!("expected an error for {args:?}, got {v:?}"),
+        Err(e) => format!(
+            "{}{}",
+            e.message(),
+            e.hint().map(|h| format!("\n{h}")).unwrap_or_default()
+        ),
+    }
+}
+
+#[test]
+fn implicit_backend_is_named_after_default_ram_id() {
+    let (ram, size, blocks, objects) = configure(&pc(), "-m 64M").unwrap();
+    assert_eq!(ram.as_deref(), Some("pc.ram"));
+    assert_eq!(size, 64 << 20);
+    assert_eq!(blocks, ["pc.ram"]);
+    assert_eq!(objects, ["pc.ram"]);
+}
+
+#[test]
+fn no_m_takes_the_board_default_size() {
+    let (_, size, _, _) = configure(&pc(), "").unwrap();
+    assert_eq!(size, 128 << 20);
+}
+
+#[test]
+fn explicit_memory_backend_is_consumed_under_its_own_id() {
+    let (ram, size, blocks, objects) = configure(
+        &pc(),
+        "-object memory-backend-ram,id=m0,size=32M -machine memory-backend=m0",
+    )
+    .unwrap();
+    assert_eq!(ram.as_deref(), Some("m0"));
+    // Without -m the machine takes the backend's size.
+    assert_eq!(size, 32 << 20);
+    assert_eq!(blocks, ["m0"]);
+    assert_eq!(objects, ["m0"]);
+}
+
+#[test]
+fn unused_backends_have_unnamed_ramblocks() {
+    let (_, _, blocks, _) =
+        configure(&pc(), "-m 64M -object memory-backend-ram,id=spare,size=16M").unwrap();
+    assert_eq!(blocks, ["pc.ram", ""]);
+}
+
+#[test]
+fn mem_path_makes_the_implicit_backend_a_file_backend() {
+    let dir = std::env::temp_dir();
+    let args = format!("-m 16M -mem-path {}", dir.display());
+    let id = context::create();
+    let cmd = Cmdline::parse(&args.split_whitespace().collect::<Vec<_>>()).unwrap();
+    let ty = context::with(id, |ctx| {
+        machine::configure(ctx, &cmd, &pc())?;
+        ctx.objects.get("pc.ram").unwrap().backend.get("mem-path")
+    });
+    context::destroy(id).unwrap();
+    assert_eq!(ty.unwrap(), dir.display().to_string());
+}
+
+#[test]
+fn numa_memdevs_become_a_container_with_one_ramblock_per_node() {
+    let (ram, size, blocks, _) = configure(
+        &pc(),
+        "-m 48M -object memory-backend-ram,id=n0,size=32M -object memory-backend-ram,id=n1,size=16M \
+         -numa node,memdev=n0 -numa node,memdev=n1",
+    )
+    .unwrap();
+    assert_eq!(ram.as_deref(), Some("pc.ram"));
+    assert_eq!(size, 48 << 20);
+    assert_eq!(blocks, ["n0", "n1"]);
+}
+
+#[test]
+fn board_without_default_ram_id_gets_no_ram() {
+    let (ram, _, blocks, objects) = configure(&legacy_board(), "-m 32M").unwrap();
+    assert_eq!(ram, None);
+    assert!(blocks.is_empty() && objects.is_empty());
+}
+
+#[test]
+fn refusals_read_like_qemu() {
+    let b = pc();
+    assert_eq!(
+        error(&b, "-M pc,memory-backend=x"),
+        "Memory backend 'x' not found"
+    );
+    assert_eq!(
+        error(
+            &b,
+            "-object memory-backend-ram,id=m,size=64M -M pc,memory-backend=m -m 128M"
+        ),
+        "Machine memory size does not match the size of the memory backend"
+    );
+    assert_eq!(
+        error(
+            &b,
+            "-object memory-backend-ram,id=m,size=64M -M pc,memory-backend=m -mem-path /tmp"
+        ),
+        "'-mem-path' can't be used together with'-machine memory-backend'"
+    );
+    assert_eq!(
+        error(&b, "-object memory-backend-ram,id=pc.ram,size=64M"),
+        "object's id 'pc.ram' is reserved for the default RAM backend, it can't be used for any other purposes\n\
+         Change the object's 'id' to something else or disable automatic creation of the default RAM backend by setting 'memory-backend=pc.ram' with '-machine'.\n"
+    );
+    assert_eq!(
+        error(&b, "-m 64M -numa node,mem=64M"),
+        "-numa node,mem=64M: Parameter -numa node,mem is not supported by this machine type\nUse -numa node,memdev instead\n"
+    );
+    assert_eq!(
+        error(
+            &b,
+            "-object memory-backend-ram,id=m,size=64M -M pc,memory-backend=m -numa node,memdev=m"
+        ),
+        "'-machine memory-backend' and '-numa memdev' properties are mutually exclusive"
+    );
+    assert_eq!(
+        error(&b, "-m 128M -object memory-backend-ram,id=m,size=64M -numa node,memdev=m -numa node,memdev=m"),
+        "memory backend m can't be used multiple times."
+    );
+    assert_eq!(
+        error(&b, "-numa node,memdev=zz"),
+        "-numa node,memdev=zz: memdev=zz is ambiguous"
+    );
+    assert_eq!(
+        error(
+            &b,
+            "-m 128M -object memory-backend-ram,id=m,size=64M -numa node,memdev=m"
+        ),
+        "total memory for NUMA nodes (0x4000000) should equal RAM size (0x8000000)"
+    );
+    assert_eq!(
+        error(&b, "-m 64M -mem-path /nonexistent/x"),
+        "can't open backing store /nonexistent/x for guest RAM: No such file or directory"
+    );
+    assert_eq!(
+        error(&b, "-M pc,foo=1"),
+        "Property 'pc-i440fx-10.0-machine.foo' not found"
+    );
+    assert_eq!(
+        error(&b, "-object memory-backend-ram,id=m,size=1M,foo=1"),
+        "-object memory-backend-ram,id=m,size=1M,foo=1: Invalid parameter 'foo'"
+    );
+    assert_eq!(
+        error(&b, "-object memory-backend-ram,id=m,size=0"),
+        "property 'size' of memory-backend-ram doesn't take value '0'"
+    );
+    assert_eq!(
+        error(
+            &b,
+            "-object memory-backend-ram,id=m,size=1M -object memory-backend-ram,id=m,size=1M"
+        ),
+        "-object memory-backend-ram,id=m,size=1M: Duplicate ID 'm' for object"
+    );
+}
+
+#[test]
+fn a_backend_used_twice_is_refused() {
+    // Main RAM and a NUMA node cannot share a backend: QEMU refuses both at once.
+    assert_eq!(
+        error(
+            &pc(),
+            "-object memory-backend-ram,id=m,size=64M -M pc,memory-backend=m -numa node,memdev=m"
+        ),
+        "'-machine memory-backend' and '-numa memdev' properties are mutually exclusive"
+    );
+}
+
+#[test]
+fn mem_prealloc_is_a_default_for_every_backend() {
+    let id = context::create();
+    let cmd = Cmdline::parse(&[
+        "-m",
+        "8M",
+        "-mem-prealloc",
+        "-object",
+        "memory-backend-ram,id=x,size=4M",
+    ])
+    .unwrap();
+    let got = context::with(id, |ctx| {
+        machine::configure(ctx, &cmd, &pc())?;
+        Ok((
+            ctx.objects.get("pc.ram").unwrap().backend.get("prealloc")?,
+            ctx.objects.get("x").unwrap().backend.get("prealloc")?,
+        ))
+    });
+    context::destroy(id).unwrap();
+    let (main, other) = got.unwrap();
+    assert_eq!((main.as_str(), other.as_str()), ("on", "on"));
+}
+
+#[test]
+fn legacy_allocation_works_once_and_refuses_a_second_call() {
+    let id = context::create();
+    let cmd = Cmdline::parse(&["-m", "16M"]).unwrap();
+    let got = context::with(id, |ctx| {
+        machine::configure(ctx, &cmd, &legacy_board())?;
+        let r = machine::allocate_system_memory(ctx, "legacy.ram", 16 << 20)?;
+        let block = ctx.memory.ram_block_of(r).unwrap();
+        let idstr = ctx.memory.ramblocks.get(block).unwrap().idstr.clone();
+        let second = machine::allocate_system_memory(ctx, "legacy.ram2", 16 << 20).unwrap_err();
+        Ok((idstr, second))
+    });
+    context::destroy(id).unwrap();
+    let (idstr, second) = got.unwrap();
+    assert_eq!(idstr, "legacy.ram");
+    assert!(
+        second.message().contains("called twice"),
+        "{}",
+        second.message()
+    );
+    assert_eq!(second.class(), hostmem::HmErrorClass::InUse);
+}
+
+#[test]
+fn failed_configuration_leaves_no_backend_behind() {
+    let id = context::create();
+    let cmd = Cmdline::parse(&["-m", "64M", "-mem-path", "/nonexistent/x"]).unwrap();
+    let left = context::with(id, |ctx| {
+        assert!(machine::configure(ctx, &cmd, &pc()).is_err());
+        Ok((ctx.objects.ids(), ctx.memory.ramblocks.ids().len()))
+    });
+    context::destroy(id).unwrap();
+    assert_eq!(left.unwrap(), (Vec::<String>::new(), 0));
+}
