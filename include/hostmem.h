@@ -7,6 +7,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// QEMU's MAX_NODES: host-nodes values must be below it.
+#define MAX_NODES 128
+
+// QEMU's MAX_MEM_PREALLOC_THREAD_COUNT.
+#define MAX_THREADS 16
+
+// Below this much memory per thread, more threads cost more than they save.
+#define BYTES_PER_THREAD (64 << 20)
+
+// QEMU_VMALLOC_ALIGN on x86/arm/ppc64 hosts: anonymous guest RAM starts on a 2 MiB boundary so
+// transparent huge pages can back it.
+#define VMALLOC_ALIGN (2 << 20)
+
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
 
