@@ -379,3 +379,61 @@ fn detaching_unregisters_the_listener_and_drops_the_vm() {
     .unwrap();
     hostmem::context::destroy(id).unwrap();
 }
+
+/// Polls pc.ram's word at `offset` until it holds `want` (the running guest wrote it).
+fn wait_for_guest(pc: &Pc, offset: u64, want: u64) {
+    let p = pc.mem.ram_ptr(pc.ram).unwrap().unwrap() as usize + offset as usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // SAFETY: inside pc.ram; the guest writes the word concurrently, hence the volatile read.
+    while unsafe { std::ptr::read_volatile(p as *const u64) } != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never wrote 0x{offset:x}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn dirty_logging_switched_on_and_off_while_the_guest_runs_sees_only_writes_in_between() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let mut pc = pc(6 * GIB, 3 * GIB);
+    pc.attach(&kvm);
+    let flag = 0x10_0000u64;
+    let (a, b, c) = (0x20_0000u64, 5 * GIB + 0x4000, 0x30_0000u64);
+    pc.set_ram_u64(flag, 0);
+    // A before logging starts, B while it is on, C after it stopped; the guest waits for the
+    // host between them.
+    let ops = [
+        GuestOp::Write { gpa: a, value: 0xa },
+        GuestOp::WaitWhile {
+            gpa: flag,
+            value: 0,
+        },
+        GuestOp::Write { gpa: b, value: 0xb },
+        GuestOp::WaitWhile {
+            gpa: flag,
+            value: 1,
+        },
+        GuestOp::Write { gpa: c, value: 0xc },
+    ];
+    std::thread::scope(|s| {
+        let guest = s.spawn(|| kvm.run_guest(&ops));
+        wait_for_guest(&pc, a, 0xa);
+        pc.mem.set_global_dirty_log(true).unwrap();
+        pc.set_ram_u64(flag, 1);
+        wait_for_guest(&pc, b - GIB, 0xb);
+        pc.mem.set_global_dirty_log(false).unwrap();
+        pc.set_ram_u64(flag, 2);
+        guest.join().unwrap().unwrap();
+    });
+    assert_eq!(pc.ram_u64(c), 0xc);
+    // B's bit was fetched when logging stopped and is delivered by the next sync.
+    pc.mem.log_sync().unwrap();
+    assert_eq!(kvm.last_dirty(), vec![b]);
+    let block = pc.mem.ram_block_of(pc.ram).unwrap();
+    assert_eq!(
+        dirty_offsets(&pc.mem.ramblocks.take_dirty(block)),
+        vec![b - GIB]
+    );
+}

@@ -16,6 +16,9 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::error::{Error, HmErrorClass, Result};
 
+use std::sync::{Arc, Mutex};
+
+use super::listener::lock;
 use super::table::SlotTable;
 
 pub const GDT_ADDR: u64 = 0x500;
@@ -39,23 +42,41 @@ const LEAF_FLAGS: u64 = 0xe3;
 /// One access the guest makes. Addresses must be 8-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestOp {
-    Write { gpa: u64, value: u64 },
-    Read { gpa: u64 },
+    Write {
+        gpa: u64,
+        value: u64,
+    },
+    Read {
+        gpa: u64,
+    },
+    /// Spin while the word at `gpa` equals `value` (at most [`WAIT_SPIN_LIMIT`] rounds): lets
+    /// the host act while the guest is running, then release it by writing that word.
+    WaitWhile {
+        gpa: u64,
+        value: u64,
+    },
 }
 
 impl GuestOp {
     pub fn gpa(&self) -> u64 {
         match *self {
-            GuestOp::Write { gpa, .. } | GuestOp::Read { gpa } => gpa,
+            GuestOp::Write { gpa, .. } | GuestOp::Read { gpa } | GuestOp::WaitWhile { gpa, .. } => {
+                gpa
+            }
         }
     }
 }
 
+/// How long a [`GuestOp::WaitWhile`] spins at most (iterations of a load, a compare and a
+/// `pause`: seconds, not minutes), so a host that never answers cannot hang the run.
+pub const WAIT_SPIN_LIMIT: u32 = 0x1000_0000;
+
 /// The guest code. Register use: rsi walks the op list, rcx counts the ops left, rdi is the
-/// op's address, rax its kind and then its value. An op is three u64s: kind (0 write, 1 read),
-/// gpa, value; a read stores what it found into the value field.
+/// op's address, rax its kind and then its value, r8d the spin budget of a wait. An op is three
+/// u64s: kind (0 write, 1 read, 2 wait while equal), gpa, value; a read stores what it found
+/// into the value field.
 fn code(ops_addr: u64) -> Vec<u8> {
-    let mut c = Vec::with_capacity(0x48);
+    let mut c = Vec::with_capacity(0x64);
     // 0x00  mov rsi, imm64          REX.W B8+rsi
     c.extend([0x48, 0xbe]);
     c.extend(ops_addr.to_le_bytes());
@@ -65,42 +86,63 @@ fn code(ops_addr: u64) -> Vec<u8> {
     c.extend([0x48, 0x83, 0xc6, 0x08]);
     // 0x11 loop: test rcx, rcx
     c.extend([0x48, 0x85, 0xc9]);
-    // 0x14  jz done (0x3b)          rel8 = 0x3b - 0x16
-    c.extend([0x74, 0x25]);
+    // 0x14  jz done (0x59)          rel8 = 0x59 - 0x16
+    c.extend([0x74, 0x43]);
     // 0x16  mov rax, [rsi]          kind
     c.extend([0x48, 0x8b, 0x06]);
     // 0x19  mov rdi, [rsi+8]        gpa
     c.extend([0x48, 0x8b, 0x7e, 0x08]);
     // 0x1d  test rax, rax
     c.extend([0x48, 0x85, 0xc0]);
-    // 0x20  jnz read (0x2b)         rel8 = 0x2b - 0x22
-    c.extend([0x75, 0x09]);
-    // 0x22  mov rax, [rsi+16]       value
-    c.extend([0x48, 0x8b, 0x46, 0x10]);
-    // 0x26  mov [rdi], rax          the write
-    c.extend([0x48, 0x89, 0x07]);
-    // 0x29  jmp next (0x32)         rel8 = 0x32 - 0x2b
-    c.extend([0xeb, 0x07]);
-    // 0x2b read: mov rax, [rdi]     the read
+    // 0x20  jz write (0x40)         rel8 = 0x40 - 0x22
+    c.extend([0x74, 0x1e]);
+    // 0x22  cmp rax, 1
+    c.extend([0x48, 0x83, 0xf8, 0x01]);
+    // 0x26  je read (0x49)          rel8 = 0x49 - 0x28
+    c.extend([0x74, 0x21]);
+    // 0x28 wait: mov r8d, WAIT_SPIN_LIMIT
+    c.extend([0x41, 0xb8]);
+    c.extend(WAIT_SPIN_LIMIT.to_le_bytes());
+    // 0x2e spin: mov rax, [rdi]     read the watched word (a read: nothing gets dirty)
     c.extend([0x48, 0x8b, 0x07]);
-    // 0x2e  mov [rsi+16], rax       result into the op
+    // 0x31  cmp rax, [rsi+16]
+    c.extend([0x48, 0x3b, 0x46, 0x10]);
+    // 0x35  jne next (0x50)         rel8 = 0x50 - 0x37
+    c.extend([0x75, 0x19]);
+    // 0x37  pause
+    c.extend([0xf3, 0x90]);
+    // 0x39  dec r8d
+    c.extend([0x41, 0xff, 0xc8]);
+    // 0x3c  jnz spin (0x2e)         rel8 = 0x2e - 0x3e
+    c.extend([0x75, 0xf0]);
+    // 0x3e  jmp next (0x50)         budget spent: go on
+    c.extend([0xeb, 0x10]);
+    // 0x40 write: mov rax, [rsi+16] value
+    c.extend([0x48, 0x8b, 0x46, 0x10]);
+    // 0x44  mov [rdi], rax          the write
+    c.extend([0x48, 0x89, 0x07]);
+    // 0x47  jmp next (0x50)         rel8 = 0x50 - 0x49
+    c.extend([0xeb, 0x07]);
+    // 0x49 read: mov rax, [rdi]     the read
+    c.extend([0x48, 0x8b, 0x07]);
+    // 0x4c  mov [rsi+16], rax       result into the op
     c.extend([0x48, 0x89, 0x46, 0x10]);
-    // 0x32 next: add rsi, 24
+    // 0x50 next: add rsi, 24
     c.extend([0x48, 0x83, 0xc6, 0x18]);
-    // 0x36  dec rcx
+    // 0x54  dec rcx
     c.extend([0x48, 0xff, 0xc9]);
-    // 0x39  jmp loop (0x11)         rel8 = 0x11 - 0x3b
-    c.extend([0xeb, 0xd6]);
-    // 0x3b done: mov edx, DONE_PORT
+    // 0x57  jmp loop (0x11)         rel8 = 0x11 - 0x59
+    c.extend([0xeb, 0xb8]);
+    // 0x59 done: mov edx, DONE_PORT
     c.push(0xba);
     c.extend(u32::from(DONE_PORT).to_le_bytes());
-    // 0x40  mov al, DONE_VALUE
+    // 0x5e  mov al, DONE_VALUE
     c.extend([0xb0, DONE_VALUE]);
-    // 0x42  out dx, al              PIO exit: "all ops ran"
+    // 0x60  out dx, al              PIO exit: "all ops ran"
     c.push(0xee);
-    // 0x43  hlt                     HLT exit: the host stops the run
+    // 0x61  hlt                     HLT exit: the host stops the run
     c.push(0xf4);
-    // 0x44  jmp 0x43                halt again if ever woken
+    // 0x62  jmp 0x61                halt again if ever woken
     c.extend([0xeb, 0xfd]);
     c
 }
@@ -164,6 +206,7 @@ impl Payload {
             let (kind, gpa, value) = match *op {
                 GuestOp::Write { gpa, value } => (0u64, gpa, value),
                 GuestOp::Read { gpa } => (1, gpa, 0),
+                GuestOp::WaitWhile { gpa, value } => (2, gpa, value),
             };
             op_bytes.extend(kind.to_le_bytes());
             op_bytes.extend(gpa.to_le_bytes());
@@ -321,13 +364,23 @@ fn settle(vcpu: &mut VcpuFd) -> Result<()> {
 }
 
 /// Runs `ops` on the vCPU and returns, for each op, the value it wrote or read.
-pub(crate) fn run_ops(vcpu: &mut VcpuFd, table: &SlotTable, ops: &[GuestOp]) -> Result<Vec<u64>> {
+///
+/// The slot table is locked only to place the payload and to read the results, not while the
+/// vCPU runs: the host may change the layout or switch dirty logging meanwhile.
+pub(crate) fn run_ops(
+    vcpu: &mut VcpuFd,
+    table: &Arc<Mutex<SlotTable>>,
+    ops: &[GuestOp],
+) -> Result<Vec<u64>> {
     let payload = Payload::build(ops)?;
-    let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
-    write_guest(table, GDT_ADDR, &gdt)?;
-    write_guest(table, CODE_ADDR, &code(payload.ops_addr))?;
-    write_guest(table, TABLES_ADDR, &payload.tables)?;
-    write_guest(table, payload.ops_addr, &payload.ops)?;
+    {
+        let t = lock(table);
+        let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+        write_guest(&t, GDT_ADDR, &gdt)?;
+        write_guest(&t, CODE_ADDR, &code(payload.ops_addr))?;
+        write_guest(&t, TABLES_ADDR, &payload.tables)?;
+        write_guest(&t, payload.ops_addr, &payload.ops)?;
+    }
     settle(vcpu)?;
     enter_long_mode(vcpu)?;
 
@@ -353,10 +406,12 @@ pub(crate) fn run_ops(vcpu: &mut VcpuFd, table: &SlotTable, ops: &[GuestOp]) -> 
                 signalled = true;
             }
             Ok(VcpuExit::Hlt) if signalled => {
+                let table = lock(table);
+                let table = &*table;
                 let mut out = Vec::with_capacity(ops.len());
                 for (i, op) in ops.iter().enumerate() {
                     out.push(match *op {
-                        GuestOp::Write { value, .. } => value,
+                        GuestOp::Write { value, .. } | GuestOp::WaitWhile { value, .. } => value,
                         GuestOp::Read { .. } => {
                             read_guest_u64(table, payload.ops_addr + 8 + i as u64 * 24 + 16)?
                         }
@@ -410,15 +465,31 @@ mod tests {
     fn code_jumps_land_on_their_labels() {
         let c = code(0x1234_5678);
         assert_eq!(&c[2..10], &0x1234_5678u64.to_le_bytes());
-        // jz done: 0x16 + 0x25 = 0x3b, the `mov edx` of done.
-        assert_eq!((c[0x14], c[0x15], c[0x3b]), (0x74, 0x25, 0xba));
-        // jnz read: 0x22 + 9 = 0x2b, `mov rax, [rdi]`.
-        assert_eq!(&c[0x2b..0x2e], &[0x48, 0x8b, 0x07]);
-        // jmp next: 0x2b + 7 = 0x32, `add rsi, 24`.
-        assert_eq!(&c[0x32..0x36], &[0x48, 0x83, 0xc6, 0x18]);
-        // jmp loop: 0x3b - 0x2a = 0x11, `test rcx, rcx`.
+        let target = |at: usize| (at as i64 + 2 + i64::from(c[at + 1] as i8)) as usize;
+        // jz done -> `mov edx, DONE_PORT`.
+        assert_eq!((c[0x14], c[target(0x14)]), (0x74, 0xba));
+        assert_eq!(target(0x14), 0x59);
+        // jz write -> `mov rax, [rsi+16]`; je read -> `mov rax, [rdi]`.
+        assert_eq!(
+            &c[target(0x20)..target(0x20) + 4],
+            &[0x48, 0x8b, 0x46, 0x10]
+        );
+        assert_eq!(&c[target(0x26)..target(0x26) + 3], &[0x48, 0x8b, 0x07]);
+        assert_eq!(target(0x26), 0x49);
+        // The spin loop goes back to its load; its exits and the op ends go to `add rsi, 24`.
+        assert_eq!(target(0x3c), 0x2e);
+        for at in [0x35, 0x3e, 0x47] {
+            assert_eq!(
+                &c[target(at)..target(at) + 4],
+                &[0x48, 0x83, 0xc6, 0x18],
+                "{at:#x}"
+            );
+        }
+        // jmp loop -> `test rcx, rcx`.
+        assert_eq!(target(0x57), 0x11);
         assert_eq!(&c[0x11..0x14], &[0x48, 0x85, 0xc9]);
-        assert_eq!(&c[0x42..], &[0xee, 0xf4, 0xeb, 0xfd]);
+        assert_eq!(&c[0x2a..0x2e], &WAIT_SPIN_LIMIT.to_le_bytes());
+        assert_eq!(&c[0x60..], &[0xee, 0xf4, 0xeb, 0xfd]);
     }
 
     fn entry(tables: &[u8], addr: u64, index: u64) -> u64 {

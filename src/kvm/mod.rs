@@ -176,8 +176,7 @@ impl KvmHandle {
         if vcpu.is_none() {
             *vcpu = Some(guest::create_vcpu(&self.kvm, &self.vm)?);
         }
-        let table = listener::lock(&self.table);
-        guest::run_ops(vcpu.as_mut().expect("created above"), &table, ops)
+        guest::run_ops(vcpu.as_mut().expect("created above"), &self.table, ops)
     }
 
     /// The guest writes a signature at the start and at the end of every writable slot and
