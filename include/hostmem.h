@@ -30,23 +30,6 @@
 // ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
 #define HM_KVM_SIGNATURE 7525360446248152353
 
-#define GDT_ADDR 1280
-
-#define CODE_ADDR 4096
-
-#define TABLES_ADDR 8192
-
-// The payload must end below the legacy VGA hole of PC layouts.
-#define PAYLOAD_LIMIT 655360
-
-// The port the guest writes [`DONE_VALUE`] to when every op ran.
-#define DONE_PORT 1296
-
-#define DONE_VALUE 72
-
-// The kernel's per-slot page limit (`KVM_MEM_MAX_NR_PAGES`), counted in host pages.
-#define KVM_MEM_MAX_NR_PAGES ((1 << 31) - 1)
-
 // Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
 #define DIRTY_PAGE_SIZE 4096
 

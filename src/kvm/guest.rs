@@ -21,14 +21,14 @@ use std::sync::{Arc, Mutex};
 use super::listener::lock;
 use super::table::SlotTable;
 
-pub const GDT_ADDR: u64 = 0x500;
-pub const CODE_ADDR: u64 = 0x1000;
-pub const TABLES_ADDR: u64 = 0x2000;
+pub(crate) const GDT_ADDR: u64 = 0x500;
+pub(crate) const CODE_ADDR: u64 = 0x1000;
+pub(crate) const TABLES_ADDR: u64 = 0x2000;
 /// The payload must end below the legacy VGA hole of PC layouts.
-pub const PAYLOAD_LIMIT: u64 = 0xa_0000;
+pub(crate) const PAYLOAD_LIMIT: u64 = 0xa_0000;
 /// The port the guest writes [`DONE_VALUE`] to when every op ran.
-pub const DONE_PORT: u16 = 0x510;
-pub const DONE_VALUE: u8 = 0x48;
+pub(crate) const DONE_PORT: u16 = 0x510;
+pub(crate) const DONE_VALUE: u8 = 0x48;
 /// Identity mapping stays in the lower canonical half.
 const MAX_GPA: u64 = 1 << 47;
 const PAGE_2M: u64 = 2 << 20;
@@ -69,7 +69,7 @@ impl GuestOp {
 
 /// How long a [`GuestOp::WaitWhile`] spins at most (iterations of a load, a compare and a
 /// `pause`: seconds, not minutes), so a host that never answers cannot hang the run.
-pub const WAIT_SPIN_LIMIT: u32 = 0x1000_0000;
+pub(crate) const WAIT_SPIN_LIMIT: u32 = 0x1000_0000;
 
 /// The guest code. Register use: rsi walks the op list, rcx counts the ops left, rdi is the
 /// op's address, rax its kind and then its value, r8d the spin budget of a wait. An op is three

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 
 /// The kernel's per-slot page limit (`KVM_MEM_MAX_NR_PAGES`), counted in host pages.
-pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+pub(crate) const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 
 /// One contiguous piece of guest RAM as KVM sees it: where it is in the guest, where it is in
 /// the host, and where it is in its RAMBlock. Slots cut from one section advance all three
