@@ -128,6 +128,12 @@ fn attaching_through_a_context_replays_the_layout_and_info_memslots_shows_it() {
         KvmHandle::attach(ctx, GIB)?;
         let again = KvmHandle::attach(ctx, 0).unwrap_err();
         assert_eq!(again.message(), "KVM is already attached to this machine");
+        // `info mtree -f` marks the ranges KVM maps, as QEMU does.
+        let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
+        assert!(
+            flat.contains("  0000000000000000-000000007fffffff (prio 0, ram): pc.ram kvm\n"),
+            "{flat}"
+        );
         let kvm = ctx.kvm.as_ref().unwrap();
         assert_eq!(kvm.slots().len(), 2);
         let check = kvm.run_guest_check(&ctx.memory)?;
@@ -369,6 +375,8 @@ fn detaching_unregisters_the_listener_and_drops_the_vm() {
         assert_eq!(ctx.memory.listener_names(), vec!["kvm-memory".to_string()]);
         KvmHandle::detach(ctx)?;
         assert!(ctx.kvm.is_none());
+        let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
+        assert!(!flat.contains(" kvm"), "{flat}");
         assert!(ctx.memory.listener_names().is_empty());
         assert_eq!(
             KvmHandle::detach(ctx).unwrap_err().message(),

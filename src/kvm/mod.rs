@@ -103,6 +103,13 @@ impl KvmHandle {
         }
         let handle = KvmHandle::open(max_slot_size)?;
         ctx.memory.add_listener(Box::new(handle.listener()))?;
+        let table = handle.table.clone();
+        ctx.memory.set_accel_query(
+            "kvm",
+            Some(Box::new(move |gpa, size| {
+                listener::lock(&table).has_memory(gpa, size)
+            })),
+        );
         ctx.kvm = Some(handle);
         Ok(())
     }
@@ -114,6 +121,7 @@ impl KvmHandle {
             return Err(not_attached());
         }
         ctx.memory.remove_listener(LISTENER_NAME);
+        ctx.memory.set_accel_query("kvm", None);
         Ok(())
     }
 

@@ -152,6 +152,25 @@ impl SlotTable {
             .find(|s| gpa >= s.gpa && gpa - s.gpa < s.size)
     }
 
+    /// Whether KVM maps the guest range `[gpa, gpa+size)` of a flat view (QEMU's
+    /// `kvm_accel_has_memory`, which `info mtree -f` marks with " kvm"): the first slot the
+    /// range's split would produce is registered.
+    pub fn has_memory(&self, gpa: u64, size: u64) -> bool {
+        let probe = SlotRange {
+            gpa,
+            size,
+            hva: 0,
+            block_offset: 0,
+        };
+        let Some(aligned) = slots::align_section(probe, self.host_page) else {
+            return false;
+        };
+        self.slots
+            .iter()
+            .flatten()
+            .any(|s| s.gpa == aligned.gpa && s.size <= aligned.size)
+    }
+
     /// The walk every operation on a section uses (add, remove): its slots in order.
     fn pieces(&self, section: &MemorySection) -> Result<Vec<SlotRange>> {
         let Some(ram) = &section.ram else {
@@ -529,6 +548,19 @@ mod tests {
         assert_eq!(s[2].block_offset, 5 * GIB);
         assert_eq!(t.lookup(6 * GIB + 5).unwrap().slot, 2);
         assert!(t.lookup(7 * GIB).is_none());
+    }
+
+    #[test]
+    fn has_memory_answers_for_ranges_whose_first_slot_is_registered() {
+        let (_vm, mut t) = table(32, Some(GIB));
+        t.add_section(&ram(4 * GIB, 3 * GIB, 0x7000_0000_0000, 0, 0))
+            .unwrap();
+        assert!(t.has_memory(4 * GIB, 3 * GIB));
+        assert!(!t.has_memory(0, 3 * GIB));
+        // A range that is not the one registered (starts inside it) is not KVM's.
+        assert!(!t.has_memory(4 * GIB + 0x1000, GIB));
+        // Sub-page ranges never get a slot.
+        assert!(!t.has_memory(4 * GIB, 0x800));
     }
 
     #[test]
