@@ -1,5 +1,6 @@
-//! The KVM listener on a real VM, driven with hand-made sections that no flat view would
-//! produce (overlapping ones), to see the kernel's refusals come back as errors.
+//! KVM refusing slots, on a real VM: hand-made overlapping sections (which no flat view
+//! produces) and a flat view whose RAM is not page-aligned in the host come back as errors
+//! naming slot, start, size and errno, never as an abort.
 
 mod kvm_support;
 
@@ -29,7 +30,7 @@ fn ram(
 }
 
 #[test]
-fn the_slot_budget_and_bad_slot_sizes_are_errors_not_aborts() {
+fn kernel_refusals_and_bad_slot_sizes_are_errors_not_aborts() {
     let Some(kvm) = open_kvm(0) else { return };
     let mem = sparse(64 * MIB);
     let mut l = kvm.listener();
@@ -51,4 +52,26 @@ fn the_slot_budget_and_bad_slot_sizes_are_errors_not_aborts() {
             .contains("must be a multiple of the host page size"),
         "{e}"
     );
+}
+
+#[test]
+fn a_commit_that_kvm_refuses_is_an_error_from_the_commit() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let mut mem = hostmem::memory::MemorySystem::new();
+    let ram = mem.new_ram_anonymous("pc.ram", 64 * MIB).unwrap();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    mem.add_listener(Box::new(kvm.listener())).unwrap();
+    // An alias starting 2 KiB into the RAM, placed on a page boundary: guest and host
+    // addresses disagree modulo the page size, which KVM refuses.
+    let odd = mem.new_alias("odd", ram, 0x800, 16 * MIB).unwrap();
+    let e = mem.add_subregion(sys, GIB, odd, None).unwrap_err();
+    assert_eq!(
+        e.message(),
+        "kvm_set_user_memory_region: KVM_SET_USER_MEMORY_REGION failed, slot=1, \
+         start=0x40000000, size=0x1000000: Invalid argument"
+    );
+    assert_eq!(e.errno(), Some(libc::EINVAL));
+    // The VM keeps only what it accepted.
+    assert_eq!(kvm.slots().len(), 1);
 }
