@@ -20,6 +20,16 @@
 // transparent huge pages can back it.
 #define VMALLOC_ALIGN (2 << 20)
 
+// `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
+#define HM_KVM_SLOT_LOG_DIRTY 1
+
+// `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
+#define HM_KVM_SLOT_READONLY 2
+
+// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
+// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
+#define HM_KVM_SIGNATURE 7525360446248152353
+
 // Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
 #define DIRTY_PAGE_SIZE 4096
 
@@ -80,6 +90,33 @@ typedef struct MemoryRegion {
   uint32_t generation;
 } MemoryRegion;
 #define MemoryRegion_MAGIC 1752001906
+
+// One KVM memslot as `hm_kvm_get_slots` reports it.
+typedef struct HmKvmSlot {
+  // KVM slot number.
+  uint32_t slot;
+  // `HM_KVM_SLOT_*` bits, as given to the kernel.
+  uint32_t flags;
+  // Guest-physical start and length.
+  uint64_t gpa;
+  uint64_t size;
+  // Host virtual address of the slot's first byte.
+  uint64_t hva;
+  // Offset of the slot's first byte in its RAMBlock.
+  uint64_t ramblock_offset;
+} HmKvmSlot;
+
+// What `hm_kvm_guest_check` verified.
+typedef struct HmGuestCheck {
+  // Writable slots that got a signature at their start and end.
+  uint64_t slots;
+  // Signatures the guest wrote and the host found through the RAMBlocks.
+  uint64_t signatures;
+  // 8 per signature.
+  uint64_t bytes_verified;
+  // Signatures left out because they fall in the payload's own low-RAM area.
+  uint64_t skipped;
+} HmGuestCheck;
 
 // One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
 // VMM-level options of its command line.
@@ -295,6 +332,79 @@ void error_report_err(struct Error *err);
 // # Safety
 // `errp` is NULL or points to an `Error *` that is NULL or live.
 void hm_error_clear(struct Error **errp);
+
+// Attaches the current machine to a new KVM VM: every RAM range of its flat view becomes one
+// or more memslots of at most `max_slot_size` bytes (0: the kernel's limit, 2^31 - 1 pages),
+// and the slots follow every later change of the memory layout. `max_slot_size` must be a
+// multiple of the host page size.
+bool hm_kvm_attach(uint64_t max_slot_size, struct Error **errp);
+
+// Removes every slot and closes the VM of the current machine.
+bool hm_kvm_detach(struct Error **errp);
+
+// Whether the current machine is attached to KVM.
+bool hm_kvm_enabled(void);
+
+// The VM file descriptor of the current machine (owned by hostmem: do not close it), or -1
+// when it is not attached.
+int hm_kvm_vm_fd(void);
+
+// Copies up to `max` slots, by slot number, into `out` (which may be NULL when `max` is 0)
+// and returns how many slots there are in all (0 when KVM is not attached).
+//
+// # Safety
+// `out` is NULL or points to `max` writable `HmKvmSlot`s.
+size_t hm_kvm_get_slots(struct HmKvmSlot *out, size_t max);
+
+// Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
+// end of every writable slot and halts; then every signature is read back through the
+// RAMBlocks' host pointers. Fails (saying which signatures) if any is missing or misplaced.
+// Needs RAM with a slot at guest-physical 0..640 KiB for the payload.
+//
+// # Safety
+// `out` is NULL or points to a writable `HmGuestCheck`.
+bool hm_kvm_guest_check(struct HmGuestCheck *out, struct Error **errp);
+
+// The guest writes `values[i]` (8 bytes) at guest-physical `gpas[i]` (8-byte aligned), in
+// order, then halts.
+//
+// # Safety
+// `gpas` and `values` are NULL or point to `n` readable `uint64_t`s each.
+bool hm_kvm_guest_write(const uint64_t *gpas,
+                        const uint64_t *values,
+                        size_t n,
+                        struct Error **errp);
+
+// The guest reads 8 bytes at each guest-physical `gpas[i]` into `values[i]`, then halts.
+//
+// # Safety
+// `gpas` is NULL or points to `n` readable `uint64_t`s; `values` to `n` writable ones.
+bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct Error **errp);
+
+// Switches dirty logging on for all RAM (QEMU's `memory_global_dirty_log_start`): every
+// writable slot is re-registered with `KVM_MEM_LOG_DIRTY_PAGES`; the guest may be running.
+bool hm_kvm_dirty_log_start(struct Error **errp);
+
+// Switches dirty logging off; pages logged so far are kept for the next sync.
+bool hm_kvm_dirty_log_stop(struct Error **errp);
+
+// Fetches KVM's dirty logs (clearing them), folds them into the RAMBlocks' dirty bitmaps and
+// remembers the dirty guest pages for `hm_kvm_dirty_pages`.
+bool hm_kvm_dirty_log_sync(struct Error **errp);
+
+// The guest-physical addresses of the host pages the latest `hm_kvm_dirty_log_sync` found
+// dirty (written by the guest since the sync before it), ascending: copies up to `max` into
+// `gpas` (NULL allowed when `max` is 0) and returns how many there are.
+//
+// # Safety
+// `gpas` is NULL or points to `max` writable `uint64_t`s.
+size_t hm_kvm_dirty_pages(uint64_t *gpas, size_t max);
+
+// The text of the HMP command `info memslots` (hostmem's own): a summary line, a column
+// header, and one row per slot with slot, GPA start-end (inclusive), size, HVA, flags
+// (`rw`, `ro`, `rw,log`) and RAMBlock@offset. Without KVM: "KVM is not attached to this
+// machine\n". Release with `hm_free`.
+char *hm_kvm_info_memslots(void);
 
 // Registers a board type. `mc` and its strings must stay valid for the whole process (static
 // storage, as QEMU's type_init classes are). A name or alias already taken is an error.

@@ -1,0 +1,721 @@
+//! The memslot table of one VM: which slot numbers hold which piece of which RAMBlock, the
+//! `KVM_SET_USER_MEMORY_REGION` calls that keep the kernel in step, and the dirty log.
+//!
+//! The ioctls go through [`SlotIoctls`] so that the bookkeeping (slot reuse, budget, rollback,
+//! dirty folding) is tested without a VM; the VM's [`kvm_ioctls::VmFd`] is the real one.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+
+use crate::error::{Error, HmErrorClass, Result};
+use crate::listener::MemorySection;
+use crate::ramblock::{RamBlockId, RamBlockRegistry};
+
+use super::slots::{self, SlotRange};
+
+/// The two VM ioctls a slot table needs. Errors are errno values.
+pub trait SlotIoctls: Send + Sync {
+    /// `KVM_SET_USER_MEMORY_REGION`; `size == 0` deletes the slot.
+    fn set_user_memory_region(
+        &self,
+        slot: u32,
+        flags: u32,
+        gpa: u64,
+        size: u64,
+        hva: u64,
+    ) -> std::result::Result<(), i32>;
+    /// `KVM_GET_DIRTY_LOG`: one bit per host page of the slot, and clears the kernel's log.
+    fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32>;
+}
+
+impl SlotIoctls for kvm_ioctls::VmFd {
+    fn set_user_memory_region(
+        &self,
+        slot: u32,
+        flags: u32,
+        gpa: u64,
+        size: u64,
+        hva: u64,
+    ) -> std::result::Result<(), i32> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: hva,
+        };
+        // SAFETY: `hva..hva+size` is guest RAM owned by a RAMBlock of this context: the slot
+        // table removes the slot (size 0) when the flat view drops the section, before the
+        // memory can be unmapped, and the kernel itself only pins pages it can fault in.
+        unsafe { kvm_ioctls::VmFd::set_user_memory_region(self, region) }.map_err(|e| e.errno())
+    }
+
+    fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32> {
+        kvm_ioctls::VmFd::get_dirty_log(self, slot, size as usize).map_err(|e| e.errno())
+    }
+}
+
+/// One registered memslot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// KVM slot number (address space 0).
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub hva: u64,
+    /// `KVM_MEM_*` flags as last given to the kernel.
+    pub flags: u32,
+    pub block: RamBlockId,
+    pub block_offset: u64,
+    /// The leaf region the section came from (for dumps).
+    pub region_name: String,
+    pub readonly: bool,
+}
+
+/// Dirty bits fetched from a slot that went away (removed, or logging switched off) before the
+/// next sync could fold them: kept so that no write is lost.
+#[derive(Debug)]
+struct PendingDirty {
+    block: RamBlockId,
+    block_offset: u64,
+    gpa: u64,
+    bitmap: Vec<u64>,
+}
+
+/// The slot table of one VM.
+pub struct SlotTable {
+    ioctls: Arc<dyn SlotIoctls>,
+    nr_slots: u32,
+    max_slot_size: Option<u64>,
+    host_page: u64,
+    slots: Vec<Option<Slot>>,
+    dirty_logging: bool,
+    pending: Vec<PendingDirty>,
+    last_dirty: Vec<u64>,
+}
+
+/// The dirty pages found by one sync, as guest-physical page addresses.
+pub type DirtyGpas = Vec<u64>;
+
+impl SlotTable {
+    /// `nr_slots` is the budget the kernel reported (`KVM_CAP_NR_MEMSLOTS`); `max_slot_size`
+    /// `None` means the kernel's limit.
+    pub fn new(
+        ioctls: Arc<dyn SlotIoctls>,
+        nr_slots: u32,
+        max_slot_size: Option<u64>,
+        host_page: u64,
+    ) -> Self {
+        SlotTable {
+            ioctls,
+            nr_slots,
+            max_slot_size,
+            host_page,
+            slots: Vec::new(),
+            dirty_logging: false,
+            pending: Vec::new(),
+            last_dirty: Vec::new(),
+        }
+    }
+
+    pub fn nr_slots(&self) -> u32 {
+        self.nr_slots
+    }
+
+    pub fn max_slot_size(&self) -> Option<u64> {
+        self.max_slot_size
+    }
+
+    pub fn host_page(&self) -> u64 {
+        self.host_page
+    }
+
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// The slots in use, by slot number.
+    pub fn slots(&self) -> Vec<Slot> {
+        self.slots.iter().flatten().cloned().collect()
+    }
+
+    pub fn used(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// The slot holding guest-physical address `gpa`.
+    pub fn lookup(&self, gpa: u64) -> Option<&Slot> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|s| gpa >= s.gpa && gpa - s.gpa < s.size)
+    }
+
+    /// Whether KVM maps the guest range `[gpa, gpa+size)` of a flat view (QEMU's
+    /// `kvm_accel_has_memory`, which `info mtree -f` marks with " kvm"): the first slot the
+    /// range's split would produce is registered.
+    pub fn has_memory(&self, gpa: u64, size: u64) -> bool {
+        let probe = SlotRange {
+            gpa,
+            size,
+            hva: 0,
+            block_offset: 0,
+        };
+        let Some(aligned) = slots::align_section(probe, self.host_page) else {
+            return false;
+        };
+        self.slots
+            .iter()
+            .flatten()
+            .any(|s| s.gpa == aligned.gpa && s.size <= aligned.size)
+    }
+
+    /// The walk every operation on a section uses (add, remove): its slots in order.
+    fn pieces(&self, section: &MemorySection) -> Result<Vec<SlotRange>> {
+        let Some(ram) = &section.ram else {
+            return Ok(Vec::new());
+        };
+        let max = slots::effective_max_slot_size(self.max_slot_size, self.host_page, ram.page_size)
+            .map_err(|e| e.prepend(&format!("memory region '{}': ", section.region_name)))?;
+        Ok(slots::split_section(
+            SlotRange {
+                gpa: section.gpa,
+                size: section.size,
+                hva: ram.host_addr as u64,
+                block_offset: ram.block_offset,
+            },
+            self.host_page,
+            max,
+        ))
+    }
+
+    fn flags_for(&self, readonly: bool) -> u32 {
+        if readonly {
+            // A guest cannot write a read-only slot, so there is nothing to log.
+            KVM_MEM_READONLY
+        } else if self.dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        }
+    }
+
+    fn alloc_slot(&self) -> Result<u32> {
+        let free = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.slots.len()) as u32;
+        if free >= self.nr_slots {
+            return Err(
+                Error::new(HmErrorClass::Kvm, "kvm_alloc_slot: no free slot available").with_hint(
+                    format!(
+                "KVM allows {} memory slots and all are in use; a larger max-slot-size needs \
+                 fewer\n",
+                self.nr_slots
+            ),
+                ),
+            );
+        }
+        Ok(free)
+    }
+
+    fn ioctl(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
+        self.ioctls
+            .set_user_memory_region(slot, flags, gpa, size, hva)
+            .map_err(|errno| {
+                Error::host(
+                    format!(
+                        "kvm_set_user_memory_region: KVM_SET_USER_MEMORY_REGION failed, \
+                         slot={slot}, start=0x{gpa:x}, size=0x{size:x}"
+                    ),
+                    errno,
+                )
+                .with_class(HmErrorClass::Kvm)
+            })
+    }
+
+    /// Registers the slots of a RAM section (I/O sections have none). On failure the slots this
+    /// call registered are removed again, so the table and the kernel agree.
+    pub fn add_section(&mut self, section: &MemorySection) -> Result<()> {
+        let Some(ram) = &section.ram else {
+            return Ok(());
+        };
+        let pieces = self.pieces(section)?;
+        let flags = self.flags_for(ram.readonly);
+        let mut added = Vec::new();
+        for p in pieces {
+            let res = self
+                .alloc_slot()
+                .and_then(|slot| self.ioctl(slot, flags, p.gpa, p.size, p.hva).map(|_| slot));
+            let slot = match res {
+                Ok(slot) => slot,
+                Err(e) => {
+                    for slot in added {
+                        // Best effort: the first error is the one worth reporting.
+                        let _ = self.remove_slot(slot);
+                    }
+                    return Err(e);
+                }
+            };
+            let entry = Slot {
+                slot,
+                gpa: p.gpa,
+                size: p.size,
+                hva: p.hva,
+                flags,
+                block: ram.block,
+                block_offset: p.block_offset,
+                region_name: section.region_name.clone(),
+                readonly: ram.readonly,
+            };
+            let i = slot as usize;
+            if i == self.slots.len() {
+                self.slots.push(Some(entry));
+            } else {
+                self.slots[i] = Some(entry);
+            }
+            added.push(slot);
+        }
+        Ok(())
+    }
+
+    /// Removes the slots of a section, walking the same split as [`Self::add_section`]. Dirty
+    /// bits the slot still holds are kept for the next sync. A piece with no matching slot is
+    /// skipped, as QEMU does (the section never got one, e.g. it was smaller than a page).
+    pub fn remove_section(&mut self, section: &MemorySection) -> Result<()> {
+        for p in self.pieces(section)? {
+            let found = self
+                .slots
+                .iter()
+                .flatten()
+                .find(|s| s.gpa == p.gpa && s.size == p.size)
+                .map(|s| s.slot);
+            if let Some(slot) = found {
+                self.remove_slot(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_slot(&mut self, slot: u32) -> Result<()> {
+        let s = self.slots[slot as usize]
+            .clone()
+            .expect("remove_slot is called for slots in use");
+        if s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
+            self.stash_dirty(&s)?;
+        }
+        self.ioctl(slot, 0, s.gpa, 0, s.hva)?;
+        self.slots[slot as usize] = None;
+        while matches!(self.slots.last(), Some(None)) {
+            self.slots.pop();
+        }
+        Ok(())
+    }
+
+    fn fetch_dirty(&self, s: &Slot) -> Result<Vec<u64>> {
+        self.ioctls.get_dirty_log(s.slot, s.size).map_err(|errno| {
+            Error::host(
+                format!(
+                    "kvm_slot_get_dirty_log: KVM_GET_DIRTY_LOG failed, slot={}, start=0x{:x}, \
+                     size=0x{:x}",
+                    s.slot, s.gpa, s.size
+                ),
+                errno,
+            )
+            .with_class(HmErrorClass::Kvm)
+        })
+    }
+
+    fn stash_dirty(&mut self, s: &Slot) -> Result<()> {
+        let bitmap = self.fetch_dirty(s)?;
+        if bitmap.iter().any(|w| *w != 0) {
+            self.pending.push(PendingDirty {
+                block: s.block,
+                block_offset: s.block_offset,
+                gpa: s.gpa,
+                bitmap,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_flags(&mut self, slot: u32, flags: u32) -> Result<()> {
+        let s = self.slots[slot as usize].clone().expect("slot in use");
+        if s.flags == flags {
+            return Ok(());
+        }
+        if s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
+            self.stash_dirty(&s)?;
+        }
+        self.ioctl(slot, flags, s.gpa, s.size, s.hva)?;
+        if let Some(e) = self.slots[slot as usize].as_mut() {
+            e.flags = flags;
+        }
+        Ok(())
+    }
+
+    fn slot_numbers(&self) -> Vec<u32> {
+        self.slots.iter().flatten().map(|s| s.slot).collect()
+    }
+
+    /// Switches dirty logging on for every writable slot, now and for slots added later
+    /// (QEMU's `log_global_start`). The guest may be running.
+    pub fn log_start(&mut self) -> Result<()> {
+        self.dirty_logging = true;
+        for slot in self.slot_numbers() {
+            let readonly = self.slots[slot as usize]
+                .as_ref()
+                .is_some_and(|s| s.readonly);
+            self.set_flags(slot, self.flags_for(readonly))?;
+        }
+        Ok(())
+    }
+
+    /// Switches dirty logging off; bits logged so far are kept for the next sync.
+    pub fn log_stop(&mut self) -> Result<()> {
+        self.dirty_logging = false;
+        for slot in self.slot_numbers() {
+            let readonly = self.slots[slot as usize]
+                .as_ref()
+                .is_some_and(|s| s.readonly);
+            self.set_flags(slot, self.flags_for(readonly))?;
+        }
+        Ok(())
+    }
+
+    /// Fetches every logging slot's dirty log (which clears it in the kernel) and folds it into
+    /// the RAMBlocks' dirty bitmaps. Returns the guest-physical addresses of the dirty host pages.
+    pub fn log_sync(&mut self, ramblocks: &mut RamBlockRegistry) -> Result<DirtyGpas> {
+        self.log_sync_with(&mut |block, offset, len| ramblocks.set_dirty(block, offset, len))
+    }
+
+    /// [`Self::log_sync`] with the folding step given by the caller (`mark(block, offset, len)`).
+    pub fn log_sync_with(
+        &mut self,
+        mark: &mut dyn FnMut(RamBlockId, u64, u64),
+    ) -> Result<DirtyGpas> {
+        let mut gpas = Vec::new();
+        let mut batches = std::mem::take(&mut self.pending);
+        for s in self.slots.iter().flatten() {
+            if s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                match self.fetch_dirty(s) {
+                    Ok(bitmap) => batches.push(PendingDirty {
+                        block: s.block,
+                        block_offset: s.block_offset,
+                        gpa: s.gpa,
+                        bitmap,
+                    }),
+                    Err(e) => {
+                        // Fold nothing rather than half: keep what was fetched for next time.
+                        self.pending = batches;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let page = self.host_page;
+        for b in &batches {
+            for_each_run(&b.bitmap, |first, count| {
+                mark(b.block, b.block_offset + first * page, count * page);
+                gpas.extend((first..first + count).map(|i| b.gpa + i * page));
+            });
+        }
+        gpas.sort_unstable();
+        gpas.dedup();
+        self.last_dirty = gpas.clone();
+        Ok(gpas)
+    }
+
+    /// The guest-physical pages the latest sync found dirty (dirtied between the two latest
+    /// syncs), sorted.
+    pub fn last_dirty(&self) -> &[u64] {
+        &self.last_dirty
+    }
+}
+
+/// Calls `f(first_bit, count)` for each run of set bits in a little-endian bitmap.
+fn for_each_run(bitmap: &[u64], mut f: impl FnMut(u64, u64)) {
+    let mut start: Option<u64> = None;
+    for (wi, &word) in bitmap.iter().enumerate() {
+        if start.is_none() && word == 0 {
+            continue;
+        }
+        for b in 0..64u64 {
+            let bit = wi as u64 * 64 + b;
+            let set = word & (1 << b) != 0;
+            match (set, start) {
+                (true, None) => start = Some(bit),
+                (false, Some(s)) => {
+                    f(s, bit - s);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(s) = start {
+        f(s, bitmap.len() as u64 * 64 - s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listener::RamSection;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    const GIB: u64 = 1 << 30;
+
+    /// A kernel stand-in: records the slots it holds, fails on request, and serves dirty logs.
+    #[derive(Default)]
+    struct FakeVm {
+        regions: Mutex<BTreeMap<u32, (u32, u64, u64, u64)>>,
+        calls: Mutex<Vec<(u32, u32, u64, u64)>>,
+        fail_gpa: Mutex<Option<(u64, i32)>>,
+        dirty: Mutex<BTreeMap<u32, Vec<u64>>>,
+    }
+
+    impl SlotIoctls for FakeVm {
+        fn set_user_memory_region(
+            &self,
+            slot: u32,
+            flags: u32,
+            gpa: u64,
+            size: u64,
+            hva: u64,
+        ) -> std::result::Result<(), i32> {
+            self.calls.lock().unwrap().push((slot, flags, gpa, size));
+            if let Some((g, errno)) = *self.fail_gpa.lock().unwrap() {
+                if g == gpa && size != 0 {
+                    return Err(errno);
+                }
+            }
+            let mut r = self.regions.lock().unwrap();
+            if size == 0 {
+                r.remove(&slot);
+            } else {
+                r.insert(slot, (flags, gpa, size, hva));
+            }
+            Ok(())
+        }
+        fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32> {
+            let words = (size / 4096).div_ceil(64) as usize;
+            let mut v = self.dirty.lock().unwrap().remove(&slot).unwrap_or_default();
+            v.resize(words, 0);
+            Ok(v)
+        }
+    }
+
+    fn ram(gpa: u64, size: u64, hva: usize, block: u32, off: u64) -> MemorySection {
+        MemorySection {
+            gpa,
+            size,
+            region_name: "pc.ram".into(),
+            ram: Some(RamSection {
+                host_addr: hva,
+                block: RamBlockId(block),
+                block_offset: off,
+                page_size: 4096,
+                readonly: false,
+            }),
+        }
+    }
+
+    fn table(nr: u32, max: Option<u64>) -> (Arc<FakeVm>, SlotTable) {
+        let vm = Arc::new(FakeVm::default());
+        let t = SlotTable::new(vm.clone(), nr, max, 4096);
+        (vm, t)
+    }
+
+    #[test]
+    fn sections_become_split_slots_in_the_kernel() {
+        let (vm, mut t) = table(32, Some(GIB));
+        t.add_section(&ram(4 * GIB, 3 * GIB, 0x7000_0000_0000, 0, 3 * GIB))
+            .unwrap();
+        let r = vm.regions.lock().unwrap().clone();
+        assert_eq!(
+            r.into_iter().collect::<Vec<_>>(),
+            vec![
+                (0, (0, 4 * GIB, GIB, 0x7000_0000_0000)),
+                (1, (0, 5 * GIB, GIB, 0x7000_4000_0000)),
+                (2, (0, 6 * GIB, GIB, 0x7000_8000_0000)),
+            ]
+        );
+        let s = t.slots();
+        assert_eq!(s[2].block_offset, 5 * GIB);
+        assert_eq!(t.lookup(6 * GIB + 5).unwrap().slot, 2);
+        assert!(t.lookup(7 * GIB).is_none());
+    }
+
+    #[test]
+    fn has_memory_answers_for_ranges_whose_first_slot_is_registered() {
+        let (_vm, mut t) = table(32, Some(GIB));
+        t.add_section(&ram(4 * GIB, 3 * GIB, 0x7000_0000_0000, 0, 0))
+            .unwrap();
+        assert!(t.has_memory(4 * GIB, 3 * GIB));
+        assert!(!t.has_memory(0, 3 * GIB));
+        // A range that is not the one registered (starts inside it) is not KVM's.
+        assert!(!t.has_memory(4 * GIB + 0x1000, GIB));
+        // Sub-page ranges never get a slot.
+        assert!(!t.has_memory(4 * GIB, 0x800));
+    }
+
+    #[test]
+    fn io_sections_get_no_slot() {
+        let (vm, mut t) = table(32, None);
+        let io = MemorySection {
+            gpa: 0xfee0_0000,
+            size: 0x1000,
+            region_name: "apic".into(),
+            ram: None,
+        };
+        t.add_section(&io).unwrap();
+        t.remove_section(&io).unwrap();
+        assert!(vm.calls.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn removal_walks_the_same_split_and_frees_the_numbers_for_reuse() {
+        let (vm, mut t) = table(32, Some(GIB));
+        let low = ram(0, 2 * GIB, 0x1000_0000_0000, 0, 0);
+        let high = ram(4 * GIB, GIB, 0x2000_0000_0000, 0, 2 * GIB);
+        t.add_section(&low).unwrap();
+        t.add_section(&high).unwrap();
+        assert_eq!(t.used(), 3);
+        t.remove_section(&low).unwrap();
+        assert_eq!(
+            vm.regions
+                .lock()
+                .unwrap()
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
+        // The freed numbers 0 and 1 are taken first.
+        t.add_section(&ram(8 * GIB, 2 * GIB, 0x3000_0000_0000, 1, 0))
+            .unwrap();
+        let nums: Vec<(u32, u64)> = t.slots().iter().map(|s| (s.slot, s.gpa)).collect();
+        assert_eq!(nums, vec![(0, 8 * GIB), (1, 9 * GIB), (2, 4 * GIB)]);
+    }
+
+    #[test]
+    fn the_slot_budget_is_an_error_and_leaves_nothing_half_done() {
+        let (vm, mut t) = table(3, Some(GIB));
+        t.add_section(&ram(0, GIB, 0x1000_0000_0000, 0, 0)).unwrap();
+        let e = t
+            .add_section(&ram(4 * GIB, 3 * GIB, 0x2000_0000_0000, 0, GIB))
+            .unwrap_err();
+        assert_eq!(e.message(), "kvm_alloc_slot: no free slot available");
+        assert_eq!(e.class(), HmErrorClass::Kvm);
+        assert!(e.hint().unwrap().contains("KVM allows 3 memory slots"));
+        assert_eq!(t.used(), 1);
+        assert_eq!(vm.regions.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_slot_names_slot_start_size_and_errno_and_is_rolled_back() {
+        let (vm, mut t) = table(32, Some(GIB));
+        *vm.fail_gpa.lock().unwrap() = Some((5 * GIB, libc::EINVAL));
+        let e = t
+            .add_section(&ram(4 * GIB, 2 * GIB, 0x2000_0000_0000, 0, 0))
+            .unwrap_err();
+        assert_eq!(
+            e.message(),
+            "kvm_set_user_memory_region: KVM_SET_USER_MEMORY_REGION failed, slot=1, \
+             start=0x140000000, size=0x40000000: Invalid argument"
+        );
+        assert_eq!(e.class(), HmErrorClass::Kvm);
+        assert_eq!(e.errno(), Some(libc::EINVAL));
+        assert_eq!(t.used(), 0);
+        assert!(vm.regions.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn readonly_sections_get_the_readonly_flag_and_are_never_logged() {
+        let (vm, mut t) = table(32, None);
+        let mut rom = ram(0xfffc_0000, 0x4_0000, 0x5000_0000, 3, 0);
+        rom.ram.as_mut().unwrap().readonly = true;
+        t.add_section(&rom).unwrap();
+        t.log_start().unwrap();
+        assert_eq!(vm.regions.lock().unwrap()[&0].0, KVM_MEM_READONLY);
+    }
+
+    #[test]
+    fn log_start_and_stop_reregister_slots_and_new_slots_follow_the_mode() {
+        let (vm, mut t) = table(32, None);
+        t.add_section(&ram(0, GIB, 0x1000_0000, 0, 0)).unwrap();
+        t.log_start().unwrap();
+        assert_eq!(vm.regions.lock().unwrap()[&0].0, KVM_MEM_LOG_DIRTY_PAGES);
+        t.add_section(&ram(4 * GIB, GIB, 0x9000_0000, 1, 0))
+            .unwrap();
+        assert_eq!(vm.regions.lock().unwrap()[&1].0, KVM_MEM_LOG_DIRTY_PAGES);
+        t.log_stop().unwrap();
+        assert!(vm.regions.lock().unwrap().values().all(|r| r.0 == 0));
+    }
+
+    #[test]
+    fn sync_folds_dirty_bits_into_the_right_block_offsets() {
+        let (vm, mut t) = table(32, Some(GIB));
+        t.add_section(&ram(4 * GIB, 2 * GIB, 0x1000_0000_0000, 7, 3 * GIB))
+            .unwrap();
+        t.log_start().unwrap();
+        // Slot 1 (gpa 5 GiB, block offset 4 GiB): pages 0, 1, 2 and 65.
+        let mut bm = vec![0u64; (GIB / 4096 / 64) as usize];
+        bm[0] = 0b111;
+        bm[1] = 0b10;
+        vm.dirty.lock().unwrap().insert(1, bm);
+        let mut marks = Vec::new();
+        let gpas = t
+            .log_sync_with(&mut |b, off, len| marks.push((b, off, len)))
+            .unwrap();
+        assert_eq!(
+            marks,
+            vec![
+                (RamBlockId(7), 4 * GIB, 3 * 4096),
+                (RamBlockId(7), 4 * GIB + 65 * 4096, 4096)
+            ]
+        );
+        assert_eq!(
+            gpas,
+            vec![5 * GIB, 5 * GIB + 4096, 5 * GIB + 8192, 5 * GIB + 65 * 4096]
+        );
+        // The kernel's log was cleared by the fetch: a second sync finds nothing.
+        let again = t
+            .log_sync_with(&mut |_, _, _| panic!("nothing is dirty"))
+            .unwrap();
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn bits_of_removed_or_unlogged_slots_survive_until_the_next_sync() {
+        let (vm, mut t) = table(32, None);
+        let s = ram(0, GIB, 0x1000_0000, 2, 0);
+        t.add_section(&s).unwrap();
+        t.log_start().unwrap();
+        vm.dirty.lock().unwrap().insert(0, vec![1 << 5]);
+        t.remove_section(&s).unwrap();
+        let mut marks = Vec::new();
+        t.log_sync_with(&mut |b, off, len| marks.push((b, off, len)))
+            .unwrap();
+        assert_eq!(marks, vec![(RamBlockId(2), 5 * 4096, 4096)]);
+
+        t.add_section(&s).unwrap();
+        vm.dirty.lock().unwrap().insert(0, vec![1 << 9]);
+        t.log_stop().unwrap();
+        let gpas = t.log_sync_with(&mut |_, _, _| {}).unwrap();
+        assert_eq!(gpas, vec![9 * 4096]);
+    }
+
+    #[test]
+    fn runs_of_bits_are_found_across_word_boundaries() {
+        let mut runs = Vec::new();
+        for_each_run(&[0x8000_0000_0000_0001, 0x3, 0, 1 << 63], |s, n| {
+            runs.push((s, n))
+        });
+        assert_eq!(runs, vec![(0, 1), (63, 3), (255, 1)]);
+    }
+}

@@ -1,0 +1,77 @@
+//! A guest larger than one KVM slot can be: its RAM is split at the kernel's limit
+//! (2^31 - 1 pages) and a 64-bit guest writes on both sides of 8 TiB. Alone in its own test
+//! binary because on a shadow-MMU host KVM needs ~20 GiB of host memory for such slots.
+
+mod kvm_support;
+
+use hostmem::kvm::GuestOp;
+use hostmem::memory::MemorySystem;
+use kvm_support::*;
+
+/// The guest size: 9 TiB where the host can afford KVM's bookkeeping for it, otherwise the
+/// smallest guest that still needs the split (8 TiB + 2 MiB). None: not enough memory.
+fn guest_size() -> Option<u64> {
+    let margin = GIB;
+    for size in [9 * TIB, 8 * TIB + 2 * MIB] {
+        if mem_available() >= kvm_slot_overhead(size) + margin {
+            return Some(size);
+        }
+    }
+    let smallest = 8 * TIB + 2 * MIB;
+    wait_for_memory(kvm_slot_overhead(smallest) + margin, 60).then_some(smallest)
+}
+
+#[test]
+fn a_guest_above_8_tib_is_split_at_the_limit_and_writes_land_in_its_one_mapping() {
+    if !kvm_usable() {
+        return;
+    }
+    let Some(size) = guest_size() else {
+        let msg = format!(
+            "not enough host memory for KVM's bookkeeping of an 8 TiB slot ({} MiB available, \
+             {} MiB needed)",
+            mem_available() >> 20,
+            (kvm_slot_overhead(8 * TIB) + GIB) >> 20
+        );
+        if under_ci_pub() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    };
+    eprintln!("guest size 0x{size:x}");
+    // reserve=off memory: one MAP_NORESERVE mapping, one RAM region, one RAMBlock.
+    let mut mem = MemorySystem::new();
+    let ram = mem.new_ram_anonymous("pc.ram", size).unwrap();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    let host = mem.ram_ptr(ram).unwrap().unwrap() as u64;
+
+    let kvm = open_kvm(0).unwrap();
+    mem.add_listener(Box::new(kvm.listener())).unwrap();
+    let limit = 8 * TIB - 4096;
+    let slots: Vec<(u64, u64, u64)> = kvm
+        .slots()
+        .iter()
+        .map(|s| (s.gpa, s.size, s.hva - host))
+        .collect();
+    assert_eq!(slots, vec![(0, limit, 0), (limit, size - limit, limit)]);
+
+    let targets = [8 * TIB - 8, 8 * TIB + 8, limit - 8, limit, size - 8];
+    let ops: Vec<GuestOp> = targets
+        .iter()
+        .map(|&gpa| GuestOp::Write { gpa, value: !gpa })
+        .collect();
+    kvm.run_guest(&ops).unwrap();
+    for gpa in targets {
+        // SAFETY: gpa + 8 <= size, inside the mapping; the vCPU has halted.
+        let v = unsafe { std::ptr::read_unaligned((host + gpa) as *const u64) };
+        assert_eq!(v, !gpa, "gpa 0x{gpa:x}");
+    }
+    let check = kvm.run_guest_check(&mem).unwrap();
+    assert_eq!((check.slots, check.signatures), (2, 4));
+
+    // Taking the region out removes both slots (the same walk as adding them).
+    mem.del_subregion(sys, ram).unwrap();
+    assert!(kvm.slots().is_empty());
+}
