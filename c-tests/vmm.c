@@ -42,7 +42,14 @@ static bool monitor_handle(MachineState *ms, const char *line)
     out = hm_hmp(ms, line, &err);
     if (!out) {
         /* QEMU's monitor prints command errors on the monitor itself, not on stderr. */
+        const char *hint = hm_error_get_hint(err);
+
         printf("%s\n", error_get_pretty(err));
+        if (hint) {
+            size_t len = strlen(hint);
+
+            printf("%s%s", hint, len && hint[len - 1] == '\n' ? "" : "\n");
+        }
         error_free(err);
         return true;
     }
