@@ -38,6 +38,7 @@ static const MachineClass microbit_machine = {
     .default_ram_id = NULL,
     .numa_mem_supported = false,
     .is_default = false,
+    .no_numa_support = true,
 };
 
 bool microbit_machine_register(Error **errp)

@@ -21,6 +21,7 @@ static const MachineClass none_machine = {
     .default_ram_id = "ram",
     .numa_mem_supported = false,
     .is_default = false,
+    .no_numa_support = true,
     .no_cpus_by_default = true,
 };
 

@@ -23,6 +23,7 @@ static const MachineClass s390_ccw_machine = {
     .default_ram_id = "s390.ram",
     .numa_mem_supported = false,
     .is_default = false,
+    .no_numa_support = true,
 };
 
 bool s390_ccw_machine_register(Error **errp)

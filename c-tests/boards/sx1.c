@@ -45,6 +45,7 @@ static const MachineClass sx1_machine = {
     .default_ram_id = "omap1.dram",
     .numa_mem_supported = false,
     .is_default = false,
+    .no_numa_support = true,
 };
 
 bool sx1_machine_register(Error **errp)
