@@ -58,11 +58,24 @@ pub struct GuestCheck {
 }
 
 /// The KVM VM of one context: the VM fd, its vCPU and the slot table the listener fills.
+///
+/// Clones share the VM: the C API clones the handle out of the locked context so that a guest
+/// run does not keep the context locked (another thread may change the layout or the dirty log
+/// meanwhile, as with a real vCPU thread).
+#[derive(Clone)]
 pub struct KvmHandle {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     table: Arc<Mutex<SlotTable>>,
-    vcpu: Mutex<Option<VcpuFd>>,
+    vcpu: Arc<Mutex<Option<VcpuFd>>>,
+}
+
+/// A guest check whose guest has run and whose signatures are still to be verified
+/// ([`KvmHandle::guest_check_run`], then [`KvmHandle::guest_check_verify`]).
+pub struct GuestCheckRun {
+    slots: Vec<Slot>,
+    targets: Vec<(usize, u64)>,
+    skipped: usize,
 }
 
 impl KvmHandle {
@@ -85,10 +98,10 @@ impl KvmHandle {
         let vm = Arc::new(vm);
         let table = SlotTable::new(vm.clone(), nr, max, host_page);
         Ok(KvmHandle {
-            kvm,
+            kvm: Arc::new(kvm),
             vm,
             table: Arc::new(Mutex::new(table)),
-            vcpu: Mutex::new(None),
+            vcpu: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -190,11 +203,7 @@ impl KvmHandle {
     /// The guest writes a signature at the start and at the end of every writable slot and
     /// halts; the host then reads every signature back through the RAMBlocks' host pointers.
     pub fn run_guest_check(&self, mem: &MemorySystem) -> Result<GuestCheck> {
-        self.run_guest_check_with(&|block, offset| {
-            let b = mem.ramblocks.get(block)?;
-            (offset.checked_add(8)? <= b.max_length)
-                .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
-        })
+        self.run_guest_check_with(&|block, offset| ramblock_u64(&mem.ramblocks, block, offset))
     }
 
     /// [`Self::run_guest_check`] with the host-side lookup given by the caller:
@@ -203,6 +212,12 @@ impl KvmHandle {
         &self,
         resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
     ) -> Result<GuestCheck> {
+        let run = self.guest_check_run()?;
+        Self::guest_check_verify(run, resolve)
+    }
+
+    /// First half of the guest check: the guest writes the signatures and halts.
+    pub fn guest_check_run(&self) -> Result<GuestCheckRun> {
         let slots: Vec<Slot> = self.slots().into_iter().filter(|s| !s.readonly).collect();
         if slots.is_empty() {
             return Err(Error::new(
@@ -232,7 +247,24 @@ impl KvmHandle {
         targets.retain(|&(_, gpa)| gpa + 8 <= guest::GDT_ADDR || gpa >= end);
         let skipped = before - targets.len();
         self.run_guest(&ops_for(&targets))?;
+        Ok(GuestCheckRun {
+            slots,
+            targets,
+            skipped,
+        })
+    }
 
+    /// Second half of the guest check: every signature is read back through `resolve`, which
+    /// returns where a RAMBlock byte lives in this process.
+    pub fn guest_check_verify(
+        run: GuestCheckRun,
+        resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
+    ) -> Result<GuestCheck> {
+        let GuestCheckRun {
+            slots,
+            targets,
+            skipped,
+        } = run;
         let mut bad = Vec::new();
         for &(i, gpa) in &targets {
             let s = &slots[i];
@@ -298,6 +330,18 @@ impl KvmHandle {
             },
         )
     }
+}
+
+/// Where the 8 bytes at `offset` of RAMBlock `block` live in this process, if the block has
+/// them: the guest check's independent path to guest memory.
+pub fn ramblock_u64(
+    ramblocks: &RamBlockRegistry,
+    block: RamBlockId,
+    offset: u64,
+) -> Option<*const u8> {
+    let b = ramblocks.get(block)?;
+    (offset.checked_add(8)? <= b.max_length)
+        .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
 }
 
 /// Formats the `info memslots` table (see [`KvmHandle::info_memslots`]).
