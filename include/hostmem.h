@@ -70,8 +70,26 @@ typedef enum HmErrorClass {
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
 
+// A memory backend, as C sees it. Opaque.
+typedef struct HostMemoryBackend HostMemoryBackend;
+
 // An owner for regions: QEMU's `Object` reduced to its path. Opaque to C.
 typedef struct Object Object;
+
+// Progress of preallocation: bytes done, bytes total, the caller's opaque pointer. Called on
+// the thread that completes the backend (or switches `prealloc` on), never concurrently:
+// first with done = 0 before any page is touched, last with done = total on success.
+typedef void (*HmPreallocProgress)(uint64_t done, uint64_t total, void *opaque);
+
+// Storage for a memory region, embedded in board structs as in QEMU. Its content is a handle;
+// boards never read it. A zeroed MemoryRegion is "not initialised" and refused with an error.
+typedef struct MemoryRegion {
+  uint32_t magic;
+  uint32_t context;
+  uint32_t index;
+  uint32_t generation;
+} MemoryRegion;
+#define MemoryRegion_MAGIC 1752001906
 
 // One KVM memslot as `hm_kvm_get_slots` reports it.
 typedef struct HmKvmSlot {
@@ -100,15 +118,51 @@ typedef struct HmGuestCheck {
   uint64_t skipped;
 } HmGuestCheck;
 
-// Storage for a memory region, embedded in board structs as in QEMU. Its content is a handle;
-// boards never read it. A zeroed MemoryRegion is "not initialised" and refused with an error.
-typedef struct MemoryRegion {
-  uint32_t magic;
+// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
+// VMM-level options of its command line.
+typedef struct MachineState {
+  const struct MachineClass *mc;
+  // Main RAM for the board to map: the backend's region or the NUMA container. NULL when the
+  // board has no default_ram_id (it allocates its own, or calls the legacy function).
+  struct MemoryRegion *ram;
+  uint64_t ram_size;
+  uint64_t maxram_size;
+  uint64_t ram_slots;
+  // The backend behind `ram` (NULL with NUMA memdevs or without RAM).
+  struct HostMemoryBackend *memdev;
+  // The hostmem context of this machine.
   uint32_t context;
-  uint32_t index;
-  uint32_t generation;
-} MemoryRegion;
-#define MemoryRegion_MAGIC 1752001906
+  // Board private state.
+  void *opaque;
+  // -S
+  bool start_paused;
+  // -monitor stdio
+  bool monitor_stdio;
+  // -accel kvm, -enable-kvm, -machine accel=kvm
+  bool accel_kvm;
+  // -accel kvm,max-slot-size=SIZE (0: the kernel's limit)
+  uint64_t kvm_max_slot_size;
+} MachineState;
+
+// A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
+typedef struct MachineClass {
+  // Full type name, e.g. "pc-i440fx-10.0".
+  const char *name;
+  // Short name accepted by -M, e.g. "pc" (may be NULL).
+  const char *alias;
+  const char *desc;
+  // Builds the board: maps `machine->ram`, adds its own regions.
+  void (*init)(struct MachineState *machine);
+  // Used when -m is absent or 0.
+  uint64_t default_ram_size;
+  // Name of main RAM (implicit backend id and RAMBlock); NULL for boards that take no -m.
+  const char *default_ram_id;
+  bool numa_mem_supported;
+  // The board -M defaults to.
+  bool is_default;
+  // The board starts without a CPU unless -smp asks for one (QEMU's `none`).
+  bool no_cpus_by_default;
+} MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
 typedef struct Object DeviceState;
@@ -131,6 +185,117 @@ extern struct Error *error_abort;
 // # Safety
 // `p` is NULL or was returned by hostmem as "release with hm_free" and not released yet.
 void hm_free(void *p);
+
+// Creates and completes a backend from a QEMU `-object` option string, e.g.
+// `"memory-backend-file,id=mem0,size=1G,mem-path=/dev/hugepages,prealloc=on"`. Nothing is
+// left behind on failure. NULL on error.
+//
+// # Safety
+// `opts` is NULL or NUL-terminated; `errp` follows the Error convention.
+struct HostMemoryBackend *hm_memory_backend_add(const char *opts, struct Error **errp);
+
+// Creates an uncompleted backend of QOM type `type` ("memory-backend-ram", "-file",
+// "-memfd") named `id`; set properties with `hm_memory_backend_set`, then
+// `hm_memory_backend_complete` it.
+//
+// # Safety
+// `type_` and `id` are NULL or NUL-terminated; `errp` follows the Error convention.
+struct HostMemoryBackend *hm_memory_backend_new(const char *type_,
+                                                const char *id,
+                                                struct Error **errp);
+
+// The backend named `id` in the current context, or NULL.
+//
+// # Safety
+// `id` is NULL or NUL-terminated.
+struct HostMemoryBackend *hm_memory_backend_find(const char *id);
+
+// `object-del`: deletes backend `id` of the current context; refused while mapped with
+// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+//
+// # Safety
+// `id` is NULL or NUL-terminated; `errp` follows the Error convention.
+bool hm_memory_backend_del(const char *id, struct Error **errp);
+
+// Sets property `prop` from its QEMU string form ("1G", "on", "0-1,3", "bind", ...), with
+// QEMU's guards: some properties refuse changes after completion; `merge`/`dump` apply at once;
+// `prealloc=on` on a complete backend preallocates right away (progress callback included).
+//
+// # Safety
+// `b` is NULL or a live handle; `prop`, `value` NULL or NUL-terminated; `errp` as usual.
+bool hm_memory_backend_set(struct HostMemoryBackend *b,
+                           const char *prop,
+                           const char *value,
+                           struct Error **errp);
+
+// Property `prop` as a string in the syntax `hm_memory_backend_set` takes (sizes in bytes,
+// booleans "on"/"off", host-nodes as "0-1,3"). Release with `hm_free`. NULL on error.
+//
+// # Safety
+// `b` is NULL or a live handle; `prop` NULL or NUL-terminated; `errp` as usual.
+char *hm_memory_backend_get(struct HostMemoryBackend *b, const char *prop, struct Error **errp);
+
+// Completes the backend: allocate → madvise → mbind (when host-nodes is set) → prealloc, then
+// its RAM region exists. On failure the backend stays uncompleted with nothing allocated.
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+bool hm_memory_backend_complete(struct HostMemoryBackend *b, struct Error **errp);
+
+// Sets (or, with `cb` NULL, clears) the preallocation progress callback of a backend.
+//
+// # Safety
+// `b` is NULL or a live handle; `cb` may be called with `opaque` until it is replaced or the
+// backend deleted; `errp` as usual.
+bool hm_memory_backend_set_prealloc_progress(struct HostMemoryBackend *b,
+                                             HmPreallocProgress cb,
+                                             void *opaque,
+                                             struct Error **errp);
+
+// The backend's memory region once complete (the embedded storage of the handle), or NULL.
+//
+// # Safety
+// `b` is NULL or a live handle.
+struct MemoryRegion *host_memory_backend_get_memory(struct HostMemoryBackend *b);
+
+// Whether a consumer (machine RAM, a NUMA node, a DIMM) has taken the backend.
+//
+// # Safety
+// `b` is NULL or a live handle.
+bool host_memory_backend_is_mapped(struct HostMemoryBackend *b);
+
+// Marks the backend taken (or free again); a mapped backend cannot be deleted.
+//
+// # Safety
+// `b` is NULL or a live handle.
+void host_memory_backend_set_mapped(struct HostMemoryBackend *b, bool mapped);
+
+// Page size backing the memory (2 MiB on hugetlbfs, else the host page size); 0 before
+// allocation.
+//
+// # Safety
+// `b` is NULL or a live handle.
+size_t host_memory_backend_pagesize(struct HostMemoryBackend *b);
+
+// The file descriptor behind a file or memfd backend (owned by hostmem; do not close), or -1.
+//
+// # Safety
+// `b` is NULL or a live handle.
+int hm_memory_backend_get_fd(struct HostMemoryBackend *b);
+
+// Host address of the backend's memory as soon as it is allocated (also from inside a
+// progress callback, before preallocation touches it), or NULL.
+//
+// # Safety
+// `b` is NULL or a live handle.
+void *hm_memory_backend_get_host_ptr(struct HostMemoryBackend *b);
+
+// The steps the last completion (and later merge/dump/prealloc changes) ran, in order, comma
+// separated: "allocate,hugepage,dontfork,mergeable,bind,prealloc". Release with `hm_free`.
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+char *hm_memory_backend_trace(struct HostMemoryBackend *b, struct Error **errp);
 
 // The human-readable message of `err` (valid until `error_free`).
 //
@@ -240,6 +405,70 @@ size_t hm_kvm_dirty_pages(uint64_t *gpas, size_t max);
 // (`rw`, `ro`, `rw,log`) and RAMBlock@offset. Without KVM: "KVM is not attached to this
 // machine\n". Release with `hm_free`.
 char *hm_kvm_info_memslots(void);
+
+// Registers a board type. `mc` and its strings must stay valid for the whole process (static
+// storage, as QEMU's type_init classes are). A name or alias already taken is an error.
+//
+// # Safety
+// `mc` is NULL or points to a MachineClass with static lifetime.
+bool hm_machine_class_register(const struct MachineClass *mc, struct Error **errp);
+
+// Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
+// options, creates a context for the machine and makes it current, creates the `-object`
+// backends, decides `machine->ram` (explicit memory-backend, implicit backend from
+// -m/-mem-path/-mem-prealloc, or NUMA container), then runs the board's init. Errors carry
+// QEMU 10's message for the same command line; nothing is left behind on failure.
+//
+// # Safety
+// `argv` holds `argc` NUL-terminated strings.
+struct MachineState *hm_machine_new_from_argv(int argc,
+                                              const char *const *argv,
+                                              struct Error **errp);
+
+// Frees a machine and its context. NULL is ignored.
+//
+// # Safety
+// `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.
+void hm_machine_free(struct MachineState *ms);
+
+// Makes `ms`'s context current, so QEMU-style globals (get_system_memory(), backends by id)
+// resolve to it. For VMMs running two machines in one process.
+//
+// # Safety
+// `ms` is NULL or a live machine.
+bool hm_machine_make_current(struct MachineState *ms, struct Error **errp);
+
+// Runs one HMP command on the machine and returns its output (release with hm_free).
+//
+// # Safety
+// `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
+char *hm_hmp(struct MachineState *ms, const char *cmdline, struct Error **errp);
+
+// The context id of the current machine (for C APIs keyed by context).
+uint32_t hm_context_current(void);
+
+// The legacy main-RAM allocation of QEMU before 5.0, for boards not converted yet. Exits
+// with the error, like QEMU, when it fails (see the `_err` form to handle it instead).
+//
+// # Safety
+// `mr` is NULL or MemoryRegion storage that outlives the machine; `name` NUL-terminated.
+void memory_region_allocate_system_memory(struct MemoryRegion *mr,
+                                          struct Object *_owner,
+                                          const char *name,
+                                          uint64_t ram_size);
+
+// `memory_region_allocate_system_memory` with an error instead of an exit.
+//
+// # Safety
+// As for `memory_region_allocate_system_memory`.
+bool hm_memory_region_allocate_system_memory(struct MemoryRegion *mr,
+                                             struct Object *_owner,
+                                             const char *name,
+                                             uint64_t ram_size,
+                                             struct Error **errp);
+
+// QEMU's size_to_str ("32 MiB"); release with hm_free.
+char *size_to_str(uint64_t size);
 
 // An owner object named `path` (QOM canonical path or qdev path, e.g. "/machine/peripheral/vga"
 // or "0000:00:02.0"). Freed with `hm_object_free`.

@@ -331,6 +331,7 @@ pub fn info_memdev(list: &[MemdevInfo]) -> String {
 
 /// The `info` subcommands hostmem answers, as QEMU's `info` lists them.
 const INFO_HELP: &str = "info memdev  -- show memory backends\n\
+info memslots  -- show KVM memory slots (hostmem)\n\
 info mtree [-f][-d][-o][-D] -- show memory tree (-f: dump flat view for address spaces;-d: \
 dump dispatch tree, valid with -f only);-o: dump region owners/parents;-D: dump disabled \
 regions\n\
@@ -393,6 +394,22 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
     match words.as_slice() {
         [] => Ok(String::new()),
         ["info"] => Ok(INFO_HELP.to_string()),
+        ["info", "memslots", rest @ ..] => {
+            if !rest.is_empty() {
+                return Err(usage_error(
+                    "memslots",
+                    "memslots: extraneous characters at the end of line".to_string(),
+                ));
+            }
+            match &ctx.kvm {
+                Some(kvm) => Ok(kvm.info_memslots(Some(&ctx.memory.ramblocks))),
+                // The accelerator is not KVM: say so rather than print an empty table.
+                None => Err(Error::new(
+                    HmErrorClass::Unsupported,
+                    "KVM is not enabled for this machine (use -accel kvm)",
+                )),
+            }
+        }
         ["info", "mtree", ..] => {
             let rest = cmdline.trim_start();
             let rest = rest["info".len()..].trim_start();

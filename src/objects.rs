@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, BackendDefaults, BackendType, PreallocJob};
+use crate::backend::{props, Backend, BackendDefaults, BackendType, PreallocJob};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::memory::MemorySystem;
 use crate::options::values::parse_keyval;
@@ -73,30 +73,34 @@ impl ObjectRegistry {
         })?;
         let id = value("id").ok_or_else(|| Error::invalid("Parameter 'id' is missing"))?;
         if !id_wellformed(id) {
-            return Err(Error::invalid("Parameter 'id' expects an identifier"));
-        }
-        let mut backend = Backend::new(ty.name(), id, defaults)?;
-        for (key, v) in &pairs {
-            if key == "qom-type" || key == "id" {
-                continue;
-            }
-            if !crate::backend::props::exists(ty, key) {
-                return Err(Error::invalid(format!("Invalid parameter '{key}'")));
-            }
-            backend.set(key, v)?;
-        }
-        // The QAPI schema makes these mandatory, so QEMU's parser names them first.
-        let mut required = vec!["size"];
-        if ty == BackendType::File {
-            required.push("mem-path");
-        }
-        for r in required {
-            if value(r).is_none() {
-                return Err(Error::invalid(format!("Parameter '{r}' is missing")));
-            }
+            return Err(bad_id());
         }
         if self.entries.contains_key(id.as_str()) {
             return Err(duplicate(id));
+        }
+        // QEMU's parser first checks every value's syntax and the mandatory members in schema
+        // order, then refuses leftovers; only then do the property setters run (in the order
+        // given), with their own checks (size 0, prealloc with reserve=off, node range).
+        for prop in props::schema_order(ty) {
+            match value(prop) {
+                Some(v) => props::check_syntax(prop, v)?,
+                None if props::required(ty, prop) => {
+                    return Err(Error::invalid(format!("Parameter '{prop}' is missing")))
+                }
+                None => {}
+            }
+        }
+        if let Some((key, _)) = pairs
+            .iter()
+            .find(|(k, _)| k != "qom-type" && k != "id" && !props::exists(ty, k))
+        {
+            return Err(Error::invalid(format!("Invalid parameter '{key}'")));
+        }
+        let mut backend = Backend::new(ty.name(), id, defaults)?;
+        for (key, v) in &pairs {
+            if key != "qom-type" && key != "id" {
+                backend.set(key, v)?;
+            }
         }
         Ok((id.clone(), backend))
     }
@@ -126,7 +130,7 @@ impl ObjectRegistry {
             )));
         }
         if !id_wellformed(id) {
-            return Err(Error::invalid("Parameter 'id' expects an identifier"));
+            return Err(bad_id());
         }
         if self.entries.contains_key(id) {
             return Err(duplicate(id));
@@ -217,6 +221,12 @@ impl ObjectRegistry {
     }
 }
 
+fn bad_id() -> Error {
+    Error::invalid("Parameter 'id' expects an identifier").with_hint(
+        "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n",
+    )
+}
+
 fn duplicate(id: &str) -> Error {
     Error::new(
         HmErrorClass::Duplicate,
@@ -277,12 +287,33 @@ mod tests {
             ("memory-backend-ram,id=m,size=1M", "Duplicate ID 'm' for object"),
             ("memory-backend-ram,id=1x,size=1M", "Parameter 'id' expects an identifier"),
             ("memory-backend-ram,id=x,size=1M,host-nodes=0", "host-nodes must be empty for policy default, or you should explicitly specify a policy other than default"),
+            // QEMU 10's order: duplicate id, then syntax in schema order, then leftovers, then
+            // the setters' own checks.
+            ("memory-backend-ram,id=m,size=abc", "Duplicate ID 'm' for object"),
+            ("memory-backend-ram,id=x,foo=1,size=abc", "Parameter 'size' expects a size value"),
+            ("memory-backend-ram,id=x,foo=1", "Parameter 'size' is missing"),
+            ("memory-backend-ram,id=x,size=0,foo=1", "Invalid parameter 'foo'"),
+            ("memory-backend-ram,id=x,merge=maybe,size=abc", "Parameter 'merge' expects 'on' or 'off'"),
+            ("memory-backend-ram,id=x,host-nodes=200,size=abc", "Parameter 'size' expects a size value"),
+            ("memory-backend-ram,id=x,prealloc=on,reserve=off,size=0", "'prealloc=on' and 'reserve=off' are incompatible"),
+            ("memory-backend-file,id=x,size=1M,rom=x,readonly=x,pmem=x", "Parameter 'mem-path' is missing"),
+            ("memory-backend-file,id=x,size=1M,discard-data=x,mem-path=/tmp", "Parameter 'discard-data' expects 'on' or 'off'"),
+            ("memory-backend-memfd,id=x,size=1M,seal=x,hugetlbsize=x", "Parameter 'hugetlbsize' expects a size value"),
         ];
         for (opts, msg) in cases {
             let e = o.add_from_opts(opts, &d, &mut mem).unwrap_err();
             assert_eq!(e.message(), msg, "{opts}");
         }
         assert_eq!(o.ids(), ["m"], "failed adds leave nothing behind");
+        let e = o
+            .add_from_opts("memory-backend-ram,id=a/b,size=1M", &d, &mut mem)
+            .unwrap_err();
+        assert_eq!(
+            e.hint(),
+            Some(
+                "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
+            )
+        );
     }
 
     #[test]

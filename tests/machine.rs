@@ -26,12 +26,12 @@ fn legacy_board() -> BoardInfo {
     }
 }
 
-/// Configures a machine on a fresh context and returns (ram name, ram size, RAMBlock ids in
-/// `info ramblock` order, backend ids), then drops the context.
-fn configure(
-    board: &BoardInfo,
-    args: &str,
-) -> Result<(Option<String>, u64, Vec<String>, Vec<String>)> {
+/// What a configured machine looks like: (ram name, ram size, RAMBlock ids in `info ramblock`
+/// order, backend ids).
+type Outcome = (Option<String>, u64, Vec<String>, Vec<String>);
+
+/// Configures a machine on a fresh context and returns its outcome, then drops the context.
+fn configure(board: &BoardInfo, args: &str) -> Result<Outcome> {
     let args: Vec<&str> = args.split_whitespace().collect();
     let cmd = Cmdline::parse(&args)?;
     let id = context::create();

@@ -19,6 +19,8 @@ pub struct FileProps {
     pub discard_data: bool,
     pub readonly: bool,
     pub rom: OnOffAuto,
+    /// `pmem`: map with MAP_SYNC so writes persist across host crashes on DAX storage.
+    pub pmem: bool,
 }
 
 impl Default for FileProps {
@@ -30,6 +32,7 @@ impl Default for FileProps {
             discard_data: false,
             readonly: false,
             rom: OnOffAuto::Auto,
+            pmem: false,
         }
     }
 }
@@ -67,8 +70,7 @@ pub fn fd_page_size(fd: &OwnedFd) -> usize {
     // SAFETY: fstatfs writes one statfs into the zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fd is open; `st` is valid for writes.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0
-        && st.f_type as i64 == libc::HUGETLBFS_MAGIC as i64
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0 && st.f_type == libc::HUGETLBFS_MAGIC
     {
         return st.f_bsize as usize;
     }
@@ -126,8 +128,8 @@ fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened>
     // SAFETY: cpath is NUL-terminated.
     let fd = unsafe { libc::open(cpath.as_ptr(), mode | libc::O_CLOEXEC) };
     if fd >= 0 {
-        // SAFETY: fd is a fresh descriptor we own.
         return Ok(Opened {
+            // SAFETY: fd is a fresh descriptor we own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             created: None,
         });
@@ -206,7 +208,7 @@ fn map_file(
     let page = fd_page_size(fd);
     let page64 = page as u64;
     if props.align != 0 {
-        if props.align % page64 != 0 {
+        if !props.align.is_multiple_of(page64) {
             return Err(Error::invalid(format!(
                 "alignment 0x{:x} must be multiples of page size 0x{page:x}",
                 props.align
@@ -219,18 +221,21 @@ fn map_file(
             )));
         }
     }
-    if props.offset % page64 != 0 {
+    if !props.offset.is_multiple_of(page64) {
         return Err(Error::invalid(format!(
             "offset 0x{:x} must be multiples of page size 0x{page:x}",
             props.offset
         )));
     }
-    if size < page64 {
+    // QEMU rounds the size up to the host page before comparing it with the file's page size,
+    // so a sub-page size only trips the multiple-of check below.
+    let rounded = size.next_multiple_of(host_page_size() as u64);
+    if rounded < page64 {
         return Err(Error::invalid(format!(
-            "memory size 0x{size:x} must be equal to or larger than page size 0x{page:x}"
+            "memory size 0x{rounded:x} must be equal to or larger than page size 0x{page:x}"
         )));
     }
-    if size % page64 != 0 {
+    if !size.is_multiple_of(page64) {
         return Err(Error::invalid(format!(
             "backend '{type_name}' memory size must be multiple of {}",
             size_to_str(page64)
@@ -253,7 +258,7 @@ fn map_file(
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
             return Err(Error::host(
-                format!("can't resize backing store {} for guest RAM", region_name),
+                format!("can't resize backing store for guest RAM '{region_name}'"),
                 errno(),
             ));
         }
@@ -267,9 +272,20 @@ fn map_file(
         noreserve,
         readonly: props.rom_effective(),
         file_offset: props.offset,
+        sync: props.pmem && share,
     };
-    let p = map_aligned(&spec, Some(fd))
-        .map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
+    let mapped = map_aligned(&spec, Some(fd)).or_else(|e| {
+        if !spec.sync {
+            return Err(e);
+        }
+        // Not DAX storage: QEMU goes on without MAP_SYNC and says so.
+        eprintln!(
+            "Warning: requesting persistence across crashes for backend file {} failed. Proceeding without persistence, data might become corrupted in case of host crash.",
+            props.mem_path.as_deref().unwrap_or_default()
+        );
+        map_aligned(&MapSpec { sync: false, ..spec }, Some(fd))
+    });
+    let p = mapped.map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
     Ok((p, len, page))
 }
 
@@ -370,7 +386,7 @@ mod tests {
         );
         assert_eq!(
             msg(&props(&path), 1000),
-            "memory size 0x3e8 must be equal to or larger than page size 0x1000"
+            "backend 'memory-backend-file' memory size must be multiple of 4 KiB"
         );
         assert_eq!(
             msg(&props(&path), 5000),
@@ -459,6 +475,37 @@ mod tests {
         assert!(m.is_readonly());
         // SAFETY: reading the first byte of the mapping just made.
         assert_eq!(unsafe { m.as_ptr().read() }, 0x5a);
+        drop(m);
+        // Preallocating a read-only backend populates it for reading.
+        let mut b = crate::backend::Backend::new(
+            "memory-backend-file",
+            "ro",
+            &crate::backend::BackendDefaults::default(),
+        )
+        .unwrap();
+        for (k, v) in [
+            ("size", "4K"),
+            ("mem-path", path.as_str()),
+            ("readonly", "on"),
+            ("prealloc", "on"),
+        ] {
+            b.set(k, v).unwrap();
+        }
+        b.complete().unwrap();
+        let m = b.mapping().unwrap();
+        assert_eq!(
+            crate::backend::prealloc::resident_pages(m.as_ptr(), 4096),
+            1
+        );
+        drop(b);
+        // pmem=on on a non-DAX file still maps (without MAP_SYNC), as in QEMU.
+        let p = FileProps {
+            pmem: true,
+            ..props(&path)
+        };
+        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false).unwrap();
+        // SAFETY: writing inside the shared mapping just made.
+        unsafe { m.as_ptr().write(1) };
         drop(m);
         std::fs::remove_dir_all(d).unwrap();
     }

@@ -56,7 +56,7 @@ pub fn alloc(
     // SAFETY: fd is a fresh descriptor we own; OwnedFd closes it on every error path.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let page = fd_page_size(&fd);
-    if size % page as u64 != 0 {
+    if !size.is_multiple_of(page as u64) {
         // QEMU only notices after a failed ftruncate or a mismatched mapping; say why here.
         return Err(Error::invalid(format!(
             "backend '{type_name}' memory size must be multiple of {}",
@@ -86,6 +86,7 @@ pub fn alloc(
         noreserve,
         readonly: false,
         file_offset: 0,
+        sync: false,
     };
     let p = map_aligned(&spec, Some(&fd))
         .map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;

@@ -354,6 +354,10 @@ impl Backend {
                 self.guard(prop)?;
                 self.file.rom = OnOffAuto::parse(prop, value)?;
             }
+            "pmem" => {
+                self.guard(prop)?;
+                self.file.pmem = parse_bool_param(prop, value)?;
+            }
             "hugetlb" => self.memfd.hugetlb = parse_bool_param(prop, value)?,
             "hugetlbsize" => {
                 self.guard(prop)?;
@@ -396,6 +400,7 @@ impl Backend {
             "discard-data" => b(self.file.discard_data),
             "readonly" => b(self.file.readonly),
             "rom" => self.file.rom.name().to_string(),
+            "pmem" => b(self.file.pmem),
             "hugetlb" => b(self.memfd.hugetlb),
             "hugetlbsize" => self.memfd.hugetlbsize.to_string(),
             "seal" => b(self.memfd.seal),
@@ -750,6 +755,7 @@ mod tests {
             ("discard-data", "on", "on"),
             ("readonly", "on", "on"),
             ("rom", "off", "off"),
+            ("pmem", "on", "on"),
         ] {
             f.set(p, v).unwrap();
             assert_eq!(f.get(p).unwrap(), back, "{p}");
@@ -1096,6 +1102,26 @@ mod tests {
         assert_eq!(b.region_name(), "m");
         b.set("x-use-canonical-path-for-ramblock-id", "on").unwrap();
         assert_eq!(b.region_name(), "/objects/m");
+    }
+
+    #[test]
+    fn discard_data_drops_the_file_content_on_deletion() {
+        let path = format!("/dev/shm/hostmem-discard-{}", std::process::id());
+        let _ = std::fs::remove_file(&path);
+        for (discard, want) in [("off", 0x5a), ("on", 0)] {
+            let mut f = new("memory-backend-file");
+            for (p, v) in [("size", "1M"), ("mem-path", path.as_str()), ("share", "on")] {
+                f.set(p, v).unwrap();
+            }
+            f.set("discard-data", discard).unwrap();
+            f.complete().unwrap();
+            // SAFETY: writing inside the backend's shared mapping.
+            unsafe { f.mapping().unwrap().as_ptr().add(4096).write(0x5a) };
+            drop(f);
+            let data = std::fs::read(&path).unwrap();
+            assert_eq!(data[4096], want, "discard-data={discard}");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     /// Reserves huge pages and mounts hugetlbfs through the project script; under CI a failure

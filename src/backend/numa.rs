@@ -161,6 +161,11 @@ mod tests {
         let (mode, mask) = policy_at(p).unwrap();
         assert!(mode == MPOL_PREFERRED_MANY || mode == HostMemPolicy::Preferred as i32);
         assert_eq!(mask, 1);
+        // Nodes the host lacks are dropped by the kernel as long as one present node remains
+        // (QEMU accepts host-nodes=0-1 on a one-node host too).
+        let mut s01 = NodeSet::default();
+        s01.add(&[0, 1]).unwrap();
+        bind(p, len, HostMemPolicy::Bind, &s01).unwrap();
         // SAFETY: unmapping the mapping made above.
         unsafe { libc::munmap(p as *mut libc::c_void, len) };
     }

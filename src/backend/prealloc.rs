@@ -60,7 +60,8 @@ pub struct Request<'a> {
     pub max_threads: u32,
     pub progress: Option<&'a ProgressFn>,
     pub remap: Remap,
-    /// None: sense MADV_POPULATE_WRITE; Some: force a method (tests).
+    /// None: sense MADV_POPULATE_WRITE (POPULATE_READ for a read-only mapping); Some: force a
+    /// method (tests).
     pub method: Option<Method>,
 }
 
@@ -100,10 +101,20 @@ pub fn online_cpus() -> usize {
     }
 }
 
-/// Whether the kernel has MADV_POPULATE_WRITE, sensed on the first page of the range.
-fn populate_write_works(addr: *mut u8, page: usize) -> bool {
+/// The populate advice for a mapping: a read-only mapping (rom) can only be populated for
+/// reading; writable ones are populated for writing, so no later write faults.
+fn populate_advice(readonly: bool) -> libc::c_int {
+    if readonly {
+        libc::MADV_POPULATE_READ
+    } else {
+        libc::MADV_POPULATE_WRITE
+    }
+}
+
+/// Whether the kernel has MADV_POPULATE_*, sensed on the first page of the range.
+fn populate_works(addr: *mut u8, page: usize, readonly: bool) -> bool {
     // SAFETY: advising the first page of the caller's mapping.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, libc::MADV_POPULATE_WRITE) };
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, populate_advice(readonly)) };
     rc == 0 || super::ram::errno() != libc::EINVAL
 }
 
@@ -123,7 +134,7 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     }
     let threads = thread_count(online_cpus(), req.max_threads, pages, total);
     let method = req.method.unwrap_or_else(|| {
-        if populate_write_works(req.addr, page) {
+        if populate_works(req.addr, page, req.remap.readonly) {
             Method::PopulateWrite
         } else {
             Method::Touch
@@ -143,17 +154,24 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     let base = req.addr as usize;
     let len = req.len;
     let (tx, rx) = mpsc::channel::<u64>();
-    let work = |first: u64, count: u64, tx: mpsc::Sender<u64>| {
+    let readonly = req.remap.readonly;
+    let work = |first: u64, count: u64, done: &dyn Fn(u64)| {
         let start = base + (first as usize) * page;
         let end = (start + count as usize * page).min(base + len);
-        run_chunk(start, end, page, method, &tx)
+        run_chunk(start, end, page, method, readonly, done)
     };
     let results: Vec<ChunkResult> = if threads == 1 {
         drop(tx);
-        // One thread: no spawning, and progress can be reported as the work goes.
-        let (tx1, rx1) = mpsc::channel();
-        let r = work(0, pages, tx1);
-        report(req.progress, &rx1, total);
+        // One thread: no spawning; progress is reported directly as the work goes.
+        let sum = std::cell::Cell::new(0u64);
+        let r = work(0, pages, &|n| {
+            sum.set(sum.get() + n);
+            if let Some(p) = req.progress {
+                if sum.get() < total {
+                    p(sum.get(), total);
+                }
+            }
+        });
         vec![r]
     } else {
         let gate = Gate::default();
@@ -175,7 +193,9 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
                                 fault: None,
                             };
                         }
-                        work(first, count, tx)
+                        work(first, count, &|n| {
+                            let _ = tx.send(n);
+                        })
                     });
                 match h {
                     Ok(h) => handles.push(h),
@@ -276,7 +296,8 @@ fn run_chunk(
     end: usize,
     page: usize,
     method: Method,
-    tx: &mpsc::Sender<u64>,
+    readonly: bool,
+    done: &dyn Fn(u64),
 ) -> ChunkResult {
     let step = step_bytes(page);
     let mut at = start;
@@ -299,7 +320,7 @@ fn run_chunk(
             Method::PopulateWrite => {
                 // SAFETY: [at, at+n) lies inside the caller's mapping.
                 let rc =
-                    unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+                    unsafe { libc::madvise(at as *mut libc::c_void, n, populate_advice(readonly)) };
                 if rc != 0 {
                     result.errno = super::ram::errno();
                     break;
@@ -308,12 +329,15 @@ fn run_chunk(
             Method::Touch => {
                 let mut p = at;
                 while p < at + n {
-                    // SAFETY: p lies inside the caller's writable mapping; reading a byte and
-                    // writing the same value back leaves the content unchanged. A SIGBUS here is
-                    // repaired by the handler (see the module comment).
+                    // SAFETY: p lies inside the caller's mapping (writable unless `readonly`);
+                    // reading a byte and writing the same value back leaves the content
+                    // unchanged. A SIGBUS here is repaired by the handler (see the module
+                    // comment).
                     unsafe {
                         let v = std::ptr::read_volatile(p as *const u8);
-                        std::ptr::write_volatile(p as *mut u8, v);
+                        if !readonly {
+                            std::ptr::write_volatile(p as *mut u8, v);
+                        }
                     }
                     compiler_fence(Ordering::SeqCst);
                     let fault = TOUCH.with(|t| t.fault.load(Ordering::Relaxed));
@@ -329,7 +353,7 @@ fn run_chunk(
                 }
             }
         }
-        let _ = tx.send(n as u64);
+        done(n as u64);
         at += n;
     }
     if method == Method::Touch {
@@ -580,7 +604,43 @@ mod tests {
     }
 
     #[test]
+    fn single_thread_progress_comes_while_pages_are_faulted_in() {
+        let len = 64 << 20;
+        let m = Arc::new(anon(len));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s2, m2) = (seen.clone(), m.clone());
+        let cb: ProgressFn = Arc::new(move |d, _| {
+            s2.lock()
+                .unwrap()
+                .push((d, resident_pages(m2.as_ptr(), m2.len())));
+        });
+        prealloc(&Request {
+            addr: m.as_ptr(),
+            len,
+            page_size: 4096,
+            max_threads: 1,
+            progress: Some(&cb),
+            remap: Remap::default(),
+            method: None,
+        })
+        .unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0], (0, 0), "nothing resident before the first report");
+        let mid = seen[seen.len() / 2];
+        assert!(mid.0 > 0 && mid.0 < len as u64, "{mid:?}");
+        assert!(
+            mid.1 > 0 && mid.1 < len / 4096,
+            "reported while running: {mid:?}"
+        );
+    }
+
+    /// Tests that install SIGBUS handlers or use the touch method run one at a time: the
+    /// handler is process-wide.
+    static SIGNAL_TESTS: Mutex<()> = Mutex::new(());
+
+    #[test]
     fn touch_method_makes_pages_resident_and_keeps_content() {
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let len = 4 << 20;
         let m = anon(len);
         // SAFETY: writing inside the mapping.
@@ -639,6 +699,7 @@ mod tests {
     #[test]
     fn sigbus_while_touching_is_an_error_and_the_old_handler_returns() {
         use std::os::fd::AsRawFd;
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: installing a harmless handler to check it is restored.
         unsafe {
             let mut act: libc::sigaction = std::mem::zeroed();
@@ -686,6 +747,8 @@ mod tests {
 
     #[test]
     fn populate_write_failure_uses_qemus_words() {
+        // Kernels without MADV_POPULATE_WRITE take the touch path here.
+        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let (fd, p) = truncated_memfd(4, 1);
         let e = prealloc(&Request {
             addr: p,

@@ -26,10 +26,63 @@ pub const FILE: &[&str] = &[
     "discard-data",
     "readonly",
     "rom",
+    "pmem",
 ];
 
 /// memory-backend-memfd's own properties.
 pub const MEMFD: &[&str] = &["hugetlb", "hugetlbsize", "seal"];
+
+/// The order of QEMU's QAPI schema (MemoryBackendProperties, then the type's own), in which
+/// QEMU's option parser checks values and reports the first bad or missing one.
+pub fn schema_order(ty: BackendType) -> Vec<&'static str> {
+    let mut v = vec![
+        "dump",
+        "host-nodes",
+        "merge",
+        "policy",
+        "prealloc",
+        "prealloc-threads",
+        "share",
+        "reserve",
+        "size",
+        "x-use-canonical-path-for-ramblock-id",
+    ];
+    v.extend_from_slice(match ty {
+        BackendType::Ram => &[],
+        BackendType::File => &[
+            "align",
+            "offset",
+            "discard-data",
+            "mem-path",
+            "pmem",
+            "readonly",
+            "rom",
+        ],
+        BackendType::Memfd => &["hugetlb", "hugetlbsize", "seal"],
+    });
+    v
+}
+
+/// Properties an `-object` option string must give (mandatory in QEMU's schema).
+pub fn required(ty: BackendType, prop: &str) -> bool {
+    prop == "size" || (ty == BackendType::File && prop == "mem-path")
+}
+
+/// Checks the syntax of a value the way QEMU's option visitor does, before any setter runs.
+pub fn check_syntax(prop: &str, value: &str) -> Result<()> {
+    use crate::options::values::{
+        parse_bool_param, parse_size_param, parse_u16_list, parse_u32_param,
+    };
+    match prop {
+        "size" | "align" | "offset" | "hugetlbsize" => parse_size_param(prop, value).map(drop),
+        "prealloc-threads" => parse_u32_param(prop, value).map(drop),
+        "host-nodes" => parse_u16_list(prop, value).map(drop),
+        "policy" => HostMemPolicy::parse(value).map(drop),
+        "rom" => OnOffAuto::parse(prop, value).map(drop),
+        "mem-path" => Ok(()),
+        _ => parse_bool_param(prop, value).map(drop),
+    }
+}
 
 /// Whether `prop` is a property of backends of type `ty`.
 pub fn exists(ty: BackendType, prop: &str) -> bool {
@@ -63,7 +116,7 @@ pub fn completed(ty: BackendType, prop: &str) -> Error {
         "mem-path" | "align" | "offset" => {
             format!("cannot change property '{prop}' of {}", ty.name())
         }
-        "readonly" | "rom" => format!("cannot change property '{prop}' of {}.", ty.name()),
+        "readonly" | "rom" | "pmem" => format!("cannot change property '{prop}' of {}.", ty.name()),
         _ => "cannot change property value".to_string(),
     };
     Error::new(HmErrorClass::Completed, msg)
@@ -145,6 +198,30 @@ mod tests {
         assert!(!exists(BackendType::File, "seal"));
         assert!(exists(BackendType::Memfd, "hugetlbsize"));
         assert!(!exists(BackendType::Memfd, "foo"));
+    }
+
+    #[test]
+    fn schema_order_covers_every_property_once() {
+        for ty in [BackendType::Ram, BackendType::File, BackendType::Memfd] {
+            let order = schema_order(ty);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), order.len());
+            assert!(order.iter().all(|p| exists(ty, p)));
+            let count = COMMON.len()
+                + match ty {
+                    BackendType::Ram => 0,
+                    BackendType::File => FILE.len(),
+                    BackendType::Memfd => MEMFD.len(),
+                };
+            assert_eq!(order.len(), count);
+        }
+        assert_eq!(
+            check_syntax("dump", "x").unwrap_err().message(),
+            "Parameter 'dump' expects 'on' or 'off'"
+        );
+        assert!(check_syntax("mem-path", "").is_ok());
     }
 
     #[test]

@@ -18,7 +18,12 @@ pub struct MapSpec {
     pub noreserve: bool,
     pub readonly: bool,
     pub file_offset: u64,
+    /// MAP_SYNC (persistent memory, `pmem=on`); only for shared file mappings.
+    pub sync: bool,
 }
+
+/// Linux's MAP_SYNC (not exported by libc for every glibc target).
+const MAP_SYNC: libc::c_int = 0x80000;
 
 /// Maps `spec.len` bytes of `fd` (or anonymous memory) at an address aligned to `spec.align`:
 /// reserve a larger inaccessible range, map over its aligned middle, return the slack.
@@ -47,7 +52,9 @@ pub fn map_aligned(spec: &MapSpec, fd: Option<&OwnedFd>) -> std::result::Result<
         libc::PROT_READ | libc::PROT_WRITE
     };
     let mut flags = libc::MAP_FIXED
-        | if spec.shared {
+        | if spec.sync && spec.shared {
+            libc::MAP_SHARED_VALIDATE | MAP_SYNC
+        } else if spec.shared {
             libc::MAP_SHARED
         } else {
             libc::MAP_PRIVATE
@@ -107,6 +114,7 @@ pub fn alloc(name: &str, size: u64, shared: bool, noreserve: bool) -> Result<Hos
         noreserve,
         readonly: false,
         file_offset: 0,
+        sync: false,
     };
     let p = map_aligned(&spec, None)
         .map_err(|e| Error::host(format!("cannot set up guest memory '{name}'"), e))?;

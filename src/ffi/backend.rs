@@ -1,1 +1,606 @@
-//! INTERFACE STUB: exports to be written.
+//! `HostMemoryBackend` for C: QEMU's `-object memory-backend-*` objects, created from option
+//! strings or step by step, in the current context.
+//!
+//! Ownership: a `HostMemoryBackend *` is a handle hostmem owns. It stays valid until
+//! `hm_memory_backend_del` deletes the backend (or the process ends); the same backend always
+//! yields the same pointer. It embeds the `MemoryRegion` that `host_memory_backend_get_memory`
+//! returns. A handle whose backend was removed another way (its context destroyed, a failed
+//! machine setup) stays safe to pass: calls on it fail with an error instead of crashing.
+//!
+//! Preallocation runs with no hostmem lock held, so a progress callback may call hostmem.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::memory::MemoryRegion;
+use super::{c_string, guard, guard_report, ref_arg, str_arg};
+use crate::backend::prealloc::Outcome;
+use crate::backend::PreallocJob;
+use crate::context::{self, Context, ContextId};
+use crate::error::{Error, HmErrorClass, Result};
+use crate::options::values::parse_bool;
+
+/// A memory backend, as C sees it. Opaque.
+pub struct HostMemoryBackend {
+    context: ContextId,
+    serial: u64,
+    mr: MemoryRegion,
+}
+
+/// Progress of preallocation: bytes done, bytes total, the caller's opaque pointer. Called on
+/// the thread that completes the backend (or switches `prealloc` on), never concurrently:
+/// first with done = 0 before any page is touched, last with done = total on success.
+pub type HmPreallocProgress =
+    Option<unsafe extern "C" fn(done: u64, total: u64, opaque: *mut c_void)>;
+
+type Handles = Mutex<HashMap<(ContextId, u64), Box<HostMemoryBackend>>>;
+
+fn handles() -> &'static Handles {
+    static H: OnceLock<Handles> = OnceLock::new();
+    H.get_or_init(Default::default)
+}
+
+/// The one handle of a backend, made on first use. Boxes never move, so the pointer is stable.
+fn handle_for(context: ContextId, serial: u64) -> *mut HostMemoryBackend {
+    let mut h = handles().lock().unwrap_or_else(|p| p.into_inner());
+    let b = h.entry((context, serial)).or_insert_with(|| {
+        Box::new(HostMemoryBackend {
+            context,
+            serial,
+            mr: MemoryRegion::default(),
+        })
+    });
+    &mut **b as *mut HostMemoryBackend
+}
+
+fn forget_handle(context: ContextId, serial: u64) {
+    let mut h = handles().lock().unwrap_or_else(|p| p.into_inner());
+    h.remove(&(context, serial));
+}
+
+fn gone() -> Error {
+    Error::new(HmErrorClass::NotFound, "memory backend no longer exists")
+}
+
+/// Runs `f` on the backend a handle names, with its context locked.
+fn with_entry<R>(
+    b: &HostMemoryBackend,
+    f: impl FnOnce(&mut Context, &str) -> Result<R>,
+) -> Result<R> {
+    context::with(b.context, |ctx| {
+        let id = ctx
+            .objects
+            .by_serial(b.serial)
+            .map(|e| e.backend.id().to_string())
+            .ok_or_else(gone)?;
+        f(ctx, &id)
+    })
+}
+
+/// Completes backend `id` of `ctx`: allocate, advise and bind under the lock, preallocate
+/// without it, finish under it. On failure the backend is uncompleted again, nothing allocated;
+/// `remove_on_error` also unregisters it (for `hm_memory_backend_add`).
+fn complete_unlocked(ctx: &Arc<Mutex<Context>>, id: &str, remove_on_error: bool) -> Result<u64> {
+    let begin = {
+        let mut c = context::lock(ctx);
+        let r = c.objects.begin_complete(id);
+        if r.is_err() && remove_on_error {
+            let c = &mut *c;
+            let _ = c.objects.delete(id, &mut c.memory);
+        }
+        r?
+    };
+    let outcome: Option<Result<Outcome>> = begin.as_ref().map(PreallocJob::run);
+    let mut c = context::lock(ctx);
+    let c = &mut *c;
+    let r = c.objects.finish_complete(id, &mut c.memory, outcome);
+    if let Err(e) = r {
+        if remove_on_error {
+            let _ = c.objects.delete(id, &mut c.memory);
+        }
+        return Err(e);
+    }
+    Ok(c.objects.get(id).map(|e| e.serial).unwrap_or(0))
+}
+
+/// Creates and completes a backend from a QEMU `-object` option string, e.g.
+/// `"memory-backend-file,id=mem0,size=1G,mem-path=/dev/hugepages,prealloc=on"`. Nothing is
+/// left behind on failure. NULL on error.
+///
+/// # Safety
+/// `opts` is NULL or NUL-terminated; `errp` follows the Error convention.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_add(
+    opts: *const c_char,
+    errp: *mut *mut Error,
+) -> *mut HostMemoryBackend {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let opts = unsafe { str_arg(opts, "opts") }?;
+        let ctx = context::current();
+        let (cid, id) = {
+            let mut c = context::lock(&ctx);
+            let (id, backend) = c.objects.build_from_opts(opts, &c.backend_defaults)?;
+            c.objects.insert(backend)?;
+            (c.id, id)
+        };
+        let serial = complete_unlocked(&ctx, &id, true)?;
+        Ok(handle_for(cid, serial))
+    })
+}
+
+/// Creates an uncompleted backend of QOM type `type` ("memory-backend-ram", "-file",
+/// "-memfd") named `id`; set properties with `hm_memory_backend_set`, then
+/// `hm_memory_backend_complete` it.
+///
+/// # Safety
+/// `type_` and `id` are NULL or NUL-terminated; `errp` follows the Error convention.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_new(
+    type_: *const c_char,
+    id: *const c_char,
+    errp: *mut *mut Error,
+) -> *mut HostMemoryBackend {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let (ty, id) = unsafe { (str_arg(type_, "type")?, str_arg(id, "id")?) };
+        context::with_current(|c| {
+            let defaults = c.backend_defaults.clone();
+            c.objects.create(ty, id, &defaults)?;
+            let serial = c.objects.get(id).map(|e| e.serial).ok_or_else(gone)?;
+            Ok(handle_for(c.id, serial))
+        })
+    })
+}
+
+/// The backend named `id` in the current context, or NULL.
+///
+/// # Safety
+/// `id` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_find(id: *const c_char) -> *mut HostMemoryBackend {
+    if id.is_null() {
+        return std::ptr::null_mut();
+    }
+    guard_report(std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let id = unsafe { str_arg(id, "id") }?;
+        Ok(context::with_current(|c| {
+            c.objects
+                .get(id)
+                .map(|e| handle_for(c.id, e.serial))
+                .unwrap_or(std::ptr::null_mut())
+        }))
+    })
+}
+
+/// `object-del`: deletes backend `id` of the current context; refused while mapped with
+/// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+///
+/// # Safety
+/// `id` is NULL or NUL-terminated; `errp` follows the Error convention.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_del(id: *const c_char, errp: *mut *mut Error) -> bool {
+    guard(errp, false, || {
+        // SAFETY: caller contract.
+        let id = unsafe { str_arg(id, "id") }?;
+        context::with_current(|c| {
+            let serial = c.objects.get(id).map(|e| e.serial).ok_or_else(|| {
+                Error::new(HmErrorClass::NotFound, format!("object '{id}' not found"))
+            })?;
+            c.objects.delete(id, &mut c.memory)?;
+            forget_handle(c.id, serial);
+            Ok(true)
+        })
+    })
+}
+
+/// Sets property `prop` from its QEMU string form ("1G", "on", "0-1,3", "bind", ...), with
+/// QEMU's guards: some properties refuse changes after completion; `merge`/`dump` apply at once;
+/// `prealloc=on` on a complete backend preallocates right away (progress callback included).
+///
+/// # Safety
+/// `b` is NULL or a live handle; `prop`, `value` NULL or NUL-terminated; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_set(
+    b: *mut HostMemoryBackend,
+    prop: *const c_char,
+    value: *const c_char,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: caller contract.
+        let (b, prop, value) = unsafe {
+            (
+                ref_arg(b, "b")?,
+                str_arg(prop, "prop")?,
+                str_arg(value, "value")?,
+            )
+        };
+        if prop == "prealloc" && parse_bool(value) == Ok(true) {
+            // A late prealloc=on runs without the lock (the progress callback may call us).
+            let job = with_entry(b, |c, id| {
+                let e = c.objects.get(id).ok_or_else(gone)?;
+                e.backend.begin_late_prealloc()
+            })?;
+            if let Some(job) = job {
+                let r = job.run();
+                with_entry(b, |c, id| {
+                    let e = c.objects.get_mut(id).ok_or_else(gone)?;
+                    e.backend.finish_late_prealloc(r)
+                })?;
+                return Ok(true);
+            }
+        }
+        with_entry(b, |c, id| {
+            let e = c.objects.get_mut(id).ok_or_else(gone)?;
+            e.backend.set(prop, value)
+        })?;
+        Ok(true)
+    })
+}
+
+/// Property `prop` as a string in the syntax `hm_memory_backend_set` takes (sizes in bytes,
+/// booleans "on"/"off", host-nodes as "0-1,3"). Release with `hm_free`. NULL on error.
+///
+/// # Safety
+/// `b` is NULL or a live handle; `prop` NULL or NUL-terminated; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_get(
+    b: *mut HostMemoryBackend,
+    prop: *const c_char,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let (b, prop) = unsafe { (ref_arg(b, "b")?, str_arg(prop, "prop")?) };
+        let v = with_entry(b, |c, id| {
+            c.objects.get(id).ok_or_else(gone)?.backend.get(prop)
+        })?;
+        Ok(c_string(&v))
+    })
+}
+
+/// Completes the backend: allocate → madvise → mbind (when host-nodes is set) → prealloc, then
+/// its RAM region exists. On failure the backend stays uncompleted with nothing allocated.
+///
+/// # Safety
+/// `b` is NULL or a live handle; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_complete(
+    b: *mut HostMemoryBackend,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        let ctx = context::get(b.context).ok_or_else(gone)?;
+        let id = {
+            let c = context::lock(&ctx);
+            c.objects
+                .by_serial(b.serial)
+                .map(|e| e.backend.id().to_string())
+                .ok_or_else(gone)?
+        };
+        complete_unlocked(&ctx, &id, false)?;
+        Ok(true)
+    })
+}
+
+/// Sets (or, with `cb` NULL, clears) the preallocation progress callback of a backend.
+///
+/// # Safety
+/// `b` is NULL or a live handle; `cb` may be called with `opaque` until it is replaced or the
+/// backend deleted; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_set_prealloc_progress(
+    b: *mut HostMemoryBackend,
+    cb: HmPreallocProgress,
+    opaque: *mut c_void,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        let opaque = opaque as usize;
+        let progress = cb.map(|f| {
+            let p: crate::backend::ProgressFn = Arc::new(move |done, total| {
+                // SAFETY: the caller registered `f` with `opaque` for exactly these calls.
+                unsafe { f(done, total, opaque as *mut c_void) }
+            });
+            p
+        });
+        with_entry(b, |c, id| {
+            c.objects
+                .get_mut(id)
+                .ok_or_else(gone)?
+                .backend
+                .set_prealloc_progress(progress);
+            Ok(true)
+        })
+    })
+}
+
+/// The backend's memory region once complete (the embedded storage of the handle), or NULL.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn host_memory_backend_get_memory(
+    b: *mut HostMemoryBackend,
+) -> *mut MemoryRegion {
+    guard_report(std::ptr::null_mut(), || {
+        // SAFETY: caller contract; the handle is ours and lives in the handle table.
+        let b = unsafe { b.as_mut() }.ok_or_else(|| Error::invalid("Parameter 'b' is missing"))?;
+        let region = with_entry(b, |c, id| Ok(c.objects.get(id).and_then(|e| e.region)))?;
+        Ok(match region {
+            Some(r) => {
+                b.mr = MemoryRegion::new(b.context, r);
+                &mut b.mr as *mut MemoryRegion
+            }
+            None => std::ptr::null_mut(),
+        })
+    })
+}
+
+/// Whether a consumer (machine RAM, a NUMA node, a DIMM) has taken the backend.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn host_memory_backend_is_mapped(b: *mut HostMemoryBackend) -> bool {
+    guard_report(false, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |c, id| {
+            Ok(c.objects.get(id).is_some_and(|e| e.backend.is_mapped()))
+        })
+    })
+}
+
+/// Marks the backend taken (or free again); a mapped backend cannot be deleted.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn host_memory_backend_set_mapped(b: *mut HostMemoryBackend, mapped: bool) {
+    guard_report((), || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |c, id| {
+            c.objects
+                .get_mut(id)
+                .ok_or_else(gone)?
+                .backend
+                .set_mapped(mapped);
+            Ok(())
+        })
+    })
+}
+
+/// Page size backing the memory (2 MiB on hugetlbfs, else the host page size); 0 before
+/// allocation.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn host_memory_backend_pagesize(b: *mut HostMemoryBackend) -> usize {
+    guard_report(0, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |c, id| {
+            Ok(c.objects
+                .get(id)
+                .and_then(|e| e.backend.page_size())
+                .unwrap_or(0))
+        })
+    })
+}
+
+/// The file descriptor behind a file or memfd backend (owned by hostmem; do not close), or -1.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_get_fd(b: *mut HostMemoryBackend) -> c_int {
+    guard_report(-1, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |c, id| {
+            Ok(c.objects
+                .get(id)
+                .and_then(|e| e.backend.mapping())
+                .and_then(|m| m.fd())
+                .unwrap_or(-1))
+        })
+    })
+}
+
+/// Host address of the backend's memory as soon as it is allocated (also from inside a
+/// progress callback, before preallocation touches it), or NULL.
+///
+/// # Safety
+/// `b` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_get_host_ptr(b: *mut HostMemoryBackend) -> *mut c_void {
+    guard_report(std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |c, id| {
+            Ok(c.objects
+                .get(id)
+                .and_then(|e| e.backend.mapping())
+                .map_or(std::ptr::null_mut(), |m| m.as_ptr() as *mut c_void))
+        })
+    })
+}
+
+/// The steps the last completion (and later merge/dump/prealloc changes) ran, in order, comma
+/// separated: "allocate,hugepage,dontfork,mergeable,bind,prealloc". Release with `hm_free`.
+///
+/// # Safety
+/// `b` is NULL or a live handle; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_trace(
+    b: *mut HostMemoryBackend,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        let names = with_entry(b, |c, id| {
+            let e = c.objects.get(id).ok_or_else(gone)?;
+            Ok(e.backend
+                .trace()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(","))
+        })?;
+        Ok(c_string(&names))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+    use std::ptr::null_mut;
+
+    fn with_fresh_context<R>(f: impl FnOnce() -> R) -> R {
+        // Tests run in parallel threads; the current context is process-wide, so each test
+        // makes its own and the table lock keeps them apart only per call. Serialise them.
+        static LOCK: Mutex<()> = Mutex::new(());
+        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let id = context::create();
+        context::set_current(id).unwrap();
+        let r = f();
+        context::destroy(id).unwrap();
+        r
+    }
+
+    fn take_err(e: *mut Error) -> String {
+        // SAFETY: e is a live error from hostmem, freed here.
+        unsafe {
+            let m = CStr::from_ptr(super::super::error::error_get_pretty(e))
+                .to_string_lossy()
+                .into_owned();
+            super::super::error::error_free(e);
+            m
+        }
+    }
+
+    #[test]
+    fn add_find_get_set_del_round_trip() {
+        with_fresh_context(|| {
+            // SAFETY: valid C strings and errp.
+            unsafe {
+                let mut err = null_mut();
+                let b =
+                    hm_memory_backend_add(c"memory-backend-ram,id=r,size=2M".as_ptr(), &mut err);
+                assert!(!b.is_null());
+                assert_eq!(hm_memory_backend_find(c"r".as_ptr()), b);
+                assert!(hm_memory_backend_find(c"nope".as_ptr()).is_null());
+                let mr = host_memory_backend_get_memory(b);
+                assert!(!mr.is_null());
+                assert_eq!(super::super::memory::memory_region_size(mr), 2 << 20);
+                let v = hm_memory_backend_get(b, c"size".as_ptr(), &mut err);
+                assert_eq!(CStr::from_ptr(v).to_str().unwrap(), "2097152");
+                super::super::hm_free(v as *mut c_void);
+                assert!(!hm_memory_backend_set(
+                    b,
+                    c"share".as_ptr(),
+                    c"on".as_ptr(),
+                    &mut err
+                ));
+                assert_eq!(take_err(err), "cannot change property value");
+                err = null_mut();
+                host_memory_backend_set_mapped(b, true);
+                assert!(host_memory_backend_is_mapped(b));
+                assert!(!hm_memory_backend_del(c"r".as_ptr(), &mut err));
+                assert_eq!(take_err(err), "object 'r' is in use, can not be deleted");
+                err = null_mut();
+                host_memory_backend_set_mapped(b, false);
+                assert!(hm_memory_backend_del(c"r".as_ptr(), &mut err));
+                assert!(hm_memory_backend_find(c"r".as_ptr()).is_null());
+            }
+        });
+    }
+
+    #[test]
+    fn null_arguments_are_errors() {
+        with_fresh_context(|| {
+            // SAFETY: NULLs are allowed by the contract and must be refused.
+            unsafe {
+                let mut err = null_mut();
+                assert!(hm_memory_backend_add(std::ptr::null(), &mut err).is_null());
+                assert_eq!(take_err(err), "Parameter 'opts' is missing");
+                err = null_mut();
+                assert!(!hm_memory_backend_set(
+                    null_mut(),
+                    c"size".as_ptr(),
+                    c"1".as_ptr(),
+                    &mut err
+                ));
+                assert_eq!(take_err(err), "Parameter 'b' is missing");
+                assert!(host_memory_backend_get_memory(null_mut()).is_null());
+                assert!(hm_memory_backend_find(std::ptr::null()).is_null());
+            }
+        });
+    }
+
+    static CALLS: Mutex<Vec<(u64, u64, usize)>> = Mutex::new(Vec::new());
+
+    unsafe extern "C" fn record(done: u64, total: u64, opaque: *mut c_void) {
+        CALLS.lock().unwrap().push((done, total, opaque as usize));
+    }
+
+    #[test]
+    fn step_by_step_with_progress_callback() {
+        with_fresh_context(|| {
+            // SAFETY: valid C strings, handles and errp.
+            unsafe {
+                let mut err = null_mut();
+                let b = hm_memory_backend_new(
+                    c"memory-backend-memfd".as_ptr(),
+                    c"f".as_ptr(),
+                    &mut err,
+                );
+                assert!(!b.is_null());
+                assert!(host_memory_backend_get_memory(b).is_null());
+                for (p, v) in [(c"size", c"8M"), (c"prealloc", c"on")] {
+                    assert!(hm_memory_backend_set(b, p.as_ptr(), v.as_ptr(), &mut err));
+                }
+                assert!(hm_memory_backend_set_prealloc_progress(
+                    b,
+                    Some(record),
+                    42 as *mut c_void,
+                    &mut err
+                ));
+                assert!(
+                    hm_memory_backend_complete(b, &mut err),
+                    "{}",
+                    if err.is_null() {
+                        String::new()
+                    } else {
+                        take_err(err)
+                    }
+                );
+                let calls = CALLS.lock().unwrap().clone();
+                assert_eq!(calls.first(), Some(&(0, 8 << 20, 42)));
+                assert_eq!(calls.last(), Some(&(8 << 20, 8 << 20, 42)));
+                assert!(hm_memory_backend_get_fd(b) >= 0);
+                assert_eq!(host_memory_backend_pagesize(b), 4096);
+                let t = hm_memory_backend_trace(b, &mut err);
+                assert_eq!(
+                    CStr::from_ptr(t).to_str().unwrap(),
+                    "allocate,hugepage,dontfork,mergeable,prealloc"
+                );
+                super::super::hm_free(t as *mut c_void);
+                assert!(!hm_memory_backend_complete(b, &mut err));
+                take_err(err);
+            }
+        });
+    }
+}

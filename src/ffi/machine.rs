@@ -1,1 +1,394 @@
-//! INTERFACE STUB: exports to be written.
+//! `MachineClass` / `MachineState` for C boards and VMMs, board registration, the one call that
+//! turns a QEMU command line into a running machine configuration, HMP, and the legacy
+//! `memory_region_allocate_system_memory()`.
+//!
+//! Ownership: a `MachineState *` from `hm_machine_new_from_argv` is freed with
+//! `hm_machine_free`, which also drops the machine's context (regions, RAMBlocks, backends).
+//! `MachineClass` structs are the board's, and must outlive the process (static storage).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr::null_mut;
+use std::sync::{Mutex, OnceLock};
+
+use crate::context::{self, ContextId};
+use crate::error::{Error, HmErrorClass, Result};
+use crate::ffi::backend::{hm_memory_backend_find, HostMemoryBackend};
+use crate::ffi::memory::{MemoryRegion, Object};
+use crate::ffi::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
+use crate::machine::{self, BoardInfo};
+use crate::options::cmdline::{Accel, Cmdline};
+
+/// A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
+#[repr(C)]
+pub struct MachineClass {
+    /// Full type name, e.g. "pc-i440fx-10.0".
+    pub name: *const c_char,
+    /// Short name accepted by -M, e.g. "pc" (may be NULL).
+    pub alias: *const c_char,
+    pub desc: *const c_char,
+    /// Builds the board: maps `machine->ram`, adds its own regions.
+    pub init: Option<unsafe extern "C" fn(machine: *mut MachineState)>,
+    /// Used when -m is absent or 0.
+    pub default_ram_size: u64,
+    /// Name of main RAM (implicit backend id and RAMBlock); NULL for boards that take no -m.
+    pub default_ram_id: *const c_char,
+    pub numa_mem_supported: bool,
+    /// The board -M defaults to.
+    pub is_default: bool,
+    /// The board starts without a CPU unless -smp asks for one (QEMU's `none`).
+    pub no_cpus_by_default: bool,
+}
+
+/// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
+/// VMM-level options of its command line.
+#[repr(C)]
+pub struct MachineState {
+    pub mc: *const MachineClass,
+    /// Main RAM for the board to map: the backend's region or the NUMA container. NULL when the
+    /// board has no default_ram_id (it allocates its own, or calls the legacy function).
+    pub ram: *mut MemoryRegion,
+    pub ram_size: u64,
+    pub maxram_size: u64,
+    pub ram_slots: u64,
+    /// The backend behind `ram` (NULL with NUMA memdevs or without RAM).
+    pub memdev: *mut HostMemoryBackend,
+    /// The hostmem context of this machine.
+    pub context: u32,
+    /// Board private state.
+    pub opaque: *mut c_void,
+    /// -S
+    pub start_paused: bool,
+    /// -monitor stdio
+    pub monitor_stdio: bool,
+    /// -accel kvm, -enable-kvm, -machine accel=kvm
+    pub accel_kvm: bool,
+    /// -accel kvm,max-slot-size=SIZE (0: the kernel's limit)
+    pub kvm_max_slot_size: u64,
+}
+
+struct ClassPtr(*const MachineClass);
+// SAFETY: registered classes are immutable static data owned by board code for the whole
+// process (documented contract of hm_machine_class_register); sharing the pointer is sound.
+unsafe impl Send for ClassPtr {}
+
+fn classes() -> std::sync::MutexGuard<'static, Vec<ClassPtr>> {
+    static CLASSES: OnceLock<Mutex<Vec<ClassPtr>>> = OnceLock::new();
+    CLASSES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn opt_str(p: *const c_char) -> Option<String> {
+    // SAFETY: by the caller's contract.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+fn board_info(mc: &MachineClass) -> BoardInfo {
+    // SAFETY: class strings are static NUL-terminated strings (registration contract).
+    unsafe {
+        BoardInfo {
+            name: opt_str(mc.name).unwrap_or_default(),
+            alias: opt_str(mc.alias),
+            default_ram_size: mc.default_ram_size,
+            default_ram_id: opt_str(mc.default_ram_id),
+            numa_mem_supported: mc.numa_mem_supported,
+        }
+    }
+}
+
+/// Registers a board type. `mc` and its strings must stay valid for the whole process (static
+/// storage, as QEMU's type_init classes are). A name or alias already taken is an error.
+///
+/// # Safety
+/// `mc` is NULL or points to a MachineClass with static lifetime.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_class_register(
+    mc: *const MachineClass,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by this function's contract.
+        let class = unsafe { ref_arg(mc, "mc") }?;
+        let info = board_info(class);
+        if info.name.is_empty() {
+            return Err(Error::invalid("Parameter 'mc.name' is missing"));
+        }
+        let mut list = classes();
+        for other in list.iter() {
+            // SAFETY: registered pointers are static (registration contract).
+            let o = board_info(unsafe { &*other.0 });
+            let names = [Some(&o.name), o.alias.as_ref()];
+            if names.contains(&Some(&info.name))
+                || (info.alias.is_some() && names.contains(&info.alias.as_ref()))
+            {
+                return Err(Error::new(
+                    HmErrorClass::Duplicate,
+                    format!("machine type '{}' is already registered", info.name),
+                ));
+            }
+        }
+        list.push(ClassPtr(mc));
+        Ok(true)
+    })
+}
+
+fn find_class(name: Option<&str>) -> Result<*const MachineClass> {
+    let list = classes();
+    let found = list.iter().find(|c| {
+        // SAFETY: registered pointers are static (registration contract).
+        let class = unsafe { &*c.0 };
+        let info = board_info(class);
+        match name {
+            Some(n) => info.name == n || info.alias.as_deref() == Some(n),
+            None => class.is_default,
+        }
+    });
+    match (found, name) {
+        (Some(c), _) => Ok(c.0),
+        (None, Some(n)) => Err(Error::new(
+            HmErrorClass::NotFound,
+            format!("unsupported machine type: \"{n}\""),
+        )
+        .with_hint("Use -machine help to list supported machines\n")),
+        (None, None) => Err(Error::new(
+            HmErrorClass::NotFound,
+            "No machine specified, and there is no default",
+        )
+        .with_hint("Use -machine help to list supported machines\n")),
+    }
+}
+
+/// Storage C boards point into: `machine->ram`. Boxed so its address is stable.
+#[repr(C)]
+struct MachineBox {
+    state: MachineState,
+    ram: MemoryRegion,
+}
+
+/// Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
+/// options, creates a context for the machine and makes it current, creates the `-object`
+/// backends, decides `machine->ram` (explicit memory-backend, implicit backend from
+/// -m/-mem-path/-mem-prealloc, or NUMA container), then runs the board's init. Errors carry
+/// QEMU 10's message for the same command line; nothing is left behind on failure.
+///
+/// # Safety
+/// `argv` holds `argc` NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_new_from_argv(
+    argc: c_int,
+    argv: *const *const c_char,
+    errp: *mut *mut Error,
+) -> *mut MachineState {
+    let prepared = guard(errp, None, || {
+        if argv.is_null() && argc > 0 {
+            return Err(Error::invalid("Parameter 'argv' is missing"));
+        }
+        let mut args = Vec::new();
+        for i in 1..argc.max(0) as usize {
+            // SAFETY: argv holds argc pointers by contract.
+            let p = unsafe { *argv.add(i) };
+            // SAFETY: each is NUL-terminated by contract.
+            args.push(unsafe { str_arg(p, "argv") }?.to_string());
+        }
+        let cmd = Cmdline::parse(&args)?;
+        let mc = find_class(cmd.machine_type.as_deref())?;
+        // SAFETY: registered classes are static.
+        let info = board_info(unsafe { &*mc });
+        let id = context::create();
+        // SAFETY: registered classes are static.
+        let cpu_less = unsafe { (*mc).no_cpus_by_default };
+        let configured = context::with(id, |ctx| {
+            // One "cpu-memory-N" address space per CPU, as QEMU's dumps list them.
+            ctx.memory.cpu_address_spaces = cmd.smp_cpus.unwrap_or(if cpu_less { 0 } else { 1 });
+            machine::configure(ctx, &cmd, &info)?;
+            let m = ctx.machine.as_ref().expect("configure sets the machine");
+            Ok((
+                m.ram,
+                m.ram_size,
+                m.maxram_size,
+                m.ram_slots,
+                m.memdev.clone(),
+            ))
+        });
+        match configured {
+            Ok(v) => Ok(Some((id, mc, cmd, v))),
+            Err(e) => {
+                let _ = context::destroy(id);
+                Err(e)
+            }
+        }
+    });
+    let Some((id, mc, cmd, (ram, ram_size, maxram_size, ram_slots, memdev))) = prepared else {
+        return null_mut();
+    };
+    let made_current = guard(errp, false, || context::set_current(id).map(|_| true));
+    if !made_current {
+        let _ = context::destroy(id);
+        return null_mut();
+    }
+    let memdev_ptr = match &memdev {
+        Some(name) => match std::ffi::CString::new(name.as_str()) {
+            // SAFETY: a valid NUL-terminated string; the context is current.
+            Ok(c) => unsafe { hm_memory_backend_find(c.as_ptr()) },
+            Err(_) => null_mut(),
+        },
+        None => null_mut(),
+    };
+    let mut boxed = Box::new(MachineBox {
+        state: MachineState {
+            mc,
+            ram: null_mut(),
+            ram_size,
+            maxram_size,
+            ram_slots,
+            memdev: memdev_ptr,
+            context: id,
+            opaque: null_mut(),
+            start_paused: cmd.start_paused,
+            monitor_stdio: cmd.monitor_stdio,
+            accel_kvm: cmd.accel == Some(Accel::Kvm),
+            kvm_max_slot_size: cmd.kvm_max_slot_size,
+        },
+        ram: MemoryRegion::default(),
+    });
+    if let Some(r) = ram {
+        boxed.ram = MemoryRegion::new(id, r);
+        boxed.state.ram = &mut boxed.ram;
+    }
+    let ms = Box::into_raw(boxed);
+    // The board runs with no hostmem lock held, so it may call any hostmem function.
+    // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
+    if let Some(init) = unsafe { (*mc).init } {
+        // SAFETY: board init receives the machine it is building, as in QEMU.
+        unsafe { init(ms as *mut MachineState) };
+    }
+    // A board that misused the memory API (reported when it happened) fails the machine.
+    let ok = guard(errp, false, || {
+        context::with(id, |ctx| {
+            ctx.memory.take_pending_error().map_or(Ok(true), Err)
+        })
+    });
+    if !ok {
+        // SAFETY: `ms` came from Box::into_raw above and is not shared yet.
+        unsafe { hm_machine_free(ms as *mut MachineState) };
+        return null_mut();
+    }
+    ms as *mut MachineState
+}
+
+/// Frees a machine and its context. NULL is ignored.
+///
+/// # Safety
+/// `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
+    guard_report((), || {
+        if ms.is_null() {
+            return Ok(());
+        }
+        // SAFETY: MachineState is the first field of the boxed MachineBox (repr(Rust) struct
+        // allocated in hm_machine_new_from_argv); we cast back to the allocation we made.
+        let boxed = unsafe { Box::from_raw(ms as *mut MachineBox) };
+        let _ = context::destroy(boxed.state.context);
+        Ok(())
+    })
+}
+
+/// Makes `ms`'s context current, so QEMU-style globals (get_system_memory(), backends by id)
+/// resolve to it. For VMMs running two machines in one process.
+///
+/// # Safety
+/// `ms` is NULL or a live machine.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_make_current(
+    ms: *mut MachineState,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let ms = unsafe { ref_arg(ms, "ms") }?;
+        context::set_current(ms.context)?;
+        Ok(true)
+    })
+}
+
+/// Runs one HMP command on the machine and returns its output (release with hm_free).
+///
+/// # Safety
+/// `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn hm_hmp(
+    ms: *mut MachineState,
+    cmdline: *const c_char,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    guard(errp, null_mut(), || {
+        // SAFETY: by contract.
+        let ms = unsafe { ref_arg(ms, "ms") }?;
+        // SAFETY: by contract.
+        let cmd = unsafe { str_arg(cmdline, "cmdline") }?;
+        let out = context::with(ms.context, |ctx| crate::monitor::hmp(ctx, cmd))?;
+        Ok(c_string(&out))
+    })
+}
+
+/// The context id of the current machine (for C APIs keyed by context).
+#[no_mangle]
+pub extern "C" fn hm_context_current() -> u32 {
+    guard_report(0, || Ok(context::current_id()))
+}
+
+fn legacy_allocate(mr: *mut MemoryRegion, name: *const c_char, size: u64) -> Result<()> {
+    // SAFETY: `mr` is the caller's MemoryRegion storage (checked for NULL by mut_arg).
+    let mr = unsafe { mut_arg(mr, "mr") }?;
+    // SAFETY: `name` is NULL or NUL-terminated (QEMU's contract for region names).
+    let name = unsafe { str_arg(name, "name") }?;
+    let id: ContextId = context::current_id();
+    let region = context::with(id, |ctx| machine::allocate_system_memory(ctx, name, size))?;
+    *mr = MemoryRegion::new(id, region);
+    Ok(())
+}
+
+/// The legacy main-RAM allocation of QEMU before 5.0, for boards not converted yet. Exits
+/// with the error, like QEMU, when it fails (see the `_err` form to handle it instead).
+///
+/// # Safety
+/// `mr` is NULL or MemoryRegion storage that outlives the machine; `name` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn memory_region_allocate_system_memory(
+    mr: *mut MemoryRegion,
+    _owner: *mut Object,
+    name: *const c_char,
+    ram_size: u64,
+) {
+    let fatal = std::ptr::addr_of_mut!(crate::ffi::error::error_fatal);
+    guard(fatal, (), || legacy_allocate(mr, name, ram_size));
+}
+
+/// `memory_region_allocate_system_memory` with an error instead of an exit.
+///
+/// # Safety
+/// As for `memory_region_allocate_system_memory`.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_region_allocate_system_memory(
+    mr: *mut MemoryRegion,
+    _owner: *mut Object,
+    name: *const c_char,
+    ram_size: u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        legacy_allocate(mr, name, ram_size).map(|_| true)
+    })
+}
+
+/// QEMU's size_to_str ("32 MiB"); release with hm_free.
+#[no_mangle]
+pub extern "C" fn size_to_str(size: u64) -> *mut c_char {
+    guard_report(null_mut(), || {
+        Ok(c_string(&crate::options::values::size_to_str(size)))
+    })
+}

@@ -370,6 +370,10 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("0.5B").ok(), None);
         assert_eq!(parse_size("1.0000000001G").unwrap(), 1073741824);
+        // A zero fraction needs no scale; a non-zero one does.
+        assert_eq!(parse_size("1.0").unwrap(), 1);
+        assert_eq!(parse_size("1.").unwrap(), 1);
+        assert_eq!(parse_size("1.5e").unwrap(), 3 << 59);
         // A fraction of bytes is refused, as is e-notation ("e" is the exabyte suffix).
         assert!(parse_size("1.5").is_err());
         assert!(parse_size("1.5e3").is_err());
