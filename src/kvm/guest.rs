@@ -49,7 +49,7 @@ pub enum GuestOp {
     Read {
         gpa: u64,
     },
-    /// Spin while the word at `gpa` equals `value` (at most [`WAIT_SPIN_LIMIT`] rounds): lets
+    /// Spin while the word at `gpa` equals `value` (at most 2^28 rounds, seconds): lets
     /// the host act while the guest is running, then release it by writing that word.
     WaitWhile {
         gpa: u64,
@@ -232,7 +232,7 @@ impl Payload {
     }
 }
 
-/// The end of low guest RAM a run of `ops` overwrites (from [`GDT_ADDR`]).
+/// The end of low guest RAM a run of `ops` overwrites (from 0x500).
 pub fn payload_end(ops: &[GuestOp]) -> Result<u64> {
     Payload::build(ops).map(|p| p.end())
 }
