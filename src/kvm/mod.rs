@@ -7,6 +7,18 @@
 //! - [`listener`]: the [`crate::listener::MemoryListener`] that feeds the table from commits;
 //! - [`guest`]: the x86-64 payload;
 //! - this file: [`KvmHandle`], the VM of one context, and the `info memslots` text.
+//!
+//! Choices worth knowing:
+//! - Every RAM section is split (QEMU splits only where a board set a limit), so a 9 TiB guest
+//!   works on x86. Add, remove and has-memory walk the same split, so they agree.
+//! - Errors never abort: a refused slot names slot, start, size and errno (QEMU's words) and
+//!   the slots registered by that call are removed again; an exhausted budget is
+//!   "kvm_alloc_slot: no free slot available".
+//! - Dirty bits are never lost: removing a logging slot or switching logging off fetches the
+//!   slot's log first and keeps it for the next sync.
+//! - KVM's cost per slot is not only the slot: on hosts without the TDP MMU (nested or
+//!   paravirtual hosts such as this project's machines) x86 KVM allocates ~10 bytes of kernel
+//!   memory per 4 KiB page up front, ~20 GiB for an 8 TiB slot, whatever is backed.
 
 pub mod guest;
 pub mod listener;
