@@ -157,11 +157,14 @@ typedef struct MachineClass {
   uint64_t default_ram_size;
   // Name of main RAM (implicit backend id and RAMBlock); NULL for boards that take no -m.
   const char *default_ram_id;
+  // Whether `-numa node,mem=` (legacy "fake" NUMA) is still accepted: old machine types only.
   bool numa_mem_supported;
   // The board -M defaults to.
   bool is_default;
   // The board starts without a CPU unless -smp asks for one (QEMU's `none`).
   bool no_cpus_by_default;
+  // The board has no NUMA: any -numa option is refused (QEMU's `none`, `s390-ccw-virtio`).
+  bool no_numa_support;
 } MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.

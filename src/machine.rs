@@ -19,7 +19,10 @@ pub struct BoardInfo {
     pub default_ram_size: u64,
     /// Name of main RAM (backend id and RAMBlock); `None` for boards that take no `-m`.
     pub default_ram_id: Option<String>,
+    /// Whether `-numa node,mem=` (legacy "fake" NUMA) is still accepted: only by old machine types.
     pub numa_mem_supported: bool,
+    /// Whether the board knows NUMA at all (QEMU: it maps CPUs to nodes).
+    pub numa_supported: bool,
 }
 
 /// The machine of one context, as the generic code configured it.
@@ -98,25 +101,7 @@ pub fn configure(ctx: &mut Context, cmd: &Cmdline, board: &BoardInfo) -> Result<
             .map_err(|e| at_option_if_syntax(e, "-object", &object.text))?;
     }
 
-    // -numa node,mem= (fake NUMA) is refused for current machine types, as in QEMU 5.1+.
-    for node in &cmd.numa {
-        if node.mem.is_some() {
-            return Err(Error::invalid(
-                "Parameter -numa node,mem is not supported by this machine type",
-            )
-            .with_hint("Use -numa node,memdev instead\n")
-            .prepend(&format!("-numa {}: ", node.text)));
-        }
-        if let Some(id) = &node.memdev {
-            if ctx.objects.get(id).is_none() {
-                return Err(Error::new(
-                    HmErrorClass::NotFound,
-                    format!("memdev={id} is ambiguous"),
-                )
-                .prepend(&format!("-numa {}: ", node.text)));
-            }
-        }
-    }
+    check_numa_nodes(ctx, cmd, board)?;
     let numa_memdevs: Vec<String> = cmd.numa.iter().filter_map(|n| n.memdev.clone()).collect();
 
     if let Some(id) = &cmd.memory_backend {
@@ -175,6 +160,44 @@ pub fn configure(ctx: &mut Context, cmd: &Cmdline, board: &BoardInfo) -> Result<
         legacy_allocation: None,
         legacy_backends: Vec::new(),
     });
+    Ok(())
+}
+
+/// Each `-numa node` in QEMU's order of checks: NUMA at all, mem= and memdev= not mixed across
+/// nodes, mem= only on boards that still take it (refused for current machine types), memdev=
+/// naming an existing backend.
+fn check_numa_nodes(ctx: &Context, cmd: &Cmdline, board: &BoardInfo) -> Result<()> {
+    let (mut have_mem, mut have_memdev) = (false, false);
+    for node in &cmd.numa {
+        let at = |e: Error| e.prepend(&format!("-numa {}: ", node.text));
+        if !board.numa_supported {
+            return Err(at(Error::new(
+                HmErrorClass::Unsupported,
+                "NUMA is not supported by this machine-type",
+            )));
+        }
+        if (have_memdev && node.mem.is_some()) || (have_mem && node.memdev.is_some()) {
+            return Err(at(Error::invalid(
+                "numa configuration should use either mem= or memdev=,mixing both is not allowed",
+            )));
+        }
+        have_mem |= node.mem.is_some();
+        have_memdev |= node.memdev.is_some();
+        if node.mem.is_some() && !board.numa_mem_supported {
+            return Err(at(Error::invalid(
+                "Parameter -numa node,mem is not supported by this machine type",
+            )
+            .with_hint("Use -numa node,memdev instead\n")));
+        }
+        if let Some(id) = &node.memdev {
+            if ctx.objects.get(id).is_none() {
+                return Err(at(Error::new(
+                    HmErrorClass::NotFound,
+                    format!("memdev={id} is ambiguous"),
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -355,7 +378,8 @@ mod tests {
             alias: Some("pc".into()),
             default_ram_size,
             default_ram_id: Some("pc.ram".into()),
-            numa_mem_supported: true,
+            numa_mem_supported: false,
+            numa_supported: true,
         }
     }
 

@@ -12,7 +12,8 @@ fn pc() -> BoardInfo {
         alias: Some("pc".into()),
         default_ram_size: 128 << 20,
         default_ram_id: Some("pc.ram".into()),
-        numa_mem_supported: true,
+        numa_mem_supported: false,
+        numa_supported: true,
     }
 }
 
@@ -22,7 +23,8 @@ fn legacy_board() -> BoardInfo {
         alias: None,
         default_ram_size: 64 << 20,
         default_ram_id: None,
-        numa_mem_supported: true,
+        numa_mem_supported: false,
+        numa_supported: true,
     }
 }
 
@@ -210,6 +212,37 @@ fn refusals_read_like_qemu() {
             "-object memory-backend-ram,id=m,size=1M -object memory-backend-ram,id=m,size=1M"
         ),
         "-object memory-backend-ram,id=m,size=1M: Duplicate ID 'm' for object"
+    );
+}
+
+#[test]
+fn numa_checks_come_in_qemus_order() {
+    // Mixing is found before mem= is refused, on the node that mixes.
+    assert_eq!(
+        error(&pc(), "-object memory-backend-ram,id=m0,size=64M -numa node,memdev=m0 -numa node,mem=64M"),
+        "-numa node,mem=64M: numa configuration should use either mem= or memdev=,mixing both is not allowed"
+    );
+    let no_numa = BoardInfo {
+        numa_supported: false,
+        ..pc()
+    };
+    assert_eq!(
+        error(
+            &no_numa,
+            "-m 64M -object memory-backend-ram,id=m0,size=64M -numa node,memdev=m0"
+        ),
+        "-numa node,memdev=m0: NUMA is not supported by this machine-type"
+    );
+    // Old machine types still take fake NUMA: main RAM stays one implicit backend.
+    let old = BoardInfo {
+        numa_mem_supported: true,
+        ..pc()
+    };
+    let (ram, _, blocks, _) =
+        configure(&old, "-m 64M -numa node,mem=32M -numa node,mem=32M").unwrap();
+    assert_eq!(
+        (ram.as_deref(), blocks),
+        (Some("pc.ram"), vec!["pc.ram".to_string()])
     );
 }
 

@@ -32,11 +32,14 @@ pub struct MachineClass {
     pub default_ram_size: u64,
     /// Name of main RAM (implicit backend id and RAMBlock); NULL for boards that take no -m.
     pub default_ram_id: *const c_char,
+    /// Whether `-numa node,mem=` (legacy "fake" NUMA) is still accepted: old machine types only.
     pub numa_mem_supported: bool,
     /// The board -M defaults to.
     pub is_default: bool,
     /// The board starts without a CPU unless -smp asks for one (QEMU's `none`).
     pub no_cpus_by_default: bool,
+    /// The board has no NUMA: any -numa option is refused (QEMU's `none`, `s390-ccw-virtio`).
+    pub no_numa_support: bool,
 }
 
 /// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
@@ -95,6 +98,7 @@ fn board_info(mc: &MachineClass) -> BoardInfo {
             default_ram_size: mc.default_ram_size,
             default_ram_id: opt_str(mc.default_ram_id),
             numa_mem_supported: mc.numa_mem_supported,
+            numa_supported: !mc.no_numa_support,
         }
     }
 }
