@@ -7,19 +7,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// QEMU's MAX_NODES: host-nodes values must be below it.
-#define MAX_NODES 128
-
-// QEMU's MAX_MEM_PREALLOC_THREAD_COUNT.
-#define MAX_THREADS 16
-
-// Below this much memory per thread, more threads cost more than they save.
-#define BYTES_PER_THREAD (64 << 20)
-
-// QEMU_VMALLOC_ALIGN on x86/arm/ppc64 hosts: anonymous guest RAM starts on a 2 MiB boundary so
-// transparent huge pages can back it.
-#define VMALLOC_ALIGN (2 << 20)
-
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
 
@@ -29,20 +16,6 @@
 // The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
 // ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
 #define HM_KVM_SIGNATURE 7525360446248152353
-
-// Dirty tracking granule: QEMU's target page for x86 and s390 (TARGET_PAGE_BITS = 12).
-#define DIRTY_PAGE_SIZE 4096
-
-// ram_addr offsets start on a bitmap word: 64 target pages (QEMU's find_ram_offset rounds to
-// `BITS_PER_LONG << TARGET_PAGE_BITS` so that bitmap syncs take the word-aligned fast path).
-#define RAM_OFFSET_ALIGN (64 * DIRTY_PAGE_SIZE)
-
-// QEMU keeps idstr in a 256-byte array; longer names were silently cut there.
-#define IDSTR_MAX 255
-
-// Alignment of anonymous guest RAM, QEMU's QEMU_VMALLOC_ALIGN on x86: lets the kernel back
-// it with transparent huge pages from the first byte.
-#define ANON_ALIGN (2 << 20)
 
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
@@ -89,7 +62,6 @@ typedef struct MemoryRegion {
   uint32_t index;
   uint32_t generation;
 } MemoryRegion;
-#define MemoryRegion_MAGIC 1752001906
 
 // One KVM memslot as `hm_kvm_get_slots` reports it.
 typedef struct HmKvmSlot {
@@ -169,9 +141,6 @@ typedef struct MachineClass {
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
 typedef struct Object DeviceState;
-
-// Size of QEMU's "io" region: the x86 port space.
-#define SYSTEM_IO_SIZE 65536
 
 #ifdef __cplusplus
 extern "C" {

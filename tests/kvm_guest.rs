@@ -445,3 +445,22 @@ fn dirty_logging_switched_on_and_off_while_the_guest_runs_sees_only_writes_in_be
         vec![b - GIB]
     );
 }
+
+#[test]
+fn the_payload_vcpu_leaves_vcpu_0_to_the_vmm() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let mut pc = pc(GIB, GIB);
+    pc.attach(&kvm);
+    // A VMM creates its own vCPU 0 on the VM fd hostmem hands out (KVM_CREATE_VCPU).
+    // SAFETY: a plain ioctl on a VM fd we own; the returned fd is closed below.
+    let vcpu0 = unsafe { libc::ioctl(kvm.vm_fd(), 0xae41, 0) };
+    assert!(
+        vcpu0 >= 0,
+        "KVM_CREATE_VCPU 0: {}",
+        std::io::Error::last_os_error()
+    );
+    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    assert_eq!(check.slots, 1);
+    // SAFETY: the vCPU fd from above, closed once.
+    unsafe { libc::close(vcpu0) };
+}

@@ -1,6 +1,10 @@
 //! A guest larger than one KVM slot can be: its RAM is split at the kernel's limit
 //! (2^31 - 1 pages) and a 64-bit guest writes on both sides of 8 TiB. Alone in its own test
-//! binary because on a shadow-MMU host KVM needs ~20 GiB of host memory for such slots.
+//! binary because on a shadow-MMU host (no TDP MMU, as on this nested machine) KVM allocates
+//! ~20 GiB of kernel memory (reverse maps, write tracking) for an 8 TiB slot, for the ~20 s
+//! the test holds it. It runs under CI=true (the CI machine runs nothing beside it) or when
+//! HOSTMEM_KVM_HUGE=1 asks for it; elsewhere it would starve the other builds sharing the
+//! machine, so it says it is skipped.
 
 mod kvm_support;
 
@@ -11,7 +15,7 @@ use kvm_support::*;
 /// The guest size: 9 TiB where the host can afford KVM's bookkeeping for it, otherwise the
 /// smallest guest that still needs the split (8 TiB + 2 MiB). None: not enough memory.
 fn guest_size() -> Option<u64> {
-    let margin = GIB;
+    let margin = GIB / 2;
     for size in [9 * TIB, 8 * TIB + 2 * MIB] {
         if mem_available() >= kvm_slot_overhead(size) + margin {
             return Some(size);
@@ -26,12 +30,19 @@ fn a_guest_above_8_tib_is_split_at_the_limit_and_writes_land_in_its_one_mapping(
     if !kvm_usable() {
         return;
     }
+    if !under_ci_pub() && std::env::var("HOSTMEM_KVM_HUGE").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIPPED: needs ~20 GiB of host memory for KVM's slot bookkeeping; runs under \
+             CI=true or with HOSTMEM_KVM_HUGE=1"
+        );
+        return;
+    }
     let Some(size) = guest_size() else {
         let msg = format!(
             "not enough host memory for KVM's bookkeeping of an 8 TiB slot ({} MiB available, \
              {} MiB needed)",
             mem_available() >> 20,
-            (kvm_slot_overhead(8 * TIB) + GIB) >> 20
+            (kvm_slot_overhead(8 * TIB) + GIB / 2) >> 20
         );
         if under_ci_pub() {
             panic!("{msg}");

@@ -75,3 +75,33 @@ fn a_commit_that_kvm_refuses_is_an_error_from_the_commit() {
     // The VM keeps only what it accepted.
     assert_eq!(kvm.slots().len(), 1);
 }
+
+#[test]
+fn the_kernels_slot_budget_is_used_to_the_last_slot_then_refused_with_an_error() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let nr = u64::from(kvm.nr_slots());
+    let mem = sparse((nr + 1) * 4096);
+    let mut l = kvm.listener();
+    let started = std::time::Instant::now();
+    for i in 0..nr {
+        l.region_add(&ram("s", i * 8192, 4096, &mem, i * 4096))
+            .unwrap_or_else(|e| panic!("slot {i} of {nr}: {e}"));
+    }
+    let e = l
+        .region_add(&ram("s", nr * 8192, 4096, &mem, nr * 4096))
+        .unwrap_err();
+    assert_eq!(e.message(), "kvm_alloc_slot: no free slot available");
+    assert_eq!(kvm.slots().len() as u64, nr);
+    // Freeing one slot makes room again, under the same number.
+    l.region_del(&ram("s", 77 * 8192, 4096, &mem, 77 * 4096))
+        .unwrap();
+    l.region_add(&ram("s", nr * 8192, 4096, &mem, nr * 4096))
+        .unwrap();
+    let reused = kvm
+        .slots()
+        .into_iter()
+        .find(|s| s.gpa == nr * 8192)
+        .unwrap();
+    assert_eq!(reused.slot, 77);
+    eprintln!("{nr} slots in {:?}", started.elapsed());
+}

@@ -2,7 +2,8 @@
  * hostmem's KVM C API on a real VM: a pc-shaped layout (ram-below-4g and
  * ram-above-4g aliases over one pc.ram) split into 1 GiB memslots, the guest
  * check, guest writes read back through memory_region_get_ram_ptr(), a layout
- * change while the VM exists, dirty logging and "info memslots".
+ * change while the VM exists, dirty logging and "info memslots"; then an
+ * s390-ccw-shaped machine (one RAM region) with a reduced max slot size.
  *
  * Without /dev/kvm the test is skipped (exit 77), except under CI=true where
  * it fails.
@@ -63,6 +64,47 @@ static void attach_or_skip(uint64_t max_slot_size)
     }
     error_free(err);
     exit(1);
+}
+
+/*
+ * s390-ccw-shaped: one "s390.ram" region at 0, slots limited to 1 GiB as a
+ * board limits them (QEMU's s390 uses 4 TiB; a smaller limit gives several
+ * slots with little memory).
+ */
+static void test_s390_shape(void)
+{
+    MemoryRegion ram = { 0 };
+    HmKvmSlot slots[4];
+    HmGuestCheck check = { 0 };
+    Error *err = NULL;
+    size_t n, i;
+
+    CHECK(memory_region_init_ram(&ram, NULL, "s390.ram", 3 * GiB + 512 * MiB,
+                                 &err));
+    memory_region_add_subregion(get_system_memory(), 0, &ram);
+    expect_no_pending("s390 layout");
+    attach_or_skip(1 * GiB);
+    n = hm_kvm_get_slots(slots, 4);
+    CHECK(n == 4);
+    for (i = 0; i < n && i < 4; i++) {
+        CHECK(slots[i].gpa == i * GiB);
+        CHECK(slots[i].size == (i < 3 ? 1 * GiB : 512 * MiB));
+    }
+    if (!hm_kvm_guest_check(&check, &err)) {
+        fprintf(stderr, "s390 guest check: %s\n", error_get_pretty(err));
+        error_free(err);
+        err = NULL;
+        failures++;
+    }
+    CHECK(check.slots == 4 && check.signatures == 8);
+    printf("guest check: ok (%" PRIu64 " slots, %" PRIu64 " bytes verified)\n",
+           check.slots, check.bytes_verified);
+    CHECK(ram_u64(&ram, 3 * GiB + 512 * MiB - 8) ==
+          (HM_KVM_SIGNATURE ^ (3 * GiB + 512 * MiB - 8)));
+    CHECK(hm_kvm_detach(NULL));
+    memory_region_del_subregion(get_system_memory(), &ram);
+    hm_memory_region_destroy(&ram);
+    expect_no_pending("s390 teardown");
 }
 
 int main(void)
@@ -159,9 +201,14 @@ int main(void)
 
     CHECK(hm_kvm_detach(NULL));
     CHECK(!hm_kvm_enabled());
+    memory_region_del_subregion(sysmem, &above);
+    memory_region_del_subregion(sysmem, &below);
     hm_memory_region_destroy(&above);
     hm_memory_region_destroy(&below);
     hm_memory_region_destroy(&ram);
+    expect_no_pending("pc teardown");
+
+    test_s390_shape();
 
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);

@@ -7,7 +7,7 @@
 use std::ffi::{c_char, c_int};
 
 use super::{c_string, guard, guard_report, mut_arg};
-use crate::context::{self, Context};
+use crate::context;
 use crate::error::{Error, Result};
 use crate::kvm::{self, GuestOp, KvmHandle};
 
@@ -51,15 +51,18 @@ pub struct HmGuestCheck {
     pub skipped: u64,
 }
 
-fn with_kvm<R>(f: impl FnOnce(&KvmHandle, &mut Context) -> Result<R>) -> Result<R> {
-    let ctx = context::current();
-    let mut guard = context::lock(&ctx);
-    let c = &mut *guard;
-    let k = c.kvm.take().ok_or_else(kvm::not_attached)?;
-    // The handle is put back whatever `f` returns; `f` sees the rest of the context.
-    let r = f(&k, c);
-    c.kvm = Some(k);
-    r
+/// The current machine's VM. The handle is a clone: guest runs happen without the context
+/// locked.
+fn kvm_handle() -> Result<KvmHandle> {
+    context::with_current(|c| c.kvm.clone()).ok_or_else(kvm::not_attached)
+}
+
+/// Runs `f` on the current context's memory system, if KVM is attached.
+fn with_kvm_memory<R>(f: impl FnOnce(&mut crate::memory::MemorySystem) -> Result<R>) -> Result<R> {
+    context::with_current(|c| match c.kvm {
+        Some(_) => f(&mut c.memory),
+        None => Err(kvm::not_attached()),
+    })
 }
 
 /// Attaches the current machine to a new KVM VM: every RAM range of its flat view becomes one
@@ -141,7 +144,12 @@ pub unsafe extern "C" fn hm_kvm_guest_check(out: *mut HmGuestCheck, errp: *mut *
     guard(errp, false, || {
         // SAFETY: caller contract.
         let out = unsafe { mut_arg(out, "out") }?;
-        let c = with_kvm(|k, c| k.run_guest_check(&c.memory))?;
+        let run = kvm_handle()?.guest_check_run()?;
+        let c = context::with_current(|c| {
+            KvmHandle::guest_check_verify(run, &|block, offset| {
+                kvm::ramblock_u64(&c.memory.ramblocks, block, offset)
+            })
+        })?;
         *out = HmGuestCheck {
             slots: c.slots as u64,
             signatures: c.signatures as u64,
@@ -187,7 +195,7 @@ pub unsafe extern "C" fn hm_kvm_guest_write(
             .zip(v)
             .map(|(&gpa, &value)| GuestOp::Write { gpa, value })
             .collect();
-        with_kvm(|k, _| k.run_guest(&ops))?;
+        kvm_handle()?.run_guest(&ops)?;
         Ok(true)
     })
 }
@@ -210,7 +218,7 @@ pub unsafe extern "C" fn hm_kvm_guest_read(
             return Err(Error::invalid("Parameter 'values' is missing"));
         }
         let ops: Vec<GuestOp> = g.iter().map(|&gpa| GuestOp::Read { gpa }).collect();
-        let got = with_kvm(|k, _| k.run_guest(&ops))?;
+        let got = kvm_handle()?.run_guest(&ops)?;
         for (i, v) in got.into_iter().enumerate() {
             // SAFETY: i < n, and the caller gave room for n values.
             unsafe { values.add(i).write(v) };
@@ -224,7 +232,7 @@ pub unsafe extern "C" fn hm_kvm_guest_read(
 #[no_mangle]
 pub extern "C" fn hm_kvm_dirty_log_start(errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        with_kvm(|_, c| c.memory.set_global_dirty_log(true))?;
+        with_kvm_memory(|m| m.set_global_dirty_log(true))?;
         Ok(true)
     })
 }
@@ -233,7 +241,7 @@ pub extern "C" fn hm_kvm_dirty_log_start(errp: *mut *mut Error) -> bool {
 #[no_mangle]
 pub extern "C" fn hm_kvm_dirty_log_stop(errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        with_kvm(|_, c| c.memory.set_global_dirty_log(false))?;
+        with_kvm_memory(|m| m.set_global_dirty_log(false))?;
         Ok(true)
     })
 }
@@ -243,7 +251,7 @@ pub extern "C" fn hm_kvm_dirty_log_stop(errp: *mut *mut Error) -> bool {
 #[no_mangle]
 pub extern "C" fn hm_kvm_dirty_log_sync(errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        with_kvm(|_, c| c.memory.log_sync())?;
+        with_kvm_memory(|m| m.log_sync())?;
         Ok(true)
     })
 }

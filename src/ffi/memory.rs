@@ -34,7 +34,7 @@ pub struct MemoryRegion {
 }
 
 impl MemoryRegion {
-    pub const MAGIC: u32 = 0x686d_6d72; // "hmmr"
+    pub(crate) const MAGIC: u32 = 0x686d_6d72; // "hmmr"
 
     pub fn new(context: ContextId, id: RegionId) -> Self {
         MemoryRegion {

@@ -49,7 +49,7 @@ pub enum GuestOp {
     Read {
         gpa: u64,
     },
-    /// Spin while the word at `gpa` equals `value` (at most [`WAIT_SPIN_LIMIT`] rounds): lets
+    /// Spin while the word at `gpa` equals `value` (at most 2^28 rounds, seconds): lets
     /// the host act while the guest is running, then release it by writing that word.
     WaitWhile {
         gpa: u64,
@@ -232,7 +232,7 @@ impl Payload {
     }
 }
 
-/// The end of low guest RAM a run of `ops` overwrites (from [`GDT_ADDR`]).
+/// The end of low guest RAM a run of `ops` overwrites (from 0x500).
 pub fn payload_end(ops: &[GuestOp]) -> Result<u64> {
     Payload::build(ops).map(|p| p.end())
 }
@@ -283,9 +283,12 @@ pub(crate) fn create_vcpu(kvm: &Kvm, vm: &VmFd) -> Result<VcpuFd> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| {
         Error::host(what.to_string(), e.errno()).with_class(HmErrorClass::Kvm)
     };
+    // The highest id KVM allows: a VMM that drives its own vCPUs on this VM numbers them from
+    // 0, so the payload's vCPU stays out of their way.
+    let id = kvm.get_max_vcpu_id().saturating_sub(1) as u64;
     let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| kvm_err("kvm_init_vcpu: kvm_get_vcpu failed", e))?;
+        .create_vcpu(id)
+        .map_err(|e| kvm_err(&format!("kvm_init_vcpu: creating vCPU {id} failed"), e))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| kvm_err("KVM_GET_SUPPORTED_CPUID failed", e))?;

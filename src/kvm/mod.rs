@@ -7,6 +7,18 @@
 //! - [`listener`]: the [`crate::listener::MemoryListener`] that feeds the table from commits;
 //! - [`guest`]: the x86-64 payload;
 //! - this file: [`KvmHandle`], the VM of one context, and the `info memslots` text.
+//!
+//! Choices worth knowing:
+//! - Every RAM section is split (QEMU splits only where a board set a limit), so a 9 TiB guest
+//!   works on x86. Add, remove and has-memory walk the same split, so they agree.
+//! - Errors never abort: a refused slot names slot, start, size and errno (QEMU's words) and
+//!   the slots registered by that call are removed again; an exhausted budget is
+//!   "kvm_alloc_slot: no free slot available".
+//! - Dirty bits are never lost: removing a logging slot or switching logging off fetches the
+//!   slot's log first and keeps it for the next sync.
+//! - KVM's cost per slot is not only the slot: on hosts without the TDP MMU (nested or
+//!   paravirtual hosts such as this project's machines) x86 KVM allocates ~10 bytes of kernel
+//!   memory per 4 KiB page up front, ~20 GiB for an 8 TiB slot, whatever is backed.
 
 pub mod guest;
 pub mod listener;
@@ -58,11 +70,24 @@ pub struct GuestCheck {
 }
 
 /// The KVM VM of one context: the VM fd, its vCPU and the slot table the listener fills.
+///
+/// Clones share the VM: the C API clones the handle out of the locked context so that a guest
+/// run does not keep the context locked (another thread may change the layout or the dirty log
+/// meanwhile, as with a real vCPU thread).
+#[derive(Clone)]
 pub struct KvmHandle {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     table: Arc<Mutex<SlotTable>>,
-    vcpu: Mutex<Option<VcpuFd>>,
+    vcpu: Arc<Mutex<Option<VcpuFd>>>,
+}
+
+/// A guest check whose guest has run and whose signatures are still to be verified
+/// ([`KvmHandle::guest_check_run`], then [`KvmHandle::guest_check_verify`]).
+pub struct GuestCheckRun {
+    slots: Vec<Slot>,
+    targets: Vec<(usize, u64)>,
+    skipped: usize,
 }
 
 impl KvmHandle {
@@ -85,10 +110,10 @@ impl KvmHandle {
         let vm = Arc::new(vm);
         let table = SlotTable::new(vm.clone(), nr, max, host_page);
         Ok(KvmHandle {
-            kvm,
+            kvm: Arc::new(kvm),
             vm,
             table: Arc::new(Mutex::new(table)),
-            vcpu: Mutex::new(None),
+            vcpu: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -190,11 +215,7 @@ impl KvmHandle {
     /// The guest writes a signature at the start and at the end of every writable slot and
     /// halts; the host then reads every signature back through the RAMBlocks' host pointers.
     pub fn run_guest_check(&self, mem: &MemorySystem) -> Result<GuestCheck> {
-        self.run_guest_check_with(&|block, offset| {
-            let b = mem.ramblocks.get(block)?;
-            (offset.checked_add(8)? <= b.max_length)
-                .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
-        })
+        self.run_guest_check_with(&|block, offset| ramblock_u64(&mem.ramblocks, block, offset))
     }
 
     /// [`Self::run_guest_check`] with the host-side lookup given by the caller:
@@ -203,6 +224,12 @@ impl KvmHandle {
         &self,
         resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
     ) -> Result<GuestCheck> {
+        let run = self.guest_check_run()?;
+        Self::guest_check_verify(run, resolve)
+    }
+
+    /// First half of the guest check: the guest writes the signatures and halts.
+    pub fn guest_check_run(&self) -> Result<GuestCheckRun> {
         let slots: Vec<Slot> = self.slots().into_iter().filter(|s| !s.readonly).collect();
         if slots.is_empty() {
             return Err(Error::new(
@@ -232,7 +259,24 @@ impl KvmHandle {
         targets.retain(|&(_, gpa)| gpa + 8 <= guest::GDT_ADDR || gpa >= end);
         let skipped = before - targets.len();
         self.run_guest(&ops_for(&targets))?;
+        Ok(GuestCheckRun {
+            slots,
+            targets,
+            skipped,
+        })
+    }
 
+    /// Second half of the guest check: every signature is read back through `resolve`, which
+    /// returns where a RAMBlock byte lives in this process.
+    pub fn guest_check_verify(
+        run: GuestCheckRun,
+        resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
+    ) -> Result<GuestCheck> {
+        let GuestCheckRun {
+            slots,
+            targets,
+            skipped,
+        } = run;
         let mut bad = Vec::new();
         for &(i, gpa) in &targets {
             let s = &slots[i];
@@ -298,6 +342,18 @@ impl KvmHandle {
             },
         )
     }
+}
+
+/// Where the 8 bytes at `offset` of RAMBlock `block` live in this process, if the block has
+/// them: the guest check's independent path to guest memory.
+pub fn ramblock_u64(
+    ramblocks: &RamBlockRegistry,
+    block: RamBlockId,
+    offset: u64,
+) -> Option<*const u8> {
+    let b = ramblocks.get(block)?;
+    (offset.checked_add(8)? <= b.max_length)
+        .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
 }
 
 /// Formats the `info memslots` table (see [`KvmHandle::info_memslots`]).
