@@ -19,8 +19,9 @@
 
 /*
  * HOOK(kvm): QEMU starts the guest right away unless -S is given. With -accel kvm, this is
- * where vmm boots the KVM helper's guest check on the machine's RAM; the lead wires it.
- * Until then the machine is only built, which is all a paused QEMU would show.
+ * where vmm boots the KVM helper's guest check on the machine's RAM (hm_kvm_guest_check(),
+ * once the machine is attached to KVM, which hm_machine_new_from_argv does for -accel kvm);
+ * the lead wires it. Until then the machine is only built, which is all a paused QEMU shows.
  */
 static bool vmm_run_guest(MachineState *ms, Error **errp)
 {
