@@ -52,7 +52,7 @@ pub struct MemorySystem {
     /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
     /// listeners that it is gone.
     retired_mappings: Vec<Arc<HostMapping>>,
-    /// The accelerator's name and mapping query, for the " kvm" marks of `info mtree -f`.
+    /// The accelerator's name and mapping query, for the " KVM" marks of `info mtree -f`.
     accel: Option<(String, AccelQuery)>,
     /// The first error a `void` C call hit (QEMU would have aborted), until taken.
     pending_error: Option<Error>,
@@ -124,7 +124,7 @@ impl MemorySystem {
     }
 
     /// Installs (or with `None` removes) the accelerator's mapping query: `info mtree -f` then
-    /// marks each range the accelerator maps with " <name>", as QEMU does with " kvm". The
+    /// marks each range the accelerator maps with " <name>", as QEMU does with " KVM". The
     /// query runs with the context locked, so it must not lock the context itself.
     pub fn set_accel_query(&mut self, name: &str, query: Option<AccelQuery>) {
         self.accel = query.map(|q| (name.to_string(), q));
@@ -1076,7 +1076,7 @@ mod tests {
         let mut m = MemorySystem::new();
         let log = Log::default();
         m.add_listener(Box::new(Recorder {
-            name: "kvm",
+            name: "KVM",
             log: log.clone(),
             fail_add: true,
         }))

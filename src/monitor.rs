@@ -194,7 +194,7 @@ pub fn info_mtree(mem: &MemorySystem, opts: MtreeOptions) -> String {
 }
 
 /// An accelerator for `info mtree -f`: its name and whether it maps a guest range of the
-/// "memory" address space (QEMU appends " kvm" to such ranges).
+/// "memory" address space (QEMU appends " KVM" to such ranges).
 pub type AccelHasMemory<'a> = (&'a str, &'a dyn Fn(u64, u64) -> bool);
 
 /// One FlatView of `info mtree -f`: its root, the (name, root) of each address space showing
@@ -798,7 +798,7 @@ mod tests {
         m.add_subregion(m.system_memory(), 0, ram, None).unwrap();
         m.add_subregion(m.system_memory(), 1 << 20, rom, None)
             .unwrap();
-        m.set_accel_query("kvm", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
+        m.set_accel_query("KVM", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
         let flat = info_mtree_flat(&m, opts, m.accel_query());
         assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram kvm\n"));
         assert!(flat.contains("  0000000000100000-000000000010ffff (prio 0, rom): rom\n"));

@@ -131,7 +131,7 @@ fn attaching_through_a_context_replays_the_layout_and_info_memslots_shows_it() {
         // `info mtree -f` marks the ranges KVM maps, as QEMU does.
         let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
         assert!(
-            flat.contains("  0000000000000000-000000007fffffff (prio 0, ram): pc.ram kvm\n"),
+            flat.contains("  0000000000000000-000000007fffffff (prio 0, ram): pc.ram KVM\n"),
             "{flat}"
         );
         let kvm = ctx.kvm.as_ref().unwrap();
@@ -376,7 +376,7 @@ fn detaching_unregisters_the_listener_and_drops_the_vm() {
         KvmHandle::detach(ctx)?;
         assert!(ctx.kvm.is_none());
         let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
-        assert!(!flat.contains(" kvm"), "{flat}");
+        assert!(!flat.contains(" KVM"), "{flat}");
         assert!(ctx.memory.listener_names().is_empty());
         assert_eq!(
             KvmHandle::detach(ctx).unwrap_err().message(),

@@ -269,10 +269,17 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
         // SAFETY: board init receives the machine it is building, as in QEMU.
         unsafe { init(ms as *mut MachineState) };
     }
-    // A board that misused the memory API (reported when it happened) fails the machine.
+    // A board that misused the memory API (reported when it happened) fails the machine; then
+    // the accelerator takes the finished layout (its listener replays the flat view).
     let ok = guard(errp, false, || {
         context::with(id, |ctx| {
-            ctx.memory.take_pending_error().map_or(Ok(true), Err)
+            if let Some(e) = ctx.memory.take_pending_error() {
+                return Err(e);
+            }
+            if cmd.accel == Some(Accel::Kvm) {
+                crate::kvm::KvmHandle::attach(ctx, cmd.kvm_max_slot_size)?;
+            }
+            Ok(true)
         })
     });
     if !ok {

@@ -130,7 +130,7 @@ impl KvmHandle {
         ctx.memory.add_listener(Box::new(handle.listener()))?;
         let table = handle.table.clone();
         ctx.memory.set_accel_query(
-            "kvm",
+            "KVM",
             Some(Box::new(move |gpa, size| {
                 listener::lock(&table).has_memory(gpa, size)
             })),
@@ -146,7 +146,7 @@ impl KvmHandle {
             return Err(not_attached());
         }
         ctx.memory.remove_listener(LISTENER_NAME);
-        ctx.memory.set_accel_query("kvm", None);
+        ctx.memory.set_accel_query("KVM", None);
         Ok(())
     }
 

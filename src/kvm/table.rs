@@ -153,7 +153,7 @@ impl SlotTable {
     }
 
     /// Whether KVM maps the guest range `[gpa, gpa+size)` of a flat view (QEMU's
-    /// `kvm_accel_has_memory`, which `info mtree -f` marks with " kvm"): the first slot the
+    /// `kvm_accel_has_memory`, which `info mtree -f` marks with " KVM"): the first slot the
     /// range's split would produce is registered.
     pub fn has_memory(&self, gpa: u64, size: u64) -> bool {
         let probe = SlotRange {
