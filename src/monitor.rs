@@ -800,7 +800,7 @@ mod tests {
             .unwrap();
         m.set_accel_query("KVM", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
         let flat = info_mtree_flat(&m, opts, m.accel_query());
-        assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram kvm\n"));
+        assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram KVM\n"));
         assert!(flat.contains("  0000000000100000-000000000010ffff (prio 0, rom): rom\n"));
         assert!(flat.contains(" Root memory region: system\n"));
     }
