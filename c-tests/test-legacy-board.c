@@ -10,17 +10,8 @@
 #include <unistd.h>
 
 #include "boards/boards.h"
+#include "test-util.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 typedef struct TwiceState {
     MemoryRegion ram;

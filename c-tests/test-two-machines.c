@@ -8,17 +8,8 @@
 #include <string.h>
 
 #include "boards/boards.h"
+#include "test-util.h"
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 static MachineState *machine_new(const char *const *args)
 {

@@ -12,18 +12,8 @@
 #include <unistd.h>
 
 #include "hostmem.h"
+#include "../test-util.h"
 
-#define MiB (1024ULL * 1024ULL)
-#define GiB (1024ULL * MiB)
-
-static int failures;
-
-#define CHECK(cond) do { \
-    if (!(cond)) { \
-        fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-        failures++; \
-    } \
-} while (0)
 
 /* @err must be set with exactly @msg; it is freed and cleared. */
 static inline void expect_error(int line, Error **err, const char *msg)

@@ -14,30 +14,8 @@
 #include <string.h>
 
 #include "hostmem.h"
+#include "../test-util.h"
 
-#define MiB (1024ULL * 1024ULL)
-#define GiB (1024ULL * MiB)
-
-static int failures;
-
-#define CHECK(cond) do { \
-    if (!(cond)) { \
-        fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-        failures++; \
-    } \
-} while (0)
-
-static void expect_no_pending(const char *what)
-{
-    Error *err = NULL;
-
-    if (!hm_memory_check(&err)) {
-        fprintf(stderr, "%s: unexpected pending error: %s\n", what,
-                error_get_pretty(err));
-        error_free(err);
-        failures++;
-    }
-}
 
 static uint64_t ram_u64(MemoryRegion *ram, uint64_t offset)
 {

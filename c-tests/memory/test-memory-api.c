@@ -8,30 +8,8 @@
 #include <string.h>
 
 #include "hostmem.h"
+#include "../test-util.h"
 
-#define MiB (1024ULL * 1024ULL)
-
-static int failures;
-
-#define CHECK(cond) do { \
-    if (!(cond)) { \
-        fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-        failures++; \
-    } \
-} while (0)
-
-/* The pending error must be absent; prints it if not. */
-static void expect_no_pending(const char *what)
-{
-    Error *err = NULL;
-
-    if (!hm_memory_check(&err)) {
-        fprintf(stderr, "%s: unexpected pending error: %s\n", what,
-                error_get_pretty(err));
-        error_free(err);
-        failures++;
-    }
-}
 
 /* The pending error must exist and contain @needle; it is consumed. */
 static void expect_pending(const char *what, const char *needle)
