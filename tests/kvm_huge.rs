@@ -8,6 +8,7 @@
 
 mod kvm_support;
 
+use hostmem::backend::{Backend, BackendDefaults};
 use hostmem::kvm::GuestOp;
 use hostmem::memory::MemorySystem;
 use kvm_support::*;
@@ -51,9 +52,17 @@ fn a_guest_above_8_tib_is_split_at_the_limit_and_writes_land_in_its_one_mapping(
         return;
     };
     eprintln!("guest size 0x{size:x}");
-    // reserve=off memory: one MAP_NORESERVE mapping, one RAM region, one RAMBlock.
+    // A memory-backend-ram with reserve=off (MAP_NORESERVE): one mapping, one RAM region, one
+    // RAMBlock, as `-object memory-backend-ram,id=pc.ram,size=...,reserve=off` makes it.
+    let mut backend =
+        Backend::new("memory-backend-ram", "pc.ram", &BackendDefaults::default()).unwrap();
+    backend.set("size", &size.to_string()).unwrap();
+    backend.set("reserve", "off").unwrap();
+    backend.complete().unwrap();
     let mut mem = MemorySystem::new();
-    let ram = mem.new_ram_anonymous("pc.ram", size).unwrap();
+    let ram = mem
+        .new_ram_region("pc.ram", backend.mapping().unwrap(), 0, size, false)
+        .unwrap();
     let sys = mem.system_memory();
     mem.add_subregion(sys, 0, ram, None).unwrap();
     let host = mem.ram_ptr(ram).unwrap().unwrap() as u64;
