@@ -170,6 +170,57 @@ static void test_errors_leave_other_machines_alone(void)
     board_machine_free(a);
 }
 
+/*
+ * A MemoryRegion copied out of a freed machine names nothing: not a region of the next
+ * machine, even one built the same way right after.
+ */
+static void test_stale_region_of_a_freed_machine_is_an_error(void)
+{
+    static const char *const a_args[] = { "-M", "pc", "-m", "64M", NULL };
+    static const char *const b_args[] = { "-M", "pc", "-m", "128M", NULL };
+    MachineState *a = machine_new(a_args);
+    MachineState *b;
+    MemoryRegion stale;
+    Error *err = NULL;
+
+    if (!a) {
+        return;
+    }
+    stale = *a->ram;
+    board_machine_free(a);
+    b = machine_new(b_args);
+    CHECK(b != NULL);
+    CHECK(memory_region_size(&stale) == 0);
+    CHECK(memory_region_get_ram_ptr(&stale) == NULL);
+    CHECK(!hm_memory_check(&err));
+    error_free(err);
+    if (b) {
+        CHECK(memory_region_size(b->ram) == 128 * MiB);
+    }
+    board_machine_free(b);
+}
+
+/* A machine that fails to build leaves the previous machine current. */
+static void test_failed_machine_keeps_the_current_one(void)
+{
+    static const char *const good[] = { "-M", "pc", "-m", "64M", NULL };
+    /* fails after board init: the KVM attach refuses the slot size (or finds no KVM) */
+    const char *bad[] = { "test-two-machines", "-M", "pc", "-m", "64M", "-accel", "kvm,max-slot-size=5" };
+    MachineState *a = machine_new(good);
+    MachineState *b;
+    Error *err = NULL;
+
+    if (!a) {
+        return;
+    }
+    b = hm_machine_new_from_argv(7, bad, &err);
+    CHECK(b == NULL);
+    error_free(err);
+    CHECK(hm_context_current() == a->context);
+    CHECK(hm_memory_backend_find("pc.ram") == a->memdev);
+    board_machine_free(a);
+}
+
 int main(void)
 {
     Error *err = NULL;
@@ -182,6 +233,8 @@ int main(void)
     test_same_backend_id_in_two_machines();
     test_globals_follow_the_current_machine();
     test_errors_leave_other_machines_alone();
+    test_stale_region_of_a_freed_machine_is_an_error();
+    test_failed_machine_keeps_the_current_one();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

@@ -14,16 +14,18 @@ use crate::objects::ObjectRegistry;
 
 pub type ContextId = u32;
 
+/// Fields drop in declaration order: the KVM VM goes first, so no memslot ever points at memory
+/// that was already unmapped; the machine and backends go before the region arena.
 pub struct Context {
     pub id: ContextId,
-    pub memory: MemorySystem,
-    pub objects: ObjectRegistry,
-    /// Defaults every new backend takes (-mem-prealloc sugar, machine mem-merge, ...).
-    pub backend_defaults: BackendDefaults,
-    /// The machine built in this context, once configured (owned by `machine`).
-    pub machine: Option<crate::machine::MachineRuntime>,
     /// The KVM VM attached to this context, if any (owned by `kvm`).
     pub kvm: Option<crate::kvm::KvmHandle>,
+    /// The machine built in this context, once configured (owned by `machine`).
+    pub machine: Option<crate::machine::MachineRuntime>,
+    pub objects: ObjectRegistry,
+    pub memory: MemorySystem,
+    /// Defaults every new backend takes (-mem-prealloc sugar, machine mem-merge, ...).
+    pub backend_defaults: BackendDefaults,
 }
 
 impl Context {
@@ -57,17 +59,15 @@ fn table() -> MutexGuard<'static, Table> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
-/// Creates a new, empty context and returns its id. It does not become current.
+/// Creates a new, empty context and returns its id (never one used before). It does not
+/// become current.
 pub fn create() -> ContextId {
+    // Ids are never reused: a MemoryRegion handle kept past hm_machine_free must name nothing,
+    // not a region of the next machine that happened to get the same id.
     let mut t = table();
-    let id = match t.slots.iter().position(Option::is_none) {
-        Some(i) => i,
-        None => {
-            t.slots.push(None);
-            t.slots.len() - 1
-        }
-    };
-    t.slots[id] = Some(Arc::new(Mutex::new(Context::new(id as ContextId))));
+    let id = t.slots.len();
+    t.slots
+        .push(Some(Arc::new(Mutex::new(Context::new(id as ContextId)))));
     id as ContextId
 }
 
@@ -88,6 +88,13 @@ pub fn current() -> Arc<Mutex<Context>> {
         }
     };
     get(id).expect("a context just made current exists")
+}
+
+/// The current context's id, without creating one when there is none.
+pub fn current_if_any() -> Option<ContextId> {
+    let t = table();
+    t.current
+        .filter(|&c| matches!(t.slots.get(c as usize), Some(Some(_))))
 }
 
 pub fn current_id() -> ContextId {

@@ -326,13 +326,18 @@ pub fn allocate_system_memory(ctx: &mut Context, name: &str, size: u64) -> Resul
     let region = if !memdevs.is_empty() {
         numa_container(ctx, name, size, &memdevs)?
     } else if let Some(id) = cmd.memory_backend.clone() {
+        // The generic code consumed the backend already (as QEMU does for every board); the
+        // legacy call hands that region out rather than consuming it twice.
         let backend_size = ctx.objects.get(&id).map(|e| e.backend.size()).unwrap_or(0);
         if backend_size != size {
             return Err(Error::invalid(
                 "Machine memory size does not match the size of the memory backend",
             ));
         }
-        consume_memdev(ctx, &id)?
+        ctx.machine
+            .as_ref()
+            .and_then(|m| m.ram)
+            .ok_or_else(|| Error::generic(format!("memory backend {id} is not mapped")))?
     } else {
         let type_name = if cmd.mem_path.is_some() {
             "memory-backend-file"

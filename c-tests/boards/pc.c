@@ -5,7 +5,11 @@
  * Main RAM is machine->ram, created by the generic code from -m / -mem-path / memory-backend
  * or the NUMA node backends; the board only decides where it shows in the guest.
  */
+#include <inttypes.h>
+
 #include "boards.h"
+
+#define ACPI_MAX_RAM_SLOTS 256
 
 /* Firmware as QEMU 10 loads it by default (SeaBIOS' 256 KiB image, the option ROM area). */
 #define PC_BIOS_SIZE (256 * KiB)
@@ -54,6 +58,11 @@ void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem)
     MemoryRegion *system_memory = get_system_memory();
     uint64_t below_4g = machine->ram_size < lowmem ? machine->ram_size : lowmem;
     uint64_t above_4g = machine->ram_size - below_4g;
+
+    /* ACPI describes at most 256 hotpluggable memory slots. */
+    if (machine->ram_slots > ACPI_MAX_RAM_SLOTS) {
+        board_fatal("unsupported amount of memory slots: %" PRIu64, machine->ram_slots);
+    }
 
     memory_region_init(&s->pci, NULL, "pci", UINT64_MAX);
     memory_region_add_subregion_overlap(system_memory, 0, &s->pci, -1);

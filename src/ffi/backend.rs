@@ -25,7 +25,12 @@ use crate::options::values::parse_bool;
 pub struct HostMemoryBackend {
     context: ContextId,
     serial: u64,
-    mr: MemoryRegion,
+    /// The storage `host_memory_backend_get_memory` hands out. Written through the cell, under
+    /// the handle table's lock, because C may hold the handle (and hostmem a shared reference
+    /// to it) elsewhere at the same time, e.g. inside a prealloc progress callback. Handles
+    /// outlive their backend (and context) on purpose: a stale one gives an error, not a
+    /// use-after-free.
+    mr: std::cell::UnsafeCell<MemoryRegion>,
 }
 
 /// Progress of preallocation: bytes done, bytes total, the caller's opaque pointer. Called on
@@ -48,7 +53,7 @@ fn handle_for(context: ContextId, serial: u64) -> *mut HostMemoryBackend {
         Box::new(HostMemoryBackend {
             context,
             serial,
-            mr: MemoryRegion::default(),
+            mr: std::cell::UnsafeCell::new(MemoryRegion::default()),
         })
     });
     &mut **b as *mut HostMemoryBackend
@@ -332,12 +337,16 @@ pub unsafe extern "C" fn host_memory_backend_get_memory(
 ) -> *mut MemoryRegion {
     guard_report(std::ptr::null_mut(), || {
         // SAFETY: caller contract; the handle is ours and lives in the handle table.
-        let b = unsafe { b.as_mut() }.ok_or_else(|| Error::invalid("Parameter 'b' is missing"))?;
+        let b = unsafe { ref_arg(b, "b") }?;
         let region = with_entry(b, |c, id| Ok(c.objects.get(id).and_then(|e| e.region)))?;
         Ok(match region {
             Some(r) => {
-                b.mr = MemoryRegion::new(b.context, r);
-                &mut b.mr as *mut MemoryRegion
+                let _table = handles().lock().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: the cell's only writes happen here, serialised by the table lock;
+                // readers are C code given the pointer, which sees the same value every time
+                // (a backend's region never changes once complete).
+                unsafe { *b.mr.get() = MemoryRegion::new(b.context, r) };
+                b.mr.get()
             }
             None => std::ptr::null_mut(),
         })

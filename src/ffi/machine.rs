@@ -228,6 +228,8 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
     let Some((id, mc, cmd, (ram, ram_size, maxram_size, ram_slots, memdev))) = prepared else {
         return null_mut();
     };
+    // A machine that fails to build leaves the previous machine current, as if never tried.
+    let previous = context::current_if_any();
     let made_current = guard(errp, false, || context::set_current(id).map(|_| true));
     if !made_current {
         let _ = context::destroy(id);
@@ -285,6 +287,9 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
     if !ok {
         // SAFETY: `ms` came from Box::into_raw above and is not shared yet.
         unsafe { hm_machine_free(ms as *mut MachineState) };
+        if let Some(prev) = previous {
+            let _ = context::set_current(prev);
+        }
         return null_mut();
     }
     ms as *mut MachineState
@@ -300,8 +305,8 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
         if ms.is_null() {
             return Ok(());
         }
-        // SAFETY: MachineState is the first field of the boxed MachineBox (repr(Rust) struct
-        // allocated in hm_machine_new_from_argv); we cast back to the allocation we made.
+        // SAFETY: MachineState is the first field of the #[repr(C)] MachineBox allocated in
+        // hm_machine_new_from_argv, so the pointer is the box's; we cast back to it.
         let boxed = unsafe { Box::from_raw(ms as *mut MachineBox) };
         let _ = context::destroy(boxed.state.context);
         Ok(())

@@ -53,7 +53,11 @@ pub struct Cmdline {
     pub objects: Vec<ObjectOption>,
     pub numa: Vec<NumaNode>,
     pub smp_cpus: Option<u32>,
+    /// The accelerator the machine runs on.
     pub accel: Option<Accel>,
+    /// The first `-accel` / `-enable-kvm`, and `-machine accel=`: QEMU refuses both at once.
+    pub accel_option: Option<Accel>,
+    pub accel_machine: Option<Accel>,
     /// `-accel kvm,max-slot-size=SIZE` (hostmem's own property; 0 = the kernel's limit).
     pub kvm_max_slot_size: u64,
     pub start_paused: bool,
@@ -109,7 +113,7 @@ impl Cmdline {
                 continue;
             }
             if flag("-enable-kvm") {
-                c.accel = Some(Accel::Kvm);
+                c.parse_accel("kvm")?;
                 continue;
             }
             let takes_arg = matches!(
@@ -133,7 +137,15 @@ impl Cmdline {
             let at = |e: Error| e.prepend(&format!("{opt} {arg}: "));
             match opt {
                 "-m" => {
-                    c.memory = parse_memory(arg).map_err(at)?;
+                    // QEMU checks a bare number again once it has appended "M", without the
+                    // option's location: that second failure comes back as a generic error.
+                    c.memory = parse_memory(arg).map_err(|e| {
+                        if e.class() == HmErrorClass::Generic {
+                            e
+                        } else {
+                            at(e)
+                        }
+                    })?;
                     c.memory_text = Some(arg.to_string());
                 }
                 "-M" | "-machine" => c.parse_machine(arg).map_err(at)?,
@@ -166,6 +178,7 @@ impl Cmdline {
                 _ => {} // accepted and ignored
             }
         }
+        c.finish_accel()?;
         Ok(c)
     }
 
@@ -175,7 +188,7 @@ impl Cmdline {
                 "type" => self.machine_type = Some(value),
                 "memory-backend" => self.memory_backend = Some(value),
                 "accel" => {
-                    self.accel = Some(parse_accel_name(&value)?);
+                    self.accel_machine = Some(parse_accel_name(&value)?);
                 }
                 _ => self.machine_props.push((key, value)),
             }
@@ -183,13 +196,18 @@ impl Cmdline {
         Ok(())
     }
 
+    /// One `-accel`: QEMU tries them in order and keeps the first that starts, so the first
+    /// given wins (every accelerator hostmem knows starts when asked).
     fn parse_accel(&mut self, arg: &str) -> Result<()> {
         let mut accel = None;
+        let mut max_slot_size = 0;
         for (key, value) in parse_keyval(arg, Some("accel"))? {
             match key.as_str() {
                 "accel" => accel = Some(parse_accel_name(&value)?),
                 "max-slot-size" if accel == Some(Accel::Kvm) => {
-                    self.kvm_max_slot_size = parse_size(&value)?;
+                    max_slot_size = parse_size(&value).map_err(|_| {
+                        Error::invalid("Parameter 'max-slot-size' expects a size value")
+                    })?;
                 }
                 _ => {
                     let class = match accel {
@@ -202,8 +220,24 @@ impl Cmdline {
                 }
             }
         }
-        self.accel = accel.or(self.accel);
+        if self.accel_option.is_none() {
+            self.accel_option = accel;
+            self.kvm_max_slot_size = max_slot_size;
+        }
         Ok(())
+    }
+
+    /// Settles the accelerator once every option is read.
+    fn finish_accel(&mut self) -> Result<()> {
+        match (self.accel_option, self.accel_machine) {
+            (Some(_), Some(_)) => Err(Error::invalid(
+                "The -accel and \"-machine accel=\" options are incompatible",
+            )),
+            (a, m) => {
+                self.accel = a.or(m);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -225,31 +259,36 @@ pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
     for (key, value) in parse_keyval(arg, Some("size"))? {
         match key.as_str() {
             "size" => {
-                if value.starts_with('-') {
-                    return Err(Error::invalid(format!(
-                        "Value '{value}' is out of range for parameter 'size'"
-                    )));
-                }
-                let with_unit = if value.ends_with(|ch: char| ch.is_ascii_digit()) {
-                    format!("{value}M")
+                // The value must be a size as written; a bare number then means MiB.
+                let bytes = parse_size(&value).map_err(|e| {
+                    if value.starts_with('-') || e.message().contains("does not fit") {
+                        Error::invalid(format!(
+                            "Value '{value}' is out of range for parameter 'size'"
+                        ))
+                    } else {
+                        size_error()
+                    }
+                })?;
+                let bytes = if value.ends_with(|ch: char| ch.is_ascii_digit()) {
+                    parse_size(&format!("{value}M"))
+                        .map_err(|_| Error::generic("Parameter 'memory.size' expects size"))?
                 } else {
-                    value.clone()
+                    bytes
                 };
-                let bytes = parse_size(&with_unit).map_err(|_| size_error())?;
                 m.size = (bytes != 0).then_some(bytes);
             }
             "slots" => {
                 m.slots = Some(
                     value
                         .parse::<u64>()
-                        .map_err(|_| Error::invalid("Parameter 'slots' expects uint64"))?,
+                        .map_err(|_| Error::invalid("Parameter 'slots' expects a number"))?,
                 )
             }
             "maxmem" => {
-                m.maxmem = Some(
-                    parse_size(&value)
-                        .map_err(|_| Error::invalid("Parameter 'maxmem' expects a size value"))?,
-                )
+                m.maxmem = Some(parse_size(&value).map_err(|_| {
+                    Error::invalid("Parameter 'maxmem' expects a non-negative number below 2^64")
+                        .with_hint(SIZE_HINT)
+                })?)
             }
             _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
         }
@@ -286,7 +325,7 @@ fn parse_numa(arg: &str) -> Result<Option<NumaNode>> {
                 node.nodeid = Some(
                     value
                         .parse()
-                        .map_err(|_| Error::invalid("Parameter 'nodeid' expects uint16"))?,
+                        .map_err(|_| Error::invalid("Parameter 'nodeid' expects a uint64 value"))?,
                 )
             }
             "memdev" => node.memdev = Some(value),
@@ -308,7 +347,7 @@ fn parse_smp(arg: &str) -> Result<u32> {
         if key == "cpus" {
             let n: u32 = value
                 .parse()
-                .map_err(|_| Error::invalid("Parameter 'cpus' expects uint64"))?;
+                .map_err(|_| Error::generic("Parameter 'smp.cpus' expects integer"))?;
             if n == 0 {
                 return Err(Error::invalid(
                     "Invalid CPU topology: CPU topology parameters must be greater than zero",
@@ -411,6 +450,62 @@ mod tests {
         assert_eq!(
             parse("-monitor stdio2").unwrap_err().message(),
             "-monitor stdio2: 'stdio2' is not a valid char driver"
+        );
+    }
+
+    #[test]
+    fn the_first_accel_wins_and_machine_accel_does_not_mix() {
+        assert_eq!(
+            parse("-accel tcg -accel kvm").unwrap().accel,
+            Some(Accel::Tcg)
+        );
+        assert_eq!(
+            parse("-enable-kvm -accel tcg").unwrap().accel,
+            Some(Accel::Kvm)
+        );
+        assert_eq!(parse("-machine accel=kvm").unwrap().accel, Some(Accel::Kvm));
+        assert_eq!(
+            parse("-accel tcg -machine accel=kvm")
+                .unwrap_err()
+                .message(),
+            "The -accel and \"-machine accel=\" options are incompatible"
+        );
+    }
+
+    #[test]
+    fn m_values_are_checked_as_written_then_as_mebibytes() {
+        // "1.5" is no size without a suffix, so QEMU refuses it before appending "M".
+        assert_eq!(
+            parse("-m 1.5").unwrap_err().message(),
+            "-m 1.5: Parameter 'size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(parse("-m 1.5G").unwrap().memory.size, Some(3 << 29));
+        // A number that only overflows once it means MiB fails later, without the location.
+        assert_eq!(
+            parse("-m 17592186044416").unwrap_err().message(),
+            "Parameter 'memory.size' expects size"
+        );
+        assert_eq!(
+            parse("-m 100000000000000000000").unwrap_err().message(),
+            "-m 100000000000000000000: Value '100000000000000000000' is out of range for parameter 'size'"
+        );
+        assert_eq!(
+            parse("-m 64M,slots=x,maxmem=1G").unwrap_err().message(),
+            "-m 64M,slots=x,maxmem=1G: Parameter 'slots' expects a number"
+        );
+        let e = parse("-m 64M,maxmem=x").unwrap_err();
+        assert_eq!(
+            e.message(),
+            "-m 64M,maxmem=x: Parameter 'maxmem' expects a non-negative number below 2^64"
+        );
+        assert_eq!(e.hint(), Some(SIZE_HINT));
+        assert_eq!(
+            parse("-smp x").unwrap_err().message(),
+            "Parameter 'smp.cpus' expects integer"
+        );
+        assert_eq!(
+            parse("-numa node,nodeid=x").unwrap_err().message(),
+            "-numa node,nodeid=x: Parameter 'nodeid' expects a uint64 value"
         );
     }
 
