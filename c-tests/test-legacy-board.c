@@ -51,6 +51,7 @@ static const MachineClass twice_machine = {
     .name = "legacy-twice",
     .desc = "calls memory_region_allocate_system_memory twice (error form)",
     .init = twice_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 16 * MiB,
 };
 
@@ -58,6 +59,7 @@ static const MachineClass twice_exit_machine = {
     .name = "legacy-twice-exit",
     .desc = "calls memory_region_allocate_system_memory twice",
     .init = twice_exit_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 16 * MiB,
 };
 

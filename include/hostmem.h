@@ -137,6 +137,10 @@ typedef struct MachineClass {
   bool no_cpus_by_default;
   // The board has no NUMA: any -numa option is refused (QEMU's `none`, `s390-ccw-virtio`).
   bool no_numa_support;
+  // Releases what `init` allocated for the board (typically `machine->opaque`). Called by
+  // `hm_machine_free` before the machine's regions go, and so also when a machine fails
+  // after its init ran. QEMU has no such hook because its process just exits. May be NULL.
+  void (*cleanup)(struct MachineState *machine);
 } MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.

@@ -20,14 +20,13 @@ bool boards_register_all(Error **errp)
 
 void board_machine_free(MachineState *ms)
 {
-    void *opaque;
-
-    if (!ms) {
-        return;
-    }
-    opaque = ms->opaque;
     hm_machine_free(ms);
-    free(opaque);
+}
+
+void board_cleanup(MachineState *ms)
+{
+    free(ms->opaque);
+    ms->opaque = NULL;
 }
 
 void board_fatal(const char *fmt, ...)

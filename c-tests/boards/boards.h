@@ -5,7 +5,8 @@
  * the legacy memory_region_allocate_system_memory() to machine->ram touches that file only.
  *
  * Board private state is malloc'd by the board's init and hung on machine->opaque; whoever
- * frees the machine calls board_machine_free(), which releases both.
+ * frees the machine calls hm_machine_free() (or board_machine_free()), and the class's cleanup
+ * hook, board_cleanup(), releases the board state.
  */
 #ifndef VMM_BOARDS_H
 #define VMM_BOARDS_H
@@ -55,13 +56,16 @@ void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem);
  */
 void pc_board_init(MachineState *machine, uint64_t lowmem);
 
-/* Frees the machine and the board state on machine->opaque. NULL is ignored. */
+/* Frees the machine (hm_machine_free runs board_cleanup first). NULL is ignored. */
 void board_machine_free(MachineState *ms);
 
 /*
  * QEMU's error_report() followed by exit(1), for the checks QEMU boards make in their init:
  * prints "<program>: <message>" on stderr.
  */
+/* MachineClass.cleanup of every board here: frees machine->opaque (board_new0 memory). */
+void board_cleanup(MachineState *ms);
+
 void board_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* calloc that exits on failure, as g_new0 does. */

@@ -25,6 +25,7 @@ static const MachineClass legacy_machine = {
     .alias = NULL,
     .desc = "Board still calling memory_region_allocate_system_memory()",
     .init = legacy_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 128 * MiB,
     .default_ram_id = NULL,
     .numa_mem_supported = false,

@@ -34,6 +34,7 @@ static const MachineClass microbit_machine = {
     .alias = NULL,
     .desc = "BBC micro:bit (Cortex-M0)",
     .init = microbit_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 128 * MiB,
     .default_ram_id = NULL,
     .numa_mem_supported = false,

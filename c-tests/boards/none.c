@@ -17,6 +17,7 @@ static const MachineClass none_machine = {
     .alias = NULL,
     .desc = "empty machine",
     .init = machine_none_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 0,
     .default_ram_id = "ram",
     .numa_mem_supported = false,

@@ -131,6 +131,7 @@ static const MachineClass pc_i440fx_machine = {
     .alias = "pc",
     .desc = "Standard PC (i440FX + PIIX, 1996)",
     .init = pc_i440fx_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 128 * MiB,
     .default_ram_id = "pc.ram",
     .numa_mem_supported = false,

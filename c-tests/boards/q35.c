@@ -17,6 +17,7 @@ static const MachineClass pc_q35_machine = {
     .alias = "q35",
     .desc = "Standard PC (Q35 + ICH9, 2009)",
     .init = pc_q35_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 128 * MiB,
     .default_ram_id = "pc.ram",
     .numa_mem_supported = false,

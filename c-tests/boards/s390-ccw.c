@@ -19,6 +19,7 @@ static const MachineClass s390_ccw_machine = {
     .alias = "s390-ccw-virtio",
     .desc = "Virtual s390x machine (version 10.0)",
     .init = s390_memory_init,
+    .cleanup = board_cleanup,
     .default_ram_size = 128 * MiB,
     .default_ram_id = "s390.ram",
     .numa_mem_supported = false,

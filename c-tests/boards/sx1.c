@@ -41,6 +41,7 @@ static const MachineClass sx1_machine = {
     .alias = NULL,
     .desc = "Siemens SX1 (OMAP310) V2",
     .init = sx1_init,
+    .cleanup = board_cleanup,
     .default_ram_size = SX1_SDRAM_SIZE,
     .default_ram_id = "omap1.dram",
     .numa_mem_supported = false,

@@ -40,6 +40,10 @@ pub struct MachineClass {
     pub no_cpus_by_default: bool,
     /// The board has no NUMA: any -numa option is refused (QEMU's `none`, `s390-ccw-virtio`).
     pub no_numa_support: bool,
+    /// Releases what `init` allocated for the board (typically `machine->opaque`). Called by
+    /// `hm_machine_free` before the machine's regions go, and so also when a machine fails
+    /// after its init ran. QEMU has no such hook because its process just exits. May be NULL.
+    pub cleanup: Option<unsafe extern "C" fn(machine: *mut MachineState)>,
 }
 
 /// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
@@ -304,6 +308,12 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
     guard_report((), || {
         if ms.is_null() {
             return Ok(());
+        }
+        // The board releases its own state first, with no hostmem lock held.
+        // SAFETY: `ms` is a live machine (contract); its class is a registered static.
+        if let Some(cleanup) = unsafe { (*(*ms).mc).cleanup } {
+            // SAFETY: the board's hook receives the machine its init built, as documented.
+            unsafe { cleanup(ms) };
         }
         // SAFETY: MachineState is the first field of the #[repr(C)] MachineBox allocated in
         // hm_machine_new_from_argv, so the pointer is the box's; we cast back to it.
