@@ -410,67 +410,10 @@ fn no_block(id: RamBlockId) -> Error {
     )
 }
 
-/// Alignment of anonymous guest RAM, QEMU's QEMU_VMALLOC_ALIGN on x86: lets the kernel back
-/// it with transparent huge pages from the first byte.
-pub const ANON_ALIGN: u64 = 2 << 20;
-
-/// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`),
-/// aligned to [`ANON_ALIGN`]. MAP_NORESERVE: pages are only committed when touched, so sparse
-/// huge guests stay cheap.
+/// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`).
+/// MAP_NORESERVE: pages are only committed when touched, so sparse huge guests stay cheap.
 pub fn map_anonymous(name: &str, size: u64) -> Result<Arc<HostMapping>> {
-    let page = crate::hostmap::host_page_size() as u64;
-    let len = size
-        .checked_next_multiple_of(page)
-        .filter(|&l| {
-            l != 0
-                && l.checked_add(ANON_ALIGN)
-                    .is_some_and(|t| t <= isize::MAX as u64)
-        })
-        .ok_or_else(|| Error::host(format!("cannot set up guest memory '{name}'"), libc::EINVAL))?;
-    let total = len + ANON_ALIGN;
-    // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no existing
-    // memory; the result is checked against MAP_FAILED before use.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            total as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::last_os(format!(
-            "cannot set up guest memory '{name}'"
-        )));
-    }
-    let start = p as usize;
-    let aligned = (start as u64).next_multiple_of(ANON_ALIGN) as usize;
-    let head = aligned - start;
-    let tail = total as usize - head - len as usize;
-    // SAFETY: both trimmed pieces lie inside the mapping just made and are not used; the kept
-    // range [aligned, aligned+len) stays mapped.
-    unsafe {
-        if head != 0 {
-            libc::munmap(p, head);
-        }
-        if tail != 0 {
-            libc::munmap((aligned + len as usize) as *mut libc::c_void, tail);
-        }
-    }
-    // SAFETY: `aligned..aligned+len` is mapped by us and nothing else knows of it.
-    let m = unsafe {
-        HostMapping::from_raw(
-            aligned as *mut u8,
-            len as usize,
-            page as usize,
-            None,
-            false,
-            false,
-        )
-    };
-    Ok(Arc::new(m))
+    crate::hostmap::map_anonymous(name, size, false, true).map(Arc::new)
 }
 
 #[cfg(test)]
@@ -609,7 +552,7 @@ mod tests {
     #[test]
     fn anonymous_memory_is_aligned_like_qemu_and_usable() {
         let m = map_anonymous("rsdp", 36).unwrap();
-        assert_eq!(m.as_ptr() as u64 % ANON_ALIGN, 0);
+        assert_eq!(m.as_ptr() as usize % crate::hostmap::VMALLOC_ALIGN, 0);
         assert_eq!(m.len(), crate::hostmap::host_page_size());
         // SAFETY: the mapping is ours and at least one page long.
         unsafe { m.as_ptr().write(1) };

@@ -9,7 +9,7 @@ use crate::hostmap::{host_page_size, HostMapping};
 use crate::options::values::size_to_str;
 
 use super::props::OnOffAuto;
-use super::ram::{errno, map_aligned, MapSpec};
+use crate::hostmap::{errno, map_aligned, MapSpec};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileProps {

@@ -7,7 +7,7 @@ use crate::hostmap::HostMapping;
 use crate::options::values::size_to_str;
 
 use super::file::fd_page_size;
-use super::ram::{errno, map_aligned, MapSpec};
+use crate::hostmap::{errno, map_aligned, MapSpec};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemfdProps {

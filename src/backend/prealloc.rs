@@ -115,7 +115,7 @@ fn populate_advice(readonly: bool) -> libc::c_int {
 fn populate_works(addr: *mut u8, page: usize, readonly: bool) -> bool {
     // SAFETY: advising the first page of the caller's mapping.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, populate_advice(readonly)) };
-    rc == 0 || super::ram::errno() != libc::EINVAL
+    rc == 0 || crate::hostmap::errno() != libc::EINVAL
 }
 
 /// Faults every page of the range in.
@@ -322,7 +322,7 @@ fn run_chunk(
                 let rc =
                     unsafe { libc::madvise(at as *mut libc::c_void, n, populate_advice(readonly)) };
                 if rc != 0 {
-                    result.errno = super::ram::errno();
+                    result.errno = crate::hostmap::errno();
                     break;
                 }
             }

@@ -289,6 +289,45 @@ pub unsafe extern "C" fn memory_region_init(
     })
 }
 
+/// The shared body of the four anonymous-RAM initialisers (`memory_region_init_{ram,rom}` and
+/// their `_nomigrate` forms): RAM owned by the region, optionally read-only, optionally
+/// registered for migration as QEMU's vmstate_register_ram does.
+///
+/// # Safety
+/// As for `memory_region_init_ram_nomigrate`.
+unsafe fn init_anonymous(
+    mr: *mut MemoryRegion,
+    owner: *mut Object,
+    name: *const c_char,
+    size: u64,
+    errp: *mut *mut Error,
+    readonly: bool,
+    migratable: bool,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: forwarded caller contract.
+        let name = unsafe { str_arg(name, "name") }?;
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            init_region(
+                mr,
+                owner,
+                |m| m.new_ram_anonymous(name, size),
+                |m, id, owner| {
+                    if readonly {
+                        m.set_readonly(id, true)?;
+                    }
+                    if migratable {
+                        m.vmstate_register_ram(id, owner)?;
+                    }
+                    Ok(())
+                },
+            )
+        }?;
+        Ok(true)
+    })
+}
+
 /// `memory_region_init_ram_nomigrate`: anonymous RAM owned by the region, not registered for
 /// migration.
 ///
@@ -302,20 +341,8 @@ pub unsafe extern "C" fn memory_region_init_ram_nomigrate(
     size: u64,
     errp: *mut *mut Error,
 ) -> bool {
-    guard(errp, false, || {
-        // SAFETY: forwarded caller contract.
-        let name = unsafe { str_arg(name, "name") }?;
-        // SAFETY: forwarded caller contract.
-        unsafe {
-            init_region(
-                mr,
-                owner,
-                |m| m.new_ram_anonymous(name, size),
-                |_, _, _| Ok(()),
-            )
-        }?;
-        Ok(true)
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe { init_anonymous(mr, owner, name, size, errp, false, false) }
 }
 
 /// `memory_region_init_ram`: anonymous RAM registered for migration under
@@ -331,20 +358,8 @@ pub unsafe extern "C" fn memory_region_init_ram(
     size: u64,
     errp: *mut *mut Error,
 ) -> bool {
-    guard(errp, false, || {
-        // SAFETY: forwarded caller contract.
-        let name = unsafe { str_arg(name, "name") }?;
-        // SAFETY: forwarded caller contract.
-        unsafe {
-            init_region(
-                mr,
-                owner,
-                |m| m.new_ram_anonymous(name, size),
-                |m, id, owner| m.vmstate_register_ram(id, owner),
-            )
-        }?;
-        Ok(true)
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe { init_anonymous(mr, owner, name, size, errp, false, true) }
 }
 
 /// `memory_region_init_rom_nomigrate`: read-only anonymous RAM (firmware images), not
@@ -360,20 +375,8 @@ pub unsafe extern "C" fn memory_region_init_rom_nomigrate(
     size: u64,
     errp: *mut *mut Error,
 ) -> bool {
-    guard(errp, false, || {
-        // SAFETY: forwarded caller contract.
-        let name = unsafe { str_arg(name, "name") }?;
-        // SAFETY: forwarded caller contract.
-        unsafe {
-            init_region(
-                mr,
-                owner,
-                |m| m.new_ram_anonymous(name, size),
-                |m, id, _| m.set_readonly(id, true),
-            )
-        }?;
-        Ok(true)
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe { init_anonymous(mr, owner, name, size, errp, true, false) }
 }
 
 /// `memory_region_init_rom`: read-only anonymous RAM registered for migration like
@@ -389,23 +392,8 @@ pub unsafe extern "C" fn memory_region_init_rom(
     size: u64,
     errp: *mut *mut Error,
 ) -> bool {
-    guard(errp, false, || {
-        // SAFETY: forwarded caller contract.
-        let name = unsafe { str_arg(name, "name") }?;
-        // SAFETY: forwarded caller contract.
-        unsafe {
-            init_region(
-                mr,
-                owner,
-                |m| m.new_ram_anonymous(name, size),
-                |m, id, owner| {
-                    m.set_readonly(id, true)?;
-                    m.vmstate_register_ram(id, owner)
-                },
-            )
-        }?;
-        Ok(true)
-    })
+    // SAFETY: forwarded caller contract.
+    unsafe { init_anonymous(mr, owner, name, size, errp, true, true) }
 }
 
 /// `memory_region_init_alias`: a window of `size` bytes (`UINT64_MAX` = 2^64) into `orig`

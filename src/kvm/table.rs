@@ -363,19 +363,17 @@ impl SlotTable {
     /// Switches dirty logging on for every writable slot, now and for slots added later
     /// (QEMU's `log_global_start`). The guest may be running.
     pub fn log_start(&mut self) -> Result<()> {
-        self.dirty_logging = true;
-        for slot in self.slot_numbers() {
-            let readonly = self.slots[slot as usize]
-                .as_ref()
-                .is_some_and(|s| s.readonly);
-            self.set_flags(slot, self.flags_for(readonly))?;
-        }
-        Ok(())
+        self.set_logging(true)
     }
 
     /// Switches dirty logging off; bits logged so far are kept for the next sync.
     pub fn log_stop(&mut self) -> Result<()> {
-        self.dirty_logging = false;
+        self.set_logging(false)
+    }
+
+    /// Re-registers every slot with the flags that logging `on` asks for.
+    fn set_logging(&mut self, on: bool) -> Result<()> {
+        self.dirty_logging = on;
         for slot in self.slot_numbers() {
             let readonly = self.slots[slot as usize]
                 .as_ref()

@@ -35,20 +35,7 @@ pub fn kvm_usable() -> bool {
 
 /// Anonymous private MAP_NORESERVE memory: only the pages touched cost anything.
 pub fn sparse(len: u64) -> Arc<HostMapping> {
-    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "mmap of 0x{len:x} bytes failed");
-    // SAFETY: the mapping was just created and is handed over whole.
-    Arc::new(unsafe { HostMapping::from_raw(p as *mut u8, len as usize, 4096, None, false, false) })
+    Arc::new(hostmem::hostmap::map_anonymous("test", len, false, true).expect("sparse mapping"))
 }
 
 pub fn read_u64(m: &HostMapping, offset: u64) -> u64 {
