@@ -670,6 +670,16 @@ mod tests {
     /// with QEMU's: the address-space blocks, the aliased regions hostmem also has, and the
     /// two FlatViews (renumbered: QEMU also has cpu-smm-0, smram and PCI bus-master spaces).
     fn check_pc_like(dump: &str) {
+        let m = rebuild_pc_like(dump);
+        assert_eq!(info_mtree(&m, MtreeOptions::default()), pc_like_tree(dump));
+        assert_eq!(
+            info_mtree_flat(&m, MtreeOptions::default(), None),
+            pc_like_flat(dump)
+        );
+    }
+
+    /// The "I/O" and "memory" trees of a pc-like QEMU dump, rebuilt as hostmem regions.
+    fn rebuild_pc_like(dump: &str) -> MemorySystem {
         let mut m = MemorySystem::new();
         let io_block = block(dump, "address-space: I/O");
         let mem_block = block(dump, "address-space: cpu-memory-0");
@@ -684,18 +694,23 @@ mod tests {
             ],
             &["rtc"],
         );
-        let tree = info_mtree(&m, MtreeOptions::default());
-        let expected = io_block
-            + &mem_block
-            + &ram_block
-            + &block(dump, "memory-region: pc.bios")
-            + &block(dump, "memory-region: pci");
-        assert_eq!(tree, expected);
+        m
+    }
 
-        let flat = info_mtree_flat(&m, MtreeOptions::default(), None);
-        let expected = block(dump, "FlatView #0")
-            + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1");
-        assert_eq!(flat, expected);
+    /// What hostmem's `info mtree` must print for a rebuilt pc-like dump: the blocks of QEMU's
+    /// output for the regions hostmem also has.
+    fn pc_like_tree(dump: &str) -> String {
+        block(dump, "address-space: I/O")
+            + &block(dump, "address-space: cpu-memory-0")
+            + &block(dump, "memory-region: pc.ram")
+            + &block(dump, "memory-region: pc.bios")
+            + &block(dump, "memory-region: pci")
+    }
+
+    /// The two FlatViews hostmem has, renumbered (QEMU also has cpu-smm-0 and bus-master views).
+    fn pc_like_flat(dump: &str) -> String {
+        block(dump, "FlatView #0")
+            + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1")
     }
 
     #[test]
@@ -712,41 +727,18 @@ mod tests {
     fn pc_with_disabled_regions_matches_qemu_with_and_without_capital_d() {
         let dump_d = qemu!("pc-m4G.mtree-D.txt");
         let dump = qemu!("pc-m4G.txt");
-        let mut m = MemorySystem::new();
-        let io_block = block(dump_d, "address-space: I/O");
-        let mem_block = block(dump_d, "address-space: cpu-memory-0");
-        let ram_block = block(dump_d, "memory-region: pc.ram");
-        let (sys, io) = (m.system_memory(), m.system_io());
-        rebuild(
-            &mut m,
-            &[
-                (&ram_block, None),
-                (&io_block, Some(io)),
-                (&mem_block, Some(sys)),
-            ],
-            &["rtc"],
-        );
+        let m = rebuild_pc_like(dump_d);
         let with_d = MtreeOptions {
             disabled: true,
             ..Default::default()
         };
-        let expected = io_block
-            + &mem_block
-            + &ram_block
-            + &block(dump_d, "memory-region: pc.bios")
-            + &block(dump_d, "memory-region: pci");
-        assert_eq!(info_mtree(&m, with_d), expected);
+        assert_eq!(info_mtree(&m, with_d), pc_like_tree(dump_d));
         // The same tree without -D hides the disabled lines exactly as QEMU did.
-        let expected = block(dump, "address-space: I/O")
-            + &block(dump, "address-space: cpu-memory-0")
-            + &block(dump, "memory-region: pc.ram")
-            + &block(dump, "memory-region: pc.bios")
-            + &block(dump, "memory-region: pci");
-        assert_eq!(info_mtree(&m, MtreeOptions::default()), expected);
-        let flat = info_mtree_flat(&m, MtreeOptions::default(), None);
-        let expected = block(dump, "FlatView #0")
-            + &block(dump, "FlatView #3").replace("FlatView #3", "FlatView #1");
-        assert_eq!(flat, expected);
+        assert_eq!(info_mtree(&m, MtreeOptions::default()), pc_like_tree(dump));
+        assert_eq!(
+            info_mtree_flat(&m, MtreeOptions::default(), None),
+            pc_like_flat(dump)
+        );
     }
 
     #[test]
