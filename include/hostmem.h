@@ -390,10 +390,11 @@ char *hm_kvm_info_memslots(void);
 bool hm_machine_class_register(const struct MachineClass *mc, struct Error **errp);
 
 // Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
-// options, creates a context for the machine and makes it current, creates the `-object`
-// backends, decides `machine->ram` (explicit memory-backend, implicit backend from
-// -m/-mem-path/-mem-prealloc, or NUMA container), then runs the board's init. Errors carry
-// QEMU 10's message for the same command line; nothing is left behind on failure.
+// options, creates the machine and makes it current, creates the `-object` backends, decides
+// `machine->ram` (explicit memory-backend, implicit backend from -m/-mem-path/-mem-prealloc,
+// or NUMA container), then runs the board's init and attaches the accelerator. Errors carry
+// QEMU 10's message for the same command line; nothing is left behind on failure, and the
+// machine that was current before stays current.
 //
 // # Safety
 // `argv` holds `argc` NUL-terminated strings.
@@ -401,7 +402,8 @@ struct MachineState *hm_machine_new_from_argv(int argc,
                                               const char *const *argv,
                                               struct Error **errp);
 
-// Frees a machine and its context. NULL is ignored.
+// Frees a machine: the board's cleanup hook, then the machine (regions, RAMBlocks, backends,
+// the KVM VM once no vCPU of it runs). NULL is ignored.
 //
 // # Safety
 // `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.

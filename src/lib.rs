@@ -4,7 +4,6 @@
 //! See DESIGN.md for the map from each module to the QEMU code it replaces.
 
 pub mod backend;
-pub mod context;
 pub mod error;
 pub mod ffi;
 pub mod flatview;
@@ -18,5 +17,6 @@ pub mod objects;
 pub mod options;
 pub mod ramblock;
 pub mod region;
+pub mod registry;
 
 pub use error::{Error, HmErrorClass, Result};

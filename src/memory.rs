@@ -31,9 +31,6 @@ struct Slot {
     region: Option<Region>,
 }
 
-/// Whether the accelerator maps a guest range `(gpa, size)` of the "memory" address space.
-pub type AccelQuery = Box<dyn Fn(u64, u64) -> bool + Send>;
-
 pub struct MemorySystem {
     pub ramblocks: RamBlockRegistry,
     slots: Vec<Slot>,
@@ -52,13 +49,6 @@ pub struct MemorySystem {
     /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
     /// listeners that it is gone.
     retired_mappings: Vec<Arc<HostMapping>>,
-    /// The accelerator's name and mapping query, for the " KVM" marks of `info mtree -f`.
-    accel: Option<(String, AccelQuery)>,
-    /// The first error a `void` C call hit (QEMU would have aborted), until taken.
-    pending_error: Option<Error>,
-    /// How many "cpu-memory-N" address spaces `info mtree` lists next to "memory" (they share
-    /// its root in QEMU). The machine sets it to its CPU count; 1 by default.
-    pub cpu_address_spaces: u32,
 }
 
 impl RegionLookup for MemorySystem {
@@ -101,9 +91,6 @@ impl MemorySystem {
             update_pending: false,
             listeners: Vec::new(),
             global_dirty_log: false,
-            cpu_address_spaces: 1,
-            pending_error: None,
-            accel: None,
             memory_sections: Vec::new(),
             retired_mappings: Vec::new(),
         };
@@ -121,29 +108,6 @@ impl MemorySystem {
             });
         }
         m
-    }
-
-    /// Installs (or with `None` removes) the accelerator's mapping query: `info mtree -f` then
-    /// marks each range the accelerator maps with " <name>", as QEMU does with " KVM". The
-    /// query runs with the context locked, so it must not lock the context itself.
-    pub fn set_accel_query(&mut self, name: &str, query: Option<AccelQuery>) {
-        self.accel = query.map(|q| (name.to_string(), q));
-    }
-
-    pub fn accel_query(&self) -> Option<crate::monitor::AccelHasMemory<'_>> {
-        self.accel
-            .as_ref()
-            .map(|(n, q)| (n.as_str(), q.as_ref() as &dyn Fn(u64, u64) -> bool))
-    }
-
-    /// Keeps `e` for a later `take_pending_error` unless an earlier error is still pending.
-    pub fn record_error(&mut self, e: Error) {
-        self.pending_error.get_or_insert(e);
-    }
-
-    /// The first error recorded since the last call, if any (`hm_memory_check`).
-    pub fn take_pending_error(&mut self) -> Option<Error> {
-        self.pending_error.take()
     }
 
     pub fn system_memory(&self) -> RegionId {
@@ -752,6 +716,7 @@ impl MemorySystem {
         let ram = region.and_then(|reg| match reg.kind {
             RegionKind::Ram { block } => self.ramblocks.get(block).map(|b| RamSection {
                 host_addr: b.host_ptr() as usize + r.offset_in_region as usize,
+                mapping: b.mapping.clone(),
                 block,
                 block_offset: r.offset_in_region,
                 page_size: b.page_size,

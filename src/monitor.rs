@@ -11,7 +11,11 @@ use std::fmt::Write;
 
 use crate::backend::MemdevInfo;
 use crate::error::{Error, HmErrorClass, Result};
+use crate::kvm::{KvmAccel, Slot};
+use crate::listener::HasMemory;
+use crate::machine::Machine;
 use crate::memory::MemorySystem;
+use crate::options::values::size_to_str;
 use crate::ramblock::RamBlockRegistry;
 use crate::region::{region_type, RegionId, RegionKind, RegionLookup};
 
@@ -21,45 +25,6 @@ fn last_offset(size: u128) -> u64 {
         0
     } else {
         (size - 1) as u64
-    }
-}
-
-/// QEMU's `size_to_str`: "4 KiB", "2 MiB", "1.5 GiB" (three significant digits, `%0.3g`).
-pub fn size_to_str(val: u64) -> String {
-    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
-    // Switch to the next unit once the value reaches 1000 of the current one, as QEMU does
-    // by scaling with 1024/1000 before taking the binary exponent.
-    let idx = if val == 0 {
-        0
-    } else {
-        let e = (val as f64 * 1.024).log2().floor() as i64;
-        (e.max(0) / 10).min(6) as usize
-    };
-    let v = val as f64 / (1u64 << (idx * 10)) as f64;
-    format!("{} {}B", fmt_g3(v), SUFFIXES[idx])
-}
-
-/// C's `%0.3g` for the values `size_to_str` produces (0 <= v < 1024).
-fn fmt_g3(v: f64) -> String {
-    if v == 0.0 {
-        return "0".to_string();
-    }
-    let digits = v.abs().log10().floor() as i32;
-    if digits >= 3 {
-        // %g switches to exponent form at 1000: "1e+03", "1.02e+03".
-        let m = v / 10f64.powi(digits);
-        let m = trim(format!("{m:.2}"));
-        return format!("{m}e+{digits:02}");
-    }
-    let decimals = (2 - digits).max(0) as usize;
-    trim(format!("{v:.decimals$}"))
-}
-
-fn trim(s: String) -> String {
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
     }
 }
 
@@ -80,12 +45,12 @@ fn owner_suffix(mem: &MemorySystem, id: RegionId) -> String {
 }
 
 /// Address-space groups as `info mtree` prints them: names sharing a root, sorted by name.
-fn as_groups(mem: &MemorySystem) -> Vec<(Vec<String>, RegionId)> {
+fn as_groups(mem: &MemorySystem, cpu_spaces: u32) -> Vec<(Vec<String>, RegionId)> {
     let mut groups: Vec<(Vec<String>, RegionId)> = Vec::new();
     for space in mem.address_spaces() {
         let mut names = vec![space.name.clone()];
         if space.root == mem.system_memory() {
-            names.extend((0..mem.cpu_address_spaces).map(|i| format!("cpu-memory-{i}")));
+            names.extend((0..cpu_spaces).map(|i| format!("cpu-memory-{i}")));
         }
         match groups.iter_mut().find(|g| g.1 == space.root) {
             Some(g) => g.0.extend(names),
@@ -166,15 +131,16 @@ impl TreePrinter<'_> {
     }
 }
 
-/// `info mtree` (tree form).
-pub fn info_mtree(mem: &MemorySystem, opts: MtreeOptions) -> String {
+/// `info mtree` (tree form). `cpu_spaces` is the number of "cpu-memory-N" address spaces listed
+/// beside "memory" (one per vCPU in QEMU, all sharing its root).
+pub fn info_mtree(mem: &MemorySystem, cpu_spaces: u32, opts: MtreeOptions) -> String {
     let mut p = TreePrinter {
         mem,
         opts,
         out: String::new(),
         alias_queue: Vec::new(),
     };
-    for (names, root) in as_groups(mem) {
+    for (names, root) in as_groups(mem, cpu_spaces) {
         for n in names {
             let _ = writeln!(p.out, "address-space: {n}");
         }
@@ -193,19 +159,17 @@ pub fn info_mtree(mem: &MemorySystem, opts: MtreeOptions) -> String {
     p.out
 }
 
-/// An accelerator for `info mtree -f`: its name and whether it maps a guest range of the
-/// "memory" address space (QEMU appends " KVM" to such ranges).
-pub type AccelHasMemory<'a> = (&'a str, &'a dyn Fn(u64, u64) -> bool);
-
 /// One FlatView of `info mtree -f`: its root, the (name, root) of each address space showing
 /// it, and the index of the first such space.
 type SharedView = (Option<RegionId>, Vec<(String, RegionId)>, usize);
 
-/// `info mtree -f`.
+/// `info mtree -f`. The accelerator, when there is one, is asked about each range of the
+/// "memory" view as it is printed (QEMU appends " KVM" to the ranges KVM maps).
 pub fn info_mtree_flat(
     mem: &MemorySystem,
+    cpu_spaces: u32,
     opts: MtreeOptions,
-    accel: Option<AccelHasMemory<'_>>,
+    accel: Option<&dyn HasMemory>,
 ) -> String {
     let mut out = String::new();
     // Spaces sharing a flat-view root share one FlatView, listed in creation order.
@@ -213,9 +177,7 @@ pub fn info_mtree_flat(
     for (i, space) in mem.address_spaces().iter().enumerate() {
         let mut names = vec![(space.name.clone(), space.root)];
         if space.root == mem.system_memory() {
-            names.extend(
-                (0..mem.cpu_address_spaces).map(|c| (format!("cpu-memory-{c}"), space.root)),
-            );
+            names.extend((0..cpu_spaces).map(|c| (format!("cpu-memory-{c}"), space.root)));
         }
         match views.iter_mut().find(|v| v.0 == space.view_root) {
             Some(v) => v.1.extend(names),
@@ -271,10 +233,10 @@ pub fn info_mtree_flat(
             if opts.owner {
                 out.push_str(&owner_suffix(mem, fr.region));
             }
-            if let Some((name, has)) = accel {
+            if let Some(accel) = accel {
                 let in_memory_as = spaces.iter().any(|(n, _)| n == "memory");
-                if in_memory_as && has(fr.addr, crate::region::size_to_u64(fr.size)) {
-                    let _ = write!(out, " {name}");
+                if in_memory_as && accel.has_memory(fr.addr, crate::region::size_to_u64(fr.size)) {
+                    let _ = write!(out, " {}", accel.accel_name());
                 }
             }
             out.push('\n');
@@ -383,7 +345,7 @@ fn parse_mtree_flags(args: &str) -> Result<MtreeOptions> {
 
 /// Answers an HMP command line about memory. Errors carry QEMU's monitor text: the message,
 /// then (for usage errors) the "Try \"help ...\"" line as the hint.
-pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
+pub fn hmp(machine: &Machine, cmdline: &str) -> Result<String> {
     let words: Vec<&str> = cmdline.split_whitespace().collect();
     let unknown = || {
         Error::new(
@@ -391,6 +353,7 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
             format!("unknown command: '{}'", words.join(" ")),
         )
     };
+    let mem = machine.memory();
     match words.as_slice() {
         [] => Ok(String::new()),
         ["info"] => Ok(INFO_HELP.to_string()),
@@ -401,8 +364,8 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
                     "memslots: extraneous characters at the end of line".to_string(),
                 ));
             }
-            match &ctx.kvm {
-                Some(kvm) => Ok(kvm.info_memslots(Some(&ctx.memory.ramblocks))),
+            match machine.kvm() {
+                Some(kvm) => Ok(info_memslots(kvm, Some(&mem.ramblocks))),
                 // The accelerator is not KVM: say so rather than print an empty table.
                 None => Err(Error::new(
                     HmErrorClass::Unsupported,
@@ -414,10 +377,12 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
             let rest = cmdline.trim_start();
             let rest = rest["info".len()..].trim_start();
             let opts = parse_mtree_flags(&rest["mtree".len()..])?;
+            let cpus = machine.cpu_address_spaces();
             Ok(if opts.flat {
-                info_mtree_flat(&ctx.memory, opts, ctx.memory.accel_query())
+                let accel = machine.kvm().map(|k| k as &dyn HasMemory);
+                info_mtree_flat(mem, cpus, opts, accel)
             } else {
-                info_mtree(&ctx.memory, opts)
+                info_mtree(mem, cpus, opts)
             })
         }
         ["info", cmd @ ("ramblock" | "memdev"), rest @ ..] => {
@@ -428,19 +393,78 @@ pub fn hmp(ctx: &mut crate::context::Context, cmdline: &str) -> Result<String> {
                 ));
             }
             if *cmd == "ramblock" {
-                return Ok(info_ramblock(&ctx.memory.ramblocks));
+                return Ok(info_ramblock(&mem.ramblocks));
             }
-            let list: Vec<MemdevInfo> = ctx
-                .objects
+            let objects = machine.objects();
+            let list: Vec<MemdevInfo> = objects
                 .ids()
                 .iter()
-                .filter_map(|id| ctx.objects.get(id))
+                .filter_map(|id| objects.get(id))
                 .map(|e| e.backend.memdev_info())
                 .collect();
             Ok(info_memdev(&list))
         }
         _ => Err(unknown()),
     }
+}
+
+/// The text of hostmem's own HMP `info memslots`: a summary line, a column header and one row
+/// per slot. RAMBlock names come from `ramblocks` when given (unnamed blocks show the region).
+pub fn info_memslots(kvm: &KvmAccel, ramblocks: Option<&RamBlockRegistry>) -> String {
+    format_memslots(
+        &kvm.slots(),
+        kvm.nr_slots(),
+        kvm.effective_max_slot_size(),
+        kvm.dirty_logging(),
+        &|s: &Slot| {
+            ramblocks
+                .and_then(|r| r.get(s.block))
+                .map(|b| b.idstr.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| s.region_name.clone())
+        },
+    )
+}
+
+/// The `info memslots` table of `slots`, each named by `name`.
+pub fn format_memslots(
+    slots: &[Slot],
+    nr_slots: u32,
+    max_slot_size: u64,
+    dirty_logging: bool,
+    name: &dyn Fn(&Slot) -> String,
+) -> String {
+    let mut out = format!(
+        "KVM memslots: {} used of {nr_slots}, max slot size 0x{max_slot_size:x}, dirty logging {}\n",
+        slots.len(),
+        if dirty_logging { "on" } else { "off" }
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:<37} {:<18} {:<18} {:<6} RAMBlock@offset",
+        "slot", "GPA", "size", "HVA", "flags"
+    );
+    for s in slots {
+        let flags = if s.readonly {
+            "ro"
+        } else if s.logs_dirty_pages() {
+            "rw,log"
+        } else {
+            "rw"
+        };
+        let _ = writeln!(
+            out,
+            "{:>4} 0x{:016x}-0x{:016x} 0x{:016x} 0x{:016x} {flags:<6} {}@0x{:x}",
+            s.slot,
+            s.gpa,
+            s.gpa + (s.size - 1),
+            s.size,
+            s.hva,
+            name(s),
+            s.block_offset
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -481,7 +505,6 @@ mod tests {
 
     fn machine_none(ram_mib: u64) -> MemorySystem {
         let mut m = MemorySystem::new();
-        m.cpu_address_spaces = 0;
         let ram = m.new_ram_anonymous("ram", ram_mib << 20).unwrap();
         m.set_owner(ram, Some("/objects/ram")).unwrap();
         m.vmstate_register_ram(ram, None).unwrap();
@@ -493,12 +516,12 @@ mod tests {
     fn mtree_of_machine_none_matches_qemu() {
         let m = machine_none(64);
         let opts = MtreeOptions::default();
-        assert_eq!(info_mtree(&m, opts), qemu!("none-m64M.mtree.txt"));
+        assert_eq!(info_mtree(&m, 0, opts), qemu!("none-m64M.mtree.txt"));
         let owners = MtreeOptions {
             owner: true,
             ..opts
         };
-        assert_eq!(info_mtree(&m, owners), qemu!("none-m64M.mtree-o.txt"));
+        assert_eq!(info_mtree(&m, 0, owners), qemu!("none-m64M.mtree-o.txt"));
     }
 
     #[test]
@@ -510,7 +533,7 @@ mod tests {
         };
         // QEMU's FlatView order is hash order; hostmem's fixed order is one QEMU produced.
         assert_eq!(
-            info_mtree_flat(&m, opts, None),
+            info_mtree_flat(&m, 0, opts, None),
             qemu!("none-m64M.mtree-f.txt")
         );
     }
@@ -521,11 +544,11 @@ mod tests {
         let mut m = MemorySystem::new();
         let ram = m.new_ram_anonymous("s390.ram", 64 << 20).unwrap();
         m.add_subregion(m.system_memory(), 0, ram, None).unwrap();
-        let tree = info_mtree(&m, MtreeOptions::default());
+        let tree = info_mtree(&m, 1, MtreeOptions::default());
         let expected =
             block(dump, "address-space: I/O") + &block(dump, "address-space: cpu-memory-0");
         assert_eq!(tree, expected);
-        let flat = info_mtree_flat(&m, MtreeOptions::default(), None);
+        let flat = info_mtree_flat(&m, 1, MtreeOptions::default(), None);
         // Same views, QEMU happened to number them the other way round.
         let mem_view = block(dump, "FlatView #0").replace("FlatView #0", "FlatView #1");
         let io_view = block(dump, "FlatView #1").replace("FlatView #1", "FlatView #0");
@@ -671,9 +694,12 @@ mod tests {
     /// two FlatViews (renumbered: QEMU also has cpu-smm-0, smram and PCI bus-master spaces).
     fn check_pc_like(dump: &str) {
         let m = rebuild_pc_like(dump);
-        assert_eq!(info_mtree(&m, MtreeOptions::default()), pc_like_tree(dump));
         assert_eq!(
-            info_mtree_flat(&m, MtreeOptions::default(), None),
+            info_mtree(&m, 1, MtreeOptions::default()),
+            pc_like_tree(dump)
+        );
+        assert_eq!(
+            info_mtree_flat(&m, 1, MtreeOptions::default(), None),
             pc_like_flat(dump)
         );
     }
@@ -732,11 +758,14 @@ mod tests {
             disabled: true,
             ..Default::default()
         };
-        assert_eq!(info_mtree(&m, with_d), pc_like_tree(dump_d));
+        assert_eq!(info_mtree(&m, 1, with_d), pc_like_tree(dump_d));
         // The same tree without -D hides the disabled lines exactly as QEMU did.
-        assert_eq!(info_mtree(&m, MtreeOptions::default()), pc_like_tree(dump));
         assert_eq!(
-            info_mtree_flat(&m, MtreeOptions::default(), None),
+            info_mtree(&m, 1, MtreeOptions::default()),
+            pc_like_tree(dump)
+        );
+        assert_eq!(
+            info_mtree_flat(&m, 1, MtreeOptions::default(), None),
             pc_like_flat(dump)
         );
     }
@@ -751,8 +780,7 @@ mod tests {
         m.set_enabled(smram, false).unwrap();
         m.add_subregion(m.system_memory(), 0, smram, Some(1))
             .unwrap();
-        m.cpu_address_spaces = 0;
-        let plain = info_mtree(&m, MtreeOptions::default());
+        let plain = info_mtree(&m, 0, MtreeOptions::default());
         // As in QEMU's pc dump: the disabled container's line is gone, its child is not.
         assert!(plain.contains(
             "\n      00000000000a0000-00000000000bffff (prio 0, ram): alias smram-low @pc.ram \
@@ -761,6 +789,7 @@ mod tests {
         assert!(!plain.contains("): smram\n"));
         let all = info_mtree(
             &m,
+            0,
             MtreeOptions {
                 disabled: true,
                 ..Default::default()
@@ -777,9 +806,8 @@ mod tests {
     #[test]
     fn empty_view_says_so_and_kvm_marks_ranges() {
         let mut m = MemorySystem::new();
-        m.cpu_address_spaces = 0;
         let opts = MtreeOptions::default();
-        let flat = info_mtree_flat(&m, opts, None);
+        let flat = info_mtree_flat(&m, 0, opts, None);
         assert!(flat.ends_with(
             "FlatView #1\n AS \"memory\", root: system\n Root memory region: (none)\n  No \
              rendered FlatView\n\n"
@@ -790,8 +818,16 @@ mod tests {
         m.add_subregion(m.system_memory(), 0, ram, None).unwrap();
         m.add_subregion(m.system_memory(), 1 << 20, rom, None)
             .unwrap();
-        m.set_accel_query("KVM", Some(Box::new(|gpa: u64, _size: u64| gpa == 0)));
-        let flat = info_mtree_flat(&m, opts, m.accel_query());
+        struct MapsFirstMiB;
+        impl HasMemory for MapsFirstMiB {
+            fn accel_name(&self) -> &str {
+                "KVM"
+            }
+            fn has_memory(&self, gpa: u64, _size: u64) -> bool {
+                gpa == 0
+            }
+        }
+        let flat = info_mtree_flat(&m, 0, opts, Some(&MapsFirstMiB));
         assert!(flat.contains("  0000000000000000-00000000000fffff (prio 0, ram): ram KVM\n"));
         assert!(flat.contains("  0000000000100000-000000000010ffff (prio 0, rom): rom\n"));
         assert!(flat.contains(" Root memory region: system\n"));
@@ -834,20 +870,6 @@ mod tests {
         assert_eq!(mask_hva(&info_ramblock(&reg)), mask_hva(&expected));
     }
 
-    #[test]
-    fn size_to_str_matches_qemu() {
-        assert_eq!(size_to_str(4096), "4 KiB");
-        assert_eq!(size_to_str(2 << 20), "2 MiB");
-        assert_eq!(size_to_str(1 << 30), "1 GiB");
-        assert_eq!(size_to_str(32 << 20), "32 MiB");
-        assert_eq!(size_to_str(3 << 29), "1.5 GiB");
-        assert_eq!(size_to_str(512), "512 B");
-        assert_eq!(size_to_str(0), "0 B");
-        // 1000..1023 of a unit switches to the next one, as QEMU's 1024/1000 scaling does.
-        assert_eq!(size_to_str(1000 << 10), "0.977 MiB");
-        assert_eq!(size_to_str(999), "999 B");
-    }
-
     fn memdev(id: &str, size: u64) -> MemdevInfo {
         MemdevInfo {
             id: id.to_string(),
@@ -876,6 +898,46 @@ mod tests {
         assert!(text.contains("  policy: bind\n  host nodes: 0-1,3\n\n"));
     }
 
+    fn slot(n: u32, gpa: u64, size: u64, flags: u32, readonly: bool) -> Slot {
+        Slot {
+            slot: n,
+            gpa,
+            size,
+            hva: 0x7f00_0000_0000 + gpa,
+            flags,
+            block: crate::ramblock::RamBlockId(0),
+            block_offset: gpa,
+            region_name: "pc.ram".into(),
+            readonly,
+            mapping: std::sync::Arc::new(
+                crate::hostmap::map_anonymous("fake", 4096, false, true).unwrap(),
+            ),
+        }
+    }
+
+    #[test]
+    fn info_memslots_has_a_summary_a_header_and_one_row_per_slot() {
+        let text = format_memslots(
+            &[
+                slot(0, 0, 0xc000_0000, 0, false),
+                slot(1, 0x1_0000_0000, 0xc000_0000, 1, false),
+                slot(2, 0xfffc_0000, 0x4_0000, 2, true),
+            ],
+            32764,
+            0x7ff_ffff_f000,
+            true,
+            &|s| s.region_name.clone(),
+        );
+        let expected = "\
+KVM memslots: 3 used of 32764, max slot size 0x7fffffff000, dirty logging on
+slot GPA                                   size               HVA                flags  RAMBlock@offset
+   0 0x0000000000000000-0x00000000bfffffff 0x00000000c0000000 0x00007f0000000000 rw     pc.ram@0x0
+   1 0x0000000100000000-0x00000001bfffffff 0x00000000c0000000 0x00007f0100000000 rw,log pc.ram@0x100000000
+   2 0x00000000fffc0000-0x00000000ffffffff 0x0000000000040000 0x00007f00fffc0000 ro     pc.ram@0xfffc0000
+";
+        assert_eq!(text, expected);
+    }
+
     #[test]
     fn mtree_flags_follow_qemus_parser() {
         let ok = |s: &str| parse_mtree_flags(s).unwrap();
@@ -902,36 +964,32 @@ mod tests {
 
     #[test]
     fn hmp_dispatches_and_answers_unknown_commands_like_qemu() {
-        let id = crate::context::create();
-        let out = crate::context::with(id, |ctx| {
-            let ram = ctx.memory.new_ram_anonymous("ram", 64 << 20)?;
-            ctx.memory.set_owner(ram, Some("/objects/ram"))?;
-            ctx.memory
-                .add_subregion(ctx.memory.system_memory(), 0, ram, None)?;
-            ctx.memory.cpu_address_spaces = 0;
-            let tree = hmp(ctx, "info mtree")?;
-            let flat = hmp(ctx, "  info   mtree -f")?;
-            let owners = hmp(ctx, "info mtree -o")?;
-            let blocks = hmp(ctx, "info ramblock")?;
-            let help = hmp(ctx, "info")?;
-            let errors: Vec<(String, Option<String>)> = [
-                "info foo",
-                "foo",
-                "info ramblock extra",
-                "info memdev x",
-                "info mtree -o -f",
-            ]
-            .iter()
-            .map(|c| {
-                let e = hmp(ctx, c).unwrap_err();
-                (e.message().to_string(), e.hint().map(str::to_string))
-            })
-            .collect();
-            Ok((tree, flat, owners, blocks, help, errors))
+        let mut machine = Machine::new();
+        machine.set_cpu_address_spaces(0);
+        let mem = machine.memory_mut();
+        let ram = mem.new_ram_anonymous("ram", 64 << 20).unwrap();
+        mem.set_owner(ram, Some("/objects/ram")).unwrap();
+        mem.add_subregion(mem.system_memory(), 0, ram, None)
+            .unwrap();
+        let machine = &machine;
+        let tree = hmp(machine, "info mtree").unwrap();
+        let flat = hmp(machine, "  info   mtree -f").unwrap();
+        let owners = hmp(machine, "info mtree -o").unwrap();
+        let blocks = hmp(machine, "info ramblock").unwrap();
+        let help = hmp(machine, "info").unwrap();
+        let errors: Vec<(String, Option<String>)> = [
+            "info foo",
+            "foo",
+            "info ramblock extra",
+            "info memdev x",
+            "info mtree -o -f",
+        ]
+        .iter()
+        .map(|c| {
+            let e = hmp(machine, c).unwrap_err();
+            (e.message().to_string(), e.hint().map(str::to_string))
         })
-        .unwrap();
-        crate::context::destroy(id).unwrap();
-        let (tree, flat, owners, blocks, help, errors) = out;
+        .collect();
         assert_eq!(tree, qemu!("none-m64M.mtree.txt"));
         assert_eq!(flat, qemu!("none-m64M.mtree-f.txt"));
         assert_eq!(owners, qemu!("none-m64M.mtree-o.txt"));

@@ -1,18 +1,19 @@
-//! The KVM C API (src/ffi/kvm.rs) as a C caller uses it, on the process-wide current context:
-//! alone in its own test binary so no other test changes the current context under it.
+//! The KVM C API (src/ffi/kvm.rs) as a C caller uses it, on the process-wide current machine:
+//! alone in its own test binary so no other test changes the current machine under it.
 
 use std::ptr::null_mut;
 
-use hostmem::context;
 use hostmem::error::Error;
 use hostmem::ffi::kvm::*;
+use hostmem::machine::Machine;
+use hostmem::registry;
 
-/// Runs `f` in a fresh current context, restoring nothing: each test makes its own.
-fn in_new_context(f: impl FnOnce()) {
-    let id = context::create();
-    context::set_current(id).unwrap();
+/// Runs `f` on a fresh current machine, restoring nothing: each test makes its own.
+fn in_new_machine(f: impl FnOnce()) {
+    let id = registry::insert(Machine::new());
+    registry::set_current(id).unwrap();
     f();
-    context::destroy(id).unwrap();
+    registry::remove(id).unwrap();
 }
 
 fn kvm_present() -> bool {
@@ -38,13 +39,13 @@ fn take_message(err: *mut Error) -> String {
     }
 }
 
-// These tests share the process-wide "current context": one test does it all in sequence.
+// These tests share the process-wide "current machine": one test does it all in sequence.
 #[test]
 fn the_c_api_attaches_lists_slots_checks_the_guest_and_tracks_dirty_pages() {
     if !kvm_present() {
         return;
     }
-    in_new_context(|| {
+    in_new_machine(|| {
         // Before attaching: well-defined answers, no crash.
         assert!(!hm_kvm_enabled());
         assert_eq!(hm_kvm_vm_fd(), -1);
@@ -63,11 +64,13 @@ fn the_c_api_attaches_lists_slots_checks_the_guest_and_tracks_dirty_pages() {
         unsafe { hostmem::ffi::hm_free(text.cast()) };
         assert_eq!(s, "KVM is not attached to this machine\n");
 
-        context::with_current(|c| {
-            let ram = c.memory.new_ram_anonymous("pc.ram", 3 << 30).unwrap();
-            let sys = c.memory.system_memory();
-            c.memory.add_subregion(sys, 0, ram, None).unwrap();
-        });
+        registry::with_current(|_, m| {
+            let mem = m.memory_mut();
+            let ram = mem.new_ram_anonymous("pc.ram", 3 << 30)?;
+            let sys = mem.system_memory();
+            mem.add_subregion(sys, 0, ram, None)
+        })
+        .unwrap();
         let mut err = null_mut();
         assert!(!hm_kvm_attach(4097, &mut err));
         assert!(take_message(err).contains("must be a multiple of the host page size"));

@@ -6,7 +6,8 @@
 
 mod kvm_support;
 
-use hostmem::kvm::{signature, GuestOp, KvmHandle};
+use hostmem::kvm::{signature, GuestOp, KvmAccel};
+use hostmem::machine::Machine;
 use hostmem::memory::MemorySystem;
 use hostmem::region::RegionId;
 use kvm_support::*;
@@ -33,7 +34,7 @@ fn pc(size: u64, below: u64) -> Pc {
 }
 
 impl Pc {
-    fn attach(&mut self, kvm: &KvmHandle) {
+    fn attach(&mut self, kvm: &KvmAccel) {
         self.mem.add_listener(Box::new(kvm.listener())).unwrap();
     }
 
@@ -73,7 +74,7 @@ fn pc_6g_with_1g_slots_the_guest_writes_into_every_slot_and_the_host_sees_it() {
             (6 * GIB, GIB, 5 * GIB),
         ]
     );
-    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    let check = kvm.run_guest_check(&pc.mem.ramblocks).unwrap();
     assert_eq!((check.slots, check.signatures), (6, 12));
     assert_eq!(check.bytes_verified, 96);
     // Every slot's first and last word, seen through pc.ram's pointer: GPA g lives at offset g
@@ -94,7 +95,7 @@ fn pc_6g_at_the_kernel_limit_is_one_slot_per_alias_and_the_guest_check_passes() 
     let slots = kvm.slots();
     assert_eq!(slots.len(), 2);
     assert_eq!((slots[1].gpa, slots[1].size), (4 * GIB, 3 * GIB));
-    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    let check = kvm.run_guest_check(&pc.mem.ramblocks).unwrap();
     assert_eq!((check.slots, check.signatures), (2, 4));
     assert_eq!(pc.ram_u64(6 * GIB - 8), signature(7 * GIB - 8));
     // Guest writes on both sides of every 512 MiB boundary above 4 GiB.
@@ -115,35 +116,31 @@ fn pc_6g_at_the_kernel_limit_is_one_slot_per_alias_and_the_guest_check_passes() 
 }
 
 #[test]
-fn attaching_through_a_context_replays_the_layout_and_info_memslots_shows_it() {
+fn attaching_to_a_machine_replays_the_layout_and_info_memslots_shows_it() {
     if !kvm_usable() {
         return;
     }
-    let id = hostmem::context::create();
-    let (text, nr) = hostmem::context::with(id, |ctx| {
-        let ram = ctx.memory.new_ram_anonymous("pc.ram", 2 * GIB)?;
-        let sys = ctx.memory.system_memory();
-        ctx.memory.add_subregion(sys, 0, ram, None)?;
-        ctx.memory.vmstate_register_ram(ram, None)?;
-        KvmHandle::attach(ctx, GIB)?;
-        let again = KvmHandle::attach(ctx, 0).unwrap_err();
-        assert_eq!(again.message(), "KVM is already attached to this machine");
-        // `info mtree -f` marks the ranges KVM maps, as QEMU does.
-        let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
-        assert!(
-            flat.contains("  0000000000000000-000000007fffffff (prio 0, ram): pc.ram KVM\n"),
-            "{flat}"
-        );
-        let kvm = ctx.kvm.as_ref().unwrap();
-        assert_eq!(kvm.slots().len(), 2);
-        let check = kvm.run_guest_check(&ctx.memory)?;
-        assert_eq!(check.signatures, 4);
-        Ok((
-            kvm.info_memslots(Some(&ctx.memory.ramblocks)),
-            kvm.nr_slots(),
-        ))
-    })
-    .unwrap();
+    let mut machine = Machine::new();
+    let mem = machine.memory_mut();
+    let ram = mem.new_ram_anonymous("pc.ram", 2 * GIB).unwrap();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    mem.vmstate_register_ram(ram, None).unwrap();
+    machine.attach_kvm(GIB).unwrap();
+    let again = machine.attach_kvm(0).unwrap_err();
+    assert_eq!(again.message(), "KVM is already attached to this machine");
+    // `info mtree -f` marks the ranges KVM maps, as QEMU does.
+    let flat = hostmem::monitor::hmp(&machine, "info mtree -f").unwrap();
+    assert!(
+        flat.contains("  0000000000000000-000000007fffffff (prio 0, ram): pc.ram KVM\n"),
+        "{flat}"
+    );
+    let kvm = machine.kvm().unwrap();
+    assert_eq!(kvm.slots().len(), 2);
+    let check = kvm.run_guest_check(&machine.memory().ramblocks).unwrap();
+    assert_eq!(check.signatures, 4);
+    let text = hostmem::monitor::hmp(&machine, "info memslots").unwrap();
+    let nr = kvm.nr_slots();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[0],
@@ -159,7 +156,6 @@ fn attaching_through_a_context_replays_the_layout_and_info_memslots_shows_it() {
         lines[3]
     );
     assert_eq!(lines.len(), 4);
-    hostmem::context::destroy(id).unwrap();
 }
 
 #[test]
@@ -228,7 +224,7 @@ fn shrinking_an_alias_removes_the_slot_beyond_its_new_end() {
             value: 1
         }])
         .is_err());
-    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    let check = kvm.run_guest_check(&pc.mem.ramblocks).unwrap();
     assert_eq!(check.slots, 5);
 }
 
@@ -357,7 +353,7 @@ fn a_read_only_region_is_a_read_only_slot_the_guest_can_read_but_not_write() {
     );
     assert_eq!(read_u64(&rom_mem, 0x3fff0), 0xf4f4_f4f4_0000_ea5e);
     // The guest check leaves read-only slots alone.
-    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    let check = kvm.run_guest_check(&pc.mem.ramblocks).unwrap();
     assert_eq!((check.slots, check.signatures), (1, 2));
 }
 
@@ -366,26 +362,25 @@ fn detaching_unregisters_the_listener_and_drops_the_vm() {
     if !kvm_usable() {
         return;
     }
-    let id = hostmem::context::create();
-    hostmem::context::with(id, |ctx| {
-        let ram = ctx.memory.new_ram_anonymous("pc.ram", GIB)?;
-        let sys = ctx.memory.system_memory();
-        ctx.memory.add_subregion(sys, 0, ram, None)?;
-        KvmHandle::attach(ctx, 256 * MIB)?;
-        assert_eq!(ctx.memory.listener_names(), vec!["kvm-memory".to_string()]);
-        KvmHandle::detach(ctx)?;
-        assert!(ctx.kvm.is_none());
-        let flat = hostmem::monitor::hmp(ctx, "info mtree -f")?;
-        assert!(!flat.contains(" KVM"), "{flat}");
-        assert!(ctx.memory.listener_names().is_empty());
-        assert_eq!(
-            KvmHandle::detach(ctx).unwrap_err().message(),
-            "KVM is not attached to this machine"
-        );
-        Ok(())
-    })
-    .unwrap();
-    hostmem::context::destroy(id).unwrap();
+    let mut machine = Machine::new();
+    let mem = machine.memory_mut();
+    let ram = mem.new_ram_anonymous("pc.ram", GIB).unwrap();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    machine.attach_kvm(256 * MIB).unwrap();
+    assert_eq!(
+        machine.memory().listener_names(),
+        vec!["kvm-memory".to_string()]
+    );
+    machine.detach_kvm().unwrap();
+    assert!(machine.kvm().is_none());
+    let flat = hostmem::monitor::hmp(&machine, "info mtree -f").unwrap();
+    assert!(!flat.contains(" KVM"), "{flat}");
+    assert!(machine.memory().listener_names().is_empty());
+    assert_eq!(
+        machine.detach_kvm().unwrap_err().message(),
+        "KVM is not attached to this machine"
+    );
 }
 
 /// Polls pc.ram's word at `offset` until it holds `want` (the running guest wrote it).
@@ -459,7 +454,7 @@ fn the_payload_vcpu_leaves_vcpu_0_to_the_vmm() {
         "KVM_CREATE_VCPU 0: {}",
         std::io::Error::last_os_error()
     );
-    let check = kvm.run_guest_check(&pc.mem).unwrap();
+    let check = kvm.run_guest_check(&pc.mem.ramblocks).unwrap();
     assert_eq!(check.slots, 1);
     // SAFETY: the vCPU fd from above, closed once.
     unsafe { libc::close(vcpu0) };

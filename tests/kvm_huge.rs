@@ -88,7 +88,7 @@ fn a_guest_above_8_tib_is_split_at_the_limit_and_writes_land_in_its_one_mapping(
         let v = unsafe { std::ptr::read_unaligned((host + gpa) as *const u64) };
         assert_eq!(v, !gpa, "gpa 0x{gpa:x}");
     }
-    let check = kvm.run_guest_check(&mem).unwrap();
+    let check = kvm.run_guest_check(&mem.ramblocks).unwrap();
     assert_eq!((check.slots, check.signatures), (2, 4));
 
     // Taking the region out removes both slots (the same walk as adding them).

@@ -50,7 +50,7 @@ fn hugetlbfs_guest_gets_slots_on_huge_page_boundaries_and_passes_the_check() {
         assert_eq!((s.gpa, s.size), (i as u64 * 2 * MIB, 2 * MIB));
         assert_eq!(s.hva, mapping.as_ptr() as u64 + s.gpa);
     }
-    let check = kvm.run_guest_check(&mem).unwrap();
+    let check = kvm.run_guest_check(&mem.ramblocks).unwrap();
     assert_eq!((check.slots, check.signatures), (8, 16));
     assert_eq!(
         read_u64(&mapping, 16 * MIB - 8),

@@ -12,7 +12,7 @@ fn ram(
     name: &str,
     gpa: u64,
     size: u64,
-    m: &hostmem::hostmap::HostMapping,
+    m: &std::sync::Arc<hostmem::hostmap::HostMapping>,
     offset: u64,
 ) -> MemorySection {
     MemorySection {
@@ -21,6 +21,7 @@ fn ram(
         region_name: name.into(),
         ram: Some(RamSection {
             host_addr: m.as_ptr() as usize + offset as usize,
+            mapping: m.clone(),
             block: RamBlockId(0),
             block_offset: offset,
             page_size: 4096,
@@ -46,7 +47,7 @@ fn kernel_refusals_and_bad_slot_sizes_are_errors_not_aborts() {
     );
     assert_eq!(e.class(), hostmem::HmErrorClass::Kvm);
     assert_eq!(kvm.slots().len(), 1);
-    let e = hostmem::kvm::KvmHandle::open(GIB + 1).err().unwrap();
+    let e = hostmem::kvm::KvmAccel::open(GIB + 1).err().unwrap();
     assert!(
         e.message()
             .contains("must be a multiple of the host page size"),

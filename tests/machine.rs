@@ -1,8 +1,8 @@
-//! The generic machine's RAM rules, end to end through a context: which backend becomes
-//! `machine->ram`, how it is named in the RAMBlock list, and every refusal with QEMU's words.
+//! The generic machine's RAM rules, end to end on a `Machine` (no C, no registry): which
+//! backend becomes `machine->ram`, how it is named in the RAMBlock list, and every refusal with
+//! QEMU's words.
 
-use hostmem::context;
-use hostmem::machine::{self, BoardInfo};
+use hostmem::machine::{BoardInfo, Machine};
 use hostmem::options::cmdline::Cmdline;
 use hostmem::Result;
 
@@ -14,6 +14,8 @@ fn pc() -> BoardInfo {
         default_ram_id: Some("pc.ram".into()),
         numa_mem_supported: false,
         numa_supported: true,
+        no_cpus_by_default: false,
+        is_default: false,
     }
 }
 
@@ -25,6 +27,8 @@ fn legacy_board() -> BoardInfo {
         default_ram_id: None,
         numa_mem_supported: false,
         numa_supported: true,
+        no_cpus_by_default: false,
+        is_default: false,
     }
 }
 
@@ -32,29 +36,28 @@ fn legacy_board() -> BoardInfo {
 /// order, backend ids).
 type Outcome = (Option<String>, u64, Vec<String>, Vec<String>);
 
-/// Configures a machine on a fresh context and returns its outcome, then drops the context.
+/// Builds a machine from `args` and returns its outcome.
 fn configure(board: &BoardInfo, args: &str) -> Result<Outcome> {
     let args: Vec<&str> = args.split_whitespace().collect();
-    let cmd = Cmdline::parse(&args)?;
-    let id = context::create();
-    let result = context::with(id, |ctx| {
-        machine::configure(ctx, &cmd, board)?;
-        let m = ctx.machine.as_ref().unwrap();
-        let ram_name = match m.ram {
-            Some(r) => Some(ctx.memory.region_name(r)?.to_string()),
-            None => None,
-        };
-        let blocks = ctx
-            .memory
-            .ramblocks
-            .ids()
-            .into_iter()
-            .map(|b| ctx.memory.ramblocks.get(b).unwrap().idstr.clone())
-            .collect();
-        Ok((ram_name, m.ram_size, blocks, ctx.objects.ids()))
-    });
-    context::destroy(id).unwrap();
-    result
+    let m = Machine::from_cmdline(&Cmdline::parse(&args)?, board)?;
+    let config = m.config().unwrap();
+    let mem = m.memory();
+    let ram_name = match config.ram {
+        Some(r) => Some(mem.region_name(r)?.to_string()),
+        None => None,
+    };
+    let blocks = mem
+        .ramblocks
+        .ids()
+        .into_iter()
+        .map(|b| mem.ramblocks.get(b).unwrap().idstr.clone())
+        .collect();
+    Ok((ram_name, config.ram_size, blocks, m.objects().ids()))
+}
+
+/// A machine built from `args`, which must be valid.
+fn machine(board: &BoardInfo, args: &[&str]) -> Machine {
+    Machine::from_cmdline(&Cmdline::parse(args).unwrap(), board).unwrap()
 }
 
 fn error(board: &BoardInfo, args: &str) -> String {
@@ -107,15 +110,11 @@ fn unused_backends_have_unnamed_ramblocks() {
 #[test]
 fn mem_path_makes_the_implicit_backend_a_file_backend() {
     let dir = std::env::temp_dir();
-    let args = format!("-m 16M -mem-path {}", dir.display());
-    let id = context::create();
-    let cmd = Cmdline::parse(&args.split_whitespace().collect::<Vec<_>>()).unwrap();
-    let ty = context::with(id, |ctx| {
-        machine::configure(ctx, &cmd, &pc())?;
-        ctx.objects.get("pc.ram").unwrap().backend.get("mem-path")
-    });
-    context::destroy(id).unwrap();
-    assert_eq!(ty.unwrap(), dir.display().to_string());
+    let dir = dir.display().to_string();
+    let m = machine(&pc(), &["-m", "16M", "-mem-path", &dir]);
+    let backend = &m.objects().get("pc.ram").unwrap().backend;
+    assert_eq!(backend.type_name(), "memory-backend-file");
+    assert_eq!(backend.get("mem-path").unwrap(), dir);
 }
 
 #[test]
@@ -260,41 +259,30 @@ fn a_backend_used_twice_is_refused() {
 
 #[test]
 fn mem_prealloc_is_a_default_for_every_backend() {
-    let id = context::create();
-    let cmd = Cmdline::parse(&[
-        "-m",
-        "8M",
-        "-mem-prealloc",
-        "-object",
-        "memory-backend-ram,id=x,size=4M",
-    ])
-    .unwrap();
-    let got = context::with(id, |ctx| {
-        machine::configure(ctx, &cmd, &pc())?;
-        Ok((
-            ctx.objects.get("pc.ram").unwrap().backend.get("prealloc")?,
-            ctx.objects.get("x").unwrap().backend.get("prealloc")?,
-        ))
-    });
-    context::destroy(id).unwrap();
-    let (main, other) = got.unwrap();
+    let m = machine(
+        &pc(),
+        &[
+            "-m",
+            "8M",
+            "-mem-prealloc",
+            "-object",
+            "memory-backend-ram,id=x,size=4M",
+        ],
+    );
+    let prealloc = |id: &str| m.objects().get(id).unwrap().backend.get("prealloc");
+    let (main, other) = (prealloc("pc.ram").unwrap(), prealloc("x").unwrap());
     assert_eq!((main.as_str(), other.as_str()), ("on", "on"));
 }
 
 #[test]
 fn legacy_allocation_works_once_and_refuses_a_second_call() {
-    let id = context::create();
-    let cmd = Cmdline::parse(&["-m", "16M"]).unwrap();
-    let got = context::with(id, |ctx| {
-        machine::configure(ctx, &cmd, &legacy_board())?;
-        let r = machine::allocate_system_memory(ctx, "legacy.ram", 16 << 20)?;
-        let block = ctx.memory.ram_block_of(r).unwrap();
-        let idstr = ctx.memory.ramblocks.get(block).unwrap().idstr.clone();
-        let second = machine::allocate_system_memory(ctx, "legacy.ram2", 16 << 20).unwrap_err();
-        Ok((idstr, second))
-    });
-    context::destroy(id).unwrap();
-    let (idstr, second) = got.unwrap();
+    let mut m = machine(&legacy_board(), &["-m", "16M"]);
+    let r = m.allocate_system_memory("legacy.ram", 16 << 20).unwrap();
+    let block = m.memory().ram_block_of(r).unwrap();
+    let idstr = m.memory().ramblocks.get(block).unwrap().idstr.clone();
+    let second = m
+        .allocate_system_memory("legacy.ram2", 16 << 20)
+        .unwrap_err();
     assert_eq!(idstr, "legacy.ram");
     assert!(
         second.message().contains("called twice"),
@@ -306,12 +294,11 @@ fn legacy_allocation_works_once_and_refuses_a_second_call() {
 
 #[test]
 fn failed_configuration_leaves_no_backend_behind() {
-    let id = context::create();
     let cmd = Cmdline::parse(&["-m", "64M", "-mem-path", "/nonexistent/x"]).unwrap();
-    let left = context::with(id, |ctx| {
-        assert!(machine::configure(ctx, &cmd, &pc()).is_err());
-        Ok((ctx.objects.ids(), ctx.memory.ramblocks.ids().len()))
-    });
-    context::destroy(id).unwrap();
-    assert_eq!(left.unwrap(), (Vec::<String>::new(), 0));
+    let mut m = Machine::new();
+    assert!(m.configure(&cmd, &pc()).is_err());
+    assert_eq!(
+        (m.objects().ids(), m.memory().ramblocks.ids().len()),
+        (Vec::<String>::new(), 0)
+    );
 }

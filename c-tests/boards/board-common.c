@@ -1,22 +1,11 @@
 #define _GNU_SOURCE
-/* Helpers every board file uses: registration of all boards, state, fatal errors. */
+/* Helpers every board file uses: board state, the cleanup hook, fatal errors. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "boards.h"
-
-bool boards_register_all(Error **errp)
-{
-    return pc_i440fx_machine_register(errp) &&
-           pc_q35_machine_register(errp) &&
-           s390_ccw_machine_register(errp) &&
-           none_machine_register(errp) &&
-           sx1_machine_register(errp) &&
-           legacy_machine_register(errp) &&
-           microbit_machine_register(errp);
-}
 
 void board_machine_free(MachineState *ms)
 {

@@ -29,11 +29,11 @@ bool sx1_machine_register(Error **errp);
 bool legacy_machine_register(Error **errp);
 bool microbit_machine_register(Error **errp);
 
-/* Registers every board above; the first failure is returned. */
+/* registry.c: registers every board above; the first failure is returned. */
 bool boards_register_all(Error **errp);
 
 /*
- * pc.c: the part of QEMU's hw/i386/pc.c both PC machines share: maps machine->ram through
+ * pc-common.c: the part of QEMU's hw/i386/pc.c both PC machines share: maps machine->ram through
  * "ram-below-4g" / "ram-above-4g" aliases split at @lowmem, under a 2^64 "pci" container at
  * priority -1 as QEMU has it.
  */
@@ -59,13 +59,13 @@ void pc_board_init(MachineState *machine, uint64_t lowmem);
 /* Frees the machine (hm_machine_free runs board_cleanup first). NULL is ignored. */
 void board_machine_free(MachineState *ms);
 
+/* MachineClass.cleanup of every board here: frees machine->opaque (board_new0 memory). */
+void board_cleanup(MachineState *ms);
+
 /*
  * QEMU's error_report() followed by exit(1), for the checks QEMU boards make in their init:
  * prints "<program>: <message>" on stderr.
  */
-/* MachineClass.cleanup of every board here: frees machine->opaque (board_new0 memory). */
-void board_cleanup(MachineState *ms);
-
 void board_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* calloc that exits on failure, as g_new0 does. */

@@ -210,7 +210,12 @@ impl Backend {
     pub fn new(type_name: &str, id: &str, defaults: &BackendDefaults) -> Result<Backend> {
         let ty = BackendType::from_name(type_name)
             .ok_or_else(|| props::bad_enum("qom-type", type_name))?;
-        Ok(Backend {
+        Ok(Self::of_type(ty, id, defaults))
+    }
+
+    /// An uncompleted backend of type `ty` named `id`.
+    pub fn of_type(ty: BackendType, id: &str, defaults: &BackendDefaults) -> Backend {
+        Backend {
             ty,
             id: id.to_string(),
             size: 0,
@@ -231,7 +236,7 @@ impl Backend {
             mapping: None,
             trace: Vec::new(),
             progress: None,
-        })
+        }
     }
 
     pub fn backend_type(&self) -> BackendType {
@@ -246,7 +251,7 @@ impl Backend {
         &self.id
     }
 
-    fn guard(&self, prop: &str) -> Result<()> {
+    fn refuse_once_completed(&self, prop: &str) -> Result<()> {
         if self.state == State::New {
             Ok(())
         } else {
@@ -260,14 +265,7 @@ impl Backend {
             return Err(props::not_found(self.ty, prop));
         }
         match prop {
-            "size" => {
-                self.guard(prop)?;
-                let v = parse_size_param(prop, value)?;
-                if v == 0 {
-                    return Err(props::zero_refused(self.ty, prop));
-                }
-                self.size = v;
-            }
+            "size" => self.set_size(parse_size_param(prop, value)?)?,
             "merge" => {
                 let v = parse_bool_param(prop, value)?;
                 if v != self.merge && self.state != State::New {
@@ -314,11 +312,11 @@ impl Backend {
                 self.prealloc_threads = v;
             }
             "share" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.share = parse_bool_param(prop, value)?;
             }
             "reserve" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 let v = parse_bool_param(prop, value)?;
                 if !v && self.prealloc {
                     return Err(incompatible_prealloc());
@@ -331,36 +329,33 @@ impl Backend {
                 self.host_nodes.add(&nodes)?;
             }
             "x-use-canonical-path-for-ramblock-id" => {
-                self.use_canonical_path = parse_bool_param(prop, value)?
+                self.set_use_canonical_path(parse_bool_param(prop, value)?)
             }
-            "mem-path" => {
-                self.guard(prop)?;
-                self.file.mem_path = Some(value.to_string());
-            }
+            "mem-path" => self.set_mem_path(value)?,
             "align" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.file.align = parse_size_param(prop, value)?;
             }
             "offset" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.file.offset = parse_size_param(prop, value)?;
             }
             "discard-data" => self.file.discard_data = parse_bool_param(prop, value)?,
             "readonly" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.file.readonly = parse_bool_param(prop, value)?;
             }
             "rom" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.file.rom = OnOffAuto::parse(prop, value)?;
             }
             "pmem" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 self.file.pmem = parse_bool_param(prop, value)?;
             }
             "hugetlb" => self.memfd.hugetlb = parse_bool_param(prop, value)?,
             "hugetlbsize" => {
-                self.guard(prop)?;
+                self.refuse_once_completed(prop)?;
                 let v = parse_size_param(prop, value)?;
                 if v == 0 {
                     return Err(Error::invalid(format!(
@@ -374,6 +369,32 @@ impl Backend {
             _ => return Err(props::not_found(self.ty, prop)),
         }
         Ok(())
+    }
+
+    /// `size`, in bytes: refused when 0 or once completed.
+    pub fn set_size(&mut self, size: u64) -> Result<()> {
+        self.refuse_once_completed("size")?;
+        if size == 0 {
+            return Err(props::zero_refused(self.ty, "size"));
+        }
+        self.size = size;
+        Ok(())
+    }
+
+    /// `mem-path` of a file backend: refused once completed.
+    pub fn set_mem_path(&mut self, path: &str) -> Result<()> {
+        if self.ty != BackendType::File {
+            return Err(props::not_found(self.ty, "mem-path"));
+        }
+        self.refuse_once_completed("mem-path")?;
+        self.file.mem_path = Some(path.to_string());
+        Ok(())
+    }
+
+    /// `x-use-canonical-path-for-ramblock-id`: the RAMBlock is named "/objects/<id>" when on,
+    /// "<id>" when off.
+    pub fn set_use_canonical_path(&mut self, on: bool) {
+        self.use_canonical_path = on;
     }
 
     /// A property's value in the syntax `set` takes: sizes in bytes, booleans on/off, node lists

@@ -15,11 +15,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::memory::MemoryRegion;
 use super::{c_string, guard, guard_report, ref_arg, str_arg};
-use crate::backend::prealloc::Outcome;
-use crate::backend::PreallocJob;
-use crate::context::{self, Context, ContextId};
 use crate::error::{Error, HmErrorClass, Result};
-use crate::options::values::parse_bool;
+use crate::machine::Machine;
+use crate::registry::{self, MachineId as ContextId};
 
 /// A memory backend, as C sees it. Opaque.
 pub struct HostMemoryBackend {
@@ -68,45 +66,31 @@ fn gone() -> Error {
     Error::new(HmErrorClass::NotFound, "memory backend no longer exists")
 }
 
-/// Runs `f` on the backend a handle names, with its context locked.
+/// Runs `f` on the backend a handle names (its machine locked), given by id.
 fn with_entry<R>(
     b: &HostMemoryBackend,
-    f: impl FnOnce(&mut Context, &str) -> Result<R>,
+    f: impl FnOnce(&mut Machine, &str) -> Result<R>,
 ) -> Result<R> {
-    context::with(b.context, |ctx| {
-        let id = ctx
-            .objects
-            .by_serial(b.serial)
-            .map(|e| e.backend.id().to_string())
-            .ok_or_else(gone)?;
-        f(ctx, &id)
+    registry::with(b.context, |m| {
+        let id = backend_id(m, b.serial)?;
+        f(m, &id)
     })
 }
 
-/// Completes backend `id` of `ctx`: allocate, advise and bind under the lock, preallocate
-/// without it, finish under it. On failure the backend is uncompleted again, nothing allocated;
-/// `remove_on_error` also unregisters it (for `hm_memory_backend_add`).
-fn complete_unlocked(ctx: &Arc<Mutex<Context>>, id: &str, remove_on_error: bool) -> Result<u64> {
-    let begin = {
-        let mut c = context::lock(ctx);
-        let r = c.objects.begin_complete(id);
-        if r.is_err() && remove_on_error {
-            let c = &mut *c;
-            let _ = c.objects.delete(id, &mut c.memory);
-        }
-        r?
-    };
-    let outcome: Option<Result<Outcome>> = begin.as_ref().map(PreallocJob::run);
-    let mut c = context::lock(ctx);
-    let c = &mut *c;
-    let r = c.objects.finish_complete(id, &mut c.memory, outcome);
-    if let Err(e) = r {
-        if remove_on_error {
-            let _ = c.objects.delete(id, &mut c.memory);
-        }
-        return Err(e);
-    }
-    Ok(c.objects.get(id).map(|e| e.serial).unwrap_or(0))
+fn backend_id(m: &Machine, serial: u64) -> Result<String> {
+    m.objects()
+        .by_serial(serial)
+        .map(|e| e.backend.id().to_string())
+        .ok_or_else(gone)
+}
+
+/// The id of the backend a handle names.
+fn id_of(b: &HostMemoryBackend) -> Result<String> {
+    registry::with(b.context, |m| backend_id(m, b.serial))
+}
+
+fn serial_of(m: &Machine, id: &str) -> Result<u64> {
+    m.objects().get(id).map(|e| e.serial).ok_or_else(gone)
 }
 
 /// Creates and completes a backend from a QEMU `-object` option string, e.g.
@@ -123,14 +107,10 @@ pub unsafe extern "C" fn hm_memory_backend_add(
     guard(errp, std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let opts = unsafe { str_arg(opts, "opts") }?;
-        let ctx = context::current();
-        let (cid, id) = {
-            let mut c = context::lock(&ctx);
-            let (id, backend) = c.objects.build_from_opts(opts, &c.backend_defaults)?;
-            c.objects.insert(backend)?;
-            (c.id, id)
-        };
-        let serial = complete_unlocked(&ctx, &id, true)?;
+        let (cid, id) =
+            registry::with_current(|cid, m| Ok((cid, m.add_backend_uncompleted(opts)?)))?;
+        registry::complete_backend(cid, &id, true)?;
+        let serial = registry::with(cid, |m| serial_of(m, &id))?;
         Ok(handle_for(cid, serial))
     })
 }
@@ -150,11 +130,9 @@ pub unsafe extern "C" fn hm_memory_backend_new(
     guard(errp, std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let (ty, id) = unsafe { (str_arg(type_, "type")?, str_arg(id, "id")?) };
-        context::with_current(|c| {
-            let defaults = c.backend_defaults.clone();
-            c.objects.create(ty, id, &defaults)?;
-            let serial = c.objects.get(id).map(|e| e.serial).ok_or_else(gone)?;
-            Ok(handle_for(c.id, serial))
+        registry::with_current(|cid, m| {
+            m.create_backend(ty, id)?;
+            Ok(handle_for(cid, serial_of(m, id)?))
         })
     })
 }
@@ -171,12 +149,9 @@ pub unsafe extern "C" fn hm_memory_backend_find(id: *const c_char) -> *mut HostM
     guard_report(std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let id = unsafe { str_arg(id, "id") }?;
-        Ok(context::with_current(|c| {
-            c.objects
-                .get(id)
-                .map(|e| handle_for(c.id, e.serial))
-                .unwrap_or(std::ptr::null_mut())
-        }))
+        registry::with_current(|cid, m| {
+            Ok(serial_of(m, id).map_or(std::ptr::null_mut(), |s| handle_for(cid, s)))
+        })
     })
 }
 
@@ -190,12 +165,12 @@ pub unsafe extern "C" fn hm_memory_backend_del(id: *const c_char, errp: *mut *mu
     guard(errp, false, || {
         // SAFETY: caller contract.
         let id = unsafe { str_arg(id, "id") }?;
-        context::with_current(|c| {
-            let serial = c.objects.get(id).map(|e| e.serial).ok_or_else(|| {
+        registry::with_current(|cid, m| {
+            let serial = serial_of(m, id).map_err(|_| {
                 Error::new(HmErrorClass::NotFound, format!("object '{id}' not found"))
             })?;
-            c.objects.delete(id, &mut c.memory)?;
-            forget_handle(c.id, serial);
+            m.delete_backend(id)?;
+            forget_handle(cid, serial);
             Ok(true)
         })
     })
@@ -223,25 +198,7 @@ pub unsafe extern "C" fn hm_memory_backend_set(
                 str_arg(value, "value")?,
             )
         };
-        if prop == "prealloc" && parse_bool(value) == Ok(true) {
-            // A late prealloc=on runs without the lock (the progress callback may call us).
-            let job = with_entry(b, |c, id| {
-                let e = c.objects.get(id).ok_or_else(gone)?;
-                e.backend.begin_late_prealloc()
-            })?;
-            if let Some(job) = job {
-                let r = job.run();
-                with_entry(b, |c, id| {
-                    let e = c.objects.get_mut(id).ok_or_else(gone)?;
-                    e.backend.finish_late_prealloc(r)
-                })?;
-                return Ok(true);
-            }
-        }
-        with_entry(b, |c, id| {
-            let e = c.objects.get_mut(id).ok_or_else(gone)?;
-            e.backend.set(prop, value)
-        })?;
+        registry::set_backend_property(b.context, &id_of(b)?, prop, value)?;
         Ok(true)
     })
 }
@@ -260,9 +217,7 @@ pub unsafe extern "C" fn hm_memory_backend_get(
     guard(errp, std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let (b, prop) = unsafe { (ref_arg(b, "b")?, str_arg(prop, "prop")?) };
-        let v = with_entry(b, |c, id| {
-            c.objects.get(id).ok_or_else(gone)?.backend.get(prop)
-        })?;
+        let v = with_entry(b, |m, id| m.backend_mut(id).ok_or_else(gone)?.get(prop))?;
         Ok(c_string(&v))
     })
 }
@@ -280,15 +235,7 @@ pub unsafe extern "C" fn hm_memory_backend_complete(
     guard(errp, false, || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        let ctx = context::get(b.context).ok_or_else(gone)?;
-        let id = {
-            let c = context::lock(&ctx);
-            c.objects
-                .by_serial(b.serial)
-                .map(|e| e.backend.id().to_string())
-                .ok_or_else(gone)?
-        };
-        complete_unlocked(&ctx, &id, false)?;
+        registry::complete_backend(b.context, &id_of(b)?, false)?;
         Ok(true)
     })
 }
@@ -316,11 +263,9 @@ pub unsafe extern "C" fn hm_memory_backend_set_prealloc_progress(
             });
             p
         });
-        with_entry(b, |c, id| {
-            c.objects
-                .get_mut(id)
+        with_entry(b, |m, id| {
+            m.backend_mut(id)
                 .ok_or_else(gone)?
-                .backend
                 .set_prealloc_progress(progress);
             Ok(true)
         })
@@ -338,7 +283,7 @@ pub unsafe extern "C" fn host_memory_backend_get_memory(
     guard_report(std::ptr::null_mut(), || {
         // SAFETY: caller contract; the handle is ours and lives in the handle table.
         let b = unsafe { ref_arg(b, "b") }?;
-        let region = with_entry(b, |c, id| Ok(c.objects.get(id).and_then(|e| e.region)))?;
+        let region = with_entry(b, |m, id| Ok(m.objects().get(id).and_then(|e| e.region)))?;
         Ok(match region {
             Some(r) => {
                 let _table = handles().lock().unwrap_or_else(|p| p.into_inner());
@@ -362,8 +307,8 @@ pub unsafe extern "C" fn host_memory_backend_is_mapped(b: *mut HostMemoryBackend
     guard_report(false, || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        with_entry(b, |c, id| {
-            Ok(c.objects.get(id).is_some_and(|e| e.backend.is_mapped()))
+        with_entry(b, |m, id| {
+            Ok(m.objects().get(id).is_some_and(|e| e.backend.is_mapped()))
         })
     })
 }
@@ -377,12 +322,8 @@ pub unsafe extern "C" fn host_memory_backend_set_mapped(b: *mut HostMemoryBacken
     guard_report((), || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        with_entry(b, |c, id| {
-            c.objects
-                .get_mut(id)
-                .ok_or_else(gone)?
-                .backend
-                .set_mapped(mapped);
+        with_entry(b, |m, id| {
+            m.backend_mut(id).ok_or_else(gone)?.set_mapped(mapped);
             Ok(())
         })
     })
@@ -398,8 +339,8 @@ pub unsafe extern "C" fn host_memory_backend_pagesize(b: *mut HostMemoryBackend)
     guard_report(0, || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        with_entry(b, |c, id| {
-            Ok(c.objects
+        with_entry(b, |m, id| {
+            Ok(m.objects()
                 .get(id)
                 .and_then(|e| e.backend.page_size())
                 .unwrap_or(0))
@@ -416,11 +357,11 @@ pub unsafe extern "C" fn hm_memory_backend_get_fd(b: *mut HostMemoryBackend) -> 
     guard_report(-1, || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        with_entry(b, |c, id| {
-            Ok(c.objects
+        with_entry(b, |m, id| {
+            Ok(m.objects()
                 .get(id)
                 .and_then(|e| e.backend.mapping())
-                .and_then(|m| m.fd())
+                .and_then(|map| map.fd())
                 .unwrap_or(-1))
         })
     })
@@ -436,11 +377,11 @@ pub unsafe extern "C" fn hm_memory_backend_get_host_ptr(b: *mut HostMemoryBacken
     guard_report(std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        with_entry(b, |c, id| {
-            Ok(c.objects
+        with_entry(b, |m, id| {
+            Ok(m.objects()
                 .get(id)
                 .and_then(|e| e.backend.mapping())
-                .map_or(std::ptr::null_mut(), |m| m.as_ptr() as *mut c_void))
+                .map_or(std::ptr::null_mut(), |map| map.as_ptr() as *mut c_void))
         })
     })
 }
@@ -458,8 +399,8 @@ pub unsafe extern "C" fn hm_memory_backend_trace(
     guard(errp, std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let b = unsafe { ref_arg(b, "b") }?;
-        let names = with_entry(b, |c, id| {
-            let e = c.objects.get(id).ok_or_else(gone)?;
+        let names = with_entry(b, |m, id| {
+            let e = m.objects().get(id).ok_or_else(gone)?;
             Ok(e.backend
                 .trace()
                 .iter()
@@ -482,10 +423,10 @@ mod tests {
         // makes its own and the table lock keeps them apart only per call. Serialise them.
         static LOCK: Mutex<()> = Mutex::new(());
         let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let id = context::create();
-        context::set_current(id).unwrap();
+        let id = registry::insert(Machine::new());
+        registry::set_current(id).unwrap();
         let r = f();
-        context::destroy(id).unwrap();
+        registry::remove(id).unwrap();
         r
     }
 

@@ -1,24 +1,21 @@
-//! KVM for C: attach the current context's machine to a new VM, read back the VM fd and the
+//! KVM for C: attach the current machine to a new VM, read back the VM fd and the
 //! slot table, run the guest check, drive dirty logging, and print `info memslots`.
 //!
-//! Everything works on the *current* context (the machine a VMM built), so that this API does
+//! Everything works on the *current* machine (the one a VMM built), so that this API does
 //! not depend on how the machine was made.
 
 use std::ffi::{c_char, c_int};
 
 use super::{c_string, guard, guard_report, mut_arg};
-use crate::context;
 use crate::error::{Error, Result};
-use crate::kvm::{self, GuestOp, KvmHandle};
+use crate::kvm::{self, GuestOp, KvmAccel};
+use crate::machine::Machine;
+use crate::registry;
 
 /// `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 pub const HM_KVM_SLOT_LOG_DIRTY: u32 = 1;
 /// `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
 pub const HM_KVM_SLOT_READONLY: u32 = 2;
-
-/// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
-/// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
-pub const HM_KVM_SIGNATURE: u64 = 0x686f_7374_6d65_6d21;
 
 /// One KVM memslot as `hm_kvm_get_slots` reports it.
 #[repr(C)]
@@ -51,17 +48,21 @@ pub struct HmGuestCheck {
     pub skipped: u64,
 }
 
-/// The current machine's VM. The handle is a clone: guest runs happen without the context
-/// locked.
-fn kvm_handle() -> Result<KvmHandle> {
-    context::with_current(|c| c.kvm.clone()).ok_or_else(kvm::not_attached)
+/// The current machine's VM, when it has one.
+fn kvm_of(m: &Machine) -> Result<&KvmAccel> {
+    m.kvm().ok_or_else(kvm::not_attached)
 }
 
-/// Runs `f` on the current context's memory system, if KVM is attached.
+/// A clone of the current machine's VM, for guest runs with the machine unlocked.
+fn current_kvm() -> Result<KvmAccel> {
+    registry::with_current(|_, m| kvm_of(m).cloned())
+}
+
+/// Runs `f` on the current machine's memory system, if KVM is attached.
 fn with_kvm_memory<R>(f: impl FnOnce(&mut crate::memory::MemorySystem) -> Result<R>) -> Result<R> {
-    context::with_current(|c| match c.kvm {
-        Some(_) => f(&mut c.memory),
-        None => Err(kvm::not_attached()),
+    registry::with_current(|_, m| {
+        kvm_of(m)?;
+        f(m.memory_mut())
     })
 }
 
@@ -72,7 +73,7 @@ fn with_kvm_memory<R>(f: impl FnOnce(&mut crate::memory::MemorySystem) -> Result
 #[no_mangle]
 pub extern "C" fn hm_kvm_attach(max_slot_size: u64, errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        context::with_current(|c| KvmHandle::attach(c, max_slot_size))?;
+        registry::with_current(|_, m| m.attach_kvm(max_slot_size))?;
         Ok(true)
     })
 }
@@ -81,7 +82,7 @@ pub extern "C" fn hm_kvm_attach(max_slot_size: u64, errp: *mut *mut Error) -> bo
 #[no_mangle]
 pub extern "C" fn hm_kvm_detach(errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        context::with_current(KvmHandle::detach)?;
+        registry::with_current(|_, m| m.detach_kvm())?;
         Ok(true)
     })
 }
@@ -89,7 +90,9 @@ pub extern "C" fn hm_kvm_detach(errp: *mut *mut Error) -> bool {
 /// Whether the current machine is attached to KVM.
 #[no_mangle]
 pub extern "C" fn hm_kvm_enabled() -> bool {
-    guard_report(false, || Ok(context::with_current(|c| c.kvm.is_some())))
+    guard_report(false, || {
+        registry::with_current(|_, m| Ok(m.kvm().is_some()))
+    })
 }
 
 /// The VM file descriptor of the current machine (owned by hostmem: do not close it), or -1
@@ -97,9 +100,7 @@ pub extern "C" fn hm_kvm_enabled() -> bool {
 #[no_mangle]
 pub extern "C" fn hm_kvm_vm_fd() -> c_int {
     guard_report(-1, || {
-        Ok(context::with_current(|c| {
-            c.kvm.as_ref().map_or(-1, KvmHandle::vm_fd)
-        }))
+        registry::with_current(|_, m| Ok(m.kvm().map_or(-1, KvmAccel::vm_fd)))
     })
 }
 
@@ -112,7 +113,7 @@ pub extern "C" fn hm_kvm_vm_fd() -> c_int {
 pub unsafe extern "C" fn hm_kvm_get_slots(out: *mut HmKvmSlot, max: usize) -> usize {
     guard_report(0, || {
         let slots =
-            context::with_current(|c| c.kvm.as_ref().map(KvmHandle::slots)).unwrap_or_default();
+            registry::with_current(|_, m| Ok(m.kvm().map(KvmAccel::slots)))?.unwrap_or_default();
         if !out.is_null() {
             for (i, s) in slots.iter().take(max).enumerate() {
                 // SAFETY: i < max, and the caller gave room for max entries.
@@ -144,12 +145,13 @@ pub unsafe extern "C" fn hm_kvm_guest_check(out: *mut HmGuestCheck, errp: *mut *
     guard(errp, false, || {
         // SAFETY: caller contract.
         let out = unsafe { mut_arg(out, "out") }?;
-        let run = kvm_handle()?.guest_check_run()?;
-        let c = context::with_current(|c| {
-            KvmHandle::guest_check_verify(run, &|block, offset| {
-                kvm::ramblock_u64(&c.memory.ramblocks, block, offset)
-            })
-        })?;
+        // The guest runs with the machine unlocked; the signatures are read back locked.
+        let c = registry::run_unlocked(
+            registry::current_id(),
+            |m| kvm_of(m).cloned(),
+            |kvm| kvm.guest_check_run(),
+            |m, run| KvmAccel::guest_check_verify(run?, &m.memory().ramblocks),
+        )?;
         *out = HmGuestCheck {
             slots: c.slots as u64,
             signatures: c.signatures as u64,
@@ -195,7 +197,7 @@ pub unsafe extern "C" fn hm_kvm_guest_write(
             .zip(v)
             .map(|(&gpa, &value)| GuestOp::Write { gpa, value })
             .collect();
-        kvm_handle()?.run_guest(&ops)?;
+        current_kvm()?.run_guest(&ops)?;
         Ok(true)
     })
 }
@@ -218,7 +220,7 @@ pub unsafe extern "C" fn hm_kvm_guest_read(
             return Err(Error::invalid("Parameter 'values' is missing"));
         }
         let ops: Vec<GuestOp> = g.iter().map(|&gpa| GuestOp::Read { gpa }).collect();
-        let got = kvm_handle()?.run_guest(&ops)?;
+        let got = current_kvm()?.run_guest(&ops)?;
         for (i, v) in got.into_iter().enumerate() {
             // SAFETY: i < n, and the caller gave room for n values.
             unsafe { values.add(i).write(v) };
@@ -265,7 +267,7 @@ pub extern "C" fn hm_kvm_dirty_log_sync(errp: *mut *mut Error) -> bool {
 #[no_mangle]
 pub unsafe extern "C" fn hm_kvm_dirty_pages(gpas: *mut u64, max: usize) -> usize {
     guard_report(0, || {
-        let pages = context::with_current(|c| c.kvm.as_ref().map(KvmHandle::last_dirty))
+        let pages = registry::with_current(|_, m| Ok(m.kvm().map(KvmAccel::last_dirty)))?
             .unwrap_or_default();
         if !gpas.is_null() {
             for (i, g) in pages.iter().take(max).enumerate() {
@@ -284,10 +286,12 @@ pub unsafe extern "C" fn hm_kvm_dirty_pages(gpas: *mut u64, max: usize) -> usize
 #[no_mangle]
 pub extern "C" fn hm_kvm_info_memslots() -> *mut c_char {
     guard_report(std::ptr::null_mut(), || {
-        let text = context::with_current(|c| match &c.kvm {
-            Some(k) => k.info_memslots(Some(&c.memory.ramblocks)),
-            None => format!("{}\n", kvm::not_attached()),
-        });
+        let text = registry::with_current(|_, m| {
+            Ok(match m.kvm() {
+                Some(k) => crate::monitor::info_memslots(k, Some(&m.memory().ramblocks)),
+                None => format!("{}\n", kvm::not_attached()),
+            })
+        })?;
         Ok(c_string(&text))
     })
 }

@@ -3,20 +3,20 @@
 //! `memory_region_allocate_system_memory()`.
 //!
 //! Ownership: a `MachineState *` from `hm_machine_new_from_argv` is freed with
-//! `hm_machine_free`, which also drops the machine's context (regions, RAMBlocks, backends).
+//! `hm_machine_free`, which also drops the machine (regions, RAMBlocks, backends).
 //! `MachineClass` structs are the board's, and must outlive the process (static storage).
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr::null_mut;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 
-use crate::context::{self, ContextId};
-use crate::error::{Error, HmErrorClass, Result};
+use crate::error::{Error, Result};
 use crate::ffi::backend::{hm_memory_backend_find, HostMemoryBackend};
-use crate::ffi::memory::{MemoryRegion, Object};
+use crate::ffi::memory::{forget_machine, take_pending_error, MemoryRegion, Object};
 use crate::ffi::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
-use crate::machine::{self, BoardInfo};
+use crate::machine::{BoardInfo, BoardRegistry};
 use crate::options::cmdline::{Accel, Cmdline};
+use crate::registry::{self, MachineId, PendingMachine};
 
 /// A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
 #[repr(C)]
@@ -78,12 +78,9 @@ struct ClassPtr(*const MachineClass);
 // process (documented contract of hm_machine_class_register); sharing the pointer is sound.
 unsafe impl Send for ClassPtr {}
 
-fn classes() -> std::sync::MutexGuard<'static, Vec<ClassPtr>> {
-    static CLASSES: OnceLock<Mutex<Vec<ClassPtr>>> = OnceLock::new();
-    CLASSES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+fn boards() -> MutexGuard<'static, BoardRegistry<ClassPtr>> {
+    static BOARDS: Mutex<BoardRegistry<ClassPtr>> = Mutex::new(BoardRegistry::new());
+    BOARDS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// # Safety
@@ -103,6 +100,8 @@ fn board_info(mc: &MachineClass) -> BoardInfo {
             default_ram_id: opt_str(mc.default_ram_id),
             numa_mem_supported: mc.numa_mem_supported,
             numa_supported: !mc.no_numa_support,
+            no_cpus_by_default: mc.no_cpus_by_default,
+            is_default: mc.is_default,
         }
     }
 }
@@ -120,53 +119,9 @@ pub unsafe extern "C" fn hm_machine_class_register(
     guard(errp, false, || {
         // SAFETY: by this function's contract.
         let class = unsafe { ref_arg(mc, "mc") }?;
-        let info = board_info(class);
-        if info.name.is_empty() {
-            return Err(Error::invalid("Parameter 'mc.name' is missing"));
-        }
-        let mut list = classes();
-        for other in list.iter() {
-            // SAFETY: registered pointers are static (registration contract).
-            let o = board_info(unsafe { &*other.0 });
-            let names = [Some(&o.name), o.alias.as_ref()];
-            if names.contains(&Some(&info.name))
-                || (info.alias.is_some() && names.contains(&info.alias.as_ref()))
-            {
-                return Err(Error::new(
-                    HmErrorClass::Duplicate,
-                    format!("machine type '{}' is already registered", info.name),
-                ));
-            }
-        }
-        list.push(ClassPtr(mc));
+        boards().register(board_info(class), ClassPtr(mc))?;
         Ok(true)
     })
-}
-
-fn find_class(name: Option<&str>) -> Result<*const MachineClass> {
-    let list = classes();
-    let found = list.iter().find(|c| {
-        // SAFETY: registered pointers are static (registration contract).
-        let class = unsafe { &*c.0 };
-        let info = board_info(class);
-        match name {
-            Some(n) => info.name == n || info.alias.as_deref() == Some(n),
-            None => class.is_default,
-        }
-    });
-    match (found, name) {
-        (Some(c), _) => Ok(c.0),
-        (None, Some(n)) => Err(Error::new(
-            HmErrorClass::NotFound,
-            format!("unsupported machine type: \"{n}\""),
-        )
-        .with_hint("Use -machine help to list supported machines\n")),
-        (None, None) => Err(Error::new(
-            HmErrorClass::NotFound,
-            "No machine specified, and there is no default",
-        )
-        .with_hint("Use -machine help to list supported machines\n")),
-    }
 }
 
 /// Storage C boards point into: `machine->ram`. Boxed so its address is stable.
@@ -177,10 +132,11 @@ struct MachineBox {
 }
 
 /// Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
-/// options, creates a context for the machine and makes it current, creates the `-object`
-/// backends, decides `machine->ram` (explicit memory-backend, implicit backend from
-/// -m/-mem-path/-mem-prealloc, or NUMA container), then runs the board's init. Errors carry
-/// QEMU 10's message for the same command line; nothing is left behind on failure.
+/// options, creates the machine and makes it current, creates the `-object` backends, decides
+/// `machine->ram` (explicit memory-backend, implicit backend from -m/-mem-path/-mem-prealloc,
+/// or NUMA container), then runs the board's init and attaches the accelerator. Errors carry
+/// QEMU 10's message for the same command line; nothing is left behind on failure, and the
+/// machine that was current before stays current.
 ///
 /// # Safety
 /// `argv` holds `argc` NUL-terminated strings.
@@ -190,62 +146,77 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
     argv: *const *const c_char,
     errp: *mut *mut Error,
 ) -> *mut MachineState {
-    let prepared = guard(errp, None, || {
-        if argv.is_null() && argc > 0 {
-            return Err(Error::invalid("Parameter 'argv' is missing"));
+    guard(errp, null_mut(), || {
+        // SAFETY: forwarded caller contract.
+        let cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
+        let (info, mc) = {
+            let boards = boards();
+            let (info, class) = boards.find(cmd.machine_type.as_deref())?;
+            (info.clone(), class.0)
+        };
+        let mut pending = PendingMachine::start(&cmd, &info)?;
+        let ms = new_machine_state(pending.id(), mc, &cmd)?;
+        // The board runs with no hostmem lock held, so it may call any hostmem function.
+        // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
+        if let Some(init) = unsafe { (*mc).init } {
+            // SAFETY: board init receives the machine it is building, as in QEMU.
+            unsafe { init(ms) };
         }
-        let mut args = Vec::new();
-        for i in 1..argc.max(0) as usize {
-            // SAFETY: argv holds argc pointers by contract.
-            let p = unsafe { *argv.add(i) };
-            // SAFETY: each is NUL-terminated by contract.
-            args.push(unsafe { str_arg(p, "argv") }?.to_string());
+        // A board that misused the memory API (reported when it happened) fails the machine.
+        let finished = match take_pending_error(pending.id()) {
+            Some(e) => Err(e),
+            None => pending.finish_init(),
+        };
+        if let Err(e) = finished {
+            // SAFETY: `ms` is the live machine made above, not shared beyond the board.
+            unsafe { free_machine_state(ms) };
+            return Err(e);
         }
-        let cmd = Cmdline::parse(&args)?;
-        let mc = find_class(cmd.machine_type.as_deref())?;
-        // SAFETY: registered classes are static.
-        let info = board_info(unsafe { &*mc });
-        let id = context::create();
-        // SAFETY: registered classes are static.
-        let cpu_less = unsafe { (*mc).no_cpus_by_default };
-        let configured = context::with(id, |ctx| {
-            // One "cpu-memory-N" address space per CPU, as QEMU's dumps list them.
-            ctx.memory.cpu_address_spaces = cmd.smp_cpus.unwrap_or(if cpu_less { 0 } else { 1 });
-            machine::configure(ctx, &cmd, &info)?;
-            let m = ctx.machine.as_ref().expect("configure sets the machine");
-            Ok((
-                m.ram,
-                m.ram_size,
-                m.maxram_size,
-                m.ram_slots,
-                m.memdev.clone(),
-            ))
-        });
-        match configured {
-            Ok(v) => Ok(Some((id, mc, cmd, v))),
-            Err(e) => {
-                let _ = context::destroy(id);
-                Err(e)
-            }
-        }
-    });
-    let Some((id, mc, cmd, (ram, ram_size, maxram_size, ram_slots, memdev))) = prepared else {
-        return null_mut();
-    };
-    // A machine that fails to build leaves the previous machine current, as if never tried.
-    let previous = context::current_if_any();
-    let made_current = guard(errp, false, || context::set_current(id).map(|_| true));
-    if !made_current {
-        let _ = context::destroy(id);
-        return null_mut();
+        pending.commit();
+        Ok(ms)
+    })
+}
+
+/// The strings of `argv[1..argc]`.
+///
+/// # Safety
+/// `argv` holds `argc` NUL-terminated strings.
+unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
+    if argv.is_null() && argc > 0 {
+        return Err(Error::invalid("Parameter 'argv' is missing"));
     }
-    let memdev_ptr = match &memdev {
-        Some(name) => match std::ffi::CString::new(name.as_str()) {
-            // SAFETY: a valid NUL-terminated string; the context is current.
-            Ok(c) => unsafe { hm_memory_backend_find(c.as_ptr()) },
-            Err(_) => null_mut(),
-        },
-        None => null_mut(),
+    let mut args = Vec::new();
+    for i in 1..argc.max(0) as usize {
+        // SAFETY: argv holds argc pointers by contract.
+        let p = unsafe { *argv.add(i) };
+        // SAFETY: each is NUL-terminated by contract.
+        args.push(unsafe { str_arg(p, "argv") }?.to_string());
+    }
+    Ok(args)
+}
+
+/// The `MachineState` board code sees for machine `id`, which must be current.
+fn new_machine_state(
+    id: MachineId,
+    mc: *const MachineClass,
+    cmd: &Cmdline,
+) -> Result<*mut MachineState> {
+    let (ram, ram_size, maxram_size, ram_slots, memdev) = registry::with(id, |m| {
+        let c = m
+            .config()
+            .ok_or_else(|| Error::generic("the machine has no configuration"))?;
+        Ok((
+            c.ram,
+            c.ram_size,
+            c.maxram_size,
+            c.ram_slots,
+            c.memdev.clone(),
+        ))
+    })?;
+    let memdev = match memdev.map(std::ffi::CString::new) {
+        // SAFETY: a valid NUL-terminated string; the machine is current.
+        Some(Ok(name)) => unsafe { hm_memory_backend_find(name.as_ptr()) },
+        _ => null_mut(),
     };
     let mut boxed = Box::new(MachineBox {
         state: MachineState {
@@ -254,7 +225,7 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
             ram_size,
             maxram_size,
             ram_slots,
-            memdev: memdev_ptr,
+            memdev,
             context: id,
             opaque: null_mut(),
             start_paused: cmd.start_paused,
@@ -268,38 +239,28 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
         boxed.ram = MemoryRegion::new(id, r);
         boxed.state.ram = &mut boxed.ram;
     }
-    let ms = Box::into_raw(boxed);
-    // The board runs with no hostmem lock held, so it may call any hostmem function.
-    // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
-    if let Some(init) = unsafe { (*mc).init } {
-        // SAFETY: board init receives the machine it is building, as in QEMU.
-        unsafe { init(ms as *mut MachineState) };
-    }
-    // A board that misused the memory API (reported when it happened) fails the machine; then
-    // the accelerator takes the finished layout (its listener replays the flat view).
-    let ok = guard(errp, false, || {
-        context::with(id, |ctx| {
-            if let Some(e) = ctx.memory.take_pending_error() {
-                return Err(e);
-            }
-            if cmd.accel == Some(Accel::Kvm) {
-                crate::kvm::KvmHandle::attach(ctx, cmd.kvm_max_slot_size)?;
-            }
-            Ok(true)
-        })
-    });
-    if !ok {
-        // SAFETY: `ms` came from Box::into_raw above and is not shared yet.
-        unsafe { hm_machine_free(ms as *mut MachineState) };
-        if let Some(prev) = previous {
-            let _ = context::set_current(prev);
-        }
-        return null_mut();
-    }
-    ms as *mut MachineState
+    Ok(Box::into_raw(boxed) as *mut MachineState)
 }
 
-/// Frees a machine and its context. NULL is ignored.
+/// Runs the board's cleanup hook and frees the C side of a machine (not the machine itself).
+///
+/// # Safety
+/// `ms` is a live machine from `new_machine_state`, freed only here.
+unsafe fn free_machine_state(ms: *mut MachineState) -> MachineId {
+    // The board releases its own state first, with no hostmem lock held.
+    // SAFETY: `ms` is a live machine (contract); its class is a registered static.
+    if let Some(cleanup) = unsafe { (*(*ms).mc).cleanup } {
+        // SAFETY: the board's hook receives the machine its init built, as documented.
+        unsafe { cleanup(ms) };
+    }
+    // SAFETY: MachineState is the first field of the #[repr(C)] MachineBox allocated in
+    // new_machine_state, so the pointer is the box's; we cast back to it.
+    let boxed = unsafe { Box::from_raw(ms as *mut MachineBox) };
+    boxed.state.context
+}
+
+/// Frees a machine: the board's cleanup hook, then the machine (regions, RAMBlocks, backends,
+/// the KVM VM once no vCPU of it runs). NULL is ignored.
 ///
 /// # Safety
 /// `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.
@@ -309,16 +270,10 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
         if ms.is_null() {
             return Ok(());
         }
-        // The board releases its own state first, with no hostmem lock held.
-        // SAFETY: `ms` is a live machine (contract); its class is a registered static.
-        if let Some(cleanup) = unsafe { (*(*ms).mc).cleanup } {
-            // SAFETY: the board's hook receives the machine its init built, as documented.
-            unsafe { cleanup(ms) };
-        }
-        // SAFETY: MachineState is the first field of the #[repr(C)] MachineBox allocated in
-        // hm_machine_new_from_argv, so the pointer is the box's; we cast back to it.
-        let boxed = unsafe { Box::from_raw(ms as *mut MachineBox) };
-        let _ = context::destroy(boxed.state.context);
+        // SAFETY: by this function's contract.
+        let id = unsafe { free_machine_state(ms) };
+        let _ = registry::remove(id);
+        forget_machine(id);
         Ok(())
     })
 }
@@ -336,7 +291,7 @@ pub unsafe extern "C" fn hm_machine_make_current(
     guard(errp, false, || {
         // SAFETY: by contract.
         let ms = unsafe { ref_arg(ms, "ms") }?;
-        context::set_current(ms.context)?;
+        registry::set_current(ms.context)?;
         Ok(true)
     })
 }
@@ -356,7 +311,7 @@ pub unsafe extern "C" fn hm_hmp(
         let ms = unsafe { ref_arg(ms, "ms") }?;
         // SAFETY: by contract.
         let cmd = unsafe { str_arg(cmdline, "cmdline") }?;
-        let out = context::with(ms.context, |ctx| crate::monitor::hmp(ctx, cmd))?;
+        let out = registry::with(ms.context, |m| crate::monitor::hmp(m, cmd))?;
         Ok(c_string(&out))
     })
 }
@@ -364,7 +319,7 @@ pub unsafe extern "C" fn hm_hmp(
 /// The context id of the current machine (for C APIs keyed by context).
 #[no_mangle]
 pub extern "C" fn hm_context_current() -> u32 {
-    guard_report(0, || Ok(context::current_id()))
+    guard_report(0, || Ok(registry::current_id()))
 }
 
 fn legacy_allocate(mr: *mut MemoryRegion, name: *const c_char, size: u64) -> Result<()> {
@@ -372,8 +327,8 @@ fn legacy_allocate(mr: *mut MemoryRegion, name: *const c_char, size: u64) -> Res
     let mr = unsafe { mut_arg(mr, "mr") }?;
     // SAFETY: `name` is NULL or NUL-terminated (QEMU's contract for region names).
     let name = unsafe { str_arg(name, "name") }?;
-    let id: ContextId = context::current_id();
-    let region = context::with(id, |ctx| machine::allocate_system_memory(ctx, name, size))?;
+    let (id, region) =
+        registry::with_current(|id, m| Ok((id, m.allocate_system_memory(name, size)?)))?;
     *mr = MemoryRegion::new(id, region);
     Ok(())
 }

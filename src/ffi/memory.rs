@@ -17,10 +17,10 @@ use std::ffi::{c_char, c_void, CString};
 use std::sync::{Mutex, OnceLock};
 
 use super::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
-use crate::context::{self, ContextId};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::memory::MemorySystem;
 use crate::region::{size_from_u64, size_to_u64, RegionId};
+use crate::registry::{self, MachineId as ContextId};
 
 /// Storage for a memory region, embedded in board structs as in QEMU. Its content is a handle;
 /// boards never read it. A zeroed MemoryRegion is "not initialised" and refused with an error.
@@ -130,9 +130,9 @@ unsafe fn handle(mr: *const MemoryRegion, arg: &str) -> Result<(ContextId, Regio
     m.handle().ok_or_else(|| not_initialised(arg))
 }
 
-/// Runs `f` on the memory system of `ctx`. Never calls C while the lock is held.
+/// Runs `f` on the memory system of machine `ctx`. Never calls C while the lock is held.
 fn with_memory<R>(ctx: ContextId, f: impl FnOnce(&mut MemorySystem) -> Result<R>) -> Result<R> {
-    context::with(ctx, |c| f(&mut c.memory))
+    registry::with(ctx, |m| f(m.memory_mut()))
 }
 
 /// Owner path of an optional owner.
@@ -146,19 +146,39 @@ unsafe fn owner_path(owner: *const Object) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Remembers `e` as the pending error of `ctx` (or of the current context), unless one is
-/// already pending: as with `Error **errp`, the first error wins.
+/// The first error a `void` export hit on each machine (QEMU would have aborted), until
+/// `hm_memory_check` or the machine's construction takes it: C calling convention, not memory
+/// state, so it lives here.
+fn pending_errors() -> std::sync::MutexGuard<'static, HashMap<ContextId, Error>> {
+    static PENDING: OnceLock<Mutex<HashMap<ContextId, Error>>> = OnceLock::new();
+    PENDING
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remembers `e` as the pending error of `ctx` (or of the current machine when `ctx` is unknown
+/// or gone), unless one is already pending: as with `Error **errp`, the first error wins.
 fn remember(ctx: Option<ContextId>, e: Error) {
-    let stored = ctx.is_some_and(|id| {
-        context::with(id, |c| {
-            c.memory.record_error(e.clone());
-            Ok(())
-        })
-        .is_ok()
-    });
-    if !stored {
-        context::with_current(|c| c.memory.record_error(e));
-    }
+    let id = ctx
+        .filter(|&id| registry::exists(id))
+        .unwrap_or_else(registry::current_id);
+    pending_errors().entry(id).or_insert(e);
+}
+
+/// Takes the pending error of machine `id`, if any.
+pub(crate) fn take_pending_error(id: ContextId) -> Option<Error> {
+    pending_errors().remove(&id)
+}
+
+/// Drops what this file keeps for a machine that is gone (its pending error, the region names
+/// handed out); the two root regions' storage stays, as C may keep those pointers forever.
+pub(crate) fn forget_machine(id: ContextId) {
+    pending_errors().remove(&id);
+    names()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(ctx, _), _| *ctx != id);
 }
 
 /// The frame of every `void` export: errors and panics are printed and remembered. `f` sets
@@ -182,15 +202,9 @@ fn void_export(f: impl FnOnce(&mut Option<ContextId>) -> Result<()>) {
 }
 
 /// Refuses to overwrite storage that still names a live region (QEMU would leak it silently).
-///
-/// # Safety
-/// `mr` points to MemoryRegion storage (checked non-NULL by the caller).
-unsafe fn check_free_storage(mr: &MemoryRegion) -> Result<()> {
+fn check_free_storage(mr: &MemoryRegion) -> Result<()> {
     if let Some((ctx, id)) = mr.handle() {
-        let live = context::get(ctx).and_then(|c| {
-            let g = context::lock(&c);
-            g.memory.get(id).ok().map(|r| r.name.clone())
-        });
+        let live = registry::with(ctx, |m| Ok(m.memory().get(id)?.name.clone())).ok();
         if let Some(name) = live {
             return Err(Error::new(
                 HmErrorClass::InUse,
@@ -217,11 +231,10 @@ unsafe fn init_region(
 ) -> Result<ContextId> {
     // SAFETY: forwarded caller contract.
     let storage = unsafe { mut_arg(mr, "mr") }?;
-    // SAFETY: storage is a valid reference.
-    unsafe { check_free_storage(storage) }?;
+    check_free_storage(storage)?;
     // SAFETY: forwarded caller contract.
     let owner = unsafe { owner_path(owner) };
-    let ctx = context::current_id();
+    let ctx = registry::current_id();
     let id = with_memory(ctx, |m| {
         let id = make(m)?;
         m.set_owner(id, owner.as_deref())?;
@@ -417,7 +430,7 @@ pub unsafe extern "C" fn memory_region_init_alias(
         // SAFETY: forwarded caller contract.
         let (octx, target) = unsafe { handle(orig, "orig") }?;
         *ctx = Some(octx);
-        if octx != context::current_id() {
+        if octx != registry::current_id() {
             return Err(Error::invalid(format!(
                 "alias '{name}' would point into another machine's region (context {octx})"
             )));
@@ -488,24 +501,23 @@ pub unsafe extern "C" fn hm_memory_region_destroy(mr: *mut MemoryRegion) {
 fn root_storage(io: bool) -> Result<*mut MemoryRegion> {
     type Roots = Mutex<HashMap<ContextId, usize>>;
     static ROOTS: OnceLock<Roots> = OnceLock::new();
-    let ctx = context::current_id();
+    let ctx = registry::current_id();
     let (sys, iop) = with_memory(ctx, |m| Ok((m.system_memory(), m.system_io())))?;
     let mut t = ROOTS
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    // One leaked pair per context id: C keeps these pointers forever, like QEMU's globals.
-    let addr = *t
-        .entry(ctx)
-        .or_insert_with(|| Box::into_raw(Box::new([MemoryRegion::default(); 2])) as usize);
+    // One leaked pair per machine: C keeps these pointers forever, like QEMU's globals. The
+    // handles are written once, before the first pointer is handed out, and never change (a
+    // machine's roots are fixed), so C readers need no lock.
+    let addr = *t.entry(ctx).or_insert_with(|| {
+        let pair = [MemoryRegion::new(ctx, sys), MemoryRegion::new(ctx, iop)];
+        Box::into_raw(Box::new(pair)) as usize
+    });
     let pair = addr as *mut [MemoryRegion; 2];
-    // SAFETY: `pair` was leaked above and is only written here, under the ROOTS lock; a context
-    // id reused after destroy gets a fresh handle written into the same storage.
-    unsafe {
-        (*pair)[0] = MemoryRegion::new(ctx, sys);
-        (*pair)[1] = MemoryRegion::new(ctx, iop);
-        Ok(&mut (*pair)[usize::from(io)] as *mut MemoryRegion)
-    }
+    // SAFETY: `pair` points to the leaked, never freed array made above; taking the address of
+    // one element reads and writes nothing.
+    Ok(unsafe { std::ptr::addr_of_mut!((*pair)[usize::from(io)]) })
 }
 
 /// The current machine's "system" region (2^64 bytes), root of the "memory" address space.
@@ -678,7 +690,7 @@ pub unsafe extern "C" fn memory_region_set_readonly(mr: *mut MemoryRegion, reado
 #[no_mangle]
 pub extern "C" fn memory_region_transaction_begin() {
     void_export(|ctx| {
-        let c = context::current_id();
+        let c = registry::current_id();
         *ctx = Some(c);
         with_memory(c, |m| {
             m.transaction_begin();
@@ -688,7 +700,7 @@ pub extern "C" fn memory_region_transaction_begin() {
 }
 
 fn commit_current(ctx: &mut Option<ContextId>) -> Result<()> {
-    let c = context::current_id();
+    let c = registry::current_id();
     *ctx = Some(c);
     with_memory(c, |m| m.transaction_commit())
 }
@@ -937,7 +949,7 @@ pub unsafe extern "C" fn vmstate_unregister_ram(mr: *mut MemoryRegion, _owner: *
 #[no_mangle]
 pub unsafe extern "C" fn hm_memory_check(errp: *mut *mut Error) -> bool {
     guard(errp, false, || {
-        match context::with_current(|c| c.memory.take_pending_error()) {
+        match take_pending_error(registry::current_id()) {
             None => Ok(true),
             Some(e) => Err(e),
         }

@@ -12,13 +12,13 @@
 //! `0x500` GDT, `0x1000` code, `0x2000..` page tables, then the op list.
 
 use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
 use crate::error::{Error, HmErrorClass, Result};
 
 use std::sync::{Arc, Mutex};
 
-use super::listener::lock;
+use super::table::lock;
 use super::table::SlotTable;
 
 pub(crate) const GDT_ADDR: u64 = 0x500;
@@ -278,23 +278,16 @@ fn read_guest_u64(table: &SlotTable, gpa: u64) -> Result<u64> {
     Ok(unsafe { std::ptr::read_unaligned(p as *const u64) })
 }
 
-/// Creates the vCPU the payload runs on, with the CPUID KVM supports (long mode needs it).
-pub(crate) fn create_vcpu(kvm: &Kvm, vm: &VmFd) -> Result<VcpuFd> {
+/// Prepares a new vCPU for the payload: the CPUID KVM supports (long mode needs it).
+pub(crate) fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<()> {
     let kvm_err = |what: &str, e: kvm_ioctls::Error| {
         Error::host(what.to_string(), e.errno()).with_class(HmErrorClass::Kvm)
     };
-    // The highest id KVM allows: a VMM that drives its own vCPUs on this VM numbers them from
-    // 0, so the payload's vCPU stays out of their way.
-    let id = kvm.get_max_vcpu_id().saturating_sub(1) as u64;
-    let vcpu = vm
-        .create_vcpu(id)
-        .map_err(|e| kvm_err(&format!("kvm_init_vcpu: creating vCPU {id} failed"), e))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| kvm_err("KVM_GET_SUPPORTED_CPUID failed", e))?;
     vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| kvm_err("KVM_SET_CPUID2 failed", e))?;
-    Ok(vcpu)
+        .map_err(|e| kvm_err("KVM_SET_CPUID2 failed", e))
 }
 
 fn enter_long_mode(vcpu: &VcpuFd) -> Result<()> {

@@ -1,5 +1,5 @@
 //! The KVM memory listener: flat-view changes in, memslot updates out. All state lives in the
-//! [`SlotTable`] it shares with the [`super::KvmHandle`].
+//! [`SlotTable`] it shares with the [`super::KvmAccel`].
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::listener::{MemoryListener, MemorySection};
 use crate::ramblock::RamBlockRegistry;
 
-use super::table::SlotTable;
+use super::table::{lock, SlotTable};
 
 pub struct KvmListener {
     table: Arc<Mutex<SlotTable>>,
@@ -21,12 +21,6 @@ impl KvmListener {
     fn table(&self) -> MutexGuard<'_, SlotTable> {
         lock(&self.table)
     }
-}
-
-/// Locks a slot table; a panic while it was held (reported at the ABI) does not poison it for
-/// good, since every table operation leaves the table matching the kernel.
-pub(crate) fn lock(t: &Arc<Mutex<SlotTable>>) -> MutexGuard<'_, SlotTable> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemoryListener for KvmListener {

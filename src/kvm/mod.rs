@@ -6,7 +6,7 @@
 //! - [`table`]: the slot table of one VM and the ioctls that keep the kernel in step;
 //! - [`listener`]: the [`crate::listener::MemoryListener`] that feeds the table from commits;
 //! - [`guest`]: the x86-64 payload;
-//! - this file: [`KvmHandle`], the VM of one context, and the `info memslots` text.
+//! - this file: [`KvmAccel`], the VM of one machine, and the guest check built on the payload.
 //!
 //! Choices worth knowing:
 //! - Every RAM section is split (QEMU splits only where a board set a limit), so a 9 TiB guest
@@ -25,14 +25,14 @@ pub mod listener;
 pub mod slots;
 pub mod table;
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use crate::context::Context;
 use crate::error::{Error, HmErrorClass, Result};
-use crate::memory::MemorySystem;
+use crate::listener::HasMemory;
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
 
 pub use guest::GuestOp;
@@ -41,6 +41,10 @@ pub use table::{Slot, SlotTable};
 
 /// The name the KVM listener registers under.
 pub const LISTENER_NAME: &str = "kvm-memory";
+
+/// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
+/// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
+pub const HM_KVM_SIGNATURE: u64 = 0x686f_7374_6d65_6d21;
 
 /// The error of a KVM call on a machine without KVM.
 pub fn not_attached() -> Error {
@@ -53,7 +57,7 @@ const DEFAULT_NR_SLOTS: u32 = 32;
 /// The value the guest check writes at `gpa`: different at every address, so a write that
 /// lands at the wrong place cannot pass for the right one.
 pub fn signature(gpa: u64) -> u64 {
-    crate::ffi::kvm::HM_KVM_SIGNATURE ^ gpa
+    HM_KVM_SIGNATURE ^ gpa
 }
 
 /// What the guest check verified.
@@ -69,28 +73,28 @@ pub struct GuestCheck {
     pub skipped: usize,
 }
 
-/// The KVM VM of one context: the VM fd, its vCPU and the slot table the listener fills.
+/// The KVM VM of one machine: the VM fd, its vCPUs and the slot table the listener fills.
 ///
-/// Clones share the VM: the C API clones the handle out of the locked context so that a guest
-/// run does not keep the context locked (another thread may change the layout or the dirty log
-/// meanwhile, as with a real vCPU thread).
+/// Clones share the VM, so a vCPU can run with the machine unlocked (another thread may change
+/// the layout or the dirty log meanwhile, as with a real vCPU thread). The VM and every slot's
+/// memory live as long as the last clone.
 #[derive(Clone)]
-pub struct KvmHandle {
+pub struct KvmAccel {
     kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     table: Arc<Mutex<SlotTable>>,
-    vcpu: Arc<Mutex<Option<VcpuFd>>>,
+    vcpus: Arc<Mutex<HashMap<u64, Arc<Mutex<VcpuFd>>>>>,
 }
 
 /// A guest check whose guest has run and whose signatures are still to be verified
-/// ([`KvmHandle::guest_check_run`], then [`KvmHandle::guest_check_verify`]).
+/// ([`KvmAccel::guest_check_run`], then [`KvmAccel::guest_check_verify`]).
 pub struct GuestCheckRun {
     slots: Vec<Slot>,
     targets: Vec<(usize, u64)>,
     skipped: usize,
 }
 
-impl KvmHandle {
+impl KvmAccel {
     /// Opens `/dev/kvm` and creates a VM. `max_slot_size` 0 means the kernel's limit; otherwise
     /// it must be a multiple of the host page size (QEMU's `kvm_set_max_memslot_size`).
     pub fn open(max_slot_size: u64) -> Result<Self> {
@@ -109,45 +113,12 @@ impl KvmHandle {
         };
         let vm = Arc::new(vm);
         let table = SlotTable::new(vm.clone(), nr, max, host_page);
-        Ok(KvmHandle {
+        Ok(KvmAccel {
             kvm: Arc::new(kvm),
             vm,
             table: Arc::new(Mutex::new(table)),
-            vcpu: Arc::new(Mutex::new(None)),
+            vcpus: Arc::new(Mutex::new(HashMap::new())),
         })
-    }
-
-    /// Attaches a new VM to a context: registers the KVM listener, which gets the current flat
-    /// view replayed as slots, and stores the handle in `ctx.kvm`.
-    pub fn attach(ctx: &mut Context, max_slot_size: u64) -> Result<()> {
-        if ctx.kvm.is_some() {
-            return Err(Error::new(
-                HmErrorClass::InUse,
-                "KVM is already attached to this machine",
-            ));
-        }
-        let handle = KvmHandle::open(max_slot_size)?;
-        ctx.memory.add_listener(Box::new(handle.listener()))?;
-        let table = handle.table.clone();
-        ctx.memory.set_accel_query(
-            "KVM",
-            Some(Box::new(move |gpa, size| {
-                listener::lock(&table).has_memory(gpa, size)
-            })),
-        );
-        ctx.kvm = Some(handle);
-        Ok(())
-    }
-
-    /// Detaches the context's VM: the listener leaves the memory system (every slot is removed
-    /// on the way) and the VM is closed.
-    pub fn detach(ctx: &mut Context) -> Result<()> {
-        if ctx.kvm.take().is_none() {
-            return Err(not_attached());
-        }
-        ctx.memory.remove_listener(LISTENER_NAME);
-        ctx.memory.set_accel_query("KVM", None);
-        Ok(())
     }
 
     /// A listener feeding this VM's slot table.
@@ -161,73 +132,106 @@ impl KvmHandle {
 
     /// The slots in use, by slot number.
     pub fn slots(&self) -> Vec<Slot> {
-        listener::lock(&self.table).slots()
+        self.table().slots()
+    }
+
+    /// The slot table, locked; a panic while it was held (reported at the ABI) does not
+    /// poison it for good, since every table operation leaves the table matching the kernel.
+    pub fn table(&self) -> std::sync::MutexGuard<'_, SlotTable> {
+        table::lock(&self.table)
     }
 
     /// The kernel's slot budget (`KVM_CAP_NR_MEMSLOTS`).
     pub fn nr_slots(&self) -> u32 {
-        listener::lock(&self.table).nr_slots()
+        self.table().nr_slots()
     }
 
     /// The configured maximum slot size (`None`: the kernel's limit).
     pub fn max_slot_size(&self) -> Option<u64> {
-        listener::lock(&self.table).max_slot_size()
+        self.table().max_slot_size()
+    }
+
+    /// The maximum slot size in force: the configured one or the kernel's limit.
+    pub fn effective_max_slot_size(&self) -> u64 {
+        let t = self.table();
+        let host_page = t.host_page();
+        t.max_slot_size()
+            .unwrap_or_else(|| slots::kernel_max_slot_size(host_page, host_page))
     }
 
     pub fn dirty_logging(&self) -> bool {
-        listener::lock(&self.table).dirty_logging()
+        self.table().dirty_logging()
     }
 
     /// Switches dirty logging on for every writable slot (the guest may be running).
     pub fn log_start(&self) -> Result<()> {
-        listener::lock(&self.table).log_start()
+        self.table().log_start()
     }
 
     pub fn log_stop(&self) -> Result<()> {
-        listener::lock(&self.table).log_stop()
+        self.table().log_stop()
     }
 
     /// Fetches the kernel's dirty logs, folds them into the RAMBlocks' dirty bitmaps and returns
     /// the guest-physical pages found dirty since the previous sync.
     pub fn log_sync(&self, ramblocks: &mut RamBlockRegistry) -> Result<Vec<u64>> {
-        listener::lock(&self.table).log_sync(ramblocks)
+        self.table().log_sync(ramblocks)
     }
 
     /// [`Self::log_sync`] with the folding step given by the caller.
     pub fn log_sync_with(&self, mark: &mut dyn FnMut(RamBlockId, u64, u64)) -> Result<Vec<u64>> {
-        listener::lock(&self.table).log_sync_with(mark)
+        self.table().log_sync_with(mark)
     }
 
     /// The guest-physical pages the latest sync found dirty.
     pub fn last_dirty(&self) -> Vec<u64> {
-        listener::lock(&self.table).last_dirty().to_vec()
+        self.table().last_dirty().to_vec()
+    }
+
+    /// vCPU `id` of this VM, created on first use with `setup` (e.g. CPUID) run once on it.
+    pub fn vcpu(
+        &self,
+        id: u64,
+        setup: impl FnOnce(&Kvm, &VcpuFd) -> Result<()>,
+    ) -> Result<Arc<Mutex<VcpuFd>>> {
+        let mut vcpus = self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = vcpus.get(&id) {
+            return Ok(v.clone());
+        }
+        let vcpu = self.vm.create_vcpu(id).map_err(|e| {
+            Error::host(
+                format!("kvm_init_vcpu: creating vCPU {id} failed"),
+                e.errno(),
+            )
+            .with_class(HmErrorClass::Kvm)
+        })?;
+        setup(&self.kvm, &vcpu)?;
+        let vcpu = Arc::new(Mutex::new(vcpu));
+        vcpus.insert(id, vcpu.clone());
+        Ok(vcpu)
+    }
+
+    /// The highest vCPU id KVM accepts on this host.
+    pub fn max_vcpu_id(&self) -> u64 {
+        self.kvm.get_max_vcpu_id() as u64
     }
 
     /// Runs the guest payload over `ops` and returns, per op, the value written or read.
     pub fn run_guest(&self, ops: &[GuestOp]) -> Result<Vec<u64>> {
-        let mut vcpu = self.vcpu.lock().unwrap_or_else(|p| p.into_inner());
-        if vcpu.is_none() {
-            *vcpu = Some(guest::create_vcpu(&self.kvm, &self.vm)?);
-        }
-        guest::run_ops(vcpu.as_mut().expect("created above"), &self.table, ops)
+        // The highest id KVM allows: a VMM that drives its own vCPUs on this VM numbers them
+        // from 0, so the payload's vCPU stays out of their way.
+        let id = self.max_vcpu_id().saturating_sub(1);
+        let vcpu = self.vcpu(id, guest::setup_vcpu)?;
+        let mut vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        guest::run_ops(&mut vcpu, &self.table, ops)
     }
 
     /// The guest writes a signature at the start and at the end of every writable slot and
     /// halts; the host then reads every signature back through the RAMBlocks' host pointers.
-    pub fn run_guest_check(&self, mem: &MemorySystem) -> Result<GuestCheck> {
-        self.run_guest_check_with(&|block, offset| ramblock_u64(&mem.ramblocks, block, offset))
-    }
-
-    /// [`Self::run_guest_check`] with the host-side lookup given by the caller:
-    /// `resolve(block, offset)` returns where that RAMBlock byte lives in this process.
-    pub fn run_guest_check_with(
-        &self,
-        resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
-    ) -> Result<GuestCheck> {
+    pub fn run_guest_check(&self, ramblocks: &RamBlockRegistry) -> Result<GuestCheck> {
         let run = self.guest_check_run()?;
-        Self::guest_check_verify(run, resolve)
+        Self::guest_check_verify(run, ramblocks)
     }
-
     /// First half of the guest check: the guest writes the signatures and halts.
     pub fn guest_check_run(&self) -> Result<GuestCheckRun> {
         let slots: Vec<Slot> = self.slots().into_iter().filter(|s| !s.readonly).collect();
@@ -266,11 +270,11 @@ impl KvmHandle {
         })
     }
 
-    /// Second half of the guest check: every signature is read back through `resolve`, which
-    /// returns where a RAMBlock byte lives in this process.
+    /// Second half of the guest check: every signature is read back through the RAMBlocks'
+    /// host pointers, a path to guest memory independent of the slots the guest wrote through.
     pub fn guest_check_verify(
         run: GuestCheckRun,
-        resolve: &dyn Fn(RamBlockId, u64) -> Option<*const u8>,
+        ramblocks: &RamBlockRegistry,
     ) -> Result<GuestCheck> {
         let GuestCheckRun {
             slots,
@@ -281,9 +285,10 @@ impl KvmHandle {
         for &(i, gpa) in &targets {
             let s = &slots[i];
             let offset = s.block_offset + (gpa - s.gpa);
-            let found = resolve(s.block, offset).map(|p| {
-                // SAFETY: `resolve` returned a pointer to 8 readable bytes of the RAMBlock's
-                // memory; the vCPU has halted, so nothing writes it concurrently.
+            let found = ramblock_u64(ramblocks, s.block, offset).map(|p| {
+                // SAFETY: ramblock_u64 returned a pointer to 8 bytes inside the RAMBlock's
+                // memory, which its mapping keeps mapped while `ramblocks` is borrowed; the
+                // vCPU has halted, so nothing writes it concurrently.
                 unsafe { std::ptr::read_unaligned(p as *const u64) }
             });
             if found != Some(signature(gpa)) {
@@ -321,27 +326,6 @@ impl KvmHandle {
             skipped,
         })
     }
-
-    /// The text of our HMP `info memslots`: a summary line, a column header and one row per
-    /// slot. RAMBlock names come from `ramblocks` when given (unnamed blocks show the region).
-    pub fn info_memslots(&self, ramblocks: Option<&RamBlockRegistry>) -> String {
-        let t = listener::lock(&self.table);
-        let host_page = t.host_page();
-        format_memslots(
-            &t.slots(),
-            t.nr_slots(),
-            t.max_slot_size()
-                .unwrap_or_else(|| slots::kernel_max_slot_size(host_page, host_page)),
-            t.dirty_logging(),
-            &|s: &Slot| {
-                ramblocks
-                    .and_then(|r| r.get(s.block))
-                    .map(|b| b.idstr.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| s.region_name.clone())
-            },
-        )
-    }
 }
 
 /// Where the 8 bytes at `offset` of RAMBlock `block` live in this process, if the block has
@@ -356,88 +340,19 @@ pub fn ramblock_u64(
         .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
 }
 
-/// Formats the `info memslots` table (see [`KvmHandle::info_memslots`]).
-pub fn format_memslots(
-    slots: &[Slot],
-    nr_slots: u32,
-    max_slot_size: u64,
-    dirty_logging: bool,
-    name: &dyn Fn(&Slot) -> String,
-) -> String {
-    let mut out = format!(
-        "KVM memslots: {} used of {}, max slot size 0x{:x}, dirty logging {}\n",
-        slots.len(),
-        nr_slots,
-        max_slot_size,
-        if dirty_logging { "on" } else { "off" }
-    );
-    out.push_str(&format!(
-        "{:>4} {:<37} {:<18} {:<18} {:<6} {}\n",
-        "slot", "GPA", "size", "HVA", "flags", "RAMBlock@offset"
-    ));
-    for s in slots {
-        let flags = if s.readonly {
-            "ro"
-        } else if s.flags & kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES != 0 {
-            "rw,log"
-        } else {
-            "rw"
-        };
-        out.push_str(&format!(
-            "{:>4} 0x{:016x}-0x{:016x} 0x{:016x} 0x{:016x} {:<6} {}@0x{:x}\n",
-            s.slot,
-            s.gpa,
-            s.gpa + (s.size - 1),
-            s.size,
-            s.hva,
-            flags,
-            name(s),
-            s.block_offset
-        ));
+impl HasMemory for KvmAccel {
+    fn accel_name(&self) -> &str {
+        "KVM"
     }
-    out
+
+    fn has_memory(&self, gpa: u64, size: u64) -> bool {
+        self.table().has_memory(gpa, size)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn slot(n: u32, gpa: u64, size: u64, flags: u32, readonly: bool) -> Slot {
-        Slot {
-            slot: n,
-            gpa,
-            size,
-            hva: 0x7f00_0000_0000 + gpa,
-            flags,
-            block: RamBlockId(0),
-            block_offset: gpa,
-            region_name: "pc.ram".into(),
-            readonly,
-        }
-    }
-
-    #[test]
-    fn info_memslots_has_a_summary_a_header_and_one_row_per_slot() {
-        let text = format_memslots(
-            &[
-                slot(0, 0, 0xc000_0000, 0, false),
-                slot(1, 0x1_0000_0000, 0xc000_0000, 1, false),
-                slot(2, 0xfffc_0000, 0x4_0000, 2, true),
-            ],
-            32764,
-            0x7ff_ffff_f000,
-            true,
-            &|s| s.region_name.clone(),
-        );
-        let expected = "\
-KVM memslots: 3 used of 32764, max slot size 0x7fffffff000, dirty logging on
-slot GPA                                   size               HVA                flags  RAMBlock@offset
-   0 0x0000000000000000-0x00000000bfffffff 0x00000000c0000000 0x00007f0000000000 rw     pc.ram@0x0
-   1 0x0000000100000000-0x00000001bfffffff 0x00000000c0000000 0x00007f0100000000 rw,log pc.ram@0x100000000
-   2 0x00000000fffc0000-0x00000000ffffffff 0x0000000000040000 0x00007f00fffc0000 ro     pc.ram@0xfffc0000
-";
-        assert_eq!(text, expected);
-    }
 
     #[test]
     fn signatures_differ_per_address() {

@@ -4,11 +4,12 @@
 //! The ioctls go through [`SlotIoctls`] so that the bookkeeping (slot reuse, budget, rollback,
 //! dirty folding) is tested without a VM; the VM's [`kvm_ioctls::VmFd`] is the real one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use crate::error::{Error, HmErrorClass, Result};
+use crate::hostmap::HostMapping;
 use crate::listener::MemorySection;
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
 
@@ -45,9 +46,11 @@ impl SlotIoctls for kvm_ioctls::VmFd {
             memory_size: size,
             userspace_addr: hva,
         };
-        // SAFETY: `hva..hva+size` is guest RAM owned by a RAMBlock of this context: the slot
-        // table removes the slot (size 0) when the flat view drops the section, before the
-        // memory can be unmapped, and the kernel itself only pins pages it can fault in.
+        // SAFETY: the only caller is SlotTable, which passes either size 0 (delete) or the
+        // `hva..hva+size` of a RAM section it keeps in a `Slot` together with the section's
+        // `Arc<HostMapping>`; the slot is deleted from the kernel before that Arc is dropped
+        // (remove_slot, and SlotTable's Drop), so the range stays mapped for as long as the
+        // kernel may access it.
         unsafe { kvm_ioctls::VmFd::set_user_memory_region(self, region) }.map_err(|e| e.errno())
     }
 
@@ -56,8 +59,14 @@ impl SlotIoctls for kvm_ioctls::VmFd {
     }
 }
 
+/// Locks a slot table; a panic while it was held (reported at the ABI) does not poison it for
+/// good, since every table operation leaves the table matching the kernel.
+pub fn lock(t: &Arc<Mutex<SlotTable>>) -> MutexGuard<'_, SlotTable> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One registered memslot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Slot {
     /// KVM slot number (address space 0).
     pub slot: u32,
@@ -71,6 +80,17 @@ pub struct Slot {
     /// The leaf region the section came from (for dumps).
     pub region_name: String,
     pub readonly: bool,
+    /// The memory `hva` points into: held as long as the slot exists, so the kernel never maps
+    /// guest-physical addresses onto memory that was unmapped (or reused by another mapping),
+    /// whatever order the VMM frees its machine, its regions and its VM clones in.
+    pub mapping: Arc<HostMapping>,
+}
+
+impl Slot {
+    /// Whether the kernel logs dirty pages of this slot.
+    pub fn logs_dirty_pages(&self) -> bool {
+        self.flags & KVM_MEM_LOG_DIRTY_PAGES != 0
+    }
 }
 
 /// Dirty bits fetched from a slot that went away (removed, or logging switched off) before the
@@ -269,6 +289,7 @@ impl SlotTable {
                 block_offset: p.block_offset,
                 region_name: section.region_name.clone(),
                 readonly: ram.readonly,
+                mapping: ram.mapping.clone(),
             };
             let i = slot as usize;
             if i == self.slots.len() {
@@ -433,6 +454,21 @@ impl SlotTable {
     }
 }
 
+/// The last user of the table lets go: its slots leave the kernel before their memory may be
+/// unmapped. The VM itself may outlive the table in the kernel (a vCPU fd keeps it), so closing
+/// the VM fd is not enough to say the slots are gone.
+impl Drop for SlotTable {
+    fn drop(&mut self) {
+        for s in self.slots.iter().flatten() {
+            // Best effort: a refusal here leaves a slot on memory that nothing else maps, and
+            // no vCPU of this VM can run any more.
+            let _ = self
+                .ioctls
+                .set_user_memory_region(s.slot, 0, s.gpa, 0, s.hva);
+        }
+    }
+}
+
 /// Calls `f(first_bit, count)` for each run of set bits in a little-endian bitmap.
 fn for_each_run(bitmap: &[u64], mut f: impl FnMut(u64, u64)) {
     let mut start: Option<u64> = None;
@@ -514,12 +550,23 @@ mod tests {
             region_name: "pc.ram".into(),
             ram: Some(RamSection {
                 host_addr: hva,
+                mapping: any_mapping(),
                 block: RamBlockId(block),
                 block_offset: off,
                 page_size: 4096,
                 readonly: false,
             }),
         }
+    }
+
+    /// The table keeps a section's mapping alive but never touches its bytes, so one small
+    /// real mapping stands in for the memory of every fake section.
+    fn any_mapping() -> Arc<HostMapping> {
+        static M: std::sync::OnceLock<Arc<HostMapping>> = std::sync::OnceLock::new();
+        M.get_or_init(|| {
+            Arc::new(crate::hostmap::map_anonymous("fake", 4096, false, true).unwrap())
+        })
+        .clone()
     }
 
     fn table(nr: u32, max: Option<u64>) -> (Arc<FakeVm>, SlotTable) {

@@ -475,6 +475,9 @@ mod tests {
         assert_eq!(size_to_str(1 << 40), "1 TiB");
         assert_eq!(size_to_str(1023 * 1024), "0.999 MiB");
         assert_eq!(size_to_str(u64::MAX), "16 EiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(1000 << 10), "0.977 MiB");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use hostmem::hostmap::HostMapping;
-use hostmem::kvm::KvmHandle;
+use hostmem::kvm::KvmAccel;
 
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -17,8 +17,8 @@ fn under_ci() -> bool {
 
 /// Opens a VM, or returns None (after saying why) when this host has no usable KVM. Under
 /// CI=true a missing KVM fails the test instead.
-pub fn open_kvm(max_slot_size: u64) -> Option<KvmHandle> {
-    match KvmHandle::open(max_slot_size) {
+pub fn open_kvm(max_slot_size: u64) -> Option<KvmAccel> {
+    match KvmAccel::open(max_slot_size) {
         Ok(h) => Some(h),
         Err(e) if under_ci() => panic!("KVM is required under CI=true: {e}"),
         Err(e) => {
