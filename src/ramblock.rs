@@ -304,61 +304,55 @@ impl RamBlockRegistry {
         self.order.clone()
     }
 
-    /// Marks `[offset, offset+len)` of the block dirty (target pages of 4 KiB). Ranges beyond
+    /// Marks `[offset, offset+len)` of the block dirty (target pages of 4 KiB), and the same
+    /// memory in every other block that shows it: the block that owns the memory and each alias
+    /// block over it. A page written through any mapping is thus dirty in whichever block
+    /// migrates it (the s390 partition migrates alias blocks, not the backend's). Ranges beyond
     /// the block are clipped.
     pub fn set_dirty(&mut self, id: RamBlockId, offset: u64, len: u64) {
-        let Some(b) = self.blocks.get_mut(&id.0) else {
+        let Some(b) = self.blocks.get(&id.0) else {
             return;
         };
         let end = offset.saturating_add(len).min(b.max_length);
         if len == 0 || offset >= end {
             return;
         }
-        let words = b
-            .dirty
-            .words
-            .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
-        set_bits(words, offset / DIRTY_PAGE_SIZE, (end - 1) / DIRTY_PAGE_SIZE);
+        // Where the range lies in the memory of the block that owns it.
+        let root = b.alias_of.unwrap_or(id);
+        let Some(root_start) = self.blocks.get(&root.0).map(|r| r.mapping_offset) else {
+            mark_dirty(
+                self.blocks.get_mut(&id.0).expect("looked up above"),
+                offset,
+                end,
+            );
+            return;
+        };
+        let base = b.mapping_offset - root_start;
+        let (start, end) = (base + offset, base + end);
+        for (key, blk) in self.blocks.iter_mut() {
+            if *key != root.0 && blk.alias_of != Some(root) {
+                continue;
+            }
+            let at = blk.mapping_offset - root_start;
+            let (s, e) = (start.max(at), end.min(at + blk.max_length));
+            if s < e {
+                mark_dirty(blk, s - at, e - at);
+            }
+        }
     }
 
     /// ORs a dirty bitmap in KVM's layout (bit i of word w = page 64*w+i, little-endian u64
-    /// words) into the block, starting at the block's page `first_page`: what a listener's
-    /// `log_sync` does with KVM_GET_DIRTY_LOG for a slot that starts inside the block.
-    /// Pages beyond the block are ignored.
+    /// words) into the block, starting at the block's page `first_page`, as [`Self::set_dirty`]
+    /// does for each run of set bits (so alias blocks see the pages too). Pages beyond the block
+    /// are ignored.
     pub fn merge_dirty_bitmap(&mut self, id: RamBlockId, first_page: u64, bitmap: &[u64]) {
-        let Some(b) = self.blocks.get_mut(&id.0) else {
-            return;
-        };
-        let pages = b.max_length.div_ceil(DIRTY_PAGE_SIZE);
-        if first_page >= pages || bitmap.iter().all(|&w| w == 0) {
-            return;
-        }
-        let words = b
-            .dirty
-            .words
-            .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
-        let shift = (first_page % 64) as u32;
-        let base = (first_page / 64) as usize;
-        for (i, &w) in bitmap.iter().enumerate() {
-            if w == 0 {
-                continue;
-            }
-            let lo = w << shift;
-            let hi = if shift == 0 { 0 } else { w >> (64 - shift) };
-            if let Some(x) = words.get_mut(base + i) {
-                *x |= lo;
-            }
-            if let Some(x) = words.get_mut(base + i + 1) {
-                *x |= hi;
-            }
-        }
-        // Bits past the block's last page must stay clear.
-        let tail = (pages % 64) as u32;
-        if tail != 0 {
-            if let Some(last) = words.last_mut() {
-                *last &= (1u64 << tail) - 1;
-            }
-        }
+        for_each_set_run(bitmap, |first, count| {
+            self.set_dirty(
+                id,
+                (first_page + first) * DIRTY_PAGE_SIZE,
+                count * DIRTY_PAGE_SIZE,
+            )
+        });
     }
 
     /// Returns the block's dirty bitmap (one bit per 4 KiB page of max_length, little-endian
@@ -384,6 +378,44 @@ impl RamBlockRegistry {
             .and_then(|b| b.dirty.words.as_ref())
             .map(|w| w.iter().map(|x| u64::from(x.count_ones())).sum())
             .unwrap_or(0)
+    }
+}
+
+/// Marks bytes `[start, end)` of a block dirty (every page they touch), allocating its bitmap
+/// on first use. `start < end <= max_length`.
+fn mark_dirty(b: &mut RamBlock, start: u64, end: u64) {
+    let words = b
+        .dirty
+        .words
+        .get_or_insert_with(|| vec![0; bitmap_words(b.max_length)]);
+    set_bits(words, start / DIRTY_PAGE_SIZE, (end - 1) / DIRTY_PAGE_SIZE);
+}
+
+/// Calls `f(first_bit, count)` for each run of set bits of a little-endian bitmap.
+pub fn for_each_set_run(bitmap: &[u64], mut f: impl FnMut(u64, u64)) {
+    let mut start: Option<u64> = None;
+    for (wi, &word) in bitmap.iter().enumerate() {
+        let base = wi as u64 * 64;
+        if start.is_none() && word == 0 {
+            continue;
+        }
+        if start.is_some() && word == !0 {
+            continue;
+        }
+        for b in 0..64u64 {
+            let set = word & (1 << b) != 0;
+            match (set, start) {
+                (true, None) => start = Some(base + b),
+                (false, Some(s)) => {
+                    f(s, base + b - s);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(s) = start {
+        f(s, bitmap.len() as u64 * 64 - s);
     }
 }
 
@@ -615,6 +647,75 @@ mod tests {
         r.merge_dirty_bitmap(a, 300, &[1]);
         r.merge_dirty_bitmap(a, 0, &[0]);
         assert!(r.take_dirty(a).iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn runs_of_bits_are_found_across_word_boundaries() {
+        let mut runs = Vec::new();
+        for_each_set_run(&[0x8000_0000_0000_0001, 0x3, 0, 1 << 63], |s, n| {
+            runs.push((s, n))
+        });
+        assert_eq!(runs, vec![(0, 1), (63, 3), (255, 1)]);
+        runs.clear();
+        // Whole words inside a run, and a run that ends with the bitmap.
+        for_each_set_run(&[1 << 63, !0, !0, 1, 0, 1 << 63, !0], |s, n| {
+            runs.push((s, n))
+        });
+        assert_eq!(runs, vec![(63, 130), (383, 65)]);
+    }
+
+    /// (root, alias at `at` of `len` bytes over it) with both named, for dirty tests.
+    fn root_and_alias(r: &mut RamBlockRegistry, at: u64, len: u64) -> (RamBlockId, RamBlockId) {
+        let root = add(r, 4 * MIB);
+        let alias = r.add_alias(root, at, len).unwrap();
+        (root, alias)
+    }
+
+    fn pages(bitmap: &[u64]) -> Vec<u64> {
+        let mut v = Vec::new();
+        for_each_set_run(bitmap, |s, n| v.extend(s..s + n));
+        v
+    }
+
+    #[test]
+    fn a_page_dirtied_in_the_owner_is_dirty_in_every_alias_block_over_it() {
+        let mut r = RamBlockRegistry::new();
+        let (root, alias) = root_and_alias(&mut r, MIB, MIB);
+        let other = r.add_alias(root, 3 * MIB, MIB).unwrap();
+        // Pages 255..=257 of the root: the first is below the alias, the others are its 0, 1.
+        r.set_dirty(root, 255 * 4096, 3 * 4096);
+        assert_eq!(pages(&r.take_dirty(root)), vec![255, 256, 257]);
+        assert_eq!(pages(&r.take_dirty(alias)), vec![0, 1]);
+        assert!(pages(&r.take_dirty(other)).is_empty());
+        // Taking one block's bits leaves the others' alone.
+        r.set_dirty(root, 2 * MIB - 4096, 4096);
+        assert_eq!(pages(&r.take_dirty(alias)), vec![255]);
+        assert_eq!(pages(&r.take_dirty(root)), vec![511]);
+    }
+
+    #[test]
+    fn a_page_dirtied_through_an_alias_block_is_dirty_in_the_owner_too() {
+        let mut r = RamBlockRegistry::new();
+        let (root, alias) = root_and_alias(&mut r, MIB, MIB);
+        let overlapping = r.add_alias(root, MIB + 512 * 1024, MIB).unwrap();
+        r.set_dirty(alias, 128 * 4096, 4096);
+        assert_eq!(pages(&r.take_dirty(alias)), vec![128]);
+        assert_eq!(pages(&r.take_dirty(root)), vec![256 + 128]);
+        assert_eq!(pages(&r.take_dirty(overlapping)), vec![0]);
+        // An alias of an alias points at the owner, so it is covered the same way.
+        let nested = r.add_alias(alias, 4096, 4096).unwrap();
+        r.set_dirty(root, MIB + 4096, 1);
+        assert_eq!(pages(&r.take_dirty(nested)), vec![0]);
+        assert_eq!(pages(&r.take_dirty(alias)), vec![1]);
+    }
+
+    #[test]
+    fn an_alias_at_an_odd_offset_gets_every_page_a_dirty_page_touches() {
+        let mut r = RamBlockRegistry::new();
+        let (root, alias) = root_and_alias(&mut r, 2048, 64 * 4096);
+        r.set_dirty(root, 4096, 4096);
+        // Root page 1 is bytes 2048..6144 of the alias: its pages 0 and 1.
+        assert_eq!(pages(&r.take_dirty(alias)), vec![0, 1]);
     }
 
     #[test]

@@ -459,3 +459,148 @@ fn the_payload_vcpu_leaves_vcpu_0_to_the_vmm() {
     // SAFETY: the vCPU fd from above, closed once.
     unsafe { libc::close(vcpu0) };
 }
+
+/// An s390-shaped board that migrates main RAM as two alias blocks ("s390.ram" and
+/// "s390.ram.1", 1 GiB each) instead of the backend's own block, as the s390 partition does.
+fn s390_partitioned(ram_size: u64, chunk: u64) -> (Machine, Vec<RegionId>) {
+    let board = hostmem::machine::BoardInfo {
+        name: "s390-ccw-virtio-4.1".into(),
+        alias: None,
+        default_ram_size: 128 * MIB,
+        default_ram_id: Some("s390.ram".into()),
+        numa_mem_supported: false,
+        numa_supported: false,
+        no_cpus_by_default: false,
+        is_default: false,
+    };
+    let size = format!("{}M", ram_size / MIB);
+    let cmd = hostmem::options::cmdline::Cmdline::parse(&["-m", &size]).unwrap();
+    let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
+    let ram = machine.config().unwrap().ram.unwrap();
+    let mem = machine.memory_mut();
+    // The backend's block leaves the stream; its aliases carry the memory instead.
+    mem.vmstate_unregister_ram(ram).unwrap();
+    let sys = mem.system_memory();
+    let mut aliases = Vec::new();
+    for (i, start) in (0..ram_size).step_by(chunk as usize).enumerate() {
+        let name = match i {
+            0 => "s390.ram".to_string(),
+            n => format!("s390.ram.{n}"),
+        };
+        let a = mem.new_alias(&name, ram, start, chunk).unwrap();
+        mem.vmstate_register_ram(a, None).unwrap();
+        mem.add_subregion(sys, start, a, None).unwrap();
+        aliases.push(a);
+    }
+    (machine, aliases)
+}
+
+#[test]
+fn pages_the_guest_writes_through_an_alias_are_dirty_in_that_alias_block() {
+    if !kvm_usable() {
+        return;
+    }
+    let (mut machine, aliases) = s390_partitioned(2 * GIB, GIB);
+    let ram = machine.config().unwrap().ram.unwrap();
+    machine.attach_kvm(0).unwrap();
+    let mem = machine.memory();
+    let block = |r: RegionId| mem.ram_block_of(r).unwrap();
+    let (b0, b1, backend) = (block(aliases[0]), block(aliases[1]), block(ram));
+    let migrated: Vec<&str> = mem
+        .ramblocks
+        .ids()
+        .into_iter()
+        .filter_map(|b| mem.ramblocks.get(b))
+        .filter(|b| b.migratable)
+        .map(|b| b.idstr.as_str())
+        .collect();
+    assert_eq!(migrated, ["s390.ram", "s390.ram.1"]);
+    assert_eq!(mem.ramblocks.get(backend).unwrap().idstr, "");
+
+    let mem = machine.memory_mut();
+    mem.set_global_dirty_log(true).unwrap();
+    mem.log_sync().unwrap();
+    for b in [b0, b1] {
+        mem.ramblocks.take_dirty(b);
+    }
+    let written = [0x20_0000u64, 0x20_1000, GIB + 0x5000, 2 * GIB - 0x1000];
+    let ops: Vec<GuestOp> = written
+        .iter()
+        .map(|&gpa| GuestOp::Write { gpa, value: gpa })
+        .collect();
+    machine.kvm().unwrap().run_guest(&ops).unwrap();
+    let mem = machine.memory_mut();
+    mem.log_sync().unwrap();
+    assert_eq!(
+        dirty_offsets(&mem.ramblocks.take_dirty(b0)),
+        vec![0x20_0000, 0x20_1000]
+    );
+    assert_eq!(
+        dirty_offsets(&mem.ramblocks.take_dirty(b1)),
+        vec![0x5000, GIB - 0x1000]
+    );
+    // The backend's own block saw the same pages at its own offsets.
+    assert_eq!(dirty_offsets(&mem.ramblocks.take_dirty(backend)), written);
+}
+
+#[test]
+fn a_vm_clone_keeps_its_slots_memory_mapped_after_the_machine_is_gone() {
+    if !kvm_usable() {
+        return;
+    }
+    let cmd = hostmem::options::cmdline::Cmdline::parse(&["-m", "64M"]).unwrap();
+    let board = hostmem::machine::BoardInfo {
+        name: "none".into(),
+        alias: None,
+        default_ram_size: 0,
+        default_ram_id: Some("ram".into()),
+        numa_mem_supported: false,
+        numa_supported: false,
+        no_cpus_by_default: true,
+        is_default: false,
+    };
+    let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
+    let ram = machine.config().unwrap().ram.unwrap();
+    let mem = machine.memory_mut();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    let host = mem.ram_ptr(ram).unwrap().unwrap() as usize;
+    machine.attach_kvm(0).unwrap();
+    let kvm = machine.kvm().unwrap().clone();
+    let (started, release, result) = (0x10_0000u64, 0x20_0000u64, 0x30_0000u64);
+    let guest = std::thread::spawn(move || {
+        kvm.run_guest(&[
+            GuestOp::Write {
+                gpa: started,
+                value: 1,
+            },
+            GuestOp::WaitWhile {
+                gpa: release,
+                value: 0,
+            },
+            GuestOp::Write {
+                gpa: result,
+                value: 0x600d,
+            },
+            GuestOp::Read { gpa: result },
+        ])
+    });
+    let word = |gpa: u64| (host + gpa as usize) as *mut u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // SAFETY: inside the machine's 64 MiB of RAM, which is still alive here; the guest writes
+    // the word concurrently, hence the volatile read.
+    while unsafe { std::ptr::read_volatile(word(started)) } != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never started"
+        );
+        std::thread::yield_now();
+    }
+    // The machine goes while its vCPU runs: only the VM clone's slots hold the RAM now.
+    drop(machine);
+    // SAFETY: the slots of the running VM keep the mapping alive (that is what this test
+    // checks: were it unmapped, this write would fault); the guest only reads this word.
+    unsafe { std::ptr::write_volatile(word(release), 1) };
+    let got = guest.join().unwrap().unwrap();
+    assert_eq!(got[3], 0x600d);
+}

@@ -11,7 +11,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM
 use crate::error::{Error, HmErrorClass, Result};
 use crate::hostmap::HostMapping;
 use crate::listener::MemorySection;
-use crate::ramblock::{RamBlockId, RamBlockRegistry};
+use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry};
 
 use super::slots::{self, SlotRange};
 
@@ -436,7 +436,7 @@ impl SlotTable {
         }
         let page = self.host_page;
         for b in &batches {
-            for_each_run(&b.bitmap, |first, count| {
+            for_each_set_run(&b.bitmap, |first, count| {
                 mark(b.block, b.block_offset + first * page, count * page);
                 gpas.extend((first..first + count).map(|i| b.gpa + i * page));
             });
@@ -466,31 +466,6 @@ impl Drop for SlotTable {
                 .ioctls
                 .set_user_memory_region(s.slot, 0, s.gpa, 0, s.hva);
         }
-    }
-}
-
-/// Calls `f(first_bit, count)` for each run of set bits in a little-endian bitmap.
-fn for_each_run(bitmap: &[u64], mut f: impl FnMut(u64, u64)) {
-    let mut start: Option<u64> = None;
-    for (wi, &word) in bitmap.iter().enumerate() {
-        if start.is_none() && word == 0 {
-            continue;
-        }
-        for b in 0..64u64 {
-            let bit = wi as u64 * 64 + b;
-            let set = word & (1 << b) != 0;
-            match (set, start) {
-                (true, None) => start = Some(bit),
-                (false, Some(s)) => {
-                    f(s, bit - s);
-                    start = None;
-                }
-                _ => {}
-            }
-        }
-    }
-    if let Some(s) = start {
-        f(s, bitmap.len() as u64 * 64 - s);
     }
 }
 
@@ -753,14 +728,5 @@ mod tests {
         t.log_stop().unwrap();
         let gpas = t.log_sync_with(&mut |_, _, _| {}).unwrap();
         assert_eq!(gpas, vec![9 * 4096]);
-    }
-
-    #[test]
-    fn runs_of_bits_are_found_across_word_boundaries() {
-        let mut runs = Vec::new();
-        for_each_run(&[0x8000_0000_0000_0001, 0x3, 0, 1 << 63], |s, n| {
-            runs.push((s, n))
-        });
-        assert_eq!(runs, vec![(0, 1), (63, 3), (255, 1)]);
     }
 }
