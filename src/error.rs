@@ -61,18 +61,18 @@ impl Error {
     /// A host failure: `message` followed by ": " and the text of `errno`, as QEMU's
     /// `error_setg_errno` formats it.
     pub fn host(message: impl Into<String>, errno: i32) -> Self {
-        let text = std::io::Error::from_raw_os_error(errno).to_string();
-        // std appends " (os error N)"; QEMU prints strerror() alone.
-        let text = match text.rfind(" (os error") {
-            Some(i) => text[..i].to_string(),
-            None => text,
-        };
         Error {
             class: HmErrorClass::Host,
-            message: format!("{}: {}", message.into(), text),
+            message: format!("{}: {}", message.into(), strerror(errno)),
             hint: None,
             errno: Some(errno),
         }
+    }
+
+    /// Sets the errno the error carries (for errors built from a typed error that had one).
+    pub fn with_errno(mut self, errno: i32) -> Self {
+        self.errno = Some(errno);
+        self
     }
 
     /// The calling thread's errno, as `host` takes it.
@@ -118,6 +118,16 @@ impl Error {
 
     pub fn errno(&self) -> Option<i32> {
         self.errno
+    }
+}
+
+/// The text of `errno` as C's strerror() gives it ("No such file or directory").
+pub fn strerror(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    // std appends " (os error N)"; QEMU prints strerror() alone.
+    match text.rfind(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
     }
 }
 

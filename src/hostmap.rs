@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 
 #[derive(Debug)]
 pub struct HostMapping {
@@ -188,6 +188,20 @@ pub fn map_aligned(spec: &MapSpec, fd: Option<&OwnedFd>) -> std::result::Result<
     Ok(start as *mut u8)
 }
 
+/// A mapping the host refused: "WHAT: strerror(errno)".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {}", crate::error::strerror(*errno))]
+pub struct MapError {
+    pub what: String,
+    pub errno: i32,
+}
+
+impl From<MapError> for Error {
+    fn from(e: MapError) -> Error {
+        Error::host(e.what, e.errno)
+    }
+}
+
 pub fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -195,9 +209,17 @@ pub fn errno() -> i32 {
 /// Anonymous guest RAM of `size` bytes rounded up to the host page, aligned to
 /// [`VMALLOC_ALIGN`] as QEMU aligns it; `name` is the RAM's name in the error ("cannot set up
 /// guest memory 'pc.ram': ..."). Backends and regions that own their RAM both come here.
-pub fn map_anonymous(name: &str, size: u64, shared: bool, noreserve: bool) -> Result<HostMapping> {
+pub fn map_anonymous(
+    name: &str,
+    size: u64,
+    shared: bool,
+    noreserve: bool,
+) -> std::result::Result<HostMapping, MapError> {
     let page = host_page_size();
-    let failed = || format!("cannot set up guest memory '{name}'");
+    let failed = |errno| MapError {
+        what: format!("cannot set up guest memory '{name}'"),
+        errno,
+    };
     let len = usize::try_from(size)
         .ok()
         .and_then(|s| s.checked_next_multiple_of(page))
@@ -205,7 +227,7 @@ pub fn map_anonymous(name: &str, size: u64, shared: bool, noreserve: bool) -> Re
             l.checked_add(VMALLOC_ALIGN)
                 .is_some_and(|t| t <= isize::MAX as usize)
         })
-        .ok_or_else(|| Error::host(failed(), libc::ENOMEM))?;
+        .ok_or_else(|| failed(libc::ENOMEM))?;
     let spec = MapSpec {
         len,
         align: VMALLOC_ALIGN,
@@ -215,7 +237,7 @@ pub fn map_anonymous(name: &str, size: u64, shared: bool, noreserve: bool) -> Re
         file_offset: 0,
         sync: false,
     };
-    let p = map_aligned(&spec, None).map_err(|e| Error::host(failed(), e))?;
+    let p = map_aligned(&spec, None).map_err(failed)?;
     // SAFETY: `p..p+len` was just mapped by map_aligned and is owned by nobody else.
     Ok(unsafe { HostMapping::from_raw(p, len, page, None, shared, false) })
 }

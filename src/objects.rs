@@ -3,10 +3,26 @@
 
 use std::collections::BTreeMap;
 
+use crate::backend::prealloc::Outcome;
 use crate::backend::{props, Backend, BackendDefaults, BackendType, PreallocJob};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::memory::MemorySystem;
 use crate::options::values::parse_keyval;
+use crate::options::OptionError;
+
+/// An `-object` option string as read: the type, the id and the properties in the order
+/// given, every value of the right syntax.
+pub struct ObjectOpts {
+    ty: BackendType,
+    id: String,
+    props: Vec<(String, String)>,
+}
+
+impl ObjectOpts {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
 use crate::region::RegionId;
 
 pub struct BackendEntry {
@@ -46,7 +62,19 @@ impl ObjectRegistry {
         defaults: &BackendDefaults,
         mem: &mut MemorySystem,
     ) -> Result<String> {
-        let (id, backend) = self.build_from_opts(opts, defaults)?;
+        let parsed = self.parse_opts(opts)?;
+        self.add_parsed(parsed, defaults, mem)
+    }
+
+    /// [`Self::add_from_opts`] for an option string [`Self::parse_opts`] has read.
+    pub fn add_parsed(
+        &mut self,
+        parsed: ObjectOpts,
+        defaults: &BackendDefaults,
+        mem: &mut MemorySystem,
+    ) -> Result<String> {
+        let id = parsed.id.clone();
+        let backend = build(parsed, defaults)?;
         self.insert(backend)?;
         if let Err(e) = self.complete(&id, mem) {
             self.entries.remove(&id);
@@ -62,21 +90,28 @@ impl ObjectRegistry {
         opts: &str,
         defaults: &BackendDefaults,
     ) -> Result<(String, Backend)> {
+        let parsed = self.parse_opts(opts)?;
+        let id = parsed.id.clone();
+        Ok((id, build(parsed, defaults)?))
+    }
+
+    /// Reads an `-object` option string with every check QEMU makes while reading it (the
+    /// errors QEMU reports at the option's location): the type, the id (well-formed and not
+    /// taken), each value's syntax, the mandatory properties, unknown ones.
+    pub fn parse_opts(&self, opts: &str) -> std::result::Result<ObjectOpts, OptionError> {
         let pairs = parse_keyval(opts, Some("qom-type"))?;
         let value = |k: &str| pairs.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v);
-        let type_name =
-            value("qom-type").ok_or_else(|| Error::invalid("Parameter 'qom-type' is missing"))?;
-        let ty = BackendType::from_name(type_name).ok_or_else(|| {
-            Error::invalid(format!(
-                "Parameter 'qom-type' does not accept value '{type_name}'"
-            ))
+        let type_name = value("qom-type").ok_or_else(|| OptionError::Missing("qom-type".into()))?;
+        let ty = BackendType::from_name(type_name).ok_or_else(|| OptionError::BadValue {
+            name: "qom-type".into(),
+            value: type_name.clone(),
         })?;
-        let id = value("id").ok_or_else(|| Error::invalid("Parameter 'id' is missing"))?;
+        let id = value("id").ok_or_else(|| OptionError::Missing("id".into()))?;
         if !id_wellformed(id) {
-            return Err(bad_id());
+            return Err(OptionError::BadId);
         }
         if self.entries.contains_key(id.as_str()) {
-            return Err(duplicate(id));
+            return Err(OptionError::DuplicateId(id.clone()));
         }
         // QEMU's parser first checks every value's syntax and the mandatory members in schema
         // order, then refuses leftovers; only then do the property setters run (in the order
@@ -85,7 +120,7 @@ impl ObjectRegistry {
             match value(prop) {
                 Some(v) => props::check_syntax(prop, v)?,
                 None if props::required(ty, prop) => {
-                    return Err(Error::invalid(format!("Parameter '{prop}' is missing")))
+                    return Err(OptionError::Missing(prop.to_string()))
                 }
                 None => {}
             }
@@ -94,15 +129,14 @@ impl ObjectRegistry {
             .iter()
             .find(|(k, _)| k != "qom-type" && k != "id" && !props::exists(ty, k))
         {
-            return Err(Error::invalid(format!("Invalid parameter '{key}'")));
+            return Err(OptionError::InvalidParameter(key.clone()));
         }
-        let mut backend = Backend::new(ty.name(), id, defaults)?;
-        for (key, v) in &pairs {
-            if key != "qom-type" && key != "id" {
-                backend.set(key, v)?;
-            }
-        }
-        Ok((id.clone(), backend))
+        let id = id.clone();
+        let props = pairs
+            .into_iter()
+            .filter(|(k, _)| k != "qom-type" && k != "id")
+            .collect();
+        Ok(ObjectOpts { ty, id, props })
     }
 
     /// Registers an uncompleted backend built elsewhere.
@@ -130,7 +164,7 @@ impl ObjectRegistry {
             )));
         }
         if !id_wellformed(id) {
-            return Err(bad_id());
+            return Err(OptionError::BadId.into());
         }
         if self.entries.contains_key(id) {
             return Err(duplicate(id));
@@ -148,7 +182,7 @@ impl ObjectRegistry {
     /// First half of [`ObjectRegistry::complete`]: allocate, advise, bind. The returned job (if
     /// any) may run without any lock held.
     pub fn begin_complete(&mut self, id: &str) -> Result<Option<PreallocJob>> {
-        self.entry_mut(id)?.backend.begin_complete()
+        Ok(self.entry_mut(id)?.backend.begin_complete()?)
     }
 
     /// Second half: records the preallocation result and creates the backend's RAM region
@@ -158,7 +192,7 @@ impl ObjectRegistry {
         &mut self,
         id: &str,
         mem: &mut MemorySystem,
-        prealloc: Option<Result<crate::backend::prealloc::Outcome>>,
+        prealloc: Option<crate::backend::Result<Outcome>>,
     ) -> Result<()> {
         let entry = self.entry_mut(id)?;
         entry.backend.finish_complete(prealloc)?;
@@ -221,17 +255,18 @@ impl ObjectRegistry {
     }
 }
 
-fn bad_id() -> Error {
-    Error::invalid("Parameter 'id' expects an identifier").with_hint(
-        "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n",
-    )
+/// An uncompleted backend with every property of `parsed` set, in the order given: the
+/// setters' refusals (a size of 0, prealloc with reserve=off) come from here.
+fn build(parsed: ObjectOpts, defaults: &BackendDefaults) -> Result<Backend> {
+    let mut backend = Backend::of_type(parsed.ty, &parsed.id, defaults);
+    for (key, v) in &parsed.props {
+        backend.set(key, v)?;
+    }
+    Ok(backend)
 }
 
 fn duplicate(id: &str) -> Error {
-    Error::new(
-        HmErrorClass::Duplicate,
-        format!("Duplicate ID '{id}' for object"),
-    )
+    OptionError::DuplicateId(id.to_string()).into()
 }
 
 #[cfg(test)]

@@ -445,7 +445,9 @@ fn no_block(id: RamBlockId) -> Error {
 /// Anonymous private memory for RAM that no backend provides (`memory_region_init_ram`).
 /// MAP_NORESERVE: pages are only committed when touched, so sparse huge guests stay cheap.
 pub fn map_anonymous(name: &str, size: u64) -> Result<Arc<HostMapping>> {
-    crate::hostmap::map_anonymous(name, size, false, true).map(Arc::new)
+    Ok(Arc::new(crate::hostmap::map_anonymous(
+        name, size, false, true,
+    )?))
 }
 
 #[cfg(test)]

@@ -185,14 +185,15 @@ pub fn set_backend_property(mid: MachineId, id: &str, prop: &str, value: &str) -
     if prop == "prealloc" && crate::options::values::parse_bool(value) == Ok(true) {
         let ran = run_unlocked(
             mid,
-            |m| m.backend_mut(id).ok_or_else(gone)?.begin_late_prealloc(),
+            |m| Ok(m.backend_mut(id).ok_or_else(gone)?.begin_late_prealloc()?),
             |job| job.map(|j| j.run()),
             |m, outcome| match outcome {
-                Some(r) => m
-                    .backend_mut(id)
-                    .ok_or_else(gone)?
-                    .finish_late_prealloc(r)
-                    .map(|_| true),
+                Some(r) => {
+                    m.backend_mut(id)
+                        .ok_or_else(gone)?
+                        .finish_late_prealloc(r)?;
+                    Ok(true)
+                }
                 None => Ok(false),
             },
         )?;
@@ -201,7 +202,7 @@ pub fn set_backend_property(mid: MachineId, id: &str, prop: &str, value: &str) -
         }
     }
     with(mid, |m| {
-        m.backend_mut(id).ok_or_else(gone)?.set(prop, value)
+        Ok(m.backend_mut(id).ok_or_else(gone)?.set(prop, value)?)
     })
 }
 

@@ -49,7 +49,7 @@ fn kernel_refusals_and_bad_slot_sizes_are_errors_not_aborts() {
     assert_eq!(kvm.slots().len(), 1);
     let e = hostmem::kvm::KvmAccel::open(GIB + 1).err().unwrap();
     assert!(
-        e.message()
+        e.to_string()
             .contains("must be a multiple of the host page size"),
         "{e}"
     );

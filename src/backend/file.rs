@@ -4,12 +4,15 @@
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use crate::error::{Error, Result};
+use super::{BackendError, Result};
 use crate::hostmap::{host_page_size, HostMapping};
 use crate::options::values::size_to_str;
 
 use super::props::OnOffAuto;
 use crate::hostmap::{errno, map_aligned, MapSpec};
+
+/// What QEMU says when the mapping of guest RAM fails.
+pub(super) const MAP_FAILED: &str = "unable to map backing store for guest RAM";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileProps {
@@ -50,15 +53,11 @@ impl FileProps {
     /// The property combinations QEMU refuses before touching the file.
     pub fn check(&self, share: bool) -> Result<()> {
         if self.mem_path.is_none() {
-            return Err(Error::invalid("mem-path property not set"));
+            return Err(BackendError::MemPathMissing);
         }
         match self.rom {
-            OnOffAuto::On if !self.readonly => Err(Error::invalid(
-                "property 'rom' = 'on' is not supported with 'readonly' = 'off'",
-            )),
-            OnOffAuto::Off if self.readonly && share => Err(Error::invalid(
-                "property 'rom' = 'off' is incompatible with 'readonly' = 'on' and 'share' = 'on'",
-            )),
+            OnOffAuto::On if !self.readonly => Err(BackendError::RomOnWithoutReadonly),
+            OnOffAuto::Off if self.readonly && share => Err(BackendError::RomOffReadonlyShared),
             _ => Ok(()),
         }
     }
@@ -96,7 +95,8 @@ struct Opened {
 }
 
 fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened> {
-    let cant = |e: i32| Error::host(format!("can't open backing store {path} for guest RAM"), e);
+    let cant =
+        |e: i32| BackendError::host(format!("can't open backing store {path} for guest RAM"), e);
     let cpath = CString::new(path).map_err(|_| cant(libc::EINVAL))?;
     let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
     if is_dir {
@@ -209,62 +209,60 @@ fn map_file(
     let page64 = page as u64;
     if props.align != 0 {
         if !props.align.is_multiple_of(page64) {
-            return Err(Error::invalid(format!(
-                "alignment 0x{:x} must be multiples of page size 0x{page:x}",
-                props.align
-            )));
+            return Err(BackendError::AlignNotPageMultiple {
+                align: props.align,
+                page: page64,
+            });
         }
         if !props.align.is_power_of_two() {
-            return Err(Error::invalid(format!(
-                "alignment 0x{:x} must be a power of two",
-                props.align
-            )));
+            return Err(BackendError::AlignNotPowerOfTwo(props.align));
         }
     }
     if !props.offset.is_multiple_of(page64) {
-        return Err(Error::invalid(format!(
-            "offset 0x{:x} must be multiples of page size 0x{page:x}",
-            props.offset
-        )));
+        return Err(BackendError::OffsetNotPageMultiple {
+            offset: props.offset,
+            page: page64,
+        });
     }
     // QEMU rounds the size up to the host page before comparing it with the file's page size,
     // so a sub-page size only trips the multiple-of check below.
     let rounded = size.next_multiple_of(host_page_size() as u64);
     if rounded < page64 {
-        return Err(Error::invalid(format!(
-            "memory size 0x{rounded:x} must be equal to or larger than page size 0x{page:x}"
-        )));
+        return Err(BackendError::SizeBelowPage {
+            size: rounded,
+            page: page64,
+        });
     }
     if !size.is_multiple_of(page64) {
-        return Err(Error::invalid(format!(
-            "backend '{type_name}' memory size must be multiple of {}",
-            size_to_str(page64)
-        )));
+        return Err(BackendError::SizeNotPageMultiple {
+            ty: type_name.to_string(),
+            page: size_to_str(page64),
+        });
     }
     let end = props
         .offset
         .checked_add(size)
-        .ok_or_else(|| Error::invalid(format!("offset 0x{:x} is too large", props.offset)))?;
+        .ok_or(BackendError::OffsetTooLarge(props.offset))?;
     let file_size = fd_size(fd);
     // An empty file gets sized; anything else must already hold the range. A read-only empty
     // file cannot be sized, so it is too small too (QEMU would map it and fault later).
     if (file_size != 0 || props.readonly) && file_size < end {
-        return Err(Error::invalid(format!(
-            "{region_name} backing store size 0x{file_size:x} is too small for 'size' option 0x{size:x} plus 'offset' option 0x{:x}",
-            props.offset
-        )));
+        return Err(BackendError::FileTooSmall {
+            region: region_name.to_string(),
+            file_size,
+            size,
+            offset: props.offset,
+        });
     }
     if file_size == 0 {
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
-            return Err(Error::host(
-                format!("can't resize backing store for guest RAM '{region_name}'"),
-                errno(),
-            ));
+            return Err(BackendError::last_os(format!(
+                "can't resize backing store for guest RAM '{region_name}'"
+            )));
         }
     }
-    let len = usize::try_from(size)
-        .map_err(|_| Error::host("unable to map backing store for guest RAM", libc::ENOMEM))?;
+    let len = usize::try_from(size).map_err(|_| BackendError::host(MAP_FAILED, libc::ENOMEM))?;
     let spec = MapSpec {
         len,
         align: (props.align as usize).max(page),
@@ -285,7 +283,7 @@ fn map_file(
         );
         map_aligned(&MapSpec { sync: false, ..spec }, Some(fd))
     });
-    let p = mapped.map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
+    let p = mapped.map_err(|e| BackendError::host(MAP_FAILED, e))?;
     Ok((p, len, page))
 }
 
@@ -351,7 +349,6 @@ mod tests {
         let msg = |p: &FileProps, size| {
             alloc(p, t, "m", size, false, false)
                 .unwrap_err()
-                .message()
                 .to_string()
         };
         assert_eq!(
@@ -453,7 +450,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            e.message(),
+            e.to_string(),
             "property 'rom' = 'off' is incompatible with 'readonly' = 'on' and 'share' = 'on'"
         );
         std::fs::remove_dir_all(d).unwrap();

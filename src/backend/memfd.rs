@@ -2,12 +2,12 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::error::{Error, Result};
+use super::{BackendError, Result};
 use crate::hostmap::HostMapping;
 use crate::options::values::size_to_str;
 
-use super::file::fd_page_size;
-use crate::hostmap::{errno, map_aligned, MapSpec};
+use super::file::{fd_page_size, MAP_FAILED};
+use crate::hostmap::{map_aligned, MapSpec};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemfdProps {
@@ -43,7 +43,7 @@ pub fn alloc(
         flags |= libc::MFD_HUGETLB;
         if props.hugetlbsize != 0 {
             if !props.hugetlbsize.is_power_of_two() {
-                return Err(Error::invalid("Hugepage size must be a power of 2"));
+                return Err(BackendError::HugepageSizeNotPowerOfTwo);
             }
             flags |= props.hugetlbsize.trailing_zeros() << libc::MFD_HUGE_SHIFT;
         }
@@ -51,34 +51,32 @@ pub fn alloc(
     // SAFETY: the name is a NUL-terminated literal.
     let fd = unsafe { libc::memfd_create(c"memory-backend-memfd".as_ptr(), flags) };
     if fd < 0 {
-        return Err(Error::host("failed to create memfd", errno()));
+        return Err(BackendError::last_os("failed to create memfd"));
     }
     // SAFETY: fd is a fresh descriptor we own; OwnedFd closes it on every error path.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let page = fd_page_size(&fd);
     if !size.is_multiple_of(page as u64) {
         // QEMU only notices after a failed ftruncate or a mismatched mapping; say why here.
-        return Err(Error::invalid(format!(
-            "backend '{type_name}' memory size must be multiple of {}",
-            size_to_str(page as u64)
-        )));
+        return Err(BackendError::SizeNotPageMultiple {
+            ty: type_name.to_string(),
+            page: size_to_str(page as u64),
+        });
     }
     // SAFETY: fd is our memfd.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-        return Err(Error::host(
-            format!("failed to resize memfd to {size}"),
-            errno(),
-        ));
+        return Err(BackendError::last_os(format!(
+            "failed to resize memfd to {size}"
+        )));
     }
     if props.seal {
         let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
         // SAFETY: fd is our memfd, created with MFD_ALLOW_SEALING.
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(Error::host("failed to add seals to memfd", errno()));
+            return Err(BackendError::last_os("failed to add seals to memfd"));
         }
     }
-    let len = usize::try_from(size)
-        .map_err(|_| Error::host("unable to map backing store for guest RAM", libc::ENOMEM))?;
+    let len = usize::try_from(size).map_err(|_| BackendError::host(MAP_FAILED, libc::ENOMEM))?;
     let spec = MapSpec {
         len,
         align: page,
@@ -88,8 +86,7 @@ pub fn alloc(
         file_offset: 0,
         sync: false,
     };
-    let p = map_aligned(&spec, Some(&fd))
-        .map_err(|e| Error::host("unable to map backing store for guest RAM", e))?;
+    let p = map_aligned(&spec, Some(&fd)).map_err(|e| BackendError::host(MAP_FAILED, e))?;
     // SAFETY: `p..p+len` was just mapped for us alone.
     Ok(unsafe { HostMapping::from_raw(p, len, page, Some(fd), share, false) })
 }
@@ -138,7 +135,7 @@ mod tests {
         assert_eq!(
             alloc(&MemfdProps::default(), t, 1000, true, false)
                 .unwrap_err()
-                .message(),
+                .to_string(),
             "backend 'memory-backend-memfd' memory size must be multiple of 4 KiB"
         );
         let p = MemfdProps {
@@ -147,7 +144,7 @@ mod tests {
             seal: true,
         };
         assert_eq!(
-            alloc(&p, t, 6 << 20, true, false).unwrap_err().message(),
+            alloc(&p, t, 6 << 20, true, false).unwrap_err().to_string(),
             "Hugepage size must be a power of 2"
         );
     }

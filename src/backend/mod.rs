@@ -8,6 +8,7 @@
 //! preallocation still to do; [`Backend::finish_complete`] takes its result. [`Backend::complete`]
 //! runs both. A failure at any step leaves the backend uncompleted with nothing mapped or open.
 
+pub mod error;
 pub mod file;
 pub mod memfd;
 pub mod numa;
@@ -17,12 +18,15 @@ pub mod ram;
 
 use std::sync::Arc;
 
-use crate::error::{Error, HmErrorClass, Result};
 use crate::hostmap::HostMapping;
+
+/// What backend operations return.
+pub type Result<T> = std::result::Result<T, BackendError>;
 use crate::options::values::{
     bool_to_str, format_ranges, parse_bool_param, parse_size_param, parse_u16_list, parse_u32_param,
 };
 
+pub use self::error::BackendError;
 pub use self::file::FileProps;
 pub use self::memfd::MemfdProps;
 pub use self::numa::NodeSet;
@@ -358,10 +362,7 @@ impl Backend {
                 self.refuse_once_completed(prop)?;
                 let v = parse_size_param(prop, value)?;
                 if v == 0 {
-                    return Err(Error::invalid(format!(
-                        "Property '{}.hugetlbsize' doesn't take value '0'",
-                        self.ty.name()
-                    )));
+                    return Err(BackendError::HugetlbsizeZero { ty: self.ty.name() });
                 }
                 self.memfd.hugetlbsize = v;
             }
@@ -442,14 +443,11 @@ impl Backend {
     /// nothing stays allocated.
     pub fn begin_complete(&mut self) -> Result<Option<PreallocJob>> {
         if self.state != State::New {
-            return Err(Error::new(
-                HmErrorClass::Completed,
-                format!("memory backend '{}' is already complete", self.id),
-            ));
+            return Err(BackendError::AlreadyComplete(self.id.clone()));
         }
         self.trace.clear();
         if self.size == 0 {
-            return Err(Error::invalid("can't create backend with size 0"));
+            return Err(BackendError::SizeZero);
         }
         // QEMU checks these only after allocating; checking first refuses the same
         // configurations without touching the host.
@@ -515,10 +513,7 @@ impl Backend {
     /// On error the memory is released and the backend is uncompleted again.
     pub fn finish_complete(&mut self, prealloc: Option<Result<prealloc::Outcome>>) -> Result<()> {
         if self.state != State::Completing {
-            return Err(Error::generic(format!(
-                "memory backend '{}' is not being completed",
-                self.id
-            )));
+            return Err(BackendError::NotCompleting(self.id.clone()));
         }
         if let Some(r) = prealloc {
             if let Err(e) = self.finish_prealloc(r) {
@@ -595,15 +590,10 @@ impl Backend {
     fn check_numa(&self) -> Result<()> {
         let empty = self.host_nodes.is_empty();
         if !empty && self.policy == HostMemPolicy::Default {
-            return Err(Error::invalid(
-                "host-nodes must be empty for policy default, or you should explicitly specify a policy other than default",
-            ));
+            return Err(BackendError::NodesWithDefaultPolicy);
         }
         if empty && self.policy != HostMemPolicy::Default {
-            return Err(Error::invalid(format!(
-                "host-nodes must be set for policy {}",
-                self.policy.name()
-            )));
+            return Err(BackendError::PolicyWithoutNodes(self.policy.name()));
         }
         Ok(())
     }
@@ -690,8 +680,8 @@ impl Drop for Backend {
     }
 }
 
-fn incompatible_prealloc() -> Error {
-    Error::invalid("'prealloc=on' and 'reserve=off' are incompatible")
+fn incompatible_prealloc() -> BackendError {
+    BackendError::PreallocWithoutReserve
 }
 
 #[cfg(test)]
@@ -704,7 +694,7 @@ mod tests {
     }
 
     fn msg(r: Result<()>) -> String {
-        r.unwrap_err().message().to_string()
+        r.unwrap_err().to_string()
     }
 
     #[test]
@@ -843,7 +833,7 @@ mod tests {
         assert_eq!(
             Backend::new("memory-backend-foo", "x", &BackendDefaults::default())
                 .unwrap_err()
-                .message(),
+                .to_string(),
             "Parameter 'qom-type' does not accept value 'memory-backend-foo'"
         );
     }
@@ -926,9 +916,9 @@ mod tests {
                 "cannot change property 'rom' of memory-backend-file.",
             ),
         ] {
-            let e = f.set(p, v).unwrap_err();
+            let e = crate::Error::from(f.set(p, v).unwrap_err());
             assert_eq!(e.message(), want, "{p}");
-            assert_eq!(e.class(), HmErrorClass::Completed);
+            assert_eq!(e.class(), crate::HmErrorClass::Completed);
         }
         // No guard: these are accepted (late NUMA settings have no effect, as in QEMU).
         for (p, v) in [

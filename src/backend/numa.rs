@@ -1,6 +1,6 @@
 //! Host NUMA binding: the host-nodes bitmap and mbind(2), as QEMU's backend applies them.
 
-use crate::error::{Error, Result};
+use super::{BackendError, Result};
 
 use super::props::HostMemPolicy;
 
@@ -24,7 +24,7 @@ impl NodeSet {
     /// %d") without changing the set.
     pub fn add(&mut self, nodes: &[u16]) -> Result<()> {
         if let Some(bad) = nodes.iter().find(|&&n| usize::from(n) >= MAX_NODES) {
-            return Err(Error::invalid(format!("Invalid host-nodes value: {bad}")));
+            return Err(BackendError::InvalidHostNode(*bad));
         }
         for &n in nodes {
             self.0[usize::from(n) / 64] |= 1 << (n % 64);
@@ -70,7 +70,10 @@ pub fn bind(addr: *mut u8, len: usize, policy: HostMemPolicy, nodes: &NodeSet) -
         if errno == libc::ENOSYS && policy == HostMemPolicy::Default {
             return Ok(());
         }
-        return Err(Error::host("cannot bind memory to host NUMA nodes", errno));
+        return Err(BackendError::host(
+            "cannot bind memory to host NUMA nodes",
+            errno,
+        ));
     }
 }
 
@@ -108,7 +111,7 @@ pub fn policy_at(addr: *const u8) -> Result<(i32, u64)> {
         )
     };
     if rc != 0 {
-        return Err(Error::last_os("get_mempolicy"));
+        return Err(BackendError::last_os("get_mempolicy"));
     }
     Ok((mode, mask[0]))
 }
@@ -126,7 +129,7 @@ mod tests {
         assert_eq!(s.nodes(), [0, 1, 3]);
         assert_eq!(s.maxnode(), 4);
         let e = s.add(&[5, 128]).unwrap_err();
-        assert_eq!(e.message(), "Invalid host-nodes value: 128");
+        assert_eq!(e.to_string(), "Invalid host-nodes value: 128");
         // A refused list leaves the set unchanged.
         assert_eq!(s.nodes(), [0, 1, 3]);
         s.add(&[127]).unwrap();
@@ -178,7 +181,7 @@ mod tests {
         s.add(&[127]).unwrap();
         let e = bind(p, len, HostMemPolicy::Bind, &s).unwrap_err();
         assert_eq!(
-            e.message(),
+            e.to_string(),
             "cannot bind memory to host NUMA nodes: Invalid argument"
         );
         // SAFETY: unmapping the mapping made above.

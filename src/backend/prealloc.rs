@@ -24,7 +24,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{compiler_fence, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
-use crate::error::{Error, Result};
+use super::{BackendError, Result};
 
 /// Progress: (bytes done, bytes total). Called on the thread that preallocates, never
 /// concurrently: first with 0, last with total on success.
@@ -203,7 +203,7 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
                         // Threads already spawned are waiting at the gate: send them home.
                         gate.open(false);
                         drop(handles);
-                        return Err(Error::host(
+                        return Err(BackendError::host(
                             format!("{PREFIX}: failed to create preallocation thread"),
                             libc::EAGAIN,
                         ));
@@ -234,7 +234,7 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
         }
     }
     if let Some(errno) = failed {
-        return Err(Error::host(
+        return Err(BackendError::host(
             format!("{PREFIX}: preallocating memory failed"),
             errno,
         ));
@@ -497,9 +497,7 @@ impl SigbusGuard {
             libc::sigemptyset(&mut act.sa_mask);
             let old = (*OLD_ACTION.0.get()).as_mut_ptr();
             if libc::sigaction(libc::SIGBUS, &act, old) != 0 {
-                return Err(Error::generic(format!(
-                    "{PREFIX}: failed to install signal handler"
-                )));
+                return Err(BackendError::SignalHandler(PREFIX));
             }
         }
         Ok(SigbusGuard { _lock: lock })
@@ -723,7 +721,7 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(
-            e.message(),
+            e.to_string(),
             "qemu_prealloc_mem: preallocating memory failed: Bad address"
         );
         assert_eq!(current_sigbus(), marker_handler as *const () as usize);
@@ -761,10 +759,10 @@ mod tests {
         })
         .unwrap_err();
         assert!(
-            e.message()
+            e.to_string()
                 .starts_with("qemu_prealloc_mem: preallocating memory failed: "),
             "{}",
-            e.message()
+            e.to_string()
         );
         // SAFETY: unmapping the test mapping.
         unsafe { libc::munmap(p as *mut libc::c_void, 4 * 4096) };

@@ -1,8 +1,9 @@
 //! Property names, value types and QEMU's wording for refusing them.
 
-use crate::error::{Error, HmErrorClass, Result};
-
+use super::error::BackendError;
 use super::BackendType;
+use crate::options::values::Result as ValueResult;
+use crate::options::OptionError;
 
 /// Properties every backend type has (backends/hostmem.c class properties).
 pub const COMMON: &[&str] = &[
@@ -69,7 +70,7 @@ pub fn required(ty: BackendType, prop: &str) -> bool {
 }
 
 /// Checks the syntax of a value the way QEMU's option visitor does, before any setter runs.
-pub fn check_syntax(prop: &str, value: &str) -> Result<()> {
+pub fn check_syntax(prop: &str, value: &str) -> ValueResult<()> {
     use crate::options::values::{
         parse_bool_param, parse_size_param, parse_u16_list, parse_u32_param,
     };
@@ -95,38 +96,36 @@ pub fn exists(ty: BackendType, prop: &str) -> bool {
 }
 
 /// `qom-set` of a property the type lacks.
-pub fn not_found(ty: BackendType, prop: &str) -> Error {
-    Error::invalid(format!("Property '{}.{prop}' not found", ty.name()))
+pub fn not_found(ty: BackendType, prop: &str) -> BackendError {
+    BackendError::NoSuchProperty {
+        ty: ty.name(),
+        prop: prop.to_string(),
+    }
 }
 
 /// QEMU's host_memory_backend setters: "property 'size' of memory-backend-ram doesn't take
 /// value '0'".
-pub fn zero_refused(ty: BackendType, prop: &str) -> Error {
-    Error::invalid(format!(
-        "property '{prop}' of {} doesn't take value '0'",
-        ty.name()
-    ))
+pub fn zero_refused(ty: BackendType, prop: &str) -> BackendError {
+    BackendError::ZeroRefused {
+        ty: ty.name(),
+        prop: prop.to_string(),
+    }
 }
 
-/// The three after-completion wordings QEMU uses, each for its own set of properties.
-pub fn completed(ty: BackendType, prop: &str) -> Error {
-    let msg = match prop {
-        // host_memory_backend_set_size's format ends in a space.
-        "size" => format!("cannot change property {prop} of {} ", ty.name()),
-        "mem-path" | "align" | "offset" => {
-            format!("cannot change property '{prop}' of {}", ty.name())
-        }
-        "readonly" | "rom" | "pmem" => format!("cannot change property '{prop}' of {}.", ty.name()),
-        _ => "cannot change property value".to_string(),
-    };
-    Error::new(HmErrorClass::Completed, msg)
+/// A property that can no longer change: the backend is complete.
+pub fn completed(ty: BackendType, prop: &str) -> BackendError {
+    BackendError::Completed {
+        ty: ty.name(),
+        prop: prop.to_string(),
+    }
 }
 
 /// An enum value QEMU does not know: "Parameter 'policy' does not accept value 'foo'".
-pub fn bad_enum(prop: &str, value: &str) -> Error {
-    Error::invalid(format!(
-        "Parameter '{prop}' does not accept value '{value}'"
-    ))
+pub fn bad_enum(prop: &str, value: &str) -> OptionError {
+    OptionError::BadValue {
+        name: prop.to_string(),
+        value: value.to_string(),
+    }
 }
 
 /// HostMemPolicy: the Linux MPOL_* numbering.
@@ -139,7 +138,7 @@ pub enum HostMemPolicy {
 }
 
 impl HostMemPolicy {
-    pub fn parse(s: &str) -> Result<Self> {
+    pub fn parse(s: &str) -> ValueResult<Self> {
         Ok(match s {
             "default" => Self::Default,
             "preferred" => Self::Preferred,
@@ -168,7 +167,7 @@ pub enum OnOffAuto {
 }
 
 impl OnOffAuto {
-    pub fn parse(prop: &str, s: &str) -> Result<Self> {
+    pub fn parse(prop: &str, s: &str) -> ValueResult<Self> {
         Ok(match s {
             "auto" => Self::Auto,
             "on" => Self::On,
@@ -189,6 +188,7 @@ impl OnOffAuto {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::values::expects;
 
     #[test]
     fn properties_belong_to_their_types() {
@@ -218,32 +218,10 @@ mod tests {
             assert_eq!(order.len(), count);
         }
         assert_eq!(
-            check_syntax("dump", "x").unwrap_err().message(),
-            "Parameter 'dump' expects 'on' or 'off'"
+            check_syntax("dump", "x").unwrap_err(),
+            expects("dump", "'on' or 'off'")
         );
         assert!(check_syntax("mem-path", "").is_ok());
-    }
-
-    #[test]
-    fn completion_wordings() {
-        let t = BackendType::File;
-        assert_eq!(
-            completed(t, "size").message(),
-            "cannot change property size of memory-backend-file "
-        );
-        assert_eq!(
-            completed(t, "mem-path").message(),
-            "cannot change property 'mem-path' of memory-backend-file"
-        );
-        assert_eq!(
-            completed(t, "rom").message(),
-            "cannot change property 'rom' of memory-backend-file."
-        );
-        assert_eq!(
-            completed(t, "share").message(),
-            "cannot change property value"
-        );
-        assert_eq!(completed(t, "share").class(), HmErrorClass::Completed);
     }
 
     #[test]
@@ -252,7 +230,7 @@ mod tests {
             assert_eq!(HostMemPolicy::parse(p).unwrap().name(), p);
         }
         assert_eq!(
-            HostMemPolicy::parse("foo").unwrap_err().message(),
+            HostMemPolicy::parse("foo").unwrap_err().to_string(),
             "Parameter 'policy' does not accept value 'foo'"
         );
         assert_eq!(OnOffAuto::parse("rom", "auto").unwrap(), OnOffAuto::Auto);

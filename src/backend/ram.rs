@@ -1,13 +1,13 @@
 //! memory-backend-ram: anonymous memory.
 
-use crate::error::Result;
+use super::Result;
 #[cfg(test)]
 use crate::hostmap::VMALLOC_ALIGN;
 use crate::hostmap::{self, HostMapping};
 
 /// Anonymous guest RAM of `size` bytes (rounded up to the host page), named `name` in errors.
 pub fn alloc(name: &str, size: u64, shared: bool, noreserve: bool) -> Result<HostMapping> {
-    hostmap::map_anonymous(name, size, shared, noreserve)
+    Ok(hostmap::map_anonymous(name, size, shared, noreserve)?)
 }
 
 #[cfg(test)]
@@ -33,10 +33,9 @@ mod tests {
     fn failure_names_the_backend() {
         let e = alloc("pc.ram", 1 << 62, false, false).unwrap_err();
         assert!(
-            e.message()
+            e.to_string()
                 .starts_with("cannot set up guest memory 'pc.ram': "),
-            "{}",
-            e.message()
+            "{e}"
         );
     }
 }

@@ -217,7 +217,9 @@ pub unsafe extern "C" fn hm_memory_backend_get(
     guard(errp, std::ptr::null_mut(), || {
         // SAFETY: caller contract.
         let (b, prop) = unsafe { (ref_arg(b, "b")?, str_arg(prop, "prop")?) };
-        let v = with_entry(b, |m, id| m.backend_mut(id).ok_or_else(gone)?.get(prop))?;
+        let v = with_entry(b, |m, id| {
+            Ok(m.backend_mut(id).ok_or_else(gone)?.get(prop)?)
+        })?;
         Ok(c_string(&v))
     })
 }

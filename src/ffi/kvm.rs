@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int};
 
 use super::{c_string, guard, guard_report, mut_arg};
 use crate::error::{Error, Result};
-use crate::kvm::{self, GuestOp, KvmAccel};
+use crate::kvm::{GuestOp, KvmAccel, KvmError};
 use crate::machine::Machine;
 use crate::registry;
 
@@ -50,7 +50,7 @@ pub struct HmGuestCheck {
 
 /// The current machine's VM, when it has one.
 fn kvm_of(m: &Machine) -> Result<&KvmAccel> {
-    m.kvm().ok_or_else(kvm::not_attached)
+    m.kvm().ok_or_else(|| KvmError::NotAttached.into())
 }
 
 /// A clone of the current machine's VM, for guest runs with the machine unlocked.
@@ -289,7 +289,7 @@ pub extern "C" fn hm_kvm_info_memslots() -> *mut c_char {
         let text = registry::with_current(|_, m| {
             Ok(match m.kvm() {
                 Some(k) => crate::monitor::info_memslots(k, Some(&m.memory().ramblocks)),
-                None => format!("{}\n", kvm::not_attached()),
+                None => format!("{}\n", KvmError::NotAttached),
             })
         })?;
         Ok(c_string(&text))

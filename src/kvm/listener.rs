@@ -29,22 +29,23 @@ impl MemoryListener for KvmListener {
     }
 
     fn region_del(&mut self, section: &MemorySection) -> Result<()> {
-        self.table().remove_section(section)
+        Ok(self.table().remove_section(section)?)
     }
 
     fn region_add(&mut self, section: &MemorySection) -> Result<()> {
-        self.table().add_section(section)
+        Ok(self.table().add_section(section)?)
     }
 
     fn log_global_start(&mut self) -> Result<()> {
-        self.table().log_start()
+        Ok(self.table().log_start()?)
     }
 
     fn log_global_stop(&mut self) -> Result<()> {
-        self.table().log_stop()
+        Ok(self.table().log_stop()?)
     }
 
     fn log_sync(&mut self, ramblocks: &mut RamBlockRegistry) -> Result<()> {
-        self.table().log_sync(ramblocks).map(|_| ())
+        self.table().log_sync(ramblocks)?;
+        Ok(())
     }
 }

@@ -20,6 +20,7 @@
 //!   paravirtual hosts such as this project's machines) x86 KVM allocates ~10 bytes of kernel
 //!   memory per 4 KiB page up front, ~20 GiB for an 8 TiB slot, whatever is backed.
 
+pub mod error;
 pub mod guest;
 pub mod listener;
 pub mod slots;
@@ -35,6 +36,7 @@ use crate::error::{Error, HmErrorClass, Result};
 use crate::listener::HasMemory;
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
 
+pub use error::KvmError;
 pub use guest::GuestOp;
 pub use listener::KvmListener;
 pub use table::{Slot, SlotTable};
@@ -45,11 +47,6 @@ pub const LISTENER_NAME: &str = "kvm-memory";
 /// The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
 /// ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
 pub const HM_KVM_SIGNATURE: u64 = 0x686f_7374_6d65_6d21;
-
-/// The error of a KVM call on a machine without KVM.
-pub fn not_attached() -> Error {
-    Error::new(HmErrorClass::Kvm, "KVM is not attached to this machine")
-}
 
 /// QEMU's slot budget when the kernel does not report `KVM_CAP_NR_MEMSLOTS`.
 const DEFAULT_NR_SLOTS: u32 = 32;
@@ -97,16 +94,13 @@ pub struct GuestCheckRun {
 impl KvmAccel {
     /// Opens `/dev/kvm` and creates a VM. `max_slot_size` 0 means the kernel's limit; otherwise
     /// it must be a multiple of the host page size (QEMU's `kvm_set_max_memslot_size`).
-    pub fn open(max_slot_size: u64) -> Result<Self> {
+    pub fn open(max_slot_size: u64) -> std::result::Result<Self, KvmError> {
         let host_page = crate::hostmap::host_page_size() as u64;
         let max = slots::check_max_slot_size(max_slot_size, host_page)?;
-        let kvm = Kvm::new().map_err(|e| {
-            Error::host("Could not access KVM kernel module", e.errno())
-                .with_class(HmErrorClass::Kvm)
-        })?;
-        let vm = kvm.create_vm().map_err(|e| {
-            Error::host("ioctl(KVM_CREATE_VM) failed", e.errno()).with_class(HmErrorClass::Kvm)
-        })?;
+        let kvm = Kvm::new().map_err(|e| KvmError::Open { errno: e.errno() })?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::CreateVm { errno: e.errno() })?;
         let nr = match vm.check_extension_int(Cap::NrMemslots) {
             n if n > 0 => n as u32,
             _ => DEFAULT_NR_SLOTS,
@@ -164,22 +158,28 @@ impl KvmAccel {
     }
 
     /// Switches dirty logging on for every writable slot (the guest may be running).
-    pub fn log_start(&self) -> Result<()> {
+    pub fn log_start(&self) -> std::result::Result<(), KvmError> {
         self.table().log_start()
     }
 
-    pub fn log_stop(&self) -> Result<()> {
+    pub fn log_stop(&self) -> std::result::Result<(), KvmError> {
         self.table().log_stop()
     }
 
     /// Fetches the kernel's dirty logs, folds them into the RAMBlocks' dirty bitmaps and returns
     /// the guest-physical pages found dirty since the previous sync.
-    pub fn log_sync(&self, ramblocks: &mut RamBlockRegistry) -> Result<Vec<u64>> {
+    pub fn log_sync(
+        &self,
+        ramblocks: &mut RamBlockRegistry,
+    ) -> std::result::Result<Vec<u64>, KvmError> {
         self.table().log_sync(ramblocks)
     }
 
     /// [`Self::log_sync`] with the folding step given by the caller.
-    pub fn log_sync_with(&self, mark: &mut dyn FnMut(RamBlockId, u64, u64)) -> Result<Vec<u64>> {
+    pub fn log_sync_with(
+        &self,
+        mark: &mut dyn FnMut(RamBlockId, u64, u64),
+    ) -> std::result::Result<Vec<u64>, KvmError> {
         self.table().log_sync_with(mark)
     }
 
@@ -198,12 +198,9 @@ impl KvmAccel {
         if let Some(v) = vcpus.get(&id) {
             return Ok(v.clone());
         }
-        let vcpu = self.vm.create_vcpu(id).map_err(|e| {
-            Error::host(
-                format!("kvm_init_vcpu: creating vCPU {id} failed"),
-                e.errno(),
-            )
-            .with_class(HmErrorClass::Kvm)
+        let vcpu = self.vm.create_vcpu(id).map_err(|e| KvmError::CreateVcpu {
+            id,
+            errno: e.errno(),
         })?;
         setup(&self.kvm, &vcpu)?;
         let vcpu = Arc::new(Mutex::new(vcpu));

@@ -6,7 +6,9 @@
 //! (QEMU's `kvm_set_max_memslot_size`). Adding, removing and dirty-syncing a section all walk the
 //! same split, so the same section always yields the same slots.
 
-use crate::error::{Error, Result};
+use super::error::KvmError;
+
+type Result<T> = std::result::Result<T, KvmError>;
 
 /// The kernel's per-slot page limit (`KVM_MEM_MAX_NR_PAGES`), counted in host pages.
 pub(crate) const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
@@ -38,9 +40,7 @@ pub fn check_max_slot_size(size: u64, host_page: u64) -> Result<Option<u64>> {
         return Ok(None);
     }
     if !size.is_multiple_of(host_page) {
-        return Err(Error::invalid(format!(
-            "max-slot-size 0x{size:x} must be a multiple of the host page size 0x{host_page:x}"
-        )));
+        return Err(KvmError::SlotSizeNotPageMultiple { size, host_page });
     }
     Ok(Some(size))
 }
@@ -57,11 +57,12 @@ pub fn effective_max_slot_size(
     let limit = configured.map_or(kernel, |c| c.min(kernel));
     let limit = limit - limit % page;
     if limit == 0 {
-        return Err(Error::invalid(format!(
-            "max-slot-size 0x{:x} is smaller than the page size 0x{page:x} of the memory behind \
-             the section",
-            configured.unwrap_or(0)
-        )));
+        // The caller knows which region the section is of.
+        return Err(KvmError::SlotSizeBelowPage {
+            region: String::new(),
+            configured: configured.unwrap_or(0),
+            page,
+        });
     }
     Ok(limit)
 }
@@ -144,7 +145,7 @@ mod tests {
     fn max_slot_size_must_be_page_aligned() {
         assert_eq!(check_max_slot_size(0, KIB4).unwrap(), None);
         assert_eq!(check_max_slot_size(GIB, KIB4).unwrap(), Some(GIB));
-        let e = check_max_slot_size(GIB + 512, KIB4).unwrap_err();
+        let e: crate::Error = check_max_slot_size(GIB + 512, KIB4).unwrap_err().into();
         assert_eq!(
             e.message(),
             "max-slot-size 0x40000200 must be a multiple of the host page size 0x1000"
@@ -172,7 +173,8 @@ mod tests {
         );
         let e = effective_max_slot_size(Some(KIB4), KIB4, 2 * MIB).unwrap_err();
         assert!(
-            e.message().contains("smaller than the page size 0x200000"),
+            e.to_string()
+                .contains("smaller than the page size 0x200000"),
             "{e}"
         );
     }

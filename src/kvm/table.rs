@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
-use crate::error::{Error, HmErrorClass, Result};
+use super::error::KvmError;
 use crate::hostmap::HostMapping;
+
+type Result<T> = std::result::Result<T, KvmError>;
 use crate::listener::MemorySection;
 use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry};
 
@@ -197,7 +199,16 @@ impl SlotTable {
             return Ok(Vec::new());
         };
         let max = slots::effective_max_slot_size(self.max_slot_size, self.host_page, ram.page_size)
-            .map_err(|e| e.prepend(&format!("memory region '{}': ", section.region_name)))?;
+            .map_err(|e| match e {
+                KvmError::SlotSizeBelowPage {
+                    configured, page, ..
+                } => KvmError::SlotSizeBelowPage {
+                    region: section.region_name.clone(),
+                    configured,
+                    page,
+                },
+                other => other,
+            })?;
         Ok(slots::split_section(
             SlotRange {
                 gpa: section.gpa,
@@ -228,15 +239,9 @@ impl SlotTable {
             .position(Option::is_none)
             .unwrap_or(self.slots.len()) as u32;
         if free >= self.nr_slots {
-            return Err(
-                Error::new(HmErrorClass::Kvm, "kvm_alloc_slot: no free slot available").with_hint(
-                    format!(
-                "KVM allows {} memory slots and all are in use; a larger max-slot-size needs \
-                 fewer\n",
-                self.nr_slots
-            ),
-                ),
-            );
+            return Err(KvmError::NoFreeSlot {
+                nr_slots: self.nr_slots,
+            });
         }
         Ok(free)
     }
@@ -244,15 +249,11 @@ impl SlotTable {
     fn ioctl(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
         self.ioctls
             .set_user_memory_region(slot, flags, gpa, size, hva)
-            .map_err(|errno| {
-                Error::host(
-                    format!(
-                        "kvm_set_user_memory_region: KVM_SET_USER_MEMORY_REGION failed, \
-                         slot={slot}, start=0x{gpa:x}, size=0x{size:x}"
-                    ),
-                    errno,
-                )
-                .with_class(HmErrorClass::Kvm)
+            .map_err(|errno| KvmError::SetMemoryRegion {
+                slot,
+                gpa,
+                size,
+                errno,
             })
     }
 
@@ -336,17 +337,14 @@ impl SlotTable {
     }
 
     fn fetch_dirty(&self, s: &Slot) -> Result<Vec<u64>> {
-        self.ioctls.get_dirty_log(s.slot, s.size).map_err(|errno| {
-            Error::host(
-                format!(
-                    "kvm_slot_get_dirty_log: KVM_GET_DIRTY_LOG failed, slot={}, start=0x{:x}, \
-                     size=0x{:x}",
-                    s.slot, s.gpa, s.size
-                ),
+        self.ioctls
+            .get_dirty_log(s.slot, s.size)
+            .map_err(|errno| KvmError::GetDirtyLog {
+                slot: s.slot,
+                gpa: s.gpa,
+                size: s.size,
                 errno,
-            )
-            .with_class(HmErrorClass::Kvm)
-        })
+            })
     }
 
     fn stash_dirty(&mut self, s: &Slot) -> Result<()> {
@@ -626,11 +624,12 @@ mod tests {
     fn the_slot_budget_is_an_error_and_leaves_nothing_half_done() {
         let (vm, mut t) = table(3, Some(GIB));
         t.add_section(&ram(0, GIB, 0x1000_0000_0000, 0, 0)).unwrap();
-        let e = t
-            .add_section(&ram(4 * GIB, 3 * GIB, 0x2000_0000_0000, 0, GIB))
-            .unwrap_err();
+        let e = crate::Error::from(
+            t.add_section(&ram(4 * GIB, 3 * GIB, 0x2000_0000_0000, 0, GIB))
+                .unwrap_err(),
+        );
         assert_eq!(e.message(), "kvm_alloc_slot: no free slot available");
-        assert_eq!(e.class(), HmErrorClass::Kvm);
+        assert_eq!(e.class(), crate::HmErrorClass::Kvm);
         assert!(e.hint().unwrap().contains("KVM allows 3 memory slots"));
         assert_eq!(t.used(), 1);
         assert_eq!(vm.regions.lock().unwrap().len(), 1);
@@ -640,15 +639,16 @@ mod tests {
     fn a_refused_slot_names_slot_start_size_and_errno_and_is_rolled_back() {
         let (vm, mut t) = table(32, Some(GIB));
         *vm.fail_gpa.lock().unwrap() = Some((5 * GIB, libc::EINVAL));
-        let e = t
-            .add_section(&ram(4 * GIB, 2 * GIB, 0x2000_0000_0000, 0, 0))
-            .unwrap_err();
+        let e = crate::Error::from(
+            t.add_section(&ram(4 * GIB, 2 * GIB, 0x2000_0000_0000, 0, 0))
+                .unwrap_err(),
+        );
         assert_eq!(
             e.message(),
             "kvm_set_user_memory_region: KVM_SET_USER_MEMORY_REGION failed, slot=1, \
              start=0x140000000, size=0x40000000: Invalid argument"
         );
-        assert_eq!(e.class(), HmErrorClass::Kvm);
+        assert_eq!(e.class(), crate::HmErrorClass::Kvm);
         assert_eq!(e.errno(), Some(libc::EINVAL));
         assert_eq!(t.used(), 0);
         assert!(vm.regions.lock().unwrap().is_empty());

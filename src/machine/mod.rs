@@ -19,8 +19,8 @@ pub use ram::resolve_ram_size;
 
 use crate::backend::prealloc::Outcome;
 use crate::backend::{Backend, BackendDefaults, PreallocJob};
-use crate::error::{Error, HmErrorClass, Result};
-use crate::kvm::KvmAccel;
+use crate::error::Result;
+use crate::kvm::{KvmAccel, KvmError};
 use crate::memory::MemorySystem;
 use crate::objects::ObjectRegistry;
 use crate::options::cmdline::{Accel, Cmdline};
@@ -141,10 +141,7 @@ impl Machine {
     /// view replayed as slots. A slot size of 0 means the kernel's limit.
     pub fn attach_kvm(&mut self, max_slot_size: u64) -> Result<()> {
         if self.accel.is_some() {
-            return Err(Error::new(
-                HmErrorClass::InUse,
-                "KVM is already attached to this machine",
-            ));
+            return Err(KvmError::AlreadyAttached.into());
         }
         let accel = KvmAccel::open(max_slot_size)?;
         self.memory.add_listener(Box::new(accel.listener()))?;
@@ -156,7 +153,7 @@ impl Machine {
     /// closed once no clone of it runs a vCPU any more.
     pub fn detach_kvm(&mut self) -> Result<()> {
         if self.accel.take().is_none() {
-            return Err(crate::kvm::not_attached());
+            return Err(KvmError::NotAttached.into());
         }
         self.memory.remove_listener(crate::kvm::LISTENER_NAME);
         Ok(())
@@ -185,7 +182,7 @@ impl Machine {
     pub fn finish_backend_completion(
         &mut self,
         id: &str,
-        prealloc: Option<Result<Outcome>>,
+        prealloc: Option<crate::backend::Result<Outcome>>,
     ) -> Result<()> {
         self.objects.finish_complete(id, &mut self.memory, prealloc)
     }

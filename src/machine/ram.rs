@@ -7,7 +7,7 @@
 use super::{BoardInfo, Machine, MachineConfig};
 use crate::backend::{Backend, BackendDefaults, BackendType};
 use crate::error::{Error, HmErrorClass, Result};
-use crate::options::cmdline::{is_syntax_error, Cmdline};
+use crate::options::cmdline::Cmdline;
 use crate::region::RegionId;
 
 /// QEMU's -m rounding granule.
@@ -67,9 +67,14 @@ impl Machine {
         self.backend_defaults.prealloc_threads = cmd.smp_cpus.unwrap_or(1);
 
         for object in &cmd.objects {
+            // What reading the option finds is reported at the option, as QEMU does; what
+            // creating the object finds is not.
+            let parsed = self
+                .objects
+                .parse_opts(&object.text)
+                .map_err(|e| e.at("-object", &object.text))?;
             self.objects
-                .add_from_opts(&object.text, &self.backend_defaults, &mut self.memory)
-                .map_err(|e| at_option_if_syntax(e, "-object", &object.text))?;
+                .add_parsed(parsed, &self.backend_defaults, &mut self.memory)?;
         }
 
         self.check_numa_nodes(cmd, board)?;
@@ -262,14 +267,6 @@ pub(super) fn legacy_options_backend(
     }
     backend.set_use_canonical_path(false);
     Ok(backend)
-}
-
-fn at_option_if_syntax(e: Error, opt: &str, text: &str) -> Error {
-    if is_syntax_error(&e) {
-        e.prepend(&format!("{opt} {text}: "))
-    } else {
-        e
-    }
 }
 
 fn backend_not_found(id: &str) -> Error {

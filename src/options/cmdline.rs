@@ -5,8 +5,8 @@
 //! Errors read as QEMU 10 prints them. Those found while reading one option carry that option as
 //! a location prefix ("-m foo: Parameter 'size' expects ..."), exactly where QEMU prints one.
 
-use crate::error::{Error, HmErrorClass, Result};
-use crate::options::values::{parse_bool, parse_keyval, parse_size};
+use crate::options::error::OptionError;
+use crate::options::values::{expects, parse_keyval, strtosz, Result, SizeFault};
 
 /// `-m [size=]N[,slots=S,maxmem=M]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,9 +64,6 @@ pub struct Cmdline {
     pub monitor_stdio: bool,
 }
 
-/// The hint QEMU prints after a malformed size.
-pub const SIZE_HINT: &str = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n";
-
 /// Options taking an argument that mean nothing to hostmem and are accepted as in QEMU.
 const IGNORED_WITH_ARG: &[&str] = &[
     "-display", "-serial", "-name", "-vga", "-cpu", "-chardev", "-qmp", "-d", "-D", "-L", "-bios",
@@ -90,9 +87,7 @@ impl Cmdline {
             i += 1;
             if !raw.starts_with('-') || raw == "-" {
                 // QEMU takes a bare word as the disk image; hostmem has no disks.
-                return Err(Error::invalid(format!(
-                    "{raw}: hostmem's vmm takes no disk image"
-                )));
+                return Err(OptionError::DiskImage(raw.to_string()));
             }
             // QEMU accepts "--opt" as "-opt".
             let opt = if raw.starts_with("--") {
@@ -128,24 +123,18 @@ impl Cmdline {
                     | "-monitor"
             ) || IGNORED_WITH_ARG.contains(&opt);
             if !takes_arg {
-                return Err(Error::invalid(format!("{raw}: invalid option")));
+                return Err(OptionError::InvalidOption(raw.to_string()));
             }
             let Some(arg) = args.get(i).map(|a| a.as_ref()) else {
-                return Err(Error::invalid(format!("{raw}: requires an argument")));
+                return Err(OptionError::RequiresArgument(raw.to_string()));
             };
             i += 1;
-            let at = |e: Error| e.prepend(&format!("{opt} {arg}: "));
+            let at = |e: OptionError| e.at(opt, arg);
             match opt {
                 "-m" => {
                     // QEMU checks a bare number again once it has appended "M", without the
                     // option's location: that second failure comes back as a generic error.
-                    c.memory = parse_memory(arg).map_err(|e| {
-                        if e.class() == HmErrorClass::Generic {
-                            e
-                        } else {
-                            at(e)
-                        }
-                    })?;
+                    c.memory = parse_memory(arg).map_err(|e| located(e, at))?;
                     c.memory_text = Some(arg.to_string());
                 }
                 "-M" | "-machine" => c.parse_machine(arg).map_err(at)?,
@@ -159,19 +148,11 @@ impl Cmdline {
                     }
                 }
                 // QEMU checks the topology after reading the option, without its location.
-                "-smp" => {
-                    c.smp_cpus =
-                        Some(
-                            parse_smp(arg)
-                                .map_err(|e| if is_syntax_error(&e) { at(e) } else { e })?,
-                        )
-                }
+                "-smp" => c.smp_cpus = Some(parse_smp(arg).map_err(|e| located(e, at))?),
                 "-accel" => c.parse_accel(arg).map_err(at)?,
                 "-monitor" => {
                     if arg != "stdio" {
-                        return Err(at(Error::invalid(format!(
-                            "'{arg}' is not a valid char driver"
-                        ))));
+                        return Err(at(OptionError::NotACharDriver(arg.to_string())));
                     }
                     c.monitor_stdio = true;
                 }
@@ -205,18 +186,18 @@ impl Cmdline {
             match key.as_str() {
                 "accel" => accel = Some(parse_accel_name(&value)?),
                 "max-slot-size" if accel == Some(Accel::Kvm) => {
-                    max_slot_size = parse_size(&value).map_err(|_| {
-                        Error::invalid("Parameter 'max-slot-size' expects a size value")
-                    })?;
+                    max_slot_size =
+                        strtosz(&value).map_err(|_| expects("max-slot-size", "a size value"))?;
                 }
                 _ => {
                     let class = match accel {
                         Some(Accel::Kvm) => "kvm-accel",
                         _ => "tcg-accel",
                     };
-                    return Err(Error::invalid(format!(
-                        "Property '{class}.{key}' not found"
-                    )));
+                    return Err(OptionError::PropertyNotFound {
+                        class: class.to_string(),
+                        name: key,
+                    });
                 }
             }
         }
@@ -230,9 +211,7 @@ impl Cmdline {
     /// Settles the accelerator once every option is read.
     fn finish_accel(&mut self) -> Result<()> {
         match (self.accel_option, self.accel_machine) {
-            (Some(_), Some(_)) => Err(Error::invalid(
-                "The -accel and \"-machine accel=\" options are incompatible",
-            )),
+            (Some(_), Some(_)) => Err(OptionError::AccelConflict),
             (a, m) => {
                 self.accel = a.or(m);
                 Ok(())
@@ -245,12 +224,17 @@ fn parse_accel_name(name: &str) -> Result<Accel> {
     match name {
         "kvm" => Ok(Accel::Kvm),
         "tcg" => Ok(Accel::Tcg),
-        _ => Err(Error::invalid(format!("invalid accelerator {name}"))),
+        _ => Err(OptionError::InvalidAccelerator(name.to_string())),
     }
 }
 
-fn size_error() -> Error {
-    Error::invalid("Parameter 'size' expects a non-negative number below 2^64").with_hint(SIZE_HINT)
+/// `e` at the option being read, unless QEMU reports it without (a check made after reading).
+fn located(e: OptionError, at: impl FnOnce(OptionError) -> OptionError) -> OptionError {
+    if e.is_located() {
+        at(e)
+    } else {
+        e
+    }
 }
 
 /// `-m`: MiB when the number has no suffix; 0 means the board's default.
@@ -260,18 +244,18 @@ pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
         match key.as_str() {
             "size" => {
                 // The value must be a size as written; a bare number then means MiB.
-                let bytes = parse_size(&value).map_err(|e| {
-                    if value.starts_with('-') || e.message().contains("does not fit") {
-                        Error::invalid(format!(
-                            "Value '{value}' is out of range for parameter 'size'"
-                        ))
+                let bytes = strtosz(&value).map_err(|fault| {
+                    if value.starts_with('-') || fault == SizeFault::Range {
+                        OptionError::OutOfRange {
+                            name: "size".into(),
+                            value: value.clone(),
+                        }
                     } else {
-                        size_error()
+                        OptionError::ExpectsSize("size".into())
                     }
                 })?;
                 let bytes = if value.ends_with(|ch: char| ch.is_ascii_digit()) {
-                    parse_size(&format!("{value}M"))
-                        .map_err(|_| Error::generic("Parameter 'memory.size' expects size"))?
+                    strtosz(&format!("{value}M")).map_err(|_| OptionError::MemorySizeReparse)?
                 } else {
                     bytes
                 };
@@ -281,16 +265,14 @@ pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
                 m.slots = Some(
                     value
                         .parse::<u64>()
-                        .map_err(|_| Error::invalid("Parameter 'slots' expects a number"))?,
+                        .map_err(|_| expects("slots", "a number"))?,
                 )
             }
             "maxmem" => {
-                m.maxmem = Some(parse_size(&value).map_err(|_| {
-                    Error::invalid("Parameter 'maxmem' expects a non-negative number below 2^64")
-                        .with_hint(SIZE_HINT)
-                })?)
+                m.maxmem =
+                    Some(strtosz(&value).map_err(|_| OptionError::ExpectsSize("maxmem".into()))?)
             }
-            _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
+            _ => return Err(OptionError::InvalidParameter(key)),
         }
     }
     Ok(m)
@@ -307,9 +289,10 @@ fn parse_numa(arg: &str) -> Result<Option<NumaNode>> {
         "node" => {}
         "dist" | "cpu" | "hmat-lb" | "hmat-cache" => return Ok(None),
         _ => {
-            return Err(Error::invalid(format!(
-                "Parameter 'type' does not accept value '{ty}'"
-            )))
+            return Err(OptionError::BadValue {
+                name: "type".into(),
+                value: ty.to_string(),
+            })
         }
     }
     let mut node = NumaNode {
@@ -325,18 +308,16 @@ fn parse_numa(arg: &str) -> Result<Option<NumaNode>> {
                 node.nodeid = Some(
                     value
                         .parse()
-                        .map_err(|_| Error::invalid("Parameter 'nodeid' expects a uint64 value"))?,
+                        .map_err(|_| expects("nodeid", "a uint64 value"))?,
                 )
             }
             "memdev" => node.memdev = Some(value),
-            "mem" => node.mem = Some(parse_size(&value)?),
-            _ => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),
+            "mem" => node.mem = Some(crate::options::values::parse_size(&value)?),
+            _ => return Err(OptionError::InvalidParameter(key)),
         }
     }
     if node.mem.is_some() && node.memdev.is_some() {
-        return Err(Error::invalid(
-            "numa configuration should use either mem= or memdev=,mixing both is not allowed",
-        ));
+        return Err(OptionError::NumaMemAndMemdev);
     }
     Ok(Some(node))
 }
@@ -345,13 +326,9 @@ fn parse_smp(arg: &str) -> Result<u32> {
     let mut cpus = None;
     for (key, value) in parse_keyval(arg, Some("cpus"))? {
         if key == "cpus" {
-            let n: u32 = value
-                .parse()
-                .map_err(|_| Error::generic("Parameter 'smp.cpus' expects integer"))?;
+            let n: u32 = value.parse().map_err(|_| OptionError::SmpCpusNotInteger)?;
             if n == 0 {
-                return Err(Error::invalid(
-                    "Invalid CPU topology: CPU topology parameters must be greater than zero",
-                ));
+                return Err(OptionError::ZeroTopology);
             }
             cpus = Some(n);
         }
@@ -359,26 +336,16 @@ fn parse_smp(arg: &str) -> Result<u32> {
     Ok(cpus.unwrap_or(1))
 }
 
-/// Whether a message came from reading an option's text (QEMU then prefixes the option).
-pub fn is_syntax_error(e: &Error) -> bool {
-    let m = e.message();
-    m.starts_with("Duplicate ID '")
-        || (e.class() == HmErrorClass::InvalidParameter
-            && (m.starts_with("Parameter '") || m.starts_with("Invalid parameter '")))
-}
-
-/// Parses a QEMU boolean, for `-machine` properties that take one.
-pub fn machine_bool(value: &str) -> Result<bool> {
-    parse_bool(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<Cmdline> {
+    use crate::options::error::SIZE_HINT;
+
+    /// Parses `s`, with errors as C callers get them (message, hint, class).
+    fn parse(s: &str) -> crate::Result<Cmdline> {
         let args: Vec<&str> = s.split_whitespace().collect();
-        Cmdline::parse(&args)
+        Ok(Cmdline::parse(&args)?)
     }
 
     #[test]

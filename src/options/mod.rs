@@ -1,4 +1,7 @@
 //! QEMU's option and value syntax, turned into typed configuration. Pure: no side effects.
 
 pub mod cmdline;
+pub mod error;
 pub mod values;
+
+pub use error::OptionError;

@@ -5,7 +5,10 @@
 //! value"), which needs the parameter's name; the bare forms are for callers that word their
 //! own errors.
 
-use crate::error::{Error, Result};
+use super::error::OptionError;
+
+/// What the value parsers return.
+pub type Result<T> = std::result::Result<T, OptionError>;
 
 /// Multiplier of a size suffix letter; `None` if the character is not a suffix.
 fn suffix_mul(c: u8) -> Option<u64> {
@@ -23,8 +26,8 @@ fn suffix_mul(c: u8) -> Option<u64> {
 }
 
 /// Why a size did not parse; callers word the message.
-#[derive(Debug, PartialEq, Eq)]
-enum SizeFault {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeFault {
     Invalid,
     Range,
 }
@@ -34,7 +37,7 @@ enum SizeFault {
 /// decimal fraction that requires a suffix other than B ("1.5" alone is refused, "1.5k" is 1536,
 /// "1.k" is 1024); an optional single-letter suffix B/K/M/G/T/P/E in either case (`e` is the
 /// exabyte suffix, never an exponent); the result rounds half up and must fit in 64 bits.
-fn strtosz(s: &str) -> std::result::Result<u64, SizeFault> {
+pub fn strtosz(s: &str) -> std::result::Result<u64, SizeFault> {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() && (b[i] == b' ' || (b'\t'..=b'\r').contains(&b[i])) {
@@ -115,14 +118,14 @@ fn strtosz(s: &str) -> std::result::Result<u64, SizeFault> {
 /// "1G", "512M", "1.5k", "4096" (bytes when bare), "0x1000", as QEMU's size visitor reads them.
 pub fn parse_size(s: &str) -> Result<u64> {
     strtosz(s).map_err(|f| match f {
-        SizeFault::Invalid => Error::invalid(format!("'{s}' is not a size")),
-        SizeFault::Range => Error::invalid(format!("size '{s}' does not fit in 64 bits")),
+        SizeFault::Invalid => OptionError::NotASize(s.to_string()),
+        SizeFault::Range => OptionError::SizeOverflow(s.to_string()),
     })
 }
 
 /// A size property of an `-object`: QEMU 10 answers "Parameter 'NAME' expects a size value".
 pub fn parse_size_param(name: &str, s: &str) -> Result<u64> {
-    strtosz(s).map_err(|_| Error::invalid(format!("Parameter '{name}' expects a size value")))
+    strtosz(s).map_err(|_| expects(name, "a size value"))
 }
 
 /// on/off/yes/no/true/false, exactly (QEMU refuses "ON").
@@ -130,13 +133,13 @@ pub fn parse_bool(s: &str) -> Result<bool> {
     match s {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
-        _ => Err(Error::invalid(format!("'{s}' is not a boolean"))),
+        _ => Err(OptionError::NotABoolean(s.to_string())),
     }
 }
 
 /// A boolean property: "Parameter 'NAME' expects 'on' or 'off'".
 pub fn parse_bool_param(name: &str, s: &str) -> Result<bool> {
-    parse_bool(s).map_err(|_| Error::invalid(format!("Parameter '{name}' expects 'on' or 'off'")))
+    parse_bool(s).map_err(|_| expects(name, "'on' or 'off'"))
 }
 
 /// How QEMU prints booleans in option syntax.
@@ -145,6 +148,14 @@ pub fn bool_to_str(b: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// "Parameter 'NAME' expects WHAT", the option parser's words for a value of the wrong type.
+pub fn expects(name: &str, expected: &'static str) -> OptionError {
+    OptionError::Expects {
+        name: name.to_string(),
+        expected,
     }
 }
 
@@ -167,9 +178,8 @@ fn parse_u64_any(s: &str) -> Option<u64> {
 /// A uint32 property: "Parameter 'NAME' expects a uint64 value" for non-numbers and
 /// "Parameter 'NAME' expects uint32_t" for numbers that do not fit, as QEMU 10 words them.
 pub fn parse_u32_param(name: &str, s: &str) -> Result<u32> {
-    let v = parse_u64_any(s)
-        .ok_or_else(|| Error::invalid(format!("Parameter '{name}' expects a uint64 value")))?;
-    u32::try_from(v).map_err(|_| Error::invalid(format!("Parameter '{name}' expects uint32_t")))
+    let v = parse_u64_any(s).ok_or_else(|| expects(name, "a uint64 value"))?;
+    u32::try_from(v).map_err(|_| expects(name, "uint32_t"))
 }
 
 /// Longest range QEMU's string visitor expands ("0-70000" is refused).
@@ -178,11 +188,7 @@ const MAX_RANGE_ELEMENTS: u64 = 65536;
 /// A uint16 list in QEMU's string-visitor syntax: "0-1,3". Errors use QEMU 10's wording for
 /// parameter `name` ("expects a uint64 value or range", "expects uint16_t").
 pub fn parse_u16_list(name: &str, s: &str) -> Result<Vec<u16>> {
-    let bad = || {
-        Error::invalid(format!(
-            "Parameter '{name}' expects a uint64 value or range"
-        ))
-    };
+    let bad = || expects(name, "a uint64 value or range");
     let mut out = Vec::new();
     for item in s.split(',') {
         let (lo, hi) = match item.split_once('-') {
@@ -200,10 +206,7 @@ pub fn parse_u16_list(name: &str, s: &str) -> Result<Vec<u16>> {
             }
         };
         for v in lo..=hi {
-            out.push(
-                u16::try_from(v)
-                    .map_err(|_| Error::invalid(format!("Parameter '{name}' expects uint16_t")))?,
-            );
+            out.push(u16::try_from(v).map_err(|_| expects(name, "uint16_t"))?);
         }
     }
     Ok(out)
@@ -308,7 +311,7 @@ pub fn parse_keyval(s: &str, implied_key: Option<&str>) -> Result<Vec<(String, S
         match el.split_once('=') {
             Some((k, v)) => {
                 if k.is_empty() {
-                    return Err(Error::invalid(format!("Invalid parameter '{k}'")));
+                    return Err(OptionError::InvalidParameter(String::new()));
                 }
                 out.push((k.to_string(), v.to_string()));
             }
@@ -320,15 +323,11 @@ pub fn parse_keyval(s: &str, implied_key: Option<&str>) -> Result<Vec<(String, S
                     out.push((key.to_string(), el));
                 }
                 None if el.is_empty() => return Ok(out),
-                None => {
-                    return Err(Error::invalid(format!(
-                        "Expected '=' after parameter '{el}'"
-                    )))
-                }
+                None => return Err(OptionError::ExpectedEquals(el)),
             },
             None => {
                 if el.is_empty() {
-                    return Err(Error::invalid("Invalid parameter ''"));
+                    return Err(OptionError::InvalidParameter(String::new()));
                 }
                 out.push((el, "on".to_string()));
             }
@@ -398,7 +397,7 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad:?} must be refused");
         }
         assert_eq!(
-            parse_size_param("size", "abc").unwrap_err().message(),
+            parse_size_param("size", "abc").unwrap_err().to_string(),
             "Parameter 'size' expects a size value"
         );
     }
@@ -413,7 +412,7 @@ mod tests {
         }
         assert!(parse_bool("ON").is_err());
         assert_eq!(
-            parse_bool_param("merge", "maybe").unwrap_err().message(),
+            parse_bool_param("merge", "maybe").unwrap_err().to_string(),
             "Parameter 'merge' expects 'on' or 'off'"
         );
     }
@@ -425,19 +424,19 @@ mod tests {
         assert_eq!(
             parse_u32_param("prealloc-threads", "abc")
                 .unwrap_err()
-                .message(),
+                .to_string(),
             "Parameter 'prealloc-threads' expects a uint64 value"
         );
         assert_eq!(
             parse_u32_param("prealloc-threads", "-1")
                 .unwrap_err()
-                .message(),
+                .to_string(),
             "Parameter 'prealloc-threads' expects a uint64 value"
         );
         assert_eq!(
             parse_u32_param("prealloc-threads", "4294967296")
                 .unwrap_err()
-                .message(),
+                .to_string(),
             "Parameter 'prealloc-threads' expects uint32_t"
         );
     }
@@ -449,13 +448,15 @@ mod tests {
         let range = "Parameter 'host-nodes' expects a uint64 value or range";
         for bad in ["3-1", "a", "", "0-70000", "1,,2"] {
             assert_eq!(
-                parse_u16_list("host-nodes", bad).unwrap_err().message(),
+                parse_u16_list("host-nodes", bad).unwrap_err().to_string(),
                 range,
                 "{bad}"
             );
         }
         assert_eq!(
-            parse_u16_list("host-nodes", "70000").unwrap_err().message(),
+            parse_u16_list("host-nodes", "70000")
+                .unwrap_err()
+                .to_string(),
             "Parameter 'host-nodes' expects uint16_t"
         );
         assert_eq!(format_ranges([3, 0, 1]), "0-1,3");
