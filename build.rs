@@ -40,9 +40,13 @@ fn assemble_guest() {
         ("HM_GUEST_DONE_PORT", u64::from(DONE_PORT)),
         ("HM_GUEST_DONE_VALUE", u64::from(DONE_VALUE)),
         ("HM_GUEST_WAIT_SPIN_LIMIT", u64::from(WAIT_SPIN_LIMIT)),
+        ("HM_GUEST_DIRTIER_PASSES_GPA", DIRTIER_PASSES_GPA),
+        ("HM_GUEST_DIRTIER_STOP_GPA", DIRTIER_STOP_GPA),
     ];
     let mut build = cc::Build::new();
-    build.file("src/kvm/guest/ops.S");
+    build
+        .file("src/kvm/guest/ops.S")
+        .file("src/kvm/guest/dirtier.S");
     for (name, value) in defines {
         build.define(name, format!("{value:#x}").as_str());
     }

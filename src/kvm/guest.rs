@@ -1,34 +1,42 @@
-//! hostmem's x86-64 test guest: a small program that a vCPU of the VM runs to prove, from the
-//! guest's side, what the memslots map.
+//! hostmem's x86-64 test guest: two small programs that a vCPU of the VM runs to prove, from
+//! the guest's side, what the memslots map.
 //!
 //! - The **ops program** (`guest/ops.S`) runs a list of 8-byte writes, reads and waits at
 //!   guest-physical addresses, then signals completion on an I/O port and halts. The host
 //!   checks the results through its own pointers, so a slot at the wrong GPA, HVA or size shows
 //!   up as a value in the wrong place (or as an MMIO exit where RAM should be). The guest check
 //!   of [`super::KvmHandle`] is built on it.
+//! - The **dirtier** (`guest/dirtier.S`) is the live-migration workload, modelled on the guest
+//!   of QEMU's migration test: it zeroes byte 0 of every 4 KiB page of a range, then increments
+//!   byte 0 of every page in ascending order, pass after pass, counting passes in a heartbeat
+//!   word and stopping at the end of the pass in which the host set a stop word. Once the
+//!   zeroing is done, at whatever instant its vCPU stops, the range satisfies
+//!   [`check_dirtied_pages`]'s rule, so a page a migration lost or sent stale shows up on the
+//!   destination.
 //!
-//! build.rs assembles it (cc) into a read-only data section of the library; the host copies the
-//! bytes into guest RAM. It is position-independent and takes its argument in a register the
-//! host sets with KVM_SET_REGS, so the bytes are a constant. What it shares with this file
-//! (done port, spin limit) is written once, in `guest/abi.rs`, which build.rs hands to the
-//! assembler as `-D` defines. Only x86-64 builds carry the program; elsewhere the vCPU entry
-//! points return an error.
+//! build.rs assembles both (cc) into a read-only data section of the library; the host copies
+//! the bytes into guest RAM. They are position-independent and take their arguments in
+//! registers the host sets with KVM_SET_REGS, so the bytes are constants. What they share with
+//! this file (done port, spin limit, mailbox addresses) is written once, in `guest/abi.rs`,
+//! which build.rs hands to the assembler as `-D` defines. Only x86-64 builds carry the
+//! programs; elsewhere the vCPU entry points return an error.
 //!
 //! The vCPU starts directly in 64-bit long mode: the host writes a GDT, page tables and the code
 //! into low guest RAM before the run. Page tables identity-map only the 2 MiB pages the run
-//! touches, which keeps them small even for a 9 TiB guest (1 GiB pages would be simpler, but
-//! not every KVM offers them to guests).
+//! touches (the ops' addresses, the dirtier's range), which keeps them small even for a 9 TiB
+//! guest (1 GiB pages would be simpler, but not every KVM offers them to guests).
 //!
 //! Low guest RAM a run uses (must be RAM with a slot, below the 640 KiB VGA hole):
 //!
-//! | GPA        | ops program               |
-//! |------------|---------------------------|
-//! | `0x500`    | GDT                       |
-//! | `0x1000`   | code                      |
-//! | `0x2000..` | page tables, then op list |
+//! | GPA        | ops program               | dirtier                                  |
+//! |------------|---------------------------|------------------------------------------|
+//! | `0x500`    | GDT                       | GDT                                      |
+//! | `0x600`    | (untouched)               | pass counter (u64), then stop word (u64) |
+//! | `0x1000`   | code                      | code                                     |
+//! | `0x2000..` | page tables, then op list | page tables; the range starts above them |
 
-// Other hosts build the payload layout but never load the program, so what only feeds the
-// x86-64 vCPU code is unused there.
+// Other hosts build the layout and the checker but never load a program, so what only feeds
+// the x86-64 vCPU code is unused there.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 mod abi;
@@ -39,7 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use super::table::SlotTable;
 
-pub(crate) use vcpu::{create_vcpu, run_ops};
+pub(crate) use vcpu::{create_vcpu, run_dirtier, run_ops};
 
 pub(crate) const GDT_ADDR: u64 = 0x500;
 pub(crate) const CODE_ADDR: u64 = 0x1000;
@@ -52,8 +60,9 @@ pub(crate) const DONE_VALUE: u8 = abi::DONE_VALUE;
 /// Identity mapping stays in the lower canonical half.
 const MAX_GPA: u64 = 1 << 47;
 const PAGE_2M: u64 = 2 << 20;
+const PAGE_4K: u64 = 4096;
 /// Present, writable, accessed. Accessed (and dirty, for leaves) are set up front so that the
-/// CPU never writes the tables: the only guest writes are the program's, which the dirty-log
+/// CPU never writes the tables: the only guest writes are the programs', which the dirty-log
 /// tests count exactly.
 const TABLE_FLAGS: u64 = 0x23;
 /// Present, writable, accessed, dirty, 2 MiB page.
@@ -184,10 +193,172 @@ pub fn payload_end(ops: &[GuestOp]) -> Result<u64> {
     Payload::build(ops).map(|p| p.end())
 }
 
+/// Where the dirtier works: byte 0 of every 4 KiB page of `[start, end)`.
+///
+/// Both ends must be 4 KiB aligned, the range non-empty, above the program's own page tables
+/// and below 2^47; all of it must be RAM with a writable slot, or the run ends with an error
+/// naming the first address the guest could not write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtierLayout {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The dirtier's mailbox and stride. Rust-only: the C header does not carry them.
+/// cbindgen:ignore
+impl DirtierLayout {
+    /// GPA of the u64 the guest increments after every full pass: the heartbeat to watch.
+    pub const PASSES_GPA: u64 = abi::DIRTIER_PASSES_GPA;
+    /// GPA of the u64 stop word: make it non-zero and the guest stops at the end of its pass.
+    pub const STOP_GPA: u64 = abi::DIRTIER_STOP_GPA;
+    /// The stride of the dirtier: it writes byte 0 of pages this large.
+    pub const PAGE_SIZE: u64 = PAGE_4K;
+}
+
+impl DirtierLayout {
+    /// The number of pages the guest dirties.
+    pub fn pages(&self) -> u64 {
+        self.end.saturating_sub(self.start) / PAGE_4K
+    }
+
+    /// The GPA of byte 0 of page `index` of the range.
+    pub fn page_gpa(&self, index: u64) -> u64 {
+        self.start + index * PAGE_4K
+    }
+
+    /// The page tables for a run: low RAM (the program and its mailbox) and every 2 MiB page
+    /// the range touches.
+    fn tables(&self) -> Result<Vec<u8>> {
+        let DirtierLayout { start, end } = *self;
+        let bad = |why: &str| {
+            Err(Error::invalid(format!(
+                "dirtier range 0x{start:x}-0x{end:x}: {why}"
+            )))
+        };
+        if start % PAGE_4K != 0 || end % PAGE_4K != 0 {
+            return bad("both ends must be 4 KiB aligned");
+        }
+        if start >= end {
+            return bad("the range is empty");
+        }
+        if end > MAX_GPA {
+            return bad(&format!("the guest maps no address above 0x{MAX_GPA:x}"));
+        }
+        // Count the tables before building them: a huge range cannot fit. The PML4, then one
+        // PDPT per 512 GiB and one PD per GiB, each of the range plus the one of low RAM.
+        let span = |shift: u32| {
+            let (first, last) = (start >> shift, (end - 1) >> shift);
+            last - first + 1 + u64::from(first != 0)
+        };
+        if TABLES_ADDR + (1 + span(39) + span(30)) * 4096 > PAYLOAD_LIMIT {
+            return bad(&format!(
+                "its page tables would not fit below 0x{PAYLOAD_LIMIT:x}"
+            ));
+        }
+        let tables = page_tables(std::iter::once(0).chain(start / PAGE_2M..=(end - 1) / PAGE_2M));
+        let tables_end = TABLES_ADDR + tables.len() as u64;
+        if start < tables_end {
+            return bad(&format!(
+                "the range must start at or above 0x{tables_end:x}, the end of the program's \
+                 page tables"
+            ));
+        }
+        Ok(tables)
+    }
+}
+
+// The dirtier's two mailbox words lie between the GDT and the code, in the page every run
+// writes anyway and out of the range's way.
+const _: () = assert!(
+    GDT_ADDR + GDT.len() as u64 * 8 <= abi::DIRTIER_PASSES_GPA
+        && abi::DIRTIER_STOP_GPA == abi::DIRTIER_PASSES_GPA + 8
+        && abi::DIRTIER_STOP_GPA + 8 <= CODE_ADDR
+);
+
+/// How a dirtier run ended: at the end of pass `passes` (the heartbeat's final value), with the
+/// vCPU halted and its registers as read after the halt. The vCPU is left as it is, so a
+/// migration can save its state.
+#[derive(Clone, Copy, Debug)]
+pub struct DirtierStop {
+    pub passes: u64,
+    pub regs: kvm_bindings::kvm_regs,
+}
+
+/// One page that breaks the dirtier's rule: its byte 0 and the previous page's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadPage {
+    pub page: u64,
+    pub previous: u8,
+    pub found: u8,
+}
+
+/// What [`check_dirtied_pages`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageCheck {
+    pub pages: u64,
+    /// Pages whose byte 0 differs from the previous page's other than at the one allowed edge.
+    pub bad: u64,
+    /// The page where byte 0 steps down by one, if any: where the guest was when it stopped.
+    pub edge: Option<u64>,
+    /// The first [`PageCheck::MAX_OFFENDERS`] bad pages, in page order.
+    pub offenders: Vec<BadPage>,
+}
+
+/// Rust-only, as [`DirtierLayout`]'s constants.
+/// cbindgen:ignore
+impl PageCheck {
+    pub const MAX_OFFENDERS: usize = 8;
+}
+
+impl PageCheck {
+    pub fn is_consistent(&self) -> bool {
+        self.bad == 0
+    }
+}
+
+/// Checks the rule the dirtier leaves in its range, QEMU's migration-test check: byte 0 is the
+/// same in every page, except at most one edge where it steps down by one (mod 256) from the
+/// previous page, the point the guest had reached when its vCPU stopped. `byte0(i)` reads byte
+/// 0 of page `i` of `pages`, wherever the caller finds it (a destination's RAMBlocks, a file).
+///
+/// Every other change between neighbours counts as one bad page: a page that lost its last
+/// increment (or a stale copy) sits one below its neighbours and makes a step down and a step
+/// up; a second step down is a second edge. A lost increment on the very last page looks like
+/// an edge: that one is indistinguishable from the guest stopping there.
+pub fn check_dirtied_pages(pages: u64, mut byte0: impl FnMut(u64) -> u8) -> PageCheck {
+    let mut check = PageCheck {
+        pages,
+        ..PageCheck::default()
+    };
+    if pages == 0 {
+        return check;
+    }
+    let mut previous = byte0(0);
+    for page in 1..pages {
+        let found = byte0(page);
+        if found != previous {
+            if found.wrapping_add(1) == previous && check.edge.is_none() {
+                check.edge = Some(page);
+            } else {
+                check.bad += 1;
+                if check.offenders.len() < PageCheck::MAX_OFFENDERS {
+                    check.offenders.push(BadPage {
+                        page,
+                        previous,
+                        found,
+                    });
+                }
+            }
+        }
+        previous = found;
+    }
+    check
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vcpu {
-    //! What needs an x86-64 vCPU: the assembled program, placing it in guest RAM, long mode and
-    //! the run loop.
+    //! What needs an x86-64 vCPU: the assembled programs, placing them in guest RAM, long mode
+    //! and the run loop.
 
     use kvm_bindings::{kvm_regs, kvm_segment, KVM_MAX_CPUID_ENTRIES};
     use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -195,22 +366,24 @@ mod vcpu {
     use super::super::listener::lock;
     use super::*;
 
-    /// The assembled program (build.rs), as bytes to copy into guest RAM.
+    /// The assembled programs (build.rs), as bytes to copy into guest RAM.
     pub(super) mod image {
         extern "C" {
             // Zero-sized on the Rust side: only their addresses are used. The bytes between a
             // start and its end belong to the assembled object, not to these declarations.
             static hm_guest_ops_start: [u8; 0];
             static hm_guest_ops_end: [u8; 0];
+            static hm_guest_dirtier_start: [u8; 0];
+            static hm_guest_dirtier_end: [u8; 0];
         }
 
         fn between(start: *const [u8; 0], end: *const [u8; 0]) -> &'static [u8] {
             let (start, end) = (start.addr(), end.addr());
             assert!(start <= end, "guest program labels out of order");
-            // SAFETY: ops.S defines each start/end pair around one program in one read-only
-            // section of one object, end after start (checked above); the linker keeps such a
-            // section whole and in order, so the bytes between are initialised and immutable
-            // for the life of the process. Rust declares the labels zero-sized, so
+            // SAFETY: ops.S and dirtier.S define each start/end pair around one program in one
+            // read-only section of one object, end after start (checked above); the linker keeps
+            // such a section whole and in order, so the bytes between are initialised and
+            // immutable for the life of the process. Rust declares the labels zero-sized, so
             // those bytes are memory outside the abstract machine's statics, which an address
             // may reach with exposed provenance; nothing writes them, so a shared 'static slice
             // is sound.
@@ -224,6 +397,13 @@ mod vcpu {
 
         pub(in super::super) fn ops() -> &'static [u8] {
             between(&raw const hm_guest_ops_start, &raw const hm_guest_ops_end)
+        }
+
+        pub(in super::super) fn dirtier() -> &'static [u8] {
+            between(
+                &raw const hm_guest_dirtier_start,
+                &raw const hm_guest_dirtier_end,
+            )
         }
     }
 
@@ -465,6 +645,43 @@ mod vcpu {
         }
         Ok(out)
     }
+
+    /// Writes the dirtier for `layout` into low guest RAM: GDT, code, page tables, and a zero
+    /// pass counter and stop word.
+    pub(crate) fn write_dirtier(table: &SlotTable, layout: &DirtierLayout) -> Result<()> {
+        let tables = layout.tables()?;
+        write_program(table, image::dirtier(), &tables)?;
+        write_guest(table, DirtierLayout::PASSES_GPA, &0u64.to_le_bytes())?;
+        write_guest(table, DirtierLayout::STOP_GPA, &0u64.to_le_bytes())
+    }
+
+    /// Writes the dirtier for `layout` and runs it on the calling thread until the host sets
+    /// the stop word ([`DirtierLayout::STOP_GPA`]) and the guest halts at the end of that pass.
+    ///
+    /// As with [`run_ops`], the slot table is not locked while the guest runs, so another
+    /// thread can read the heartbeat, sync the dirty log or set the stop word meanwhile.
+    pub(crate) fn run_dirtier(
+        vcpu: &mut VcpuFd,
+        table: &Arc<Mutex<SlotTable>>,
+        layout: &DirtierLayout,
+    ) -> Result<DirtierStop> {
+        write_dirtier(&lock(table), layout)?;
+        settle(vcpu)?;
+        enter_long_mode(vcpu, |regs| {
+            regs.rdi = layout.start;
+            regs.rsi = layout.end;
+        })?;
+        let where_ = |vcpu: &VcpuFd| match vcpu.get_regs() {
+            Ok(r) => format!("rip=0x{:x}, dirtier at 0x{:x}", r.rip, r.rax),
+            Err(_) => "registers unavailable".to_string(),
+        };
+        run_until_done(vcpu, &where_)?;
+        let regs = vcpu
+            .get_regs()
+            .map_err(|e| kvm_err("KVM_GET_REGS failed", e))?;
+        let passes = read_guest_u64(&lock(table), DirtierLayout::PASSES_GPA)?;
+        Ok(DirtierStop { passes, regs })
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -491,6 +708,14 @@ mod vcpu {
         _: &Arc<Mutex<SlotTable>>,
         _: &[GuestOp],
     ) -> Result<Vec<u64>> {
+        Err(x86_only())
+    }
+
+    pub(crate) fn run_dirtier(
+        _: &mut VcpuFd,
+        _: &Arc<Mutex<SlotTable>>,
+        _: &DirtierLayout,
+    ) -> Result<DirtierStop> {
         Err(x86_only())
     }
 }
@@ -528,6 +753,31 @@ mod tests {
         let mut spin = vec![0x41, 0xb8];
         spin.extend(abi::WAIT_SPIN_LIMIT.to_le_bytes());
         assert!(contains(c, &spin), "{c:02x?}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_dirtier_is_assembled_with_the_rust_mailbox_and_ends_by_reporting_and_halting() {
+        let c = vcpu::image::dirtier();
+        assert!((0x30..0x100).contains(&c.len()), "{} bytes", c.len());
+        assert!(c.ends_with(&done_tail()), "{c:02x?}");
+        // `inc qword [PASSES_GPA]` and `cmp qword [STOP_GPA], 0`, absolute 32-bit addresses.
+        let mut inc = vec![0x48, 0xff, 0x04, 0x25];
+        inc.extend((DirtierLayout::PASSES_GPA as u32).to_le_bytes());
+        assert!(contains(c, &inc), "{c:02x?}");
+        let mut cmp = vec![0x48, 0x83, 0x3c, 0x25];
+        cmp.extend((DirtierLayout::STOP_GPA as u32).to_le_bytes());
+        cmp.push(0);
+        assert!(contains(c, &cmp), "{c:02x?}");
+        // `mov byte [rax], 0` then `inc byte [rax]`, each followed by `add rax, 4096`.
+        assert!(contains(
+            c,
+            &[0xc6, 0x00, 0x00, 0x48, 0x05, 0x00, 0x10, 0x00, 0x00]
+        ));
+        assert!(contains(
+            c,
+            &[0xfe, 0x00, 0x48, 0x05, 0x00, 0x10, 0x00, 0x00]
+        ));
     }
 
     fn entry(tables: &[u8], addr: u64, index: u64) -> u64 {
@@ -582,5 +832,139 @@ mod tests {
         let ops: Vec<GuestOp> = (0..30_000).map(|i| GuestOp::Read { gpa: i * 8 }).collect();
         let e = Payload::build(&ops).unwrap_err();
         assert!(e.message().contains("needs guest RAM up to"), "{e}");
+    }
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn dirtier_tables_map_every_2m_page_of_the_range_and_low_ram() {
+        let layout = DirtierLayout {
+            start: MIB,
+            end: 100 * MIB,
+        };
+        assert_eq!(layout.pages(), 99 * 256);
+        assert_eq!(layout.page_gpa(1), MIB + 4096);
+        let t = layout.tables().unwrap();
+        assert_eq!(t.len(), 3 * 4096, "PML4, PDPT, PD");
+        for page in 0..50 {
+            assert_eq!(walk(&t, page * PAGE_2M), (page * PAGE_2M) | 0xe3, "{page}");
+        }
+        assert_eq!(walk(&t, 100 * MIB), 0, "nothing beyond the range");
+
+        // Across a 1 GiB line, away from low RAM: one PD for low RAM and one per GiB touched.
+        let layout = DirtierLayout {
+            start: 3 * GIB - 4096,
+            end: 3 * GIB + 4096,
+        };
+        let t = layout.tables().unwrap();
+        assert_eq!(t.len(), 5 * 4096);
+        assert_eq!(walk(&t, 3 * GIB - 4096), (3 * GIB - PAGE_2M) | 0xe3);
+        assert_eq!(walk(&t, 3 * GIB), (3 * GIB) | 0xe3);
+        assert_eq!(walk(&t, 0x600), 0xe3);
+        assert_eq!(walk(&t, 2 * GIB), 0);
+    }
+
+    #[test]
+    fn dirtier_ranges_it_cannot_run_are_refused() {
+        let refused = |start, end| {
+            DirtierLayout { start, end }
+                .tables()
+                .unwrap_err()
+                .message()
+                .to_string()
+        };
+        assert!(refused(MIB + 8, 2 * MIB).contains("4 KiB aligned"));
+        assert!(refused(MIB, MIB).contains("empty"));
+        assert!(refused(2 * MIB, MIB).contains("empty"));
+        assert!(refused(MIB, MAX_GPA + 4096).contains("no address above"));
+        // Over the program's own tables (0x2000..0x5000 for a range in the first GiB).
+        assert!(refused(0x4000, MIB).contains("at or above 0x5000"));
+        assert!(DirtierLayout {
+            start: 0x5000,
+            end: MIB
+        }
+        .tables()
+        .is_ok());
+        // One PD per GiB: ~150 GiB fit below the VGA hole, 1 TiB does not.
+        assert!(refused(MIB, 1 << 40).contains("would not fit below 0xa0000"));
+        assert!(DirtierLayout {
+            start: MIB,
+            end: 100 * GIB
+        }
+        .tables()
+        .is_ok());
+    }
+
+    fn check(bytes: &[u8]) -> PageCheck {
+        check_dirtied_pages(bytes.len() as u64, |i| bytes[i as usize])
+    }
+
+    #[test]
+    fn pages_all_equal_are_consistent_with_no_edge() {
+        let c = check(&[7; 64]);
+        assert_eq!((c.pages, c.bad, c.edge), (64, 0, None));
+        assert!(c.is_consistent() && c.offenders.is_empty());
+        assert!(check(&[]).is_consistent());
+        assert!(check(&[3]).is_consistent());
+    }
+
+    #[test]
+    fn one_step_down_by_one_is_the_edge_where_the_guest_stopped() {
+        let c = check(&[8, 8, 8, 7, 7]);
+        assert_eq!((c.bad, c.edge), (0, Some(3)));
+        // At the last page, too: the guest stopped before incrementing it.
+        assert_eq!(check(&[8, 8, 8, 8, 7]).edge, Some(4));
+    }
+
+    #[test]
+    fn the_edge_may_be_the_wrap_from_0x00_to_0xff() {
+        let c = check(&[0x00, 0x00, 0xff, 0xff]);
+        assert_eq!((c.bad, c.edge), (0, Some(2)));
+    }
+
+    #[test]
+    fn two_edges_are_one_bad_page() {
+        let c = check(&[6, 6, 5, 5, 4, 4]);
+        assert_eq!((c.bad, c.edge), (1, Some(2)));
+        assert_eq!(
+            c.offenders,
+            vec![BadPage {
+                page: 4,
+                previous: 5,
+                found: 4
+            }]
+        );
+        assert!(!c.is_consistent());
+    }
+
+    #[test]
+    fn a_page_that_lost_its_increment_is_bad() {
+        // The lost page looks like an edge, the step back up after it cannot be one.
+        let c = check(&[5, 5, 5, 4, 5, 5]);
+        assert_eq!(c.bad, 1);
+        assert_eq!(
+            c.offenders,
+            vec![BadPage {
+                page: 4,
+                previous: 4,
+                found: 5
+            }]
+        );
+        // At the first page there is no edge to hide behind.
+        assert_eq!(check(&[4, 5, 5, 5]).bad, 1);
+        // A page stale by more than one increment breaks the rule on both sides.
+        assert_eq!(check(&[9, 9, 3, 9, 9]).bad, 2);
+        // A step up by one is no edge (the guest only ever moves upwards in value).
+        assert_eq!(check(&[5, 5, 6, 6]).bad, 1);
+    }
+
+    #[test]
+    fn offenders_stop_at_a_few_while_bad_counts_them_all() {
+        let bytes: Vec<u8> = (0..100u32).map(|i| (i * 3) as u8).collect();
+        let c = check(&bytes);
+        assert_eq!(c.bad, 99);
+        assert_eq!(c.offenders.len(), PageCheck::MAX_OFFENDERS);
+        assert_eq!(c.offenders[0].page, 1);
     }
 }

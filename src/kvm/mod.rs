@@ -212,6 +212,16 @@ impl KvmHandle {
         guest::run_ops(vcpu.as_mut().expect("created above"), &self.table, ops)
     }
 
+    /// Runs the dirtier guest over `layout` on the calling thread until its stop word is set
+    /// ([`guest::DirtierLayout::STOP_GPA`]); the vCPU stays locked meanwhile.
+    pub fn run_dirtier(&self, layout: &guest::DirtierLayout) -> Result<guest::DirtierStop> {
+        let mut vcpu = self.vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        if vcpu.is_none() {
+            *vcpu = Some(guest::create_vcpu(&self.kvm, &self.vm)?);
+        }
+        guest::run_dirtier(vcpu.as_mut().expect("created above"), &self.table, layout)
+    }
+
     /// The guest writes a signature at the start and at the end of every writable slot and
     /// halts; the host then reads every signature back through the RAMBlocks' host pointers.
     pub fn run_guest_check(&self, mem: &MemorySystem) -> Result<GuestCheck> {

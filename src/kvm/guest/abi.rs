@@ -1,4 +1,4 @@
-//! The constants the guest program's assembly shares with the host: the one place they are
+//! The constants the guest programs' assembly shares with the host: the one place they are
 //! written. `guest.rs` uses these items and `build.rs` includes this file and hands each value
 //! to the assembler as a `-D` define, so the Rust side and the assembled bytes cannot disagree.
 //!
@@ -14,3 +14,8 @@ pub(crate) const DONE_VALUE: u8 = 0x48;
 /// assembler and the tests read it.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const WAIT_SPIN_LIMIT: u32 = 0x1000_0000;
+
+/// The dirtier's heartbeat: a u64 the guest increments after every full pass over its range.
+pub(crate) const DIRTIER_PASSES_GPA: u64 = 0x600;
+/// The dirtier's stop word: the guest reads it once per pass and stops when it is not zero.
+pub(crate) const DIRTIER_STOP_GPA: u64 = 0x608;
