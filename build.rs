@@ -1,11 +1,17 @@
-//! Generates the C header from the Rust exports into `$OUT_DIR/hostmem.h`.
+//! Generates the C header from the Rust exports into `$OUT_DIR/hostmem.h`, and assembles the
+//! x86-64 test guest's programs (`src/kvm/guest/*.S`).
 //!
 //! The committed `include/hostmem.h` must equal this output; `tests/header.rs` fails when it
 //! does not, and `scripts/regen-header` refreshes the committed copy.
 
 use std::path::PathBuf;
 
+/// The constants the assembly shares with `src/kvm/guest.rs`, from the one file both read.
+#[path = "src/kvm/guest/abi.rs"]
+mod guest_abi;
+
 fn main() {
+    assemble_guest();
     let crate_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("hostmem.h");
     println!("cargo:rerun-if-changed=cbindgen.toml");
@@ -20,4 +26,30 @@ fn main() {
         // stale rather than failing the build here.
         Err(e) => println!("cargo:warning=cbindgen: {e}"),
     }
+}
+
+/// Assembles the guest programs into a static library that rustc bundles into the rlib and
+/// into `libhostmem.a`. Only x86-64 builds load the programs (their vCPU setup is x86 KVM);
+/// other targets skip the step rather than hand x86 assembly to their assembler.
+fn assemble_guest() {
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64") {
+        return;
+    }
+    use guest_abi::*;
+    let defines = [
+        ("HM_GUEST_DONE_PORT", u64::from(DONE_PORT)),
+        ("HM_GUEST_DONE_VALUE", u64::from(DONE_VALUE)),
+        ("HM_GUEST_WAIT_SPIN_LIMIT", u64::from(WAIT_SPIN_LIMIT)),
+        ("HM_GUEST_DIRTIER_PASSES_GPA", DIRTIER_PASSES_GPA),
+        ("HM_GUEST_DIRTIER_STOP_GPA", DIRTIER_STOP_GPA),
+    ];
+    let mut build = cc::Build::new();
+    build
+        .file("src/kvm/guest/ops.S")
+        .file("src/kvm/guest/dirtier.S");
+    for (name, value) in defines {
+        build.define(name, format!("{value:#x}").as_str());
+    }
+    // main's `rerun-if-changed=src` already covers the sources and abi.rs.
+    build.compile("hostmem_guest");
 }

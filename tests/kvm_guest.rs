@@ -6,6 +6,7 @@
 
 mod kvm_support;
 
+use hostmem::kvm::guest::{check_dirtied_pages, DirtierLayout};
 use hostmem::kvm::{signature, GuestOp, KvmAccel};
 use hostmem::machine::Machine;
 use hostmem::memory::MemorySystem;
@@ -603,4 +604,136 @@ fn a_vm_clone_keeps_its_slots_memory_mapped_after_the_machine_is_gone() {
     unsafe { std::ptr::write_volatile(word(release), 1) };
     let got = guest.join().unwrap().unwrap();
     assert_eq!(got[3], 0x600d);
+}
+
+/// A guest with one RAM region at GPA 0 (`pc.ram`, so GPA = RAMBlock offset), for the dirtier.
+fn flat(size: u64, kvm: &KvmAccel) -> (MemorySystem, RegionId) {
+    let mut mem = MemorySystem::new();
+    let ram = mem.new_ram_anonymous("pc.ram", size).unwrap();
+    let sys = mem.system_memory();
+    mem.add_subregion(sys, 0, ram, None).unwrap();
+    mem.add_listener(Box::new(kvm.listener())).unwrap();
+    (mem, ram)
+}
+
+/// The RAMBlock behind `ram`, as a host address (usize: the vCPU thread shares the memory).
+fn ramblock_base(mem: &MemorySystem, ram: RegionId) -> usize {
+    let block = mem.ram_block_of(ram).unwrap();
+    mem.ramblocks.get(block).unwrap().host_ptr() as usize
+}
+
+fn guest_u64(base: usize, gpa: u64) -> u64 {
+    // SAFETY: `gpa` is one of the dirtier's mailbox words, inside the RAMBlock; the guest may
+    // write it concurrently, hence the volatile read.
+    unsafe { std::ptr::read_volatile((base + gpa as usize) as *const u64) }
+}
+
+fn set_guest_u64(base: usize, gpa: u64, v: u64) {
+    // SAFETY: as in guest_u64; the guest only reads this word.
+    unsafe { std::ptr::write_volatile((base + gpa as usize) as *mut u64, v) }
+}
+
+/// Waits until the dirtier's heartbeat reaches `passes`.
+fn wait_for_passes(base: usize, passes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while guest_u64(base, DirtierLayout::PASSES_GPA) < passes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dirtier is stuck at pass {}",
+            guest_u64(base, DirtierLayout::PASSES_GPA)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn the_dirtier_dirties_its_whole_range_every_pass_and_stops_consistent_when_asked() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let (mut mem, ram) = flat(128 * MIB, &kvm);
+    let base = ramblock_base(&mem, ram);
+    // QEMU's migration-test range.
+    let layout = DirtierLayout {
+        start: MIB,
+        end: 100 * MIB,
+    };
+    // The vCPU runs on its own thread until told to stop. Not scoped: if an assertion below
+    // fails, the test ends instead of waiting for a guest nobody will stop.
+    let (done, result) = std::sync::mpsc::channel();
+    let guest = kvm.clone();
+    std::thread::spawn(move || {
+        // Nobody listens any more if the test already failed.
+        let _ = done.send(guest.run_dirtier(&layout));
+    });
+    wait_for_passes(base, 1);
+
+    // Logging on while the guest runs: a whole pass later, every page of the range is dirty.
+    mem.set_global_dirty_log(true).unwrap();
+    let from = guest_u64(base, DirtierLayout::PASSES_GPA);
+    wait_for_passes(base, from + 2);
+    mem.log_sync().unwrap();
+    let dirty: std::collections::BTreeSet<u64> = kvm.last_dirty().into_iter().collect();
+    let block = mem.ram_block_of(ram).unwrap();
+    let bitmap: std::collections::BTreeSet<u64> = dirty_offsets(&mem.ramblocks.take_dirty(block))
+        .into_iter()
+        .collect();
+    let missing: Vec<u64> = (0..layout.pages())
+        .map(|i| layout.page_gpa(i))
+        .filter(|gpa| !dirty.contains(gpa) || !bitmap.contains(gpa))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} pages of the range not reported dirty, first 0x{:x}",
+        missing.len(),
+        missing[0]
+    );
+    // Beyond the range only the heartbeat's page is written.
+    assert!(!dirty.contains(&(100 * MIB)), "page past the range");
+    assert!(dirty.contains(&0), "the heartbeat's page");
+
+    set_guest_u64(base, DirtierLayout::STOP_GPA, 1);
+    let stop = result
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the dirtier stops within a minute of its stop word")
+        .unwrap();
+    mem.set_global_dirty_log(false).unwrap();
+    assert!(stop.passes >= from + 2, "{} passes", stop.passes);
+    assert_eq!(stop.passes, guest_u64(base, DirtierLayout::PASSES_GPA));
+
+    // Stopped at the end of a pass: every page went through every pass, no edge.
+    // SAFETY: every page's byte 0 lies inside the RAMBlock; the guest has halted.
+    let byte0 = |i: u64| unsafe { *((base + layout.page_gpa(i) as usize) as *const u8) };
+    let check = check_dirtied_pages(layout.pages(), byte0);
+    assert!(check.is_consistent(), "{check:?}");
+    assert_eq!((check.pages, check.edge), (99 * 256, None));
+    assert_eq!(byte0(0), stop.passes as u8);
+    // The registers a migration would save: halted in the program, its arguments intact.
+    assert!(
+        (0x1000..0x2000).contains(&stop.regs.rip),
+        "{:x?}",
+        stop.regs
+    );
+    assert_eq!((stop.regs.rdi, stop.regs.rsi), (layout.start, layout.end));
+
+    // The vCPU goes on serving the ops program, which finds the heartbeat the host read.
+    let read = kvm.run_guest(&[GuestOp::Read {
+        gpa: DirtierLayout::PASSES_GPA,
+    }]);
+    assert_eq!(read.unwrap(), vec![stop.passes]);
+}
+
+#[test]
+fn a_dirtier_range_beyond_the_ram_ends_the_run_with_an_error_not_a_hang() {
+    let Some(kvm) = open_kvm(0) else { return };
+    let (_mem, _ram) = flat(64 * MIB, &kvm);
+    let e = kvm
+        .run_dirtier(&DirtierLayout {
+            start: MIB,
+            end: 128 * MIB,
+        })
+        .unwrap_err();
+    assert!(
+        e.message()
+            .contains("write to 0x4000000 reached no writable memslot"),
+        "{e}"
+    );
 }

@@ -215,12 +215,23 @@ impl KvmAccel {
 
     /// Runs the guest payload over `ops` and returns, per op, the value written or read.
     pub fn run_guest(&self, ops: &[GuestOp]) -> Result<Vec<u64>> {
-        // The highest id KVM allows: a VMM that drives its own vCPUs on this VM numbers them
-        // from 0, so the payload's vCPU stays out of their way.
-        let id = self.max_vcpu_id().saturating_sub(1);
-        let vcpu = self.vcpu(id, guest::setup_vcpu)?;
+        let vcpu = self.vcpu(self.guest_vcpu_id(), guest::setup_vcpu)?;
         let mut vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
         guest::run_ops(&mut vcpu, &self.table, ops)
+    }
+
+    /// Runs the dirtier guest over `layout` on the calling thread until its stop word is set
+    /// ([`guest::DirtierLayout::STOP_GPA`]); the vCPU stays locked meanwhile.
+    pub fn run_dirtier(&self, layout: &guest::DirtierLayout) -> Result<guest::DirtierStop> {
+        let vcpu = self.vcpu(self.guest_vcpu_id(), guest::setup_vcpu)?;
+        let mut vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+        guest::run_dirtier(&mut vcpu, &self.table, layout)
+    }
+
+    /// The vCPU the test guests run on: the highest id KVM allows, so a VMM that drives its own
+    /// vCPUs on this VM (numbered from 0) never meets it.
+    fn guest_vcpu_id(&self) -> u64 {
+        self.max_vcpu_id().saturating_sub(1)
     }
 
     /// The guest writes a signature at the start and at the end of every writable slot and
