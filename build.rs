@@ -1,13 +1,13 @@
 //! Generates the C header from the Rust exports into `$OUT_DIR/hostmem.h`, and assembles the
-//! x86-64 test guest's programs (`src/kvm/guest/*.S`).
+//! x86-64 test guest's programs (`src/testing/guest/*.S`).
 //!
 //! The committed `include/hostmem.h` must equal this output; `tests/header.rs` fails when it
 //! does not, and `scripts/regen-header` refreshes the committed copy.
 
 use std::path::PathBuf;
 
-/// The constants the assembly shares with `src/kvm/guest.rs`, from the one file both read.
-#[path = "src/kvm/guest/abi.rs"]
+/// The constants the assembly shares with `src/testing/guest.rs`, from the one file both read.
+#[path = "src/testing/guest/abi.rs"]
 mod guest_abi;
 
 fn main() {
@@ -29,10 +29,14 @@ fn main() {
 }
 
 /// Assembles the guest programs into a static library that rustc bundles into the rlib and
-/// into `libhostmem.a`. Only x86-64 builds load the programs (their vCPU setup is x86 KVM);
-/// other targets skip the step rather than hand x86 assembly to their assembler.
+/// into `libhostmem.a`, when the `test-guest` feature is on. Only x86-64 builds load the
+/// programs (their vCPU setup is x86 KVM); other targets skip the step rather than hand x86
+/// assembly to their assembler.
 fn assemble_guest() {
-    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64") {
+    // The programs are test support (feature test-guest), and x86-64 code.
+    if std::env::var_os("CARGO_FEATURE_TEST_GUEST").is_none()
+        || std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64")
+    {
         return;
     }
     use guest_abi::*;
@@ -45,8 +49,8 @@ fn assemble_guest() {
     ];
     let mut build = cc::Build::new();
     build
-        .file("src/kvm/guest/ops.S")
-        .file("src/kvm/guest/dirtier.S");
+        .file("src/testing/guest/ops.S")
+        .file("src/testing/guest/dirtier.S");
     for (name, value) in defines {
         build.define(name, format!("{value:#x}").as_str());
     }

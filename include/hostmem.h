@@ -13,9 +13,27 @@
 // `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
 #define HM_KVM_SLOT_READONLY 2
 
+#if defined(HOSTMEM_TEST_GUEST)
+// `HmGuestOp.kind`: write `value` at `gpa`.
+#define HM_GUEST_OP_WRITE 0
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// `HmGuestOp.kind`: read the 8 bytes at `gpa` into `value`.
+#define HM_GUEST_OP_READ 1
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// `HmGuestOp.kind`: spin while the 8 bytes at `gpa` equal `value` (seconds at most), so the
+// host can act while the guest runs and then release it.
+#define HM_GUEST_OP_WAIT_WHILE 2
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
 // The guest check writes `HM_KVM_SIGNATURE ^ gpa` at each checked guest-physical address
 // ("hostmem!" in ASCII), so a write landing elsewhere cannot pass for the right one.
 #define HM_KVM_SIGNATURE 7525360446248152353
+#endif
 
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
@@ -78,18 +96,6 @@ typedef struct HmKvmSlot {
   uint64_t ramblock_offset;
 } HmKvmSlot;
 
-// What `hm_kvm_guest_check` verified.
-typedef struct HmGuestCheck {
-  // Writable slots that got a signature at their start and end.
-  uint64_t slots;
-  // Signatures the guest wrote and the host found through the RAMBlocks.
-  uint64_t signatures;
-  // 8 per signature.
-  uint64_t bytes_verified;
-  // Signatures left out because they fall in the payload's own low-RAM area.
-  uint64_t skipped;
-} HmGuestCheck;
-
 // One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
 // VMM-level options of its command line.
 typedef struct MachineState {
@@ -145,6 +151,31 @@ typedef struct MachineClass {
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
 typedef struct Object DeviceState;
+
+#if defined(HOSTMEM_TEST_GUEST)
+// What `hm_kvm_guest_check` verified.
+typedef struct HmGuestCheck {
+  // Writable slots that got a signature at their start and end.
+  uint64_t slots;
+  // Signatures the guest wrote and the host found through the RAMBlocks.
+  uint64_t signatures;
+  // 8 per signature.
+  uint64_t bytes_verified;
+  // Signatures left out because they fall in the payload's own low-RAM area.
+  uint64_t skipped;
+} HmGuestCheck;
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// One access of `hm_kvm_guest_run`. Addresses are guest-physical and 8-byte aligned.
+typedef struct HmGuestOp {
+  // `HM_GUEST_OP_*`.
+  int kind;
+  uint64_t gpa;
+  // The value written, waited on, or (for reads) found.
+  uint64_t value;
+} HmGuestOp;
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -331,31 +362,6 @@ int hm_kvm_vm_fd(void);
 // # Safety
 // `out` is NULL or points to `max` writable `HmKvmSlot`s.
 size_t hm_kvm_get_slots(struct HmKvmSlot *out, size_t max);
-
-// Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
-// end of every writable slot and halts; then every signature is read back through the
-// RAMBlocks' host pointers. Fails (saying which signatures) if any is missing or misplaced.
-// Needs RAM with a slot at guest-physical 0..640 KiB for the payload.
-//
-// # Safety
-// `out` is NULL or points to a writable `HmGuestCheck`.
-bool hm_kvm_guest_check(struct HmGuestCheck *out, struct Error **errp);
-
-// The guest writes `values[i]` (8 bytes) at guest-physical `gpas[i]` (8-byte aligned), in
-// order, then halts.
-//
-// # Safety
-// `gpas` and `values` are NULL or point to `n` readable `uint64_t`s each.
-bool hm_kvm_guest_write(const uint64_t *gpas,
-                        const uint64_t *values,
-                        size_t n,
-                        struct Error **errp);
-
-// The guest reads 8 bytes at each guest-physical `gpas[i]` into `values[i]`, then halts.
-//
-// # Safety
-// `gpas` is NULL or points to `n` readable `uint64_t`s; `values` to `n` writable ones.
-bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct Error **errp);
 
 // Switches dirty logging on for all RAM (QEMU's `memory_global_dirty_log_start`): every
 // writable slot is re-registered with `KVM_MEM_LOG_DIRTY_PAGES`; the guest may be running.
@@ -716,6 +722,48 @@ void vmstate_unregister_ram(struct MemoryRegion *mr, DeviceState *_owner);
 // # Safety
 // `errp` follows the Error convention.
 bool hm_memory_check(struct Error **errp);
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
+// end of every writable slot and halts; then every signature is read back through the
+// RAMBlocks' host pointers. Fails (saying which signatures) if any is missing or misplaced.
+// Needs RAM with a slot at guest-physical 0..640 KiB for the payload.
+//
+// # Safety
+// `out` is NULL or points to a writable `HmGuestCheck`.
+bool hm_kvm_guest_check(struct HmGuestCheck *out, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// The guest writes `values[i]` (8 bytes) at guest-physical `gpas[i]` (8-byte aligned), in
+// order, then halts.
+//
+// # Safety
+// `gpas` and `values` are NULL or point to `n` readable `uint64_t`s each.
+bool hm_kvm_guest_write(const uint64_t *gpas,
+                        const uint64_t *values,
+                        size_t n,
+                        struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// The guest reads 8 bytes at each guest-physical `gpas[i]` into `values[i]`, then halts.
+//
+// # Safety
+// `gpas` is NULL or points to `n` readable `uint64_t`s; `values` to `n` writable ones.
+bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Runs `ops` in order on the guest, then halts; reads store what they found in `value`. The
+// call returns when the guest halts: with a `HM_GUEST_OP_WAIT_WHILE` another thread may change
+// the machine meanwhile (even free it: the VM keeps its slots' memory mapped until the run
+// ends).
+//
+// # Safety
+// `ops` is NULL or points to `n` writable `HmGuestOp`s.
+bool hm_kvm_guest_run(struct HmGuestOp *ops, size_t n, struct Error **errp);
+#endif
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -18,5 +18,7 @@ pub mod options;
 pub mod ramblock;
 pub mod region;
 pub mod registry;
+#[cfg(feature = "test-guest")]
+pub mod testing;
 
 pub use error::{Error, HmErrorClass, Result};

@@ -5,6 +5,7 @@ use std::ptr::null_mut;
 
 use hostmem::error::Error;
 use hostmem::ffi::kvm::*;
+use hostmem::ffi::testing::*;
 use hostmem::machine::Machine;
 use hostmem::registry;
 

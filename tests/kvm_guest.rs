@@ -6,11 +6,12 @@
 
 mod kvm_support;
 
-use hostmem::kvm::guest::{check_dirtied_pages, DirtierLayout};
-use hostmem::kvm::{signature, GuestOp, KvmAccel};
+use hostmem::kvm::KvmAccel;
 use hostmem::machine::Machine;
 use hostmem::memory::MemorySystem;
 use hostmem::region::RegionId;
+use hostmem::testing::guest::{check_dirtied_pages, DirtierLayout};
+use hostmem::testing::{signature, GuestOp, GuestRun};
 use kvm_support::*;
 
 /// QEMU's pc layout over one RAM region: ram-below-4g = pc.ram[0, below) at 0,

@@ -9,8 +9,8 @@
 mod kvm_support;
 
 use hostmem::backend::{Backend, BackendDefaults};
-use hostmem::kvm::GuestOp;
 use hostmem::memory::MemorySystem;
+use hostmem::testing::{GuestOp, GuestRun};
 use kvm_support::*;
 
 /// The guest size: 9 TiB where the host can afford KVM's bookkeeping for it, otherwise the

@@ -6,6 +6,7 @@ mod kvm_support;
 
 use hostmem::backend::{Backend, BackendDefaults};
 use hostmem::memory::MemorySystem;
+use hostmem::testing::GuestRun;
 use kvm_support::*;
 
 /// The hugetlbfs mount from the project script; a failure fails under CI, skips elsewhere.
@@ -54,6 +55,6 @@ fn hugetlbfs_guest_gets_slots_on_huge_page_boundaries_and_passes_the_check() {
     assert_eq!((check.slots, check.signatures), (8, 16));
     assert_eq!(
         read_u64(&mapping, 16 * MIB - 8),
-        hostmem::kvm::signature(16 * MIB - 8)
+        hostmem::testing::signature(16 * MIB - 8)
     );
 }

@@ -1,14 +1,15 @@
-//! KVM for C: attach the current machine to a new VM, read back the VM fd and the
-//! slot table, run the guest check, drive dirty logging, and print `info memslots`.
+//! KVM for C: attach the current machine to a new VM, read back the VM fd and the slot table,
+//! drive dirty logging, and print `info memslots`. The test guest's exports are in
+//! `ffi/testing.rs`.
 //!
 //! Everything works on the *current* machine (the one a VMM built), so that this API does
 //! not depend on how the machine was made.
 
 use std::ffi::{c_char, c_int};
 
-use super::{c_string, guard, guard_report, mut_arg};
+use super::{c_string, guard, guard_report};
 use crate::error::{Error, Result};
-use crate::kvm::{GuestOp, KvmAccel, KvmError};
+use crate::kvm::{KvmAccel, KvmError};
 use crate::machine::Machine;
 use crate::registry;
 
@@ -34,28 +35,9 @@ pub struct HmKvmSlot {
     pub ramblock_offset: u64,
 }
 
-/// What `hm_kvm_guest_check` verified.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HmGuestCheck {
-    /// Writable slots that got a signature at their start and end.
-    pub slots: u64,
-    /// Signatures the guest wrote and the host found through the RAMBlocks.
-    pub signatures: u64,
-    /// 8 per signature.
-    pub bytes_verified: u64,
-    /// Signatures left out because they fall in the payload's own low-RAM area.
-    pub skipped: u64,
-}
-
 /// The current machine's VM, when it has one.
-fn kvm_of(m: &Machine) -> Result<&KvmAccel> {
+pub(crate) fn kvm_of(m: &Machine) -> Result<&KvmAccel> {
     m.kvm().ok_or_else(|| KvmError::NotAttached.into())
-}
-
-/// A clone of the current machine's VM, for guest runs with the machine unlocked.
-fn current_kvm() -> Result<KvmAccel> {
-    registry::with_current(|_, m| kvm_of(m).cloned())
 }
 
 /// Runs `f` on the current machine's memory system, if KVM is attached.
@@ -130,102 +112,6 @@ pub unsafe extern "C" fn hm_kvm_get_slots(out: *mut HmKvmSlot, max: usize) -> us
             }
         }
         Ok(slots.len())
-    })
-}
-
-/// Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
-/// end of every writable slot and halts; then every signature is read back through the
-/// RAMBlocks' host pointers. Fails (saying which signatures) if any is missing or misplaced.
-/// Needs RAM with a slot at guest-physical 0..640 KiB for the payload.
-///
-/// # Safety
-/// `out` is NULL or points to a writable `HmGuestCheck`.
-#[no_mangle]
-pub unsafe extern "C" fn hm_kvm_guest_check(out: *mut HmGuestCheck, errp: *mut *mut Error) -> bool {
-    guard(errp, false, || {
-        // SAFETY: caller contract.
-        let out = unsafe { mut_arg(out, "out") }?;
-        // The guest runs with the machine unlocked; the signatures are read back locked.
-        let c = registry::run_unlocked(
-            registry::current_id(),
-            |m| kvm_of(m).cloned(),
-            |kvm| kvm.guest_check_run(),
-            |m, run| KvmAccel::guest_check_verify(run?, &m.memory().ramblocks),
-        )?;
-        *out = HmGuestCheck {
-            slots: c.slots as u64,
-            signatures: c.signatures as u64,
-            bytes_verified: c.bytes_verified,
-            skipped: c.skipped as u64,
-        };
-        Ok(true)
-    })
-}
-
-/// Slices from C arguments; NULL is allowed only for n == 0.
-///
-/// # Safety
-/// `p` is NULL or points to `n` readable `T`s.
-unsafe fn slice_arg<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
-    if n == 0 {
-        return Ok(&[]);
-    }
-    if p.is_null() {
-        return Err(Error::invalid(format!("Parameter '{name}' is missing")));
-    }
-    // SAFETY: non-NULL, n elements by the caller's contract.
-    Ok(unsafe { std::slice::from_raw_parts(p, n) })
-}
-
-/// The guest writes `values[i]` (8 bytes) at guest-physical `gpas[i]` (8-byte aligned), in
-/// order, then halts.
-///
-/// # Safety
-/// `gpas` and `values` are NULL or point to `n` readable `uint64_t`s each.
-#[no_mangle]
-pub unsafe extern "C" fn hm_kvm_guest_write(
-    gpas: *const u64,
-    values: *const u64,
-    n: usize,
-    errp: *mut *mut Error,
-) -> bool {
-    guard(errp, false, || {
-        // SAFETY: caller contract.
-        let (g, v) = unsafe { (slice_arg(gpas, n, "gpas")?, slice_arg(values, n, "values")?) };
-        let ops: Vec<GuestOp> = g
-            .iter()
-            .zip(v)
-            .map(|(&gpa, &value)| GuestOp::Write { gpa, value })
-            .collect();
-        current_kvm()?.run_guest(&ops)?;
-        Ok(true)
-    })
-}
-
-/// The guest reads 8 bytes at each guest-physical `gpas[i]` into `values[i]`, then halts.
-///
-/// # Safety
-/// `gpas` is NULL or points to `n` readable `uint64_t`s; `values` to `n` writable ones.
-#[no_mangle]
-pub unsafe extern "C" fn hm_kvm_guest_read(
-    gpas: *const u64,
-    values: *mut u64,
-    n: usize,
-    errp: *mut *mut Error,
-) -> bool {
-    guard(errp, false, || {
-        // SAFETY: caller contract.
-        let g = unsafe { slice_arg(gpas, n, "gpas") }?;
-        if n != 0 && values.is_null() {
-            return Err(Error::invalid("Parameter 'values' is missing"));
-        }
-        let ops: Vec<GuestOp> = g.iter().map(|&gpa| GuestOp::Read { gpa }).collect();
-        let got = current_kvm()?.run_guest(&ops)?;
-        for (i, v) in got.into_iter().enumerate() {
-            // SAFETY: i < n, and the caller gave room for n values.
-            unsafe { values.add(i).write(v) };
-        }
-        Ok(true)
     })
 }
 

@@ -11,6 +11,8 @@ pub mod error;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+#[cfg(feature = "test-guest")]
+pub mod testing;
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
