@@ -31,6 +31,8 @@
 
 /// cbindgen:ignore
 pub mod error;
+#[cfg(test)]
+mod fixtures;
 /// cbindgen:ignore
 pub mod format;
 /// cbindgen:ignore

@@ -130,7 +130,10 @@ impl RamSaver {
                     len: b.idstr.len(),
                 });
             }
-            if b.idstr.is_empty() || !seen.insert(b.idstr.as_str()) || b.used_length % PAGE != 0 {
+            if b.idstr.is_empty()
+                || !seen.insert(b.idstr.as_str())
+                || !b.used_length.is_multiple_of(PAGE)
+            {
                 return Err(MigrationError::Callback(Error::invalid(format!(
                     "RAM block \"{}\" cannot be migrated: idstrs must be unique and non-empty \
                      and used_length (0x{:x}) a multiple of 0x{:x}",
@@ -211,7 +214,7 @@ impl RamSaver {
                 self.blocks.len()
             ))));
         };
-        if p.offset % PAGE != 0 || p.offset >= block.used_length {
+        if !p.offset.is_multiple_of(PAGE) || p.offset >= block.used_length {
             return Err(MigrationError::IllegalRamOffset { offset: p.offset });
         }
         source.read_page(p.block, p.offset, &mut self.page)?;
@@ -521,7 +524,7 @@ impl RamLoader {
             // A block the source skipped (x-ignore-shared; QEMU 11 writes 0/0 for those).
             return Ok(());
         }
-        if header.pages_offset % PAGE != 0 {
+        if !header.pages_offset.is_multiple_of(PAGE) {
             return Err(MigrationError::MappedRamAlignment { idstr });
         }
         if header.page_size != PAGE {
@@ -732,7 +735,7 @@ pub(crate) mod tests {
     fn setup_payload_is_total_then_blocks_then_eos() {
         let b = setup_bytes(&[("pc.ram", 2 * M), ("pc.bios", 256 << 10)]);
         let mut want = Vec::new();
-        want.extend((2 * M + (256 << 10) | RamFlag::MEM_SIZE).to_be_bytes());
+        want.extend(((2 * M + (256 << 10)) | RamFlag::MEM_SIZE).to_be_bytes());
         want.extend(b"\x06pc.ram");
         want.extend((2 * M).to_be_bytes());
         want.extend(b"\x07pc.bios");

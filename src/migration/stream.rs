@@ -914,3 +914,835 @@ fn footer(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::format::RamFlag;
+    use crate::migration::ram::all_pages;
+    use crate::migration::ram::tests::VecRam;
+    use crate::migration::section::BufferSection;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    const PAGE: u64 = TARGET_PAGE_SIZE as u64;
+
+    /// A stream assembled piece by piece, for the corrupt ones.
+    struct B(QemuWriter<Vec<u8>>);
+
+    impl B {
+        fn new() -> Self {
+            B(QemuWriter::new(Vec::new()))
+        }
+        fn header(mut self) -> Self {
+            self.0.put_be32(FileHeader::MAGIC).unwrap();
+            self.0.put_be32(FileHeader::VERSION).unwrap();
+            self
+        }
+        fn config(mut self, c: &Configuration) -> Self {
+            self.0.put_u8(SectionType::CONFIGURATION).unwrap();
+            c.write(&mut self.0).unwrap();
+            self
+        }
+        fn begin(self) -> Self {
+            self.header().config(&Configuration::new("none"))
+        }
+        fn start(mut self, t: u8, id: u32, idstr: &str, inst: u32, ver: u32) -> Self {
+            self.0.put_u8(t).unwrap();
+            self.0.put_be32(id).unwrap();
+            self.0.put_counted_string(idstr).unwrap();
+            self.0.put_be32(inst).unwrap();
+            self.0.put_be32(ver).unwrap();
+            self
+        }
+        fn part(mut self, t: u8, id: u32) -> Self {
+            self.0.put_u8(t).unwrap();
+            self.0.put_be32(id).unwrap();
+            self
+        }
+        fn footer(mut self, id: u32) -> Self {
+            self.0.put_u8(SectionType::FOOTER).unwrap();
+            self.0.put_be32(id).unwrap();
+            self
+        }
+        fn be64(mut self, v: u64) -> Self {
+            self.0.put_be64(v).unwrap();
+            self
+        }
+        fn bytes(mut self, b: &[u8]) -> Self {
+            self.0.put_buffer(b).unwrap();
+            self
+        }
+        fn ram_setup(self, id: u32, blocks: &[(&str, u64)]) -> Self {
+            let mut s = RamSaver::new(
+                blocks
+                    .iter()
+                    .map(|(n, l)| RamBlockInfo::new(n, *l))
+                    .collect(),
+            )
+            .unwrap();
+            let mut w = QemuWriter::new(Vec::new());
+            s.write_setup(&mut w).unwrap();
+            self.start(SectionType::START, id, "ram", 0, 4)
+                .bytes(&w.into_inner())
+                .footer(id)
+        }
+        fn eof(self) -> Self {
+            self.bytes(&[SectionType::EOF])
+        }
+        fn done(self) -> Vec<u8> {
+            self.0.into_inner()
+        }
+    }
+
+    fn ram16() -> VecRam {
+        VecRam::new(&[("ram", 16 * PAGE)])
+    }
+
+    fn load_with(
+        bytes: Vec<u8>,
+        opts: &LoadOptions,
+        ram: &mut VecRam,
+        handlers: &mut [&mut dyn SectionHandler],
+    ) -> Result<LoadSummary, LoadError> {
+        load(Cursor::new(bytes), opts, Some(ram), handlers)
+    }
+
+    fn fail(bytes: Vec<u8>) -> LoadError {
+        load_with(bytes, &LoadOptions::new("none"), &mut ram16(), &mut []).unwrap_err()
+    }
+
+    fn fail_lines(bytes: Vec<u8>) -> Vec<String> {
+        fail(bytes).qemu_lines()
+    }
+
+    // --- header ---
+
+    #[test]
+    fn bad_magic_is_not_a_migration_stream() {
+        assert_eq!(
+            fail_lines(b"XXXX\0\0\0\x03".to_vec()),
+            [
+                "Not a migration stream",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn version_2_is_obsolete() {
+        let b = B::new().be64(((FileHeader::MAGIC as u64) << 32) | 2).done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "SaveVM v2 format is obsolete and don't work anymore",
+                "load of migration failed: Operation not supported"
+            ]
+        );
+    }
+
+    #[test]
+    fn version_4_is_unsupported() {
+        let b = B::new().be64(((FileHeader::MAGIC as u64) << 32) | 4).done();
+        assert_eq!(
+            fail(b).error.to_string(),
+            "Unsupported migration stream version"
+        );
+    }
+
+    #[test]
+    fn stream_without_configuration_is_refused_unless_not_expected() {
+        let b = B::new().header().eof().done();
+        assert_eq!(
+            fail_lines(b.clone()),
+            [
+                "Configuration section missing",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+        let mut opts = LoadOptions::new("none");
+        opts.expect_configuration = false;
+        let s = load_with(b, &opts, &mut ram16(), &mut []).unwrap();
+        assert!(s.configuration.is_none());
+        // A stream that is only its header: QEMU reads a 0 there, so "missing" as well.
+        assert_eq!(
+            fail(B::new().header().done()).error.to_string(),
+            "Configuration section missing"
+        );
+    }
+
+    #[test]
+    fn machine_type_mismatch_uses_qemus_message() {
+        let b = B::new()
+            .header()
+            .config(&Configuration::new("pc-i440fx-7.2"))
+            .eof()
+            .done();
+        let e = load_with(
+            b,
+            &LoadOptions::new("pc-i440fx-10.0"),
+            &mut ram16(),
+            &mut [],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.qemu_lines(),
+            [
+                "Machine type received is 'pc-i440fx-7.2' and local is 'pc-i440fx-10.0'",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn received_machine_type_that_prefixes_the_local_one_passes_like_qemu() {
+        for received in ["pc", "", "pc-i440fx-10.0"] {
+            let b = B::new()
+                .header()
+                .config(&Configuration::new(received))
+                .eof()
+                .done();
+            let opts = LoadOptions::new("pc-i440fx-10.0");
+            assert!(
+                load_with(b, &opts, &mut ram16(), &mut []).is_ok(),
+                "{received:?}"
+            );
+        }
+        // Longer than the local name fails, as QEMU's strncmp meets the local NUL.
+        let b = B::new()
+            .header()
+            .config(&Configuration::new("none2"))
+            .eof()
+            .done();
+        assert!(matches!(
+            fail(b).error,
+            MigrationError::MachineTypeMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn exact_machine_type_check_refuses_a_prefix() {
+        let b = B::new()
+            .header()
+            .config(&Configuration::new("pc"))
+            .eof()
+            .done();
+        let mut opts = LoadOptions::new("pc-i440fx-10.0");
+        opts.machine_type_check = MachineTypeCheck::Exact;
+        let e = load_with(b, &opts, &mut ram16(), &mut []).unwrap_err();
+        assert_eq!(
+            e.error.to_string(),
+            "Machine type received is 'pc' and local is 'pc-i440fx-10.0'"
+        );
+    }
+
+    #[test]
+    fn target_page_bits_must_match() {
+        let mut c = Configuration::new("none");
+        c.target_page_bits = Some(16);
+        let e = fail(B::new().header().config(&c).eof().done());
+        assert_eq!(
+            e.error.to_string(),
+            "Received TARGET_PAGE_BITS is 16 but local is 12"
+        );
+        c.target_page_bits = Some(12);
+        let s = load_with(
+            B::new().header().config(&c).eof().done(),
+            &LoadOptions::new("none"),
+            &mut ram16(),
+            &mut [],
+        )
+        .unwrap();
+        assert_eq!(s.configuration.unwrap().target_page_bits, Some(12));
+    }
+
+    #[test]
+    fn validated_capabilities_must_match_both_ways() {
+        let mut c = Configuration::new("none");
+        c.capabilities = vec!["mapped-ram".into()];
+        let stream = B::new().header().config(&c).eof().done();
+        assert_eq!(
+            fail_lines(stream.clone()),
+            [
+                "Capability mapped-ram is off, but received capability is on",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+        let mut opts = LoadOptions::new("none");
+        opts.mapped_ram = true;
+        assert!(load_with(stream, &opts, &mut ram16(), &mut []).is_ok());
+        let plain = B::new().begin().eof().done();
+        let e = load_with(plain, &opts, &mut ram16(), &mut []).unwrap_err();
+        assert_eq!(
+            e.error.to_string(),
+            "Capability mapped-ram is on, but received capability is off"
+        );
+    }
+
+    #[test]
+    fn capabilities_qemu_does_not_validate_are_accepted() {
+        let mut c = Configuration::new("none");
+        c.capabilities = vec!["xbzrle".into()];
+        let s = load_with(
+            B::new().header().config(&c).eof().done(),
+            &LoadOptions::new("none"),
+            &mut ram16(),
+            &mut [],
+        )
+        .unwrap();
+        assert_eq!(s.configuration.unwrap().capabilities, ["xbzrle"]);
+    }
+
+    #[test]
+    fn unknown_capability_name_is_refused() {
+        let mut c = Configuration::new("none");
+        c.capabilities = vec!["warp-drive".into()];
+        assert_eq!(
+            fail(B::new().header().config(&c).eof().done())
+                .error
+                .to_string(),
+            "Received unknown capability warp-drive"
+        );
+    }
+
+    #[test]
+    fn uuid_is_checked_when_both_sides_have_one() {
+        let mut c = Configuration::new("none");
+        let u = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8,
+        ];
+        c.uuid = Some(u);
+        let stream = B::new().header().config(&c).eof().done();
+        let s = load_with(
+            stream.clone(),
+            &LoadOptions::new("none"),
+            &mut ram16(),
+            &mut [],
+        )
+        .unwrap();
+        assert_eq!(
+            s.warnings[0],
+            "UUID is received 12345678-9abc-def0-0102-030405060708, but local uuid isn't set"
+        );
+        let mut opts = LoadOptions::new("none");
+        opts.uuid = Some([0; 16]);
+        let e = load_with(stream, &opts, &mut ram16(), &mut []).unwrap_err();
+        assert_eq!(
+            e.error.to_string(),
+            "UUID received is 12345678-9abc-def0-0102-030405060708 and local is \
+             00000000-0000-0000-0000-000000000000"
+        );
+    }
+
+    #[test]
+    fn configuration_round_trips_with_every_subsection() {
+        let c = Configuration {
+            machine_type: "s390-ccw-virtio-10.0".into(),
+            target_page_bits: Some(12),
+            capabilities: vec!["x-ignore-shared".into(), "mapped-ram".into()],
+            uuid: Some([7; 16]),
+        };
+        let mut w = QemuWriter::new(Vec::new());
+        c.write(&mut w).unwrap();
+        let bytes = w.into_inner();
+        assert_eq!(&bytes[..4], &20u32.to_be_bytes());
+        assert!(bytes
+            .windows(31)
+            .any(|x| x == b"\x1econfiguration/target-page-bits"));
+        let mut r = QemuReader::new(Cursor::new(bytes));
+        assert_eq!(Configuration::read(&mut r).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_configuration_subsection_is_refused() {
+        let b = B::new()
+            .header()
+            .config(&Configuration::new("none"))
+            .bytes(b"\x05\x12configuration/warp\0\0\0\x01")
+            .eof()
+            .done();
+        let e = fail(b);
+        assert!(matches!(e.error, MigrationError::UnknownSubsection { .. }));
+        assert_eq!(
+            e.qemu_lines().last().unwrap(),
+            "load of migration failed: No such file or directory"
+        );
+    }
+
+    // --- framing ---
+
+    #[test]
+    fn unknown_section_names_idstr_and_instance() {
+        let b = B::new()
+            .begin()
+            .start(SectionType::FULL, 3, "floppy", 1, 1)
+            .done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "Unknown savevm section or instance 'floppy' 1. Make sure that your current VM \
+                 setup matches your saved VM setup, including any hotplugged devices",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn newer_section_version_is_refused() {
+        let b = B::new()
+            .begin()
+            .start(SectionType::START, 1, "ram", 0, 5)
+            .done();
+        assert_eq!(
+            fail(b).error.to_string(),
+            "savevm: unsupported version 5 for 'ram' v4"
+        );
+        let mut dev = BufferSection::new("timer", 0, 2, vec![0; 4]);
+        let b = B::new()
+            .begin()
+            .start(SectionType::FULL, 1, "timer", 0, 3)
+            .done();
+        let e = load_with(b, &LoadOptions::new("none"), &mut ram16(), &mut [&mut dev]).unwrap_err();
+        assert_eq!(
+            e.error.to_string(),
+            "savevm: unsupported version 3 for 'timer' v2"
+        );
+    }
+
+    #[test]
+    fn older_ram_version_fails_silently_with_qemus_context() {
+        let b = B::new()
+            .begin()
+            .start(SectionType::START, 1, "ram", 0, 3)
+            .done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "error while loading state for instance 0x0 of device 'ram'",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_section_type_byte() {
+        let b = B::new().begin().bytes(&[0x09]).done();
+        assert_eq!(fail(b).error.to_string(), "Unknown savevm section type 9");
+    }
+
+    #[test]
+    fn missing_footer_names_the_section() {
+        let b = B::new()
+            .begin()
+            .start(SectionType::START, 1, "ram", 0, 4)
+            .be64(RamFlag::EOS)
+            .bytes(&[SectionType::EOF])
+            .done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "Missing section footer for ram",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn mismatched_footer_gives_both_ids() {
+        let b = B::new()
+            .begin()
+            .start(SectionType::START, 1, "ram", 0, 4)
+            .be64(RamFlag::EOS)
+            .footer(0)
+            .done();
+        assert_eq!(
+            fail(b).error.to_string(),
+            "Mismatched section id in footer for ram - read 0x0 expected 0x1"
+        );
+    }
+
+    #[test]
+    fn any_section_id_works_when_used_consistently() {
+        let b = B::new()
+            .begin()
+            .ram_setup(77, &[("ram", 16 * PAGE)])
+            .part(SectionType::END, 77)
+            .be64((3 * PAGE) | RamFlag::PAGE)
+            .bytes(b"\x03ram")
+            .bytes(&[0x42; TARGET_PAGE_SIZE])
+            .be64(RamFlag::EOS)
+            .footer(77)
+            .eof()
+            .done();
+        let mut ram = ram16();
+        let s = load_with(b, &LoadOptions::new("none"), &mut ram, &mut []).unwrap();
+        assert_eq!(ram.page(0, 3 * PAGE), &[0x42; TARGET_PAGE_SIZE][..]);
+        assert_eq!(
+            s.sections.iter().map(|x| x.section_id).collect::<Vec<_>>(),
+            [77, 77]
+        );
+    }
+
+    #[test]
+    fn part_for_an_id_no_start_named_is_unknown() {
+        let b = B::new()
+            .begin()
+            .ram_setup(1, &[("ram", 16 * PAGE)])
+            .part(SectionType::PART, 2)
+            .done();
+        assert_eq!(fail(b).error.to_string(), "Unknown savevm section 2");
+    }
+
+    #[test]
+    fn ram_error_in_a_part_names_the_section_id() {
+        let b = B::new()
+            .begin()
+            .ram_setup(1, &[("ram", 16 * PAGE)])
+            .part(SectionType::PART, 1)
+            .be64((16 * PAGE) | RamFlag::ZERO)
+            .bytes(b"\x03ram\0")
+            .done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "Illegal RAM offset 10000",
+                "error while loading state section id 1(ram)",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn truncation_inside_ram_keeps_qemus_context_and_eio() {
+        let mut b = B::new()
+            .begin()
+            .ram_setup(1, &[("ram", 16 * PAGE)])
+            .part(SectionType::PART, 1)
+            .done();
+        b.extend_from_slice(&[0, 0, 0]);
+        let e = fail(b);
+        assert!(matches!(
+            e.error,
+            MigrationError::Truncated {
+                what: "a RAM record header",
+                ..
+            }
+        ));
+        assert_eq!(
+            e.qemu_lines()[1..],
+            [
+                "error while loading state section id 1(ram)",
+                "load of migration failed: Input/output error"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_ramblock_in_setup_has_the_start_context() {
+        let b = B::new().begin().ram_setup(1, &[("zz", 16 * PAGE)]).done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "Unknown ramblock \"zz\", cannot accept migration",
+                "error while loading state for instance 0x0 of device 'ram'",
+                "load of migration failed: Invalid argument"
+            ]
+        );
+    }
+
+    #[test]
+    fn handler_error_is_reported_inside_its_section() {
+        let mut dev = BufferSection::new("timer", 0, 2, vec![0; 64]);
+        let b = B::new()
+            .begin()
+            .start(SectionType::FULL, 5, "timer", 0, 2)
+            .bytes(&[1; 10])
+            .done();
+        let e = load_with(b, &LoadOptions::new("none"), &mut ram16(), &mut [&mut dev]).unwrap_err();
+        assert_eq!(
+            e.context,
+            Some(SectionContext::StartFull {
+                idstr: "timer".into(),
+                instance_id: 0
+            })
+        );
+    }
+
+    // --- commands ---
+
+    #[test]
+    fn switchover_start_is_accepted_like_qemu_10() {
+        let b = B::new().begin().bytes(&[8, 0, 0x0b, 0, 0]).eof().done();
+        let s = load_with(b, &LoadOptions::new("none"), &mut ram16(), &mut []).unwrap();
+        assert_eq!(s.commands, [Command::SWITCHOVER_START]);
+    }
+
+    #[test]
+    fn ping_is_read_and_ignored() {
+        let b = B::new()
+            .begin()
+            .bytes(&[8, 0, 2, 0, 4, 0, 0, 0, 9])
+            .eof()
+            .done();
+        let s = load_with(b, &LoadOptions::new("none"), &mut ram16(), &mut []).unwrap();
+        assert_eq!(s.commands, [Command::PING]);
+    }
+
+    #[test]
+    fn unknown_command_number() {
+        let b = B::new().begin().bytes(&[8, 0, 0x0c, 0, 3]).done();
+        assert_eq!(fail(b).error.to_string(), "MIG_CMD 0xc unknown (len 0x3)");
+        let b = B::new().begin().bytes(&[8, 0, 0, 0, 0]).done();
+        assert_eq!(fail(b).error.to_string(), "MIG_CMD 0x0 unknown (len 0x0)");
+    }
+
+    #[test]
+    fn command_with_the_wrong_length_is_out_of_range() {
+        let b = B::new().begin().bytes(&[8, 0, 0x0b, 0, 1, 0]).done();
+        assert_eq!(
+            fail_lines(b),
+            [
+                "SWITCHOVER_START received with bad length - expecting 0, got 1",
+                "load of migration failed: Numerical result out of range"
+            ]
+        );
+    }
+
+    #[test]
+    fn postcopy_commands_are_not_supported() {
+        let b = B::new().begin().bytes(&[8, 0, 5, 0, 0]).done();
+        assert!(matches!(
+            fail(b).error,
+            MigrationError::UnsupportedCommand { cmd: 5, .. }
+        ));
+    }
+
+    // --- trailer ---
+
+    #[test]
+    fn missing_vmdesc_is_only_a_warning() {
+        let s = load_with(
+            B::new().begin().eof().done(),
+            &LoadOptions::new("none"),
+            &mut ram16(),
+            &mut [],
+        )
+        .unwrap();
+        assert_eq!(s.warnings, ["Expected vmdescription section, but got 0"]);
+        assert!(s.vmdesc.is_none());
+        let b = B::new().begin().eof().bytes(&[0x42]).done();
+        let s = load_with(b, &LoadOptions::new("none"), &mut ram16(), &mut []).unwrap();
+        assert_eq!(s.warnings, ["Expected vmdescription section, but got 66"]);
+    }
+
+    // --- saver ---
+
+    fn sample_ram() -> VecRam {
+        let mut ram = VecRam::new(&[("pc.ram", 32 * PAGE), ("vga.vram", 8 * PAGE)]);
+        ram.fill(0, 5 * PAGE, 0xa5);
+        ram.blocks[1].1[3 * PAGE as usize + 17] = 9;
+        ram
+    }
+
+    #[test]
+    fn saver_stream_layout_matches_qemus() {
+        let src = sample_ram();
+        let mut dev = BufferSection::new("timer", 0, 2, vec![1, 2, 3, 4]);
+        let (bytes, summary) =
+            save_stream(Vec::new(), SaveOptions::new("none"), &src, &mut [&mut dev]).unwrap();
+        assert_eq!(&bytes[..8], b"QEVM\0\0\0\x03");
+        assert_eq!(&bytes[8..17], b"\x07\0\0\0\x04none");
+        assert_eq!(&bytes[17..30], b"\x01\0\0\0\x01\x03ram\0\0\0\0");
+        assert_eq!(
+            summary.ram,
+            RamSaveStats {
+                normal_pages: 2,
+                zero_pages: 38
+            }
+        );
+        assert_eq!(summary.bytes, bytes.len() as u64);
+        assert!(
+            !bytes.windows(5).any(|w| w == [8, 0, 0x0b, 0, 0]),
+            "no SWITCHOVER_START by default"
+        );
+        let json = br#"{"page_size":4096,"devices":[{"name":"timer","instance_id":0,"vmsd_name":"timer","version":2,"fields":[{"name":"data","type":"buffer","size":4}]}]}"#;
+        let tail = &bytes[bytes.len() - json.len() - 6..];
+        assert_eq!(tail[0], SectionType::EOF);
+        assert_eq!(tail[1], SectionType::VMDESCRIPTION);
+        assert_eq!(&tail[2..6], &(json.len() as u32).to_be_bytes());
+        assert_eq!(&tail[6..], json);
+    }
+
+    #[test]
+    fn saver_writes_switchover_start_when_asked() {
+        let src = sample_ram();
+        let mut opts = SaveOptions::new("none");
+        opts.send_switchover_start = true;
+        opts.vmdesc = false;
+        let (bytes, _) = save_stream(Vec::new(), opts, &src, &mut []).unwrap();
+        let s = load_with(
+            bytes.clone(),
+            &LoadOptions::new("none"),
+            &mut sample_ram(),
+            &mut [],
+        )
+        .unwrap();
+        assert_eq!(s.commands, [Command::SWITCHOVER_START]);
+        assert!(s.vmdesc.is_none());
+        assert_eq!(*bytes.last().unwrap(), SectionType::EOF);
+    }
+
+    #[test]
+    fn full_round_trip_with_rounds_devices_and_an_iterative_handler() {
+        let mut src = sample_ram();
+        struct Counter(u32);
+        impl SectionHandler for Counter {
+            fn idstr(&self) -> &str {
+                "dirty-bitmap"
+            }
+            fn instance_id(&self) -> u32 {
+                0
+            }
+            fn version_id(&self) -> u32 {
+                1
+            }
+            fn is_iterative(&self) -> bool {
+                true
+            }
+            fn save(
+                &mut self,
+                _: SectionPhase,
+                out: &mut QemuWriter<dyn Write + '_>,
+            ) -> Result<(), MigrationError> {
+                self.0 += 1;
+                out.put_be32(self.0)
+            }
+            fn load(
+                &mut self,
+                phase: SectionPhase,
+                _: u32,
+                input: &mut QemuReader<dyn StreamRead + '_>,
+            ) -> Result<(), MigrationError> {
+                let v = input.get_be32("counter")?;
+                assert_eq!(v, self.0 + 1, "{phase:?}");
+                self.0 = v;
+                Ok(())
+            }
+        }
+        let mut it = Counter(0);
+        let mut dev = BufferSection::new("timer", 0, 2, vec![7; 24]);
+        let mut s = Saver::new(Vec::new(), SaveOptions::new("none"), src.blocks()).unwrap();
+        s.save_setup(&mut [&mut it, &mut dev]).unwrap();
+        s.save_pages(&src, all_pages(&src.blocks())).unwrap();
+        s.save_iterate(&mut [&mut it]).unwrap();
+        // The guest dirties two pages; they go out again at completion.
+        src.fill(0, 0, 0x11);
+        src.fill(1, 7 * PAGE, 0x22);
+        let dirty = [
+            PageRef {
+                block: 0,
+                offset: 0,
+            },
+            PageRef {
+                block: 1,
+                offset: 7 * PAGE,
+            },
+        ];
+        let summary = s
+            .save_complete(&src, dirty, &mut [&mut it, &mut dev])
+            .unwrap();
+        assert_eq!(summary.ram_rounds, 1);
+        assert_eq!(summary.ram.normal_pages, 4);
+        let bytes = s.into_inner();
+
+        let mut dst = VecRam::new(&[("pc.ram", 32 * PAGE), ("vga.vram", 8 * PAGE)]);
+        let mut it2 = Counter(0);
+        let mut dev2 = BufferSection::new("timer", 0, 2, vec![0; 24]);
+        let l = load_with(
+            bytes,
+            &LoadOptions::new("none"),
+            &mut dst,
+            &mut [&mut it2, &mut dev2],
+        )
+        .unwrap();
+        assert_eq!(dst.blocks, src.blocks);
+        assert_eq!(it2.0, 3);
+        assert_eq!(dev2.data, vec![7; 24]);
+        assert_eq!(l.ram.normal_pages, 4);
+        assert_eq!(l.ram.zero_pages, 38);
+        assert_eq!(l.ram.sections, 3);
+        let kinds: Vec<(u8, &str)> = l
+            .sections
+            .iter()
+            .map(|x| (x.section_type, x.idstr.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (SectionType::START, "ram"),
+                (SectionType::START, "dirty-bitmap"),
+                (SectionType::PART, "ram"),
+                (SectionType::PART, "dirty-bitmap"),
+                (SectionType::END, "ram"),
+                (SectionType::END, "dirty-bitmap"),
+                (SectionType::FULL, "timer"),
+            ]
+        );
+        assert!(l.vmdesc.unwrap().contains("\"name\":\"timer\""));
+        assert!(l.warnings.is_empty());
+    }
+
+    #[test]
+    fn saver_calls_out_of_order_are_refused() {
+        let src = sample_ram();
+        let mut s = Saver::new(Vec::new(), SaveOptions::new("none"), src.blocks()).unwrap();
+        assert!(s.save_pages(&src, []).is_err());
+        s.save_setup(&mut []).unwrap();
+        assert!(s.save_setup(&mut []).is_err());
+        s.save_complete(&src, [], &mut []).unwrap();
+        assert!(s.save_complete(&src, [], &mut []).is_err());
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn random_blocks_and_pages_round_trip(
+            blocks in proptest::collection::vec((1u64..6, proptest::collection::vec((0u64..6, any::<u8>(), 0usize..4096), 0..6)), 1..4),
+            order in any::<u64>(),
+        ) {
+            let spec: Vec<(String, u64)> = blocks.iter().enumerate().map(|(i, (n, _))| (format!("blk{i}"), n * PAGE)).collect();
+            let spec_ref: Vec<(&str, u64)> = spec.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+            let mut src = VecRam::new(&spec_ref);
+            for (b, (n, writes)) in blocks.iter().enumerate() {
+                for (page, byte, at) in writes {
+                    let o = (page % n) * PAGE + *at as u64;
+                    src.blocks[b].1[o as usize] = *byte;
+                }
+            }
+            // Pages in a shuffled order and split over two rounds, so CONTINUE and idstrs mix.
+            let mut pages: Vec<PageRef> = all_pages(&src.blocks()).collect();
+            let len = pages.len();
+            for i in (1..len).rev() {
+                pages.swap(i, (order.wrapping_mul(i as u64 + 7) % (i as u64 + 1)) as usize);
+            }
+            let (a, b) = pages.split_at(len / 2);
+            let mut s = Saver::new(Vec::new(), SaveOptions::new("none"), src.blocks()).unwrap();
+            s.save_setup(&mut []).unwrap();
+            s.save_pages(&src, a.iter().copied()).unwrap();
+            let sum = s.save_complete(&src, b.iter().copied(), &mut []).unwrap();
+            let bytes = s.into_inner();
+            let mut dst = VecRam::new(&spec_ref);
+            for (_, d) in dst.blocks.iter_mut() { d.fill(0xff); }
+            let l = load_with(bytes, &LoadOptions::new("none"), &mut dst, &mut []).unwrap();
+            prop_assert_eq!(&dst.blocks, &src.blocks);
+            prop_assert_eq!(l.ram.normal_pages, sum.ram.normal_pages);
+            prop_assert_eq!(l.ram.zero_pages, sum.ram.zero_pages);
+            prop_assert_eq!(l.ram.normal_pages + l.ram.zero_pages, len as u64);
+        }
+    }
+}
