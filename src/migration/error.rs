@@ -211,10 +211,16 @@ impl MigrationError {
     }
 
     /// The lines QEMU 10.0 prints for this failure itself, before any section context. Empty
-    /// where QEMU fails silently (a `ram` section of the wrong version).
+    /// where QEMU fails silently (a `ram` section of the wrong version, an unknown
+    /// CONFIGURATION subsection).
     pub fn qemu_lines(&self) -> Vec<String> {
         match self {
-            Self::RamVersion { .. } => vec![],
+            Self::RamVersion { .. } | Self::UnknownSubsection { .. } => vec![],
+            // QEMU's vmstate loader names the subsection and field that failed.
+            Self::UnknownCapability { .. } => vec![
+                self.to_string(),
+                "Failed to load configuration/capabilities:capabilities".to_string(),
+            ],
             Self::CapabilityMismatch { mismatches } => capability_lines(mismatches),
             Self::UnknownPageBlock { offset, .. }
             | Self::PageBlockNotMigratable { offset, .. }
@@ -431,6 +437,20 @@ mod tests {
         let lines = e.qemu_lines();
         assert_eq!(lines[1], "error while loading state section id 1(ram)");
         assert_eq!(lines[2], "load of migration failed: Input/output error");
+    }
+
+    #[test]
+    fn unknown_capability_adds_qemus_vmstate_line() {
+        let e = MigrationError::UnknownCapability {
+            name: "warp-drive".into(),
+        };
+        assert_eq!(
+            e.qemu_lines(),
+            [
+                "Received unknown capability warp-drive",
+                "Failed to load configuration/capabilities:capabilities"
+            ]
+        );
     }
 
     #[test]
