@@ -666,6 +666,71 @@ fn qemu10_mapped_ram_file_loads_into_the_codec() {
     );
 }
 
+#[test]
+fn codec_mapped_ram_file_loads_into_qemu10() {
+    let Some(cmd) = require(Peer::Qemu10) else {
+        return;
+    };
+    let ram = Ram::patterned(NONE_BLOCKS);
+    let (file, _) = hostmem::migration::save_mapped_ram_file(
+        std::io::Cursor::new(Vec::new()),
+        SaveOptions::new("none"),
+        &ram,
+        &mut [],
+    )
+    .unwrap();
+    let path = write_scratch("codec-mapped.mig", &file.into_inner());
+    let sock = scratch("codec-mapped.qmp");
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args([
+            "-M",
+            "none",
+            "-m",
+            "16M",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .args(["-incoming", "defer"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut q = Qmp::connect(&sock, &mut child).expect("QMP");
+    q.execute(
+        r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"mapped-ram","state":true}]}}"#,
+    );
+    q.execute(&format!(
+        r#"{{"execute":"migrate-incoming","arguments":{{"uri":"file:{}"}}}}"#,
+        path.display()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match q.migration_status().as_deref() {
+            Some("completed") => break,
+            None | Some("failed") => {
+                let err = wait_with_timeout(child, "codec-mapped");
+                panic!(
+                    "QEMU 10 refused the codec's mapped-ram file: {}",
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            _ => assert!(Instant::now() < deadline, "mapped-ram load hangs"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let got = q.pmemsave(0, 16 * M);
+    assert!(
+        got == ram.block("ram"),
+        "guest RAM differs from the codec's mapped-ram file"
+    );
+    quit(q, child);
+}
+
 /// Device sections of a QEMU stream, each skipped to its footer (the test has no vmstate
 /// layouts): one per device the VMDESCRIPTION lists.
 fn skip_devices_of(stream: &[u8]) -> Vec<SkipDevice> {

@@ -52,6 +52,6 @@ pub use ram::{
 };
 pub use section::{BufferSection, SectionHandler, SectionPhase, StreamRead};
 pub use stream::{
-    load, load_file, save_stream, Configuration, LoadOptions, LoadSummary, MachineTypeCheck,
-    SaveOptions, SaveSummary, Saver,
+    load, load_file, save_mapped_ram_file, save_stream, Configuration, LoadOptions, LoadSummary,
+    MachineTypeCheck, SaveOptions, SaveSummary, Saver,
 };

@@ -183,6 +183,58 @@ impl RamSaver {
         w.put_be64(RamFlag::EOS)
     }
 
+    /// The SECTION_START payload of a mapped-ram file (QEMU 10's `file:` with capability
+    /// `mapped-ram`): per block, after its length, a [`MappedRamHeader`]; then the block's
+    /// non-zero pages at `pages_offset + n * 4096` (zero pages stay holes), its bitmap at
+    /// `bitmap_offset`, and the stream continues at `pages_offset + used_length`. Each page is
+    /// read once, so this is for a stopped guest (QEMU's docs: mapped-ram is "best done
+    /// non-live"). The writer must be at the file position `w.position()` says.
+    pub fn write_setup_mapped_ram<W: Write + std::io::Seek>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+    ) -> Result<(), MigrationError> {
+        use std::io::SeekFrom;
+        self.last_block = None;
+        w.put_be64(self.total_bytes() | RamFlag::MEM_SIZE)?;
+        for b in 0..self.blocks.len() {
+            let (idstr, used) = (self.blocks[b].idstr.clone(), self.blocks[b].used_length);
+            w.put_counted_string(&idstr)?;
+            w.put_be64(used)?;
+            let num_pages = used / PAGE;
+            let bitmap_offset = w.position() + MappedRam::HEADER_SIZE;
+            let bitmap_len = num_pages.div_ceil(64) * 8;
+            let pages_offset =
+                align_up(bitmap_offset + bitmap_len, MappedRam::FILE_OFFSET_ALIGNMENT);
+            MappedRamHeader {
+                version: MappedRam::HEADER_VERSION,
+                page_size: PAGE,
+                bitmap_offset,
+                pages_offset,
+            }
+            .write(w)?;
+            let mut bitmap = vec![0u8; bitmap_len as usize];
+            for n in 0..num_pages {
+                source.read_page(b, n * PAGE, &mut self.page)?;
+                if self.zero_page_detection && is_zero_page(&self.page) {
+                    self.stats.zero_pages += 1;
+                    continue;
+                }
+                bitmap[(n / 8) as usize] |= 1 << (n % 8);
+                w.get_mut().seek(SeekFrom::Start(pages_offset + n * PAGE))?;
+                w.set_position(pages_offset + n * PAGE);
+                w.put_buffer(&self.page)?;
+                self.stats.normal_pages += 1;
+            }
+            w.get_mut().seek(SeekFrom::Start(bitmap_offset))?;
+            w.set_position(bitmap_offset);
+            w.put_buffer(&bitmap)?;
+            w.get_mut().seek(SeekFrom::Start(pages_offset + used))?;
+            w.set_position(pages_offset + used);
+        }
+        w.put_be64(RamFlag::EOS)
+    }
+
     /// One round's payload: a record for each page, then EOS. Returns what this round wrote.
     pub fn write_round<W: Write + ?Sized>(
         &mut self,

@@ -335,6 +335,8 @@ pub struct Saver<W: Write> {
     iterative_ids: HashMap<(String, u32), u32>,
     vmdesc_devices: Vec<String>,
     ram_rounds: u64,
+    /// Pages went out with the setup at fixed offsets; no page records may follow.
+    mapped_ram: bool,
 }
 
 impl<W: Write> Saver<W> {
@@ -356,6 +358,7 @@ impl<W: Write> Saver<W> {
             iterative_ids: HashMap::new(),
             vmdesc_devices: Vec::new(),
             ram_rounds: 0,
+            mapped_ram: false,
         })
     }
 
@@ -444,6 +447,48 @@ impl<W: Write> Saver<W> {
         Ok(())
     }
 
+    /// [`Saver::save_setup`] for a mapped-ram file: the configuration announces capability
+    /// `mapped-ram` and the `ram` START carries every page at its fixed file offset (see
+    /// [`RamSaver::write_setup_mapped_ram`]). Afterwards only [`Saver::save_complete`] with no
+    /// pages is valid; QEMU 10 loads the file with the capability on and `file:`.
+    pub fn save_setup_mapped_ram(
+        &mut self,
+        source: &dyn RamSource,
+        handlers: &mut [&mut dyn SectionHandler],
+    ) -> Result<(), MigrationError>
+    where
+        W: Seek,
+    {
+        self.expect(SaveState::New, "save_setup_mapped_ram")?;
+        if handlers.iter().any(|h| h.is_iterative()) {
+            return Err(MigrationError::Callback(Error::invalid(
+                "a mapped-ram file holds no iterative sections besides ram",
+            )));
+        }
+        let caps = &mut self.opts.configuration.capabilities;
+        if !caps.iter().any(|c| c == MappedRam::CAPABILITY) {
+            caps.push(MappedRam::CAPABILITY.to_string());
+        }
+        self.mapped_ram = true;
+        self.w.put_be32(FileHeader::MAGIC)?;
+        self.w.put_be32(FileHeader::VERSION)?;
+        self.w.put_u8(SectionType::CONFIGURATION)?;
+        self.opts.configuration.write(&mut self.w)?;
+        self.ram_section_id = self.new_section_id();
+        let id = self.ram_section_id;
+        self.put_start_full(
+            SectionType::START,
+            id,
+            RamSectionId::IDSTR,
+            RamSectionId::INSTANCE_ID,
+            RamSectionId::VERSION_ID,
+        )?;
+        self.ram.write_setup_mapped_ram(&mut self.w, source)?;
+        self.put_footer(id)?;
+        self.state = SaveState::Iterating;
+        Ok(())
+    }
+
     /// One `ram` SECTION_PART with a record for each page (the bulk round passes every page;
     /// later rounds the dirty ones).
     pub fn save_pages(
@@ -452,6 +497,11 @@ impl<W: Write> Saver<W> {
         pages: impl IntoIterator<Item = PageRef>,
     ) -> Result<RamSaveStats, MigrationError> {
         self.expect(SaveState::Iterating, "save_pages")?;
+        if self.mapped_ram {
+            return Err(MigrationError::Callback(Error::invalid(
+                "a mapped-ram file has no page records",
+            )));
+        }
         let id = self.ram_section_id;
         self.put_part_end(SectionType::PART, id)?;
         let st = self.ram.write_round(&mut self.w, source, pages)?;
@@ -504,6 +554,12 @@ impl<W: Write> Saver<W> {
         }
         let id = self.ram_section_id;
         self.put_part_end(SectionType::END, id)?;
+        let mut final_pages = final_pages.into_iter().peekable();
+        if self.mapped_ram && final_pages.peek().is_some() {
+            return Err(MigrationError::Callback(Error::invalid(
+                "a mapped-ram file has no page records",
+            )));
+        }
         self.ram.write_round(&mut self.w, source, final_pages)?;
         self.put_footer(id)?;
         for h in handlers.iter_mut().filter(|h| h.is_iterative()) {
@@ -587,6 +643,19 @@ pub fn save_stream<W: Write>(
     let mut s = Saver::new(out, opts, blocks.clone())?;
     s.save_setup(handlers)?;
     s.save_pages(source, super::ram::all_pages(&blocks))?;
+    let summary = s.save_complete(source, std::iter::empty(), handlers)?;
+    Ok((s.into_inner(), summary))
+}
+
+/// A whole mapped-ram file in one call (QEMU 10's `file:` + `mapped-ram`, non-live).
+pub fn save_mapped_ram_file<W: Write + Seek>(
+    out: W,
+    opts: SaveOptions,
+    source: &dyn RamSource,
+    handlers: &mut [&mut dyn SectionHandler],
+) -> Result<(W, SaveSummary), MigrationError> {
+    let mut s = Saver::new(out, opts, source.blocks())?;
+    s.save_setup_mapped_ram(source, handlers)?;
     let summary = s.save_complete(source, std::iter::empty(), handlers)?;
     Ok((s.into_inner(), summary))
 }
@@ -1702,6 +1771,88 @@ mod tests {
         assert!(s.save_setup(&mut []).is_err());
         s.save_complete(&src, [], &mut []).unwrap();
         assert!(s.save_complete(&src, [], &mut []).is_err());
+    }
+
+    #[test]
+    fn mapped_ram_file_round_trips_and_has_qemus_layout() {
+        let src = sample_ram();
+        let mut dev = BufferSection::new("timer", 0, 2, vec![5; 8]);
+        let (file, summary) = save_mapped_ram_file(
+            Cursor::new(Vec::new()),
+            SaveOptions::new("none"),
+            &src,
+            &mut [&mut dev],
+        )
+        .unwrap();
+        let file = file.into_inner();
+        assert_eq!(summary.bytes, file.len() as u64);
+        assert_eq!(
+            summary.ram,
+            RamSaveStats {
+                normal_pages: 2,
+                zero_pages: 38
+            }
+        );
+        // Block 0's header follows "\x06pc.ram" and its length; pages start at 1 MiB.
+        let at = file.windows(7).position(|w| w == b"\x06pc.ram").unwrap() + 7 + 8;
+        let word = |o: usize, n: usize| file[o..o + n].iter().fold(0u64, |a, &b| a << 8 | b as u64);
+        assert_eq!(word(at, 4), 1, "header version");
+        assert_eq!(word(at + 4, 8), PAGE, "page size");
+        assert_eq!(
+            word(at + 12, 8),
+            at as u64 + 28,
+            "bitmap right after the header"
+        );
+        assert_eq!(word(at + 20, 8), 1 << 20, "pages at the next MiB");
+        assert_eq!(
+            file[at + 28],
+            0b0010_0000,
+            "only page 5 of pc.ram is non-zero"
+        );
+        assert_eq!(&file[(1 << 20) + 5 * 4096..][..4], &[0xa5; 4]);
+
+        let mut dst = VecRam::new(&[("pc.ram", 32 * PAGE), ("vga.vram", 8 * PAGE)]);
+        for (_, d) in dst.blocks.iter_mut() {
+            d.fill(0x77);
+        }
+        let mut dev2 = BufferSection::new("timer", 0, 2, vec![0; 8]);
+        let mut opts = LoadOptions::new("none");
+        opts.mapped_ram = true;
+        let l = load_file(
+            Cursor::new(file.clone()),
+            &opts,
+            Some(&mut dst),
+            &mut [&mut dev2],
+        )
+        .unwrap();
+        assert_eq!(dst.blocks, src.blocks);
+        assert_eq!(dev2.data, [5; 8]);
+        assert_eq!((l.ram.normal_pages, l.ram.zero_pages), (2, 38));
+        assert_eq!(l.configuration.unwrap().capabilities, ["mapped-ram"]);
+        // Through a pipe the same file cannot be read.
+        let e = load(Cursor::new(file), &opts, Some(&mut dst), &mut []).unwrap_err();
+        assert_eq!(
+            e.error.to_string(),
+            "Migration requires seekable transport (e.g. file)"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_saver_refuses_page_rounds() {
+        let src = sample_ram();
+        let mut s = Saver::new(
+            Cursor::new(Vec::new()),
+            SaveOptions::new("none"),
+            src.blocks(),
+        )
+        .unwrap();
+        s.save_setup_mapped_ram(&src, &mut []).unwrap();
+        assert!(s.save_pages(&src, all_pages(&src.blocks())).is_err());
+        let one = [PageRef {
+            block: 0,
+            offset: 0,
+        }];
+        assert!(s.save_complete(&src, one, &mut []).is_err());
     }
 
     #[test]
