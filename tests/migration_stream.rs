@@ -256,15 +256,7 @@ fn run_incoming(cmd: &[String], machine: &[&str], uri: &str, tag: &str) -> Incom
             }
         }
     }
-    let out = wait_with_timeout(child, tag);
-    let stderr = String::from_utf8_lossy(&out)
-        .lines()
-        .map(|l| {
-            l.strip_prefix("qemu-system-x86_64: ")
-                .unwrap_or(l)
-                .to_string()
-        })
-        .collect();
+    let stderr = stderr_lines(&wait_with_timeout(child, tag));
     Incoming::Failed { stderr }
 }
 
@@ -282,9 +274,21 @@ fn wait_with_timeout(mut child: Child, tag: &str) -> Vec<u8> {
     err
 }
 
-fn quit(mut q: Qmp, child: Child) {
+/// Quits QEMU; returns what it printed on stderr, one line each, without the program name.
+fn quit(mut q: Qmp, child: Child) -> Vec<String> {
     writeln!(q.w, r#"{{"execute":"quit"}}"#).unwrap();
-    wait_with_timeout(child, "quit");
+    stderr_lines(&wait_with_timeout(child, "quit"))
+}
+
+fn stderr_lines(raw: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .map(|l| {
+            l.strip_prefix("qemu-system-x86_64: ")
+                .unwrap_or(l)
+                .to_string()
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- synthetic RAM
@@ -442,7 +446,7 @@ fn codec_stream_loads_into(peer: Peer, machine: &str) {
                 got == ram.block("ram"),
                 "{peer:?}: guest RAM differs from the stream"
             );
-            quit(q, child);
+            assert_eq!(quit(q, child), [""; 0], "QEMU printed something");
         }
         Incoming::Failed { stderr } => panic!("{peer:?} refused the codec's stream: {stderr:?}"),
     }
@@ -482,7 +486,7 @@ fn codec_pc_stream_loads_into(peer: Peer, machine: &str) {
             assert!(bios == ram.block("pc.bios"), "{peer:?}: pc.bios differs");
             let blocks = q.hmp("info ramblock");
             assert!(blocks.contains("/rom@etc/acpi/tables"), "{blocks}");
-            quit(q, child);
+            assert_eq!(quit(q, child), [""; 0], "QEMU printed something");
         }
         Incoming::Failed { stderr } => panic!("{peer:?} refused the codec's stream: {stderr:?}"),
     }
@@ -508,7 +512,7 @@ fn switchover_start_loads_into_qemu10_and_the_codec_but_not_qemu72() {
     let path = write_scratch("switchover.mig", &bytes);
     let machine = ["-M", "none", "-m", "16M"];
     match run_incoming(&q10, &machine, &incoming_uri(Peer::Qemu10, &path), "sw10") {
-        Incoming::Loaded(q, child) => quit(q, child),
+        Incoming::Loaded(q, child) => assert_eq!(quit(q, child), [""; 0]),
         Incoming::Failed { stderr } => panic!("QEMU 10 refused SWITCHOVER_START: {stderr:?}"),
     }
     match run_incoming(&q72, &machine, &incoming_uri(Peer::Qemu72, &path), "sw72") {
@@ -557,7 +561,7 @@ fn resizeable_block_is_resized_by_qemu10_as_by_the_codec() {
                 line.contains("0x0000000000010000 0x0000000000200000"),
                 "{line}"
             );
-            quit(q, child);
+            assert_eq!(quit(q, child), [""; 0], "QEMU printed something");
         }
         Incoming::Failed { stderr } => panic!("{stderr:?}"),
     }
@@ -628,7 +632,7 @@ fn qemu10_mapped_ram_file_loads_into_the_codec() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    quit(q, child);
+    assert_eq!(quit(q, child), [""; 0], "QEMU printed something");
 
     let mut t = Target::none();
     t.blocks[0].1.fill(0xee); // holes must come out zero
@@ -728,7 +732,7 @@ fn codec_mapped_ram_file_loads_into_qemu10() {
         got == ram.block("ram"),
         "guest RAM differs from the codec's mapped-ram file"
     );
-    quit(q, child);
+    assert_eq!(quit(q, child), [""; 0], "QEMU printed something");
 }
 
 /// Device sections of a QEMU stream, each skipped to its footer (the test has no vmstate
@@ -1002,6 +1006,21 @@ fn cases_none() -> Vec<Case> {
         ),
         c("unknown command", none().raw(&[8, 0, 0x0c, 0, 3]).done()),
         c("command length", none().raw(&[8, 0, 0x0b, 0, 1, 0]).done()),
+        c("prefix machine type", B::new().begin("no").raw(&[0]).done()),
+        c("empty machine type", B::new().begin("").raw(&[0]).done()),
+        c(
+            "no vmdescription",
+            ram_ok()
+                .part(SectionType::END, 1)
+                .be64(PAGE | RamFlag::PAGE)
+                .counted("ram")
+                .raw(&[0x33; TARGET_PAGE_SIZE])
+                .be64(RamFlag::EOS)
+                .footer(1)
+                .raw(&[0])
+                .done(),
+        ),
+        c("garbage after EOF", none().raw(&[0, 0x42, 0x42]).done()),
         Case {
             name: "truncated page record",
             bytes: truncated,
@@ -1013,29 +1032,30 @@ fn cases_none() -> Vec<Case> {
 fn check_cases(
     cmd: &[String],
     machine: &[&str],
-    local: &str,
+    opts: &LoadOptions,
     cases: Vec<Case>,
     target: fn() -> Target,
 ) {
     let mut mismatches = Vec::new();
     for case in cases {
         let path = write_scratch("case.mig", &case.bytes);
+        // A refused stream gives QEMU's error lines; a loaded one what QEMU warned about.
         let qemu = match run_incoming(cmd, machine, &incoming_uri(Peer::Qemu10, &path), "case") {
             Incoming::Failed { stderr } => stderr,
             Incoming::Loaded(q, child) => {
-                quit(q, child);
-                vec!["<QEMU loaded the stream>".into()]
+                let mut lines = vec!["<loaded>".to_string()];
+                lines.extend(quit(q, child));
+                lines
             }
         };
         let mut t = target();
-        let ours: Vec<String> = match load(
-            Cursor::new(&case.bytes),
-            &LoadOptions::new(local),
-            Some(&mut t),
-            &mut [],
-        ) {
+        let ours: Vec<String> = match load(Cursor::new(&case.bytes), opts, Some(&mut t), &mut []) {
             Err(e) => LoadError::qemu_lines(&e),
-            Ok(_) => vec!["<the codec loaded the stream>".into()],
+            Ok(summary) => {
+                let mut lines = vec!["<loaded>".to_string()];
+                lines.extend(summary.warnings);
+                lines
+            }
         };
         let (q, o) = if case.tail_only {
             (
@@ -1060,8 +1080,49 @@ fn every_loader_error_prints_what_qemu10_prints() {
     check_cases(
         &cmd,
         &["-M", "none", "-m", "16M"],
-        "none",
+        &LoadOptions::new("none"),
         cases_none(),
+        Target::none,
+    );
+}
+
+#[test]
+fn uuid_checks_print_what_qemu10_prints() {
+    let Some(cmd) = require(Peer::Qemu10) else {
+        return;
+    };
+    let mut c = Configuration::new("none");
+    c.uuid = Some(*b"\x12\x34\x56\x78\x9a\xbc\xde\xf0\x01\x02\x03\x04\x05\x06\x07\x08");
+    let bytes = B::new().header().config(&c).raw(&[0]).done();
+    let case = |name| Case {
+        name,
+        bytes: bytes.clone(),
+        tail_only: false,
+    };
+    let mut opts = LoadOptions::new("none");
+    opts.uuid = Some([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    let machine = ["-M", "none", "-m", "16M"];
+    let with_uuid = [
+        "-M",
+        "none",
+        "-m",
+        "16M",
+        "-uuid",
+        "00000000-0000-0000-0000-000000000001",
+    ];
+    check_cases(
+        &cmd,
+        &with_uuid,
+        &opts,
+        vec![case("uuid mismatch")],
+        Target::none,
+    );
+    let none = LoadOptions::new("none");
+    check_cases(
+        &cmd,
+        &machine,
+        &none,
+        vec![case("uuid, none local")],
         Target::none,
     );
 }
@@ -1091,7 +1152,7 @@ fn pc_block_errors_print_what_qemu10_prints() {
     check_cases(
         &cmd,
         &["-M", "pc-i440fx-10.0", "-m", "32M"],
-        "pc-i440fx-10.0",
+        &LoadOptions::new("pc-i440fx-10.0"),
         cases,
         Target::pc,
     );

@@ -218,20 +218,14 @@ impl LoadOptions {
         let received = c.machine_type.as_bytes();
         let local = self.machine_type.as_bytes();
         let matches = match self.machine_type_check {
-            // strncmp(received, local, received_len): equal up to the received length, where
-            // the local name ending early (its NUL) is a difference.
-            MachineTypeCheck::QemuPrefix => {
-                let n = received
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(received.len());
-                local.len() >= n && local[..n] == received[..n]
-            }
+            MachineTypeCheck::QemuPrefix => qemu_strncmp_eq(received, local),
             MachineTypeCheck::Exact => received == local,
         };
         if !matches {
+            // QEMU prints the received name with "%.*s": up to its length or first NUL.
+            let shown = received.split(|&b| b == 0).next().unwrap_or_default();
             return Err(MigrationError::MachineTypeMismatch {
-                received: c.machine_type.clone(),
+                received: String::from_utf8_lossy(shown).into_owned(),
                 local: self.machine_type.clone(),
             });
         }
@@ -261,7 +255,7 @@ impl LoadOptions {
         if let Some(u) = &c.uuid {
             match &self.uuid {
                 None => warnings.push(format!(
-                    "UUID is received {}, but local uuid isn't set",
+                    "warning: UUID is received {}, but local uuid isn't set",
                     format_uuid(u)
                 )),
                 Some(l) if l != u => {
@@ -275,6 +269,21 @@ impl LoadOptions {
         }
         Ok(warnings)
     }
+}
+
+/// `strncmp(received, local, received.len()) == 0`, with `local` ending in a NUL: equal up to
+/// the received length, stopping early where both have a NUL.
+fn qemu_strncmp_eq(received: &[u8], local: &[u8]) -> bool {
+    for (i, &r) in received.iter().enumerate() {
+        let l = local.get(i).copied().unwrap_or(0);
+        if r != l {
+            return false;
+        }
+        if r == 0 {
+            return true;
+        }
+    }
+    true
 }
 
 /// The saving side's configuration.
@@ -679,7 +688,8 @@ pub struct LoadSummary {
     pub commands: Vec<u16>,
     /// The VMDESCRIPTION JSON, if the stream ended with one.
     pub vmdesc: Option<String>,
-    /// What QEMU would warn about without failing (no vmdesc, a uuid with none set locally).
+    /// The lines QEMU 10 prints on stderr for this stream while still loading it (no vmdesc,
+    /// a uuid with none set locally), as it prints them, without the program-name prefix.
     pub warnings: Vec<String>,
     /// Bytes read (for mapped-ram: the file offset where the stream ended).
     pub bytes: u64,
@@ -1190,6 +1200,31 @@ mod tests {
     }
 
     #[test]
+    fn machine_type_comparison_is_qemus_strncmp() {
+        assert!(qemu_strncmp_eq(b"pc", b"pc-i440fx-10.0"));
+        assert!(qemu_strncmp_eq(b"", b"none"));
+        assert!(
+            qemu_strncmp_eq(b"none\0junk", b"none"),
+            "stops at the common NUL"
+        );
+        assert!(
+            !qemu_strncmp_eq(b"pc\0", b"pc-q35"),
+            "received NUL against local '-'"
+        );
+        assert!(!qemu_strncmp_eq(b"nonf", b"none"));
+        assert!(!qemu_strncmp_eq(b"none2", b"none"));
+        let mut c = Configuration::new("x");
+        c.machine_type = "nonf\0tail".into();
+        let e = LoadOptions::new("none")
+            .check_configuration(&c)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Machine type received is 'nonf' and local is 'none'"
+        );
+    }
+
+    #[test]
     fn exact_machine_type_check_refuses_a_prefix() {
         let b = B::new()
             .header()
@@ -1291,7 +1326,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             s.warnings[0],
-            "UUID is received 12345678-9abc-def0-0102-030405060708, but local uuid isn't set"
+            "warning: UUID is received 12345678-9abc-def0-0102-030405060708, but local uuid \
+             isn't set"
         );
         let mut opts = LoadOptions::new("none");
         opts.uuid = Some([0; 16]);
