@@ -9,7 +9,7 @@
 //! A failed load is a [`LoadError`]: the error plus where it happened. Its
 //! [`LoadError::qemu_lines`] are the lines QEMU 10.0 writes to stderr for the same stream,
 //! without QEMU's `qemu-system-x86_64: ` prefix, ending with QEMU's outer
-//! "load of migration failed: <strerror>" line:
+//! "load of migration failed: STRERROR" line:
 //!
 //! ```text
 //! Unknown ramblock "zz", cannot accept migration
@@ -154,12 +154,21 @@ pub enum MigrationError {
     MappedRamVersion { version: u32 },
     #[error("Error reading ramblock {idstr} pages, region has bad alignment")]
     MappedRamAlignment { idstr: String },
-    #[error("page outside of ramblock {idstr} range")]
-    MappedRamPageOutside { idstr: String },
     #[error("Migration requires seekable transport (e.g. file)")]
     NotSeekable,
 
-    // --- from the other side of a trait ---
+    /// A CONFIGURATION whose machine type name is implausibly long (QEMU would allocate it).
+    #[error("CONFIGURATION machine type name of {len} bytes (at most 4096 accepted)")]
+    MachineTypeTooLong { len: u32 },
+    /// A mapped-ram header whose page size is not the target page size.
+    #[error("mapped-ram block {idstr} has page size {page_size}, expected 4096")]
+    MappedRamPageSize { idstr: String, page_size: u64 },
+
+    // --- the caller's side ---
+    /// The codec was driven in a way it cannot honour (a saver step out of order, a page
+    /// outside the block list, a block list QEMU could not load).
+    #[error("{0}")]
+    Usage(String),
     /// A RAM source, load target or section handler failed; its message is kept as it is.
     #[error("{0}")]
     Callback(Error),
@@ -197,7 +206,7 @@ fn capability_lines(mismatches: &[CapabilityMismatch]) -> Vec<String> {
 
 impl MigrationError {
     /// The errno QEMU 10.0's loader returns for this failure; it decides the outer
-    /// "load of migration failed: <strerror>" line.
+    /// "load of migration failed: STRERROR" line.
     pub fn errno(&self) -> i32 {
         match self {
             Self::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
@@ -307,7 +316,7 @@ impl LoadError {
 
     /// The lines QEMU 10.0 writes to stderr for the same failure (without its program-name
     /// prefix): the error's own lines, the section context, then
-    /// "load of migration failed: <strerror>".
+    /// "load of migration failed: STRERROR".
     pub fn qemu_lines(&self) -> Vec<String> {
         let mut lines = self.error.qemu_lines();
         if let Some(c) = &self.context {

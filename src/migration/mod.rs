@@ -7,7 +7,7 @@
 //!
 //! | module | what it holds | QEMU counterpart |
 //! |---|---|---|
-//! | [`format`] | magic, version, section types, commands, `RAM_SAVE_FLAG_*` | `savevm.h`, `ram.h` |
+//! | [`format`](mod@format) | magic, version, section types, commands, `RAM_SAVE_FLAG_*` | `savevm.h`, `ram.h` |
 //! | [`qemu_file`] | big-endian primitives with a byte counter; truncation vs I/O errors | `qemu-file.c` |
 //! | [`error`] | [`MigrationError`] (QEMU's messages) and [`LoadError`] (QEMU's stderr lines) | the `error_report`s of the loader |
 //! | [`section`] | [`SectionHandler`]: device state keyed by (idstr, instance), opaque payloads | `SaveStateEntry`, `SaveVMHandlers` |
@@ -25,6 +25,28 @@
 //!   [`LoadError::qemu_lines`], because the users compare the two.
 //! * Writing defaults to what every supported peer loads: no SWITCHOVER_START (7.2 refuses
 //!   it), footers on, a VMDESCRIPTION trailer listing the FULL sections.
+//!
+//! Decisions where QEMU is weak or silent (each has a test):
+//! * Machine type: QEMU compares with `strncmp` over the *received* length, so "pc" or ""
+//!   loads into "pc-i440fx-10.0". Kept as the default ([`MachineTypeCheck::QemuPrefix`]) so
+//!   that whatever QEMU 10 accepts, hostmem accepts; [`MachineTypeCheck::Exact`] is there for
+//!   VMMs that want the check QEMU meant.
+//! * ZERO records: 10.0 refuses a non-zero fill byte, 7.2 filled the page with it. The
+//!   loader follows 10.0; the saver always writes 0, which both accept.
+//! * Section ids: the saver never uses 0 (QEMU's loader starts every handler's remembered id
+//!   at 0, so a PART with id 0 could reach a handler that was never started), and the loader
+//!   matches PART/END only against sections started in this stream.
+//! * Stricter than QEMU where QEMU would misparse or write where it should not: a block list
+//!   longer than the MEM_SIZE total is refused (QEMU's counter wraps); page records for
+//!   non-migratable blocks are refused (QEMU 10 checks only x-ignore-shared there); in
+//!   mapped-ram files the migratable and length checks still apply (QEMU skips them) and
+//!   holes are zeroed (QEMU leaves stale data in them); a machine type name over 4096 bytes
+//!   is refused before allocating.
+//! * Truncation: QEMU reads zeros past the end and reports whatever check fails next; the
+//!   codec says where the stream ended. Its context and outer lines still match QEMU's.
+//! * Commands: SWITCHOVER_START and PING are accepted; postcopy, COLO, PACKAGED and the
+//!   return path are refused as unsupported (a precopy loader has nothing to do with them).
+//!   XBZRLE, multifd, RDMA and compressed pages are refused as unknown flag combinations.
 //!
 //! The submodules carry `cbindgen:ignore`: the crate's C header is the memory API, and the
 //! stream's constants and Rust-only types are not part of it.
@@ -52,6 +74,6 @@ pub use ram::{
 };
 pub use section::{BufferSection, SectionHandler, SectionPhase, StreamRead};
 pub use stream::{
-    load, load_file, save_mapped_ram_file, save_stream, Configuration, LoadOptions, LoadSummary,
-    MachineTypeCheck, SaveOptions, SaveSummary, Saver,
+    load, load_file, load_from, save_mapped_ram_file, save_stream, Configuration, LoadOptions,
+    LoadSummary, MachineTypeCheck, SaveOptions, SaveSummary, Saver,
 };

@@ -134,11 +134,11 @@ impl RamSaver {
                 || !seen.insert(b.idstr.as_str())
                 || !b.used_length.is_multiple_of(PAGE)
             {
-                return Err(MigrationError::Callback(Error::invalid(format!(
+                return Err(MigrationError::Usage(format!(
                     "RAM block \"{}\" cannot be migrated: idstrs must be unique and non-empty \
                      and used_length (0x{:x}) a multiple of 0x{:x}",
                     b.idstr, b.used_length, PAGE
-                ))));
+                )));
             }
         }
         Ok(RamSaver {
@@ -260,11 +260,11 @@ impl RamSaver {
         p: PageRef,
     ) -> Result<(), MigrationError> {
         let Some(block) = self.blocks.get(p.block) else {
-            return Err(MigrationError::Callback(Error::invalid(format!(
+            return Err(MigrationError::Usage(format!(
                 "page of RAM block index {} requested; the source lists {} blocks",
                 p.block,
                 self.blocks.len()
-            ))));
+            )));
         };
         if !p.offset.is_multiple_of(PAGE) || p.offset >= block.used_length {
             return Err(MigrationError::IllegalRamOffset { offset: p.offset });
@@ -566,7 +566,6 @@ impl RamLoader {
         let header = MappedRamHeader::read(r)?;
         let idstr = self.known[b].idstr.clone();
         let handle = self.known[b].local.handle;
-        let used = self.known[b].local.used_length;
         if header.version > MappedRam::HEADER_VERSION {
             return Err(MigrationError::MappedRamVersion {
                 version: header.version,
@@ -580,10 +579,10 @@ impl RamLoader {
             return Err(MigrationError::MappedRamAlignment { idstr });
         }
         if header.page_size != PAGE {
-            return Err(MigrationError::Callback(Error::invalid(format!(
-                "mapped-ram block {idstr} has page size {}, expected {PAGE}",
-                header.page_size
-            ))));
+            return Err(MigrationError::MappedRamPageSize {
+                idstr,
+                page_size: header.page_size,
+            });
         }
         let num_pages = length / PAGE;
         let bitmap_len = num_pages.div_ceil(64) * 8;
@@ -602,9 +601,6 @@ impl RamLoader {
             let run_start = n;
             while n < num_pages && bit(n) {
                 n += 1;
-            }
-            if n * PAGE > used {
-                return Err(MigrationError::MappedRamPageOutside { idstr });
             }
             seek(r, header.pages_offset + run_start * PAGE)?;
             for p in run_start..n {
@@ -1332,6 +1328,74 @@ pub(crate) mod tests {
         assert_eq!(
             e.to_string(),
             "Migration requires seekable transport (e.g. file)"
+        );
+    }
+
+    fn load_mapped(file: Vec<u8>, dst: &mut VecRam) -> Result<u64, MigrationError> {
+        use crate::migration::section::Seekable;
+        let mut l = RamLoader::new(true);
+        let mut r = QemuReader::new(Seekable(Cursor::new(file)));
+        l.load_section(dst, &mut r, 4)?;
+        Ok(r.position())
+    }
+
+    /// The header sits after MEM_SIZE (8), "\x03ram" (4) and the length (8).
+    const HDR: usize = 20;
+
+    #[test]
+    fn mapped_ram_pages_must_start_page_aligned() {
+        let (mut file, _) = mapped_ram_file(&[Some(1)], 1);
+        file[HDR + 4 + 8 + 8 + 6] = 0x08; // pages_offset += 0x800
+        let e = load_mapped(file, &mut VecRam::new(&[("ram", PAGE)])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Error reading ramblock ram pages, region has bad alignment"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_page_size_must_be_the_target_page() {
+        let (mut file, _) = mapped_ram_file(&[Some(1)], 1);
+        file[HDR + 4 + 6] = 0x20; // page_size 0x2000
+        let e = load_mapped(file, &mut VecRam::new(&[("ram", PAGE)])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::MappedRamPageSize {
+                    page_size: 0x2000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_block_with_no_offsets_was_skipped_by_the_source() {
+        let mut w = QemuWriter::new(Vec::new());
+        w.put_be64(PAGE | RamFlag::MEM_SIZE).unwrap();
+        w.put_counted_string("ram").unwrap();
+        w.put_be64(PAGE).unwrap();
+        MappedRamHeader {
+            version: 1,
+            page_size: PAGE,
+            bitmap_offset: 0,
+            pages_offset: 0,
+        }
+        .write(&mut w)
+        .unwrap();
+        w.put_be64(RamFlag::EOS).unwrap();
+        let file = w.into_inner();
+        let mut dst = VecRam::new(&[("ram", PAGE)]);
+        dst.fill(0, 0, 4);
+        assert_eq!(
+            load_mapped(file.clone(), &mut dst).unwrap(),
+            file.len() as u64
+        );
+        assert_eq!(
+            dst.page(0, 0),
+            &[4; 4096][..],
+            "a skipped block is left alone"
         );
     }
 

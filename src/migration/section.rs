@@ -5,7 +5,7 @@
 //! no way to skip a section, so the loader hands the handler the stream and the handler must
 //! read exactly what its saver wrote. Non-iterative handlers are written once, as a FULL
 //! section at completion; iterative ones (like `ram`, which the codec implements itself in
-//! [`super::ram`]) get a START at setup, PARTs during the rounds and an END at completion.
+//! [`crate::migration::ram`]) get a START at setup, PARTs during the rounds and an END at completion.
 
 use std::io::{BufRead, Seek, SeekFrom, Write};
 

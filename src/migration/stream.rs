@@ -32,7 +32,6 @@ use super::qemu_file::{QemuReader, QemuWriter};
 use super::ram::{PageRef, RamBlockInfo, RamLoadStats, RamLoadTarget, RamLoader, RamSaveStats};
 use super::ram::{RamSaver, RamSource};
 use super::section::{SectionHandler, SectionPhase, Seekable, Sequential, StreamRead};
-use crate::error::Error;
 
 /// Every capability name QEMU 10.0 knows (`MigrationCapability`); a CONFIGURATION naming any
 /// other is refused, as QEMU refuses it.
@@ -115,9 +114,7 @@ impl Configuration {
     pub fn read<R: BufRead + ?Sized>(r: &mut QemuReader<R>) -> Result<Self, MigrationError> {
         let len = r.get_be32("the machine type's length")?;
         if len > 4096 {
-            return Err(MigrationError::Callback(Error::invalid(format!(
-                "machine type name of {len} bytes in the CONFIGURATION section"
-            ))));
+            return Err(MigrationError::MachineTypeTooLong { len });
         }
         let mut name = vec![0u8; len as usize];
         r.read_exact(&mut name, "the machine type name")?;
@@ -384,9 +381,9 @@ impl<W: Write> Saver<W> {
         if self.state == state {
             Ok(())
         } else {
-            Err(MigrationError::Callback(Error::generic(format!(
+            Err(MigrationError::Usage(format!(
                 "migration saver: {what} called out of order"
-            ))))
+            )))
         }
     }
 
@@ -470,9 +467,9 @@ impl<W: Write> Saver<W> {
     {
         self.expect(SaveState::New, "save_setup_mapped_ram")?;
         if handlers.iter().any(|h| h.is_iterative()) {
-            return Err(MigrationError::Callback(Error::invalid(
-                "a mapped-ram file holds no iterative sections besides ram",
-            )));
+            return Err(MigrationError::Usage(
+                "a mapped-ram file holds no iterative sections besides ram".to_string(),
+            ));
         }
         let caps = &mut self.opts.configuration.capabilities;
         if !caps.iter().any(|c| c == MappedRam::CAPABILITY) {
@@ -507,9 +504,9 @@ impl<W: Write> Saver<W> {
     ) -> Result<RamSaveStats, MigrationError> {
         self.expect(SaveState::Iterating, "save_pages")?;
         if self.mapped_ram {
-            return Err(MigrationError::Callback(Error::invalid(
-                "a mapped-ram file has no page records",
-            )));
+            return Err(MigrationError::Usage(
+                "a mapped-ram file has no page records".to_string(),
+            ));
         }
         let id = self.ram_section_id;
         self.put_part_end(SectionType::PART, id)?;
@@ -539,15 +536,15 @@ impl<W: Write> Saver<W> {
             .get(&(h.idstr().to_string(), h.instance_id()))
             .copied()
             .ok_or_else(|| {
-                MigrationError::Callback(Error::generic(format!(
+                MigrationError::Usage(format!(
                     "migration saver: iterative section '{}' {} was not set up",
                     h.idstr(),
                     h.instance_id()
-                )))
+                ))
             })
     }
 
-    /// Completion: [SWITCHOVER_START], the `ram` END with `final_pages`, an END for each
+    /// Completion: (SWITCHOVER_START if asked), the `ram` END with `final_pages`, an END for each
     /// iterative handler, a FULL for each other handler, EOF and the VMDESCRIPTION. Flushes.
     pub fn save_complete(
         &mut self,
@@ -565,9 +562,9 @@ impl<W: Write> Saver<W> {
         self.put_part_end(SectionType::END, id)?;
         let mut final_pages = final_pages.into_iter().peekable();
         if self.mapped_ram && final_pages.peek().is_some() {
-            return Err(MigrationError::Callback(Error::invalid(
-                "a mapped-ram file has no page records",
-            )));
+            return Err(MigrationError::Usage(
+                "a mapped-ram file has no page records".to_string(),
+            ));
         }
         self.ram.write_round(&mut self.w, source, final_pages)?;
         self.put_footer(id)?;
@@ -1295,6 +1292,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.configuration.unwrap().capabilities, ["xbzrle"]);
+    }
+
+    #[test]
+    fn implausibly_long_machine_type_is_refused_before_allocating() {
+        let b = B::new().header().bytes(&[7, 0, 0x10, 0, 1]).done();
+        assert!(matches!(
+            fail(b).error,
+            MigrationError::MachineTypeTooLong { len: 0x100001 }
+        ));
     }
 
     #[test]
