@@ -17,11 +17,14 @@
 //! load of migration failed: Invalid argument
 //! ```
 //!
-//! Truncation and I/O errors are the exception: QEMU reads zeros past the end of a stream and
-//! reports whatever check those zeros fail first ("Getting RAM address failed", "Failed to load
-//! configuration:len", a mismatched footer), so its first line depends on its internal read
-//! order. hostmem reports where the stream ended instead; the context and outer lines (with
-//! "Input/output error") still match QEMU's.
+//! Truncation is the exception. QEMU reads zeros past the end of a stream and reports whatever
+//! check those zeros fail first, so its lines depend on where the cut falls (checked on 10.0):
+//! "Failed to load configuration:len" (EIO), "Unable to read ID string for section 0"
+//! (EINVAL), `Unknown ramblock "ra"` for a cut idstr (EINVAL), "Getting RAM address failed"
+//! with the section's context (EIO), or only "load of migration failed: Input/output error".
+//! The codec always says where the stream ended ([`MigrationError::Truncated`]), with the
+//! section context and EIO, which is QEMU's transcript, tail included, for a cut inside a `ram`
+//! page record.
 
 use std::io;
 

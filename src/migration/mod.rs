@@ -42,8 +42,8 @@
 //!   mapped-ram files the migratable and length checks still apply (QEMU skips them) and
 //!   holes are zeroed (QEMU leaves stale data in them); a machine type name over 4096 bytes
 //!   is refused before allocating.
-//! * Truncation: QEMU reads zeros past the end and reports whatever check fails next; the
-//!   codec says where the stream ended. Its context and outer lines still match QEMU's.
+//! * Truncation: QEMU reads zeros past the end and reports whatever check fails next (see
+//!   [`error`]); the codec says where the stream ended, always with EIO.
 //! * Commands: SWITCHOVER_START and PING are accepted; postcopy, COLO, PACKAGED and the
 //!   return path are refused as unsupported (a precopy loader has nothing to do with them).
 //!   XBZRLE, multifd, RDMA and compressed pages are refused as unknown flag combinations.
