@@ -12,6 +12,7 @@ pub mod kvm;
 pub mod listener;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod objects;
 pub mod options;

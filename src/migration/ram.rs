@@ -1,0 +1,1419 @@
+//! The `ram` section (idstr "ram", instance 0, version 4): QEMU's RAM payloads, both ways.
+//!
+//! Saving, [`RamSaver`] writes
+//! * the setup payload (in SECTION_START): `be64 total | MEM_SIZE`, then for each migratable
+//!   block in ram_list order `u8 len, idstr, be64 used_length`, then `be64 EOS`;
+//! * rounds of page records (in SECTION_PART and SECTION_END): `be64 offset | flags`, the
+//!   block's idstr unless CONTINUE says "same block as the previous record", then one fill
+//!   byte (always 0) for ZERO or 4096 raw bytes for PAGE; each round ends with `be64 EOS`.
+//!
+//! Loading, [`RamLoader`] reads the same payloads and applies QEMU 10.0's checks, with its
+//! messages: unknown and non-migratable blocks, the length check (the stream length aligned up
+//! to the target page, then the host page; a resizeable block is resized when the aligned
+//! length fits its max_length), offsets past used_length, CONTINUE before any block, unknown
+//! flag combinations, and a ZERO record whose fill byte is not 0 (QEMU 7.2 filled the page
+//! with it; 10.0 refuses it, and so does this loader). It also reads QEMU 10's mapped-ram
+//! files, where the setup carries a header per block and the pages sit at fixed file offsets.
+//!
+//! RAM is reached through two traits rather than slices, see [`RamSource`] and
+//! [`RamLoadTarget`].
+//!
+//! "Same block as the previous record" is tracked across section boundaries on both sides, as
+//! in QEMU (neither resets it between sections), so a PART may start with CONTINUE. The saver
+//! resets it at setup, as QEMU does, so the first page record always names its block.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use super::error::MigrationError;
+use super::format::{MappedRam, RamFlag, RAM_FLAGS_MASK, TARGET_PAGE_SIZE};
+use super::qemu_file::{QemuReader, QemuWriter};
+use super::section::StreamRead;
+use crate::error::Error;
+
+const PAGE: u64 = TARGET_PAGE_SIZE as u64;
+
+/// One migratable RAMBlock as the stream lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RamBlockInfo {
+    pub idstr: String,
+    pub used_length: u64,
+}
+
+impl RamBlockInfo {
+    pub fn new(idstr: &str, used_length: u64) -> Self {
+        RamBlockInfo {
+            idstr: idstr.to_string(),
+            used_length,
+        }
+    }
+}
+
+/// Where a saver's RAM comes from.
+///
+/// The source never hands out `&[u8]` of guest memory: a running guest may write any page at
+/// any time (that is what the dirty log is for), and a Rust slice promises that its bytes do
+/// not change while it lives, so a slice over live guest RAM would be undefined behaviour, and
+/// the zero test and the bytes sent could disagree. Instead the source copies a page into the
+/// saver's buffer (with whatever access it uses for memory shared with vCPUs), and the saver
+/// tests and sends that stable copy. A page torn by a concurrent write is dirty again and goes
+/// out in a later round.
+pub trait RamSource {
+    /// The migratable blocks, in ram_list order (largest max_length first, as QEMU sorts
+    /// them). Block indices in [`PageRef`] and [`Self::read_page`] index this list.
+    fn blocks(&self) -> Vec<RamBlockInfo>;
+    /// Copies the `TARGET_PAGE_SIZE` bytes at `offset` of block `block` into `buf`.
+    fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error>;
+}
+
+/// One page to send: a block index into [`RamSource::blocks`] and a page-aligned offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageRef {
+    pub block: usize,
+    pub offset: u64,
+}
+
+/// Every page of every block, in the order QEMU's bulk round sends them: block by block in
+/// ram_list order, ascending offsets.
+pub fn all_pages(blocks: &[RamBlockInfo]) -> impl Iterator<Item = PageRef> + '_ {
+    blocks.iter().enumerate().flat_map(|(block, b)| {
+        (0..b.used_length.div_ceil(PAGE)).map(move |n| PageRef {
+            block,
+            offset: n * PAGE,
+        })
+    })
+}
+
+/// Whether a buffer is all zero bytes: the test QEMU's `buffer_is_zero` makes before sending a
+/// ZERO record. The first word is checked alone (most non-zero pages fail there), then
+/// 512-byte stretches are OR-folded eight bytes at a time, a loop the compiler turns into
+/// vector code, with one branch per stretch. Measured with the baseline x86-64 target on the
+/// project's shared 2-core machine: 30-48 GiB/s on cache-resident zero pages (2-3x a loop
+/// that branches every 256 bytes), and memory-bound (5-6 GiB/s there) on cold ones.
+pub fn is_zero_page(buf: &[u8]) -> bool {
+    const STRETCH: usize = 512;
+    let word = |w: &[u8]| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+    if buf.len() >= 8 && word(buf) != 0 {
+        return false;
+    }
+    let mut chunks = buf.chunks_exact(STRETCH);
+    for chunk in &mut chunks {
+        if chunk.chunks_exact(8).fold(0u64, |acc, w| acc | word(w)) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// What a saver wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RamSaveStats {
+    /// PAGE records (4096 raw bytes each).
+    pub normal_pages: u64,
+    /// ZERO records.
+    pub zero_pages: u64,
+}
+
+/// The sending side of the `ram` section.
+pub struct RamSaver {
+    blocks: Vec<RamBlockInfo>,
+    last_block: Option<usize>,
+    zero_page_detection: bool,
+    page: Vec<u8>,
+    stats: RamSaveStats,
+}
+
+impl RamSaver {
+    /// Checks the block list: idstrs of 1 to 255 bytes, each once, page-aligned lengths.
+    pub fn new(blocks: Vec<RamBlockInfo>) -> Result<Self, MigrationError> {
+        let mut seen = std::collections::HashSet::new();
+        for b in &blocks {
+            if b.idstr.len() > 255 {
+                return Err(MigrationError::StringTooLong {
+                    name: b.idstr.clone(),
+                    len: b.idstr.len(),
+                });
+            }
+            if b.idstr.is_empty()
+                || !seen.insert(b.idstr.as_str())
+                || !b.used_length.is_multiple_of(PAGE)
+            {
+                return Err(MigrationError::Usage(format!(
+                    "RAM block \"{}\" cannot be migrated: idstrs must be unique and non-empty \
+                     and used_length (0x{:x}) a multiple of 0x{:x}",
+                    b.idstr, b.used_length, PAGE
+                )));
+            }
+        }
+        Ok(RamSaver {
+            blocks,
+            last_block: None,
+            zero_page_detection: true,
+            page: vec![0; TARGET_PAGE_SIZE],
+            stats: RamSaveStats::default(),
+        })
+    }
+
+    /// With `false`, every page goes out as PAGE (QEMU 10's `zero-page-detection=none`).
+    pub fn set_zero_page_detection(&mut self, on: bool) {
+        self.zero_page_detection = on;
+    }
+
+    pub fn blocks(&self) -> &[RamBlockInfo] {
+        &self.blocks
+    }
+
+    pub fn stats(&self) -> RamSaveStats {
+        self.stats
+    }
+
+    /// The sum of the blocks' used_length: the MEM_SIZE record's value.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.used_length).sum()
+    }
+
+    /// The SECTION_START payload: MEM_SIZE, the block list, EOS. Forgets the last block, so the
+    /// first page record names its block.
+    pub fn write_setup<W: Write + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+    ) -> Result<(), MigrationError> {
+        self.last_block = None;
+        w.put_be64(self.total_bytes() | RamFlag::MEM_SIZE)?;
+        for b in &self.blocks {
+            w.put_counted_string(&b.idstr)?;
+            w.put_be64(b.used_length)?;
+        }
+        w.put_be64(RamFlag::EOS)
+    }
+
+    /// The SECTION_START payload of a mapped-ram file (QEMU 10's `file:` with capability
+    /// `mapped-ram`): per block, after its length, a [`MappedRamHeader`]; then the block's
+    /// non-zero pages at `pages_offset + n * 4096` (zero pages stay holes), its bitmap at
+    /// `bitmap_offset`, and the stream continues at `pages_offset + used_length`. Each page is
+    /// read once, so this is for a stopped guest (QEMU's docs: mapped-ram is "best done
+    /// non-live"). The writer must be at the file position `w.position()` says.
+    pub fn write_setup_mapped_ram<W: Write + std::io::Seek>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+    ) -> Result<(), MigrationError> {
+        use std::io::SeekFrom;
+        self.last_block = None;
+        w.put_be64(self.total_bytes() | RamFlag::MEM_SIZE)?;
+        for b in 0..self.blocks.len() {
+            let (idstr, used) = (self.blocks[b].idstr.clone(), self.blocks[b].used_length);
+            w.put_counted_string(&idstr)?;
+            w.put_be64(used)?;
+            let num_pages = used / PAGE;
+            let bitmap_offset = w.position() + MappedRam::HEADER_SIZE;
+            let bitmap_len = num_pages.div_ceil(64) * 8;
+            let pages_offset =
+                align_up(bitmap_offset + bitmap_len, MappedRam::FILE_OFFSET_ALIGNMENT);
+            MappedRamHeader {
+                version: MappedRam::HEADER_VERSION,
+                page_size: PAGE,
+                bitmap_offset,
+                pages_offset,
+            }
+            .write(w)?;
+            let mut bitmap = vec![0u8; bitmap_len as usize];
+            for n in 0..num_pages {
+                source.read_page(b, n * PAGE, &mut self.page)?;
+                if self.zero_page_detection && is_zero_page(&self.page) {
+                    self.stats.zero_pages += 1;
+                    continue;
+                }
+                bitmap[(n / 8) as usize] |= 1 << (n % 8);
+                w.get_mut().seek(SeekFrom::Start(pages_offset + n * PAGE))?;
+                w.set_position(pages_offset + n * PAGE);
+                w.put_buffer(&self.page)?;
+                self.stats.normal_pages += 1;
+            }
+            w.get_mut().seek(SeekFrom::Start(bitmap_offset))?;
+            w.set_position(bitmap_offset);
+            w.put_buffer(&bitmap)?;
+            w.get_mut().seek(SeekFrom::Start(pages_offset + used))?;
+            w.set_position(pages_offset + used);
+        }
+        w.put_be64(RamFlag::EOS)
+    }
+
+    /// One round's payload: a record for each page, then EOS. Returns what this round wrote.
+    pub fn write_round<W: Write + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+        pages: impl IntoIterator<Item = PageRef>,
+    ) -> Result<RamSaveStats, MigrationError> {
+        let before = self.stats;
+        for p in pages {
+            self.write_page(w, source, p)?;
+        }
+        w.put_be64(RamFlag::EOS)?;
+        Ok(RamSaveStats {
+            normal_pages: self.stats.normal_pages - before.normal_pages,
+            zero_pages: self.stats.zero_pages - before.zero_pages,
+        })
+    }
+
+    fn write_page<W: Write + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+        p: PageRef,
+    ) -> Result<(), MigrationError> {
+        let Some(block) = self.blocks.get(p.block) else {
+            return Err(MigrationError::Usage(format!(
+                "page of RAM block index {} requested; the source lists {} blocks",
+                p.block,
+                self.blocks.len()
+            )));
+        };
+        if !p.offset.is_multiple_of(PAGE) || p.offset >= block.used_length {
+            return Err(MigrationError::IllegalRamOffset { offset: p.offset });
+        }
+        source.read_page(p.block, p.offset, &mut self.page)?;
+        let zero = self.zero_page_detection && is_zero_page(&self.page);
+        let mut header = p.offset | if zero { RamFlag::ZERO } else { RamFlag::PAGE };
+        let same = self.last_block == Some(p.block);
+        if same {
+            header |= RamFlag::CONTINUE;
+        }
+        w.put_be64(header)?;
+        if !same {
+            w.put_counted_string(&block.idstr)?;
+            self.last_block = Some(p.block);
+        }
+        if zero {
+            w.put_u8(0)?;
+            self.stats.zero_pages += 1;
+        } else {
+            w.put_buffer(&self.page)?;
+            self.stats.normal_pages += 1;
+        }
+        Ok(())
+    }
+}
+
+/// What a load target knows of one of its RAMBlocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalRamBlock {
+    /// The target's name for the block, passed back in every later call.
+    pub handle: usize,
+    pub used_length: u64,
+    pub max_length: u64,
+    /// QEMU's RAM_RESIZEABLE: the loader may change used_length up to max_length.
+    pub resizeable: bool,
+    /// Registered for migration (QEMU's RAM_MIGRATABLE, set by `vmstate_register_ram`).
+    pub migratable: bool,
+}
+
+/// Where a loader's RAM goes.
+///
+/// The loader never asks for a slice either: it hands over each page's bytes and lets the
+/// target copy them in, and it asks for zero pages to be zeroed rather than writing zeros, so
+/// the target can skip pages that are already zero (QEMU's `ram_handle_zero` does), keeping
+/// never-touched memory unallocated.
+pub trait RamLoadTarget {
+    /// The block called `idstr` (an exact match), whether migratable or not.
+    fn find_block(&mut self, idstr: &str) -> Option<LocalRamBlock>;
+    /// Sets a resizeable block's used_length (already aligned, at most max_length), running
+    /// whatever the block's owner does on a resize.
+    fn resize_block(&mut self, handle: usize, new_used_length: u64) -> Result<(), Error>;
+    /// Copies one `TARGET_PAGE_SIZE` page into the block at `offset` (< used_length).
+    fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// Makes one page zero; the target may skip a page that is zero already.
+    fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error>;
+    /// The host page size lengths are aligned to (QEMU's `qemu_real_host_page_size`).
+    fn host_page_size(&self) -> u64 {
+        host_page_size()
+    }
+}
+
+/// This host's page size.
+pub fn host_page_size() -> u64 {
+    // SAFETY: sysconf takes a constant and reads no memory of ours; it has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        PAGE
+    }
+}
+
+/// What a loader applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RamLoadStats {
+    /// Pages whose bytes were written (PAGE records, or set bits of a mapped-ram bitmap).
+    pub normal_pages: u64,
+    /// Pages made zero (ZERO records, or clear bits of a mapped-ram bitmap).
+    pub zero_pages: u64,
+    /// The blocks the setup listed, with the stream's (unaligned) lengths, in stream order.
+    pub blocks: Vec<RamBlockInfo>,
+    /// Blocks whose used_length the loader changed, with the new length.
+    pub resized: Vec<RamBlockInfo>,
+    /// `ram` sections read (START, PART and END).
+    pub sections: u64,
+}
+
+struct KnownBlock {
+    idstr: String,
+    local: LocalRamBlock,
+}
+
+/// The receiving side of the `ram` section.
+pub struct RamLoader {
+    mapped_ram: bool,
+    known: Vec<KnownBlock>,
+    by_name: HashMap<String, usize>,
+    last_block: Option<usize>,
+    page: Vec<u8>,
+    stats: RamLoadStats,
+}
+
+impl RamLoader {
+    /// `mapped_ram`: the stream's setup carries mapped-ram headers and no page records follow.
+    pub fn new(mapped_ram: bool) -> Self {
+        RamLoader {
+            mapped_ram,
+            known: Vec::new(),
+            by_name: HashMap::new(),
+            last_block: None,
+            page: vec![0; TARGET_PAGE_SIZE],
+            stats: RamLoadStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &RamLoadStats {
+        &self.stats
+    }
+
+    pub fn into_stats(self) -> RamLoadStats {
+        self.stats
+    }
+
+    /// Reads one `ram` section's payload, up to and including its EOS.
+    pub fn load_section(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+        version_id: u32,
+    ) -> Result<(), MigrationError> {
+        if version_id != 4 {
+            return Err(MigrationError::RamVersion {
+                version: version_id,
+            });
+        }
+        self.stats.sections += 1;
+        let invalid = if self.mapped_ram {
+            RamFlag::HOOK | RamFlag::MULTIFD_FLUSH | RamFlag::PAGE | RamFlag::XBZRLE | RamFlag::ZERO
+        } else {
+            0
+        };
+        loop {
+            let v = r.get_be64("a RAM record header")?;
+            let flags = v & RAM_FLAGS_MASK;
+            let addr = v & !RAM_FLAGS_MASK;
+            if flags & invalid != 0 {
+                return Err(MigrationError::UnexpectedRamFlags {
+                    flags: flags & invalid,
+                });
+            }
+            let mut block = None;
+            if flags & (RamFlag::ZERO | RamFlag::PAGE | RamFlag::XBZRLE) != 0 {
+                let b = self.block_from_stream(target, r, flags, addr)?;
+                if addr >= self.known[b].local.used_length {
+                    return Err(MigrationError::IllegalRamOffset { offset: addr });
+                }
+                block = Some(b);
+            }
+            match (flags & !RamFlag::CONTINUE, block) {
+                (RamFlag::MEM_SIZE, _) => self.parse_blocks(target, r, addr)?,
+                (RamFlag::ZERO, Some(b)) => {
+                    let fill = r.get_u8("a zero page's fill byte")?;
+                    if fill != 0 {
+                        return Err(MigrationError::NonZeroFill { value: fill });
+                    }
+                    target.zero_page(self.known[b].local.handle, addr)?;
+                    self.stats.zero_pages += 1;
+                }
+                (RamFlag::PAGE, Some(b)) => {
+                    r.read_exact(&mut self.page, "a RAM page")?;
+                    target.write_page(self.known[b].local.handle, addr, &self.page)?;
+                    self.stats.normal_pages += 1;
+                }
+                (RamFlag::EOS, _) => return Ok(()),
+                _ => return Err(MigrationError::UnknownRamFlags { flags }),
+            }
+        }
+    }
+
+    /// The block a ZERO/PAGE record is for: the previous one (CONTINUE) or the named one.
+    fn block_from_stream(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+        flags: u64,
+        offset: u64,
+    ) -> Result<usize, MigrationError> {
+        if flags & RamFlag::CONTINUE != 0 {
+            return self
+                .last_block
+                .ok_or(MigrationError::ContinueWithoutBlock { offset });
+        }
+        let idstr = r.get_counted_string("a RAMBlock idstr")?;
+        let b = match self.lookup(target, &idstr) {
+            Some(b) => b,
+            None => return Err(MigrationError::UnknownPageBlock { idstr, offset }),
+        };
+        if !self.known[b].local.migratable {
+            return Err(MigrationError::PageBlockNotMigratable { idstr, offset });
+        }
+        self.last_block = Some(b);
+        Ok(b)
+    }
+
+    fn lookup(&mut self, target: &mut dyn RamLoadTarget, idstr: &str) -> Option<usize> {
+        if let Some(&b) = self.by_name.get(idstr) {
+            return Some(b);
+        }
+        let local = target.find_block(idstr)?;
+        self.known.push(KnownBlock {
+            idstr: idstr.to_string(),
+            local,
+        });
+        self.by_name.insert(idstr.to_string(), self.known.len() - 1);
+        Some(self.known.len() - 1)
+    }
+
+    /// The block list after MEM_SIZE: it ends when the lengths add up to `total`.
+    fn parse_blocks(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+        total: u64,
+    ) -> Result<(), MigrationError> {
+        let mut remaining = total;
+        while remaining != 0 {
+            let idstr = r.get_counted_string("a RAMBlock idstr")?;
+            let length = r.get_be64("a RAMBlock length")?;
+            let Some(b) = self.lookup(target, &idstr) else {
+                return Err(MigrationError::UnknownRamBlock { idstr });
+            };
+            self.check_length(target, b, length)?;
+            if self.mapped_ram {
+                self.load_mapped_ram_block(target, r, b, length)?;
+            }
+            self.stats.blocks.push(RamBlockInfo::new(&idstr, length));
+            remaining = remaining
+                .checked_sub(length)
+                .ok_or(MigrationError::RamTotalMismatch { total, idstr })?;
+        }
+        Ok(())
+    }
+
+    /// QEMU's `parse_ramblock` + `qemu_ram_resize`: migratable, and the aligned length equal to
+    /// used_length or, for a resizeable block, at most max_length (then the block is resized).
+    fn check_length(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        b: usize,
+        length: u64,
+    ) -> Result<(), MigrationError> {
+        let kb = &self.known[b];
+        if !kb.local.migratable {
+            return Err(MigrationError::RamBlockNotMigratable {
+                idstr: kb.idstr.clone(),
+            });
+        }
+        if length == kb.local.used_length {
+            return Ok(());
+        }
+        let host = target.host_page_size().max(1);
+        let aligned = align_up(align_up(length, PAGE), host);
+        if aligned == kb.local.used_length {
+            return Ok(());
+        }
+        if !kb.local.resizeable {
+            return Err(MigrationError::RamSizeMismatch {
+                idstr: kb.idstr.clone(),
+                stream: aligned,
+                local: kb.local.used_length,
+            });
+        }
+        if aligned > kb.local.max_length {
+            return Err(MigrationError::RamSizeTooLarge {
+                idstr: kb.idstr.clone(),
+                stream: aligned,
+                max: kb.local.max_length,
+            });
+        }
+        target.resize_block(kb.local.handle, aligned)?;
+        let kb = &mut self.known[b];
+        kb.local.used_length = aligned;
+        self.stats
+            .resized
+            .push(RamBlockInfo::new(&kb.idstr, aligned));
+        Ok(())
+    }
+
+    /// A mapped-ram block: its header follows the length in the stream; its bitmap and pages
+    /// sit at the file offsets the header gives; the stream continues after its pages.
+    fn load_mapped_ram_block(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+        b: usize,
+        length: u64,
+    ) -> Result<(), MigrationError> {
+        let header = MappedRamHeader::read(r)?;
+        let idstr = self.known[b].idstr.clone();
+        let handle = self.known[b].local.handle;
+        if header.version > MappedRam::HEADER_VERSION {
+            return Err(MigrationError::MappedRamVersion {
+                version: header.version,
+            });
+        }
+        if header.bitmap_offset == 0 && header.pages_offset == 0 {
+            // A block the source skipped (x-ignore-shared; QEMU 11 writes 0/0 for those).
+            return Ok(());
+        }
+        if !header.pages_offset.is_multiple_of(PAGE) {
+            return Err(MigrationError::MappedRamAlignment { idstr });
+        }
+        if header.page_size != PAGE {
+            return Err(MigrationError::MappedRamPageSize {
+                idstr,
+                page_size: header.page_size,
+            });
+        }
+        let num_pages = length / PAGE;
+        let bitmap_len = num_pages.div_ceil(64) * 8;
+        let mut bitmap = vec![0u8; bitmap_len as usize];
+        seek(r, header.bitmap_offset)?;
+        r.read_exact(&mut bitmap, "a mapped-ram bitmap")?;
+        let bit = |n: u64| bitmap[(n / 8) as usize] >> (n % 8) & 1 != 0;
+        let mut n = 0;
+        while n < num_pages {
+            if !bit(n) {
+                target.zero_page(handle, n * PAGE)?;
+                self.stats.zero_pages += 1;
+                n += 1;
+                continue;
+            }
+            let run_start = n;
+            while n < num_pages && bit(n) {
+                n += 1;
+            }
+            seek(r, header.pages_offset + run_start * PAGE)?;
+            for p in run_start..n {
+                r.read_exact(&mut self.page, "a mapped-ram page")?;
+                target.write_page(handle, p * PAGE, &self.page)?;
+                self.stats.normal_pages += 1;
+            }
+        }
+        seek(r, header.pages_offset + length)
+    }
+}
+
+fn seek(r: &mut QemuReader<dyn StreamRead + '_>, offset: u64) -> Result<(), MigrationError> {
+    r.get_mut().seek_to(offset)?;
+    r.set_position(offset);
+    Ok(())
+}
+
+/// `n` rounded up to a multiple of `to` (a power of two or any positive number).
+pub fn align_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// The per-block header of a mapped-ram setup record (28 bytes, big-endian, packed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedRamHeader {
+    pub version: u32,
+    pub page_size: u64,
+    /// File offset of the block's page bitmap (host-endian `unsigned long`s, bit n = page n).
+    pub bitmap_offset: u64,
+    /// File offset of page 0; page n is at `pages_offset + n * page_size`.
+    pub pages_offset: u64,
+}
+
+impl MappedRamHeader {
+    pub fn read(r: &mut QemuReader<dyn StreamRead + '_>) -> Result<Self, MigrationError> {
+        Ok(MappedRamHeader {
+            version: r.get_be32("a mapped-ram header")?,
+            page_size: r.get_be64("a mapped-ram header")?,
+            bitmap_offset: r.get_be64("a mapped-ram header")?,
+            pages_offset: r.get_be64("a mapped-ram header")?,
+        })
+    }
+
+    pub fn write<W: Write + ?Sized>(&self, w: &mut QemuWriter<W>) -> Result<(), MigrationError> {
+        w.put_be32(self.version)?;
+        w.put_be64(self.page_size)?;
+        w.put_be64(self.bitmap_offset)?;
+        w.put_be64(self.pages_offset)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::migration::section::Sequential;
+    use std::cell::RefCell;
+    use std::io::Cursor;
+
+    /// RAM in plain vectors, for both sides of the tests.
+    #[derive(Clone, Debug, Default)]
+    pub(crate) struct VecRam {
+        pub blocks: Vec<(String, Vec<u8>)>,
+        pub max_length: Vec<u64>,
+        pub resizeable: Vec<bool>,
+        pub migratable: Vec<bool>,
+        pub zeroed: RefCell<u64>,
+        pub resizes: Vec<(usize, u64)>,
+    }
+
+    impl VecRam {
+        pub fn new(blocks: &[(&str, u64)]) -> Self {
+            let n = blocks.len();
+            VecRam {
+                blocks: blocks
+                    .iter()
+                    .map(|(n, l)| (n.to_string(), vec![0u8; *l as usize]))
+                    .collect(),
+                max_length: blocks.iter().map(|(_, l)| *l).collect(),
+                resizeable: vec![false; n],
+                migratable: vec![true; n],
+                ..Default::default()
+            }
+        }
+
+        pub fn fill(&mut self, block: usize, offset: u64, byte: u8) {
+            let o = offset as usize;
+            self.blocks[block].1[o..o + TARGET_PAGE_SIZE].fill(byte);
+        }
+
+        pub fn page(&self, block: usize, offset: u64) -> &[u8] {
+            let o = offset as usize;
+            &self.blocks[block].1[o..o + TARGET_PAGE_SIZE]
+        }
+    }
+
+    impl RamSource for VecRam {
+        fn blocks(&self) -> Vec<RamBlockInfo> {
+            self.blocks
+                .iter()
+                .map(|(n, d)| RamBlockInfo::new(n, d.len() as u64))
+                .collect()
+        }
+        fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+            buf.copy_from_slice(self.page(block, offset));
+            Ok(())
+        }
+    }
+
+    impl RamLoadTarget for VecRam {
+        fn find_block(&mut self, idstr: &str) -> Option<LocalRamBlock> {
+            let i = self.blocks.iter().position(|(n, _)| n == idstr)?;
+            Some(LocalRamBlock {
+                handle: i,
+                used_length: self.blocks[i].1.len() as u64,
+                max_length: self.max_length[i],
+                resizeable: self.resizeable[i],
+                migratable: self.migratable[i],
+            })
+        }
+        fn resize_block(&mut self, handle: usize, len: u64) -> Result<(), Error> {
+            self.blocks[handle].1.resize(len as usize, 0);
+            self.resizes.push((handle, len));
+            Ok(())
+        }
+        fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
+            let o = offset as usize;
+            self.blocks[handle].1[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error> {
+            *self.zeroed.borrow_mut() += 1;
+            let o = offset as usize;
+            self.blocks[handle].1[o..o + TARGET_PAGE_SIZE].fill(0);
+            Ok(())
+        }
+        fn host_page_size(&self) -> u64 {
+            4096
+        }
+    }
+
+    const M: u64 = 1 << 20;
+
+    fn setup_bytes(blocks: &[(&str, u64)]) -> Vec<u8> {
+        let infos = blocks
+            .iter()
+            .map(|(n, l)| RamBlockInfo::new(n, *l))
+            .collect();
+        let mut s = RamSaver::new(infos).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_setup(&mut w).unwrap();
+        w.into_inner()
+    }
+
+    fn load(target: &mut VecRam, sections: &[Vec<u8>]) -> Result<RamLoadStats, MigrationError> {
+        let mut l = RamLoader::new(false);
+        for s in sections {
+            let mut r = QemuReader::new(Sequential(Cursor::new(s.clone())));
+            l.load_section(target, &mut r, 4)?;
+            assert_eq!(r.position(), s.len() as u64, "section read to its end");
+        }
+        Ok(l.into_stats())
+    }
+
+    /// Builds a page-records payload by hand: (header, idstr, body).
+    fn records(recs: &[(u64, Option<&str>, Vec<u8>)]) -> Vec<u8> {
+        let mut w = QemuWriter::new(Vec::new());
+        for (h, id, body) in recs {
+            w.put_be64(*h).unwrap();
+            if let Some(id) = id {
+                w.put_counted_string(id).unwrap();
+            }
+            w.put_buffer(body).unwrap();
+        }
+        w.put_be64(RamFlag::EOS).unwrap();
+        w.into_inner()
+    }
+
+    #[test]
+    fn setup_payload_is_total_then_blocks_then_eos() {
+        let b = setup_bytes(&[("pc.ram", 2 * M), ("pc.bios", 256 << 10)]);
+        let mut want = Vec::new();
+        want.extend(((2 * M + (256 << 10)) | RamFlag::MEM_SIZE).to_be_bytes());
+        want.extend(b"\x06pc.ram");
+        want.extend((2 * M).to_be_bytes());
+        want.extend(b"\x07pc.bios");
+        want.extend((256u64 << 10).to_be_bytes());
+        want.extend(RamFlag::EOS.to_be_bytes());
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn saver_refuses_duplicate_empty_or_unaligned_blocks() {
+        for blocks in [
+            vec![RamBlockInfo::new("a", 4096), RamBlockInfo::new("a", 4096)],
+            vec![RamBlockInfo::new("", 4096)],
+            vec![RamBlockInfo::new("a", 4097)],
+        ] {
+            assert!(RamSaver::new(blocks).is_err());
+        }
+        assert!(matches!(
+            RamSaver::new(vec![RamBlockInfo::new(&"x".repeat(256), 4096)]),
+            Err(MigrationError::StringTooLong { len: 256, .. })
+        ));
+    }
+
+    #[test]
+    fn zero_and_normal_pages_with_continue_after_the_first_record() {
+        let mut src = VecRam::new(&[("ram", 4 * PAGE), ("vga", 2 * PAGE)]);
+        src.fill(0, PAGE, 0xab);
+        src.blocks[1].1[PAGE as usize] = 1; // one byte in page 1 of vga
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        let pages = vec![
+            PageRef {
+                block: 0,
+                offset: 0,
+            },
+            PageRef {
+                block: 0,
+                offset: PAGE,
+            },
+            PageRef {
+                block: 1,
+                offset: PAGE,
+            },
+            PageRef {
+                block: 1,
+                offset: 0,
+            },
+        ];
+        let st = s.write_round(&mut w, &src, pages).unwrap();
+        assert_eq!(
+            st,
+            RamSaveStats {
+                normal_pages: 2,
+                zero_pages: 2
+            }
+        );
+        let b = w.into_inner();
+        let mut want = Vec::new();
+        want.extend(RamFlag::ZERO.to_be_bytes());
+        want.extend(b"\x03ram\x00");
+        want.extend((PAGE | RamFlag::PAGE | RamFlag::CONTINUE).to_be_bytes());
+        want.extend(vec![0xab; TARGET_PAGE_SIZE]);
+        want.extend((PAGE | RamFlag::PAGE).to_be_bytes());
+        want.extend(b"\x03vga");
+        want.extend(src.page(1, PAGE));
+        want.extend((RamFlag::ZERO | RamFlag::CONTINUE).to_be_bytes());
+        want.push(0);
+        want.extend(RamFlag::EOS.to_be_bytes());
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn continue_carries_across_rounds_and_setup_resets_it() {
+        let src = VecRam::new(&[("ram", 2 * PAGE)]);
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_round(
+            &mut w,
+            &src,
+            [PageRef {
+                block: 0,
+                offset: 0,
+            }],
+        )
+        .unwrap();
+        let first = w.position();
+        s.write_round(
+            &mut w,
+            &src,
+            [PageRef {
+                block: 0,
+                offset: PAGE,
+            }],
+        )
+        .unwrap();
+        let b = w.into_inner();
+        let second = u64::from_be_bytes(b[first as usize..first as usize + 8].try_into().unwrap());
+        assert_eq!(second, PAGE | RamFlag::ZERO | RamFlag::CONTINUE);
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_setup(&mut w).unwrap();
+        let setup_len = w.position() as usize;
+        s.write_round(
+            &mut w,
+            &src,
+            [PageRef {
+                block: 0,
+                offset: 0,
+            }],
+        )
+        .unwrap();
+        let b = w.into_inner();
+        assert_eq!(&b[setup_len..setup_len + 12], b"\0\0\0\0\0\0\0\x02\x03ram");
+    }
+
+    #[test]
+    fn zero_page_detection_off_sends_every_page_in_full() {
+        let src = VecRam::new(&[("ram", PAGE)]);
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        s.set_zero_page_detection(false);
+        let mut w = QemuWriter::new(Vec::new());
+        let st = s
+            .write_round(&mut w, &src, all_pages(&src.blocks()))
+            .unwrap();
+        assert_eq!(st.normal_pages, 1);
+        assert_eq!(w.position(), 8 + 4 + 4096 + 8);
+    }
+
+    #[test]
+    fn uniform_nonzero_page_is_a_full_page() {
+        let mut src = VecRam::new(&[("ram", PAGE)]);
+        src.fill(0, 0, 0x5a);
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        let st = s
+            .write_round(&mut w, &src, all_pages(&src.blocks()))
+            .unwrap();
+        assert_eq!(
+            st,
+            RamSaveStats {
+                normal_pages: 1,
+                zero_pages: 0
+            }
+        );
+    }
+
+    #[test]
+    fn saver_refuses_pages_outside_the_list() {
+        let src = VecRam::new(&[("ram", PAGE)]);
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        for p in [
+            PageRef {
+                block: 0,
+                offset: PAGE,
+            },
+            PageRef {
+                block: 0,
+                offset: 1,
+            },
+            PageRef {
+                block: 1,
+                offset: 0,
+            },
+        ] {
+            assert!(s.write_round(&mut w, &src, [p]).is_err(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn all_pages_is_block_order_then_offset_order() {
+        let blocks = [
+            RamBlockInfo::new("a", 2 * PAGE),
+            RamBlockInfo::new("b", PAGE),
+        ];
+        let v: Vec<_> = all_pages(&blocks).map(|p| (p.block, p.offset)).collect();
+        assert_eq!(v, [(0, 0), (0, PAGE), (1, 0)]);
+    }
+
+    #[test]
+    fn is_zero_page_finds_a_single_bit_anywhere() {
+        let mut page = vec![0u8; TARGET_PAGE_SIZE];
+        assert!(is_zero_page(&page));
+        for i in [0, 7, 8, 255, 256, 2049, 4095] {
+            page[i] = 0x10;
+            assert!(!is_zero_page(&page), "byte {i}");
+            page[i] = 0;
+        }
+        assert!(is_zero_page(&[0u8; 13]));
+        assert!(!is_zero_page(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn round_trip_restores_every_byte() {
+        let mut src = VecRam::new(&[("pc.ram", 8 * PAGE), ("vga", 2 * PAGE)]);
+        src.fill(0, 3 * PAGE, 0x11);
+        src.blocks[1].1[100] = 0x77;
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_setup(&mut w).unwrap();
+        let setup = w.into_inner();
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_round(&mut w, &src, all_pages(&src.blocks()))
+            .unwrap();
+        let round = w.into_inner();
+        let mut dst = VecRam::new(&[("pc.ram", 8 * PAGE), ("vga", 2 * PAGE)]);
+        dst.fill(0, 0, 0xee); // stale data must be zeroed
+        let st = load(&mut dst, &[setup, round]).unwrap();
+        assert_eq!(dst.blocks, src.blocks);
+        assert_eq!(st.normal_pages, 2);
+        assert_eq!(st.zero_pages, 8);
+        assert_eq!(st.sections, 2);
+        assert_eq!(
+            st.blocks,
+            [
+                RamBlockInfo::new("pc.ram", 8 * PAGE),
+                RamBlockInfo::new("vga", 2 * PAGE)
+            ]
+        );
+    }
+
+    #[test]
+    fn loader_accepts_continue_at_the_start_of_a_later_section() {
+        let mut dst = VecRam::new(&[("ram", 2 * PAGE)]);
+        let a = records(&[(RamFlag::ZERO, Some("ram"), vec![0])]);
+        let b = records(&[(
+            PAGE | RamFlag::PAGE | RamFlag::CONTINUE,
+            None,
+            vec![3; 4096],
+        )]);
+        load(&mut dst, &[a, b]).unwrap();
+        assert_eq!(dst.page(0, PAGE), &[3; 4096][..]);
+    }
+
+    fn load_err(target: &mut VecRam, sections: &[Vec<u8>]) -> MigrationError {
+        load(target, sections).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_block_in_setup_is_refused_with_qemus_message() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let e = load_err(&mut dst, &[setup_bytes(&[("zz", M)])]);
+        assert_eq!(
+            e.to_string(),
+            "Unknown ramblock \"zz\", cannot accept migration"
+        );
+    }
+
+    #[test]
+    fn non_migratable_block_in_setup_is_refused() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        dst.migratable[0] = false;
+        let e = load_err(&mut dst, &[setup_bytes(&[("ram", M)])]);
+        assert_eq!(e.to_string(), "block ram should not be migrated !");
+    }
+
+    #[test]
+    fn size_mismatch_on_a_fixed_block() {
+        let mut dst = VecRam::new(&[("m", 4 * M)]);
+        let e = load_err(&mut dst, &[setup_bytes(&[("m", 2 * M)])]);
+        assert_eq!(
+            e.to_string(),
+            "Size mismatch: m: 0x200000 != 0x400000: Invalid argument"
+        );
+    }
+
+    #[test]
+    fn stream_length_is_aligned_to_target_then_host_page_before_comparing() {
+        // 0x3001 rounds up to 0x4000 and 0xfff to 0x1000, the local used_lengths: accepted,
+        // no resize. (The total, 0x4000, sits above the flag bits.)
+        let mut dst = VecRam::new(&[("ram", 4 * PAGE), ("b", PAGE)]);
+        let mut w = QemuWriter::new(Vec::new());
+        w.put_be64(0x4000 | RamFlag::MEM_SIZE).unwrap();
+        w.put_counted_string("ram").unwrap();
+        w.put_be64(0x3001).unwrap();
+        w.put_counted_string("b").unwrap();
+        w.put_be64(0xfff).unwrap();
+        w.put_be64(RamFlag::EOS).unwrap();
+        let st = load(&mut dst, &[w.into_inner()]).unwrap();
+        assert!(dst.resizes.is_empty());
+        assert_eq!(
+            st.blocks,
+            [
+                RamBlockInfo::new("ram", 0x3001),
+                RamBlockInfo::new("b", 0xfff)
+            ]
+        );
+        // A 64 KiB host page: 0x11000 aligns to 0x20000, reported as such.
+        struct BigHost(VecRam);
+        impl RamLoadTarget for BigHost {
+            fn find_block(&mut self, i: &str) -> Option<LocalRamBlock> {
+                self.0.find_block(i)
+            }
+            fn resize_block(&mut self, h: usize, l: u64) -> Result<(), Error> {
+                self.0.resize_block(h, l)
+            }
+            fn write_page(&mut self, h: usize, o: u64, d: &[u8]) -> Result<(), Error> {
+                self.0.write_page(h, o, d)
+            }
+            fn zero_page(&mut self, h: usize, o: u64) -> Result<(), Error> {
+                self.0.zero_page(h, o)
+            }
+            fn host_page_size(&self) -> u64 {
+                0x10000
+            }
+        }
+        let mut t = BigHost(VecRam::new(&[("ram", 0x10000)]));
+        let setup = setup_bytes(&[("ram", 0x11000)]);
+        let mut l = RamLoader::new(false);
+        let mut r = QemuReader::new(Sequential(Cursor::new(setup)));
+        let e = l.load_section(&mut t, &mut r, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Size mismatch: ram: 0x20000 != 0x10000: Invalid argument"
+        );
+    }
+
+    #[test]
+    fn resizeable_block_is_resized_when_the_stream_fits_max_length() {
+        let mut dst = VecRam::new(&[("/rom@etc/acpi/tables", 0x20000)]);
+        dst.resizeable[0] = true;
+        dst.max_length[0] = 2 * M;
+        let st = load(
+            &mut dst,
+            &[setup_bytes(&[("/rom@etc/acpi/tables", 0x10000)])],
+        )
+        .unwrap();
+        assert_eq!(dst.resizes, [(0, 0x10000)]);
+        assert_eq!(dst.blocks[0].1.len(), 0x10000);
+        assert_eq!(
+            st.resized,
+            [RamBlockInfo::new("/rom@etc/acpi/tables", 0x10000)]
+        );
+    }
+
+    #[test]
+    fn resized_block_bounds_later_page_offsets() {
+        let mut dst = VecRam::new(&[("r", 4 * PAGE)]);
+        dst.resizeable[0] = true;
+        dst.max_length[0] = 4 * PAGE;
+        let setup = setup_bytes(&[("r", PAGE)]);
+        let page = records(&[(PAGE | RamFlag::ZERO, Some("r"), vec![0])]);
+        let e = load_err(&mut dst, &[setup, page]);
+        assert_eq!(e.to_string(), "Illegal RAM offset 1000");
+    }
+
+    #[test]
+    fn resizeable_block_larger_than_max_is_refused() {
+        let mut dst = VecRam::new(&[("/rom@etc/acpi/tables", 0x20000)]);
+        dst.resizeable[0] = true;
+        dst.max_length[0] = 2 * M;
+        let e = load_err(&mut dst, &[setup_bytes(&[("/rom@etc/acpi/tables", 4 * M)])]);
+        assert_eq!(
+            e.to_string(),
+            "Size too large: /rom@etc/acpi/tables: 0x400000 > 0x200000: Invalid argument"
+        );
+        assert!(dst.resizes.is_empty());
+    }
+
+    #[test]
+    fn block_list_longer_than_total_is_refused() {
+        let mut dst = VecRam::new(&[("a", PAGE), ("b", PAGE)]);
+        let mut w = QemuWriter::new(Vec::new());
+        w.put_be64(PAGE | RamFlag::MEM_SIZE).unwrap();
+        w.put_counted_string("a").unwrap();
+        w.put_be64(2 * PAGE).unwrap();
+        let mut dst2 = VecRam::new(&[("a", 2 * PAGE)]);
+        let e = load_err(&mut dst2, &[w.into_inner()]);
+        assert!(matches!(e, MigrationError::RamTotalMismatch { .. }), "{e}");
+        // Blocks of the target that the stream does not list are left alone.
+        dst.fill(1, 0, 9);
+        load(&mut dst, &[setup_bytes(&[("a", PAGE)])]).unwrap();
+        assert_eq!(dst.page(1, 0), &[9; 4096][..]);
+    }
+
+    #[test]
+    fn offset_past_used_length_is_illegal() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let e = load_err(
+            &mut dst,
+            &[records(&[(M | RamFlag::ZERO, Some("ram"), vec![0])])],
+        );
+        assert_eq!(e.to_string(), "Illegal RAM offset 100000");
+    }
+
+    #[test]
+    fn continue_as_first_record_is_a_bad_stream() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let r = records(&[(PAGE | RamFlag::ZERO | RamFlag::CONTINUE, None, vec![0])]);
+        let e = load_err(&mut dst, &[r]);
+        assert_eq!(e.to_string(), "Ack, bad migration stream!");
+        assert_eq!(e.qemu_lines()[1], "Illegal RAM offset 1000");
+    }
+
+    #[test]
+    fn page_record_for_an_unknown_block() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let e = load_err(&mut dst, &[records(&[(RamFlag::PAGE, Some("zz"), vec![])])]);
+        assert_eq!(
+            e.qemu_lines(),
+            ["Can't find block zz", "Illegal RAM offset 0"]
+        );
+    }
+
+    #[test]
+    fn page_record_for_a_non_migratable_block() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        dst.migratable[0] = false;
+        let e = load_err(
+            &mut dst,
+            &[records(&[(RamFlag::ZERO, Some("ram"), vec![0])])],
+        );
+        assert_eq!(e.to_string(), "block ram should not be migrated !");
+    }
+
+    #[test]
+    fn unknown_flag_combinations_are_refused() {
+        for flags in [
+            RamFlag::ZERO | RamFlag::PAGE,
+            RamFlag::FULL,
+            RamFlag::COMPRESS_PAGE,
+            RamFlag::MULTIFD_FLUSH,
+            RamFlag::HOOK,
+            0,
+        ] {
+            let mut dst = VecRam::new(&[("ram", M)]);
+            let id = (flags & RamFlag::ZERO != 0).then_some("ram");
+            let e = load_err(&mut dst, &[records(&[(flags, id, vec![])])]);
+            assert_eq!(
+                e.to_string(),
+                format!("Unknown combination of migration flags: {flags:#x}")
+            );
+        }
+    }
+
+    #[test]
+    fn zero_page_with_non_zero_fill_is_refused() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let e = load_err(
+            &mut dst,
+            &[records(&[(RamFlag::ZERO, Some("ram"), vec![0x5a])])],
+        );
+        assert_eq!(e.to_string(), "Found a zero page with value 90");
+    }
+
+    #[test]
+    fn wrong_ram_version_is_refused_silently() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let mut l = RamLoader::new(false);
+        let mut r = QemuReader::new(Sequential(Cursor::new(setup_bytes(&[("ram", M)]))));
+        let e = l.load_section(&mut dst, &mut r, 3).unwrap_err();
+        assert!(matches!(e, MigrationError::RamVersion { version: 3 }));
+        assert!(e.qemu_lines().is_empty());
+    }
+
+    #[test]
+    fn truncated_page_is_reported_as_truncation() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let mut r = records(&[(RamFlag::PAGE, Some("ram"), vec![1; 100])]);
+        r.truncate(r.len() - 8);
+        let e = load_err(&mut dst, &[r]);
+        assert!(
+            matches!(
+                e,
+                MigrationError::Truncated {
+                    what: "a RAM page",
+                    offset: 112
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_loader_refuses_page_records() {
+        let mut dst = VecRam::new(&[("ram", M)]);
+        let mut l = RamLoader::new(true);
+        let bytes = records(&[(RamFlag::ZERO, Some("ram"), vec![0])]);
+        let mut r = QemuReader::new(Sequential(Cursor::new(bytes)));
+        let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
+        assert_eq!(e.to_string(), "Unexpected RAM flags: 2");
+    }
+
+    /// A mapped-ram file laid out as QEMU 10 writes it, by hand: setup with header, bitmap
+    /// right after the header, pages at the next 1 MiB.
+    fn mapped_ram_file(pages: &[Option<u8>], version: u32) -> (Vec<u8>, u64) {
+        let used = pages.len() as u64 * PAGE;
+        let mut w = QemuWriter::new(Vec::new());
+        w.put_be64(used | RamFlag::MEM_SIZE).unwrap();
+        w.put_counted_string("ram").unwrap();
+        w.put_be64(used).unwrap();
+        let bitmap_offset = w.position() + MappedRam::HEADER_SIZE;
+        let bitmap_len = (pages.len() as u64).div_ceil(64) * 8;
+        let pages_offset = align_up(bitmap_offset + bitmap_len, M);
+        MappedRamHeader {
+            version,
+            page_size: PAGE,
+            bitmap_offset,
+            pages_offset,
+        }
+        .write(&mut w)
+        .unwrap();
+        let mut file = w.into_inner();
+        let mut bitmap = vec![0u8; bitmap_len as usize];
+        for (n, p) in pages.iter().enumerate() {
+            if p.is_some() {
+                bitmap[n / 8] |= 1 << (n % 8);
+            }
+        }
+        file.extend(&bitmap);
+        file.resize(pages_offset as usize, 0);
+        for p in pages {
+            file.extend(vec![p.unwrap_or(0xcc); TARGET_PAGE_SIZE]);
+        }
+        file.extend(RamFlag::EOS.to_be_bytes());
+        (file, pages_offset + used)
+    }
+
+    #[test]
+    fn mapped_ram_reads_set_bits_and_zeroes_holes() {
+        use crate::migration::section::Seekable;
+        let pages = [Some(1), None, Some(2), Some(3), None];
+        let (file, eos_at) = mapped_ram_file(&pages, 1);
+        let mut dst = VecRam::new(&[("ram", 5 * PAGE)]);
+        dst.fill(0, PAGE, 0xee);
+        let mut l = RamLoader::new(true);
+        let mut r = QemuReader::new(Seekable(Cursor::new(file.clone())));
+        l.load_section(&mut dst, &mut r, 4).unwrap();
+        assert_eq!(r.position(), eos_at + 8);
+        for (n, p) in pages.iter().enumerate() {
+            assert_eq!(
+                dst.page(0, n as u64 * PAGE),
+                &[p.unwrap_or(0); 4096][..],
+                "page {n}"
+            );
+        }
+        assert_eq!(l.stats().normal_pages, 3);
+        assert_eq!(l.stats().zero_pages, 2);
+        // The same bytes through a pipe cannot be loaded.
+        let mut l = RamLoader::new(true);
+        let mut r = QemuReader::new(Sequential(Cursor::new(file)));
+        let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Migration requires seekable transport (e.g. file)"
+        );
+    }
+
+    fn load_mapped(file: Vec<u8>, dst: &mut VecRam) -> Result<u64, MigrationError> {
+        use crate::migration::section::Seekable;
+        let mut l = RamLoader::new(true);
+        let mut r = QemuReader::new(Seekable(Cursor::new(file)));
+        l.load_section(dst, &mut r, 4)?;
+        Ok(r.position())
+    }
+
+    /// The header sits after MEM_SIZE (8), "\x03ram" (4) and the length (8).
+    const HDR: usize = 20;
+
+    #[test]
+    fn mapped_ram_pages_must_start_page_aligned() {
+        let (mut file, _) = mapped_ram_file(&[Some(1)], 1);
+        file[HDR + 4 + 8 + 8 + 6] = 0x08; // pages_offset += 0x800
+        let e = load_mapped(file, &mut VecRam::new(&[("ram", PAGE)])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Error reading ramblock ram pages, region has bad alignment"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_page_size_must_be_the_target_page() {
+        let (mut file, _) = mapped_ram_file(&[Some(1)], 1);
+        file[HDR + 4 + 6] = 0x20; // page_size 0x2000
+        let e = load_mapped(file, &mut VecRam::new(&[("ram", PAGE)])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MigrationError::MappedRamPageSize {
+                    page_size: 0x2000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_block_with_no_offsets_was_skipped_by_the_source() {
+        let mut w = QemuWriter::new(Vec::new());
+        w.put_be64(PAGE | RamFlag::MEM_SIZE).unwrap();
+        w.put_counted_string("ram").unwrap();
+        w.put_be64(PAGE).unwrap();
+        MappedRamHeader {
+            version: 1,
+            page_size: PAGE,
+            bitmap_offset: 0,
+            pages_offset: 0,
+        }
+        .write(&mut w)
+        .unwrap();
+        w.put_be64(RamFlag::EOS).unwrap();
+        let file = w.into_inner();
+        let mut dst = VecRam::new(&[("ram", PAGE)]);
+        dst.fill(0, 0, 4);
+        assert_eq!(
+            load_mapped(file.clone(), &mut dst).unwrap(),
+            file.len() as u64
+        );
+        assert_eq!(
+            dst.page(0, 0),
+            &[4; 4096][..],
+            "a skipped block is left alone"
+        );
+    }
+
+    #[test]
+    fn mapped_ram_header_version_2_is_refused() {
+        use crate::migration::section::Seekable;
+        let (file, _) = mapped_ram_file(&[Some(1)], 2);
+        let mut dst = VecRam::new(&[("ram", PAGE)]);
+        let mut l = RamLoader::new(true);
+        let mut r = QemuReader::new(Seekable(Cursor::new(file)));
+        let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Migration mapped-ram capability version not supported (expected <= 1, got 2)"
+        );
+    }
+}
