@@ -3,9 +3,10 @@
 //! stream, the codec's [`LoadError::qemu_lines`] are exactly what QEMU 10 prints on stderr.
 //!
 //! QEMU 10 is `qemu-system-x86_64` on PATH (or `$HOSTMEM_QEMU10`); QEMU 7.2 is unpacked under
-//! `$HOSTMEM_QEMU72_DIR` (default /work/qemu72), as /work/shared/tools/install-qemu-peers.sh
-//! installs them. Under CI=true a missing peer fails the test; elsewhere the test prints why
-//! and returns.
+//! `$HOSTMEM_PEERS_DIR/qemu72` and QEMU's analyze-migration.py is
+//! `$HOSTMEM_PEERS_DIR/analyze-migration.py` (default dir ~/.cache/hostmem-peers), as
+//! `scripts/install-qemu-peers` installs them. Under CI=true a missing peer fails the test;
+//! elsewhere the test prints why and returns.
 
 use std::io::{BufRead, BufReader, Cursor, Write};
 use std::os::unix::net::UnixStream;
@@ -41,7 +42,8 @@ fn peer_command(peer: Peer) -> Option<Vec<String>> {
                 .then(|| vec![bin])
         }
         Peer::Qemu72 => {
-            let dir = std::env::var("HOSTMEM_QEMU72_DIR").unwrap_or("/work/qemu72".into());
+            let dir = peers_dir().join("qemu72");
+            let dir = dir.display();
             let bin = format!("{dir}/usr/bin/qemu-system-x86_64");
             Path::new(&bin).exists().then(|| {
                 vec![
@@ -56,15 +58,29 @@ fn peer_command(peer: Peer) -> Option<Vec<String>> {
     }
 }
 
+fn under_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Where scripts/install-qemu-peers puts what it does not install system-wide.
+fn peers_dir() -> PathBuf {
+    match std::env::var_os("HOSTMEM_PEERS_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hostmem-peers")
+        }
+    }
+}
+
 /// The peer's command line, or `None` (after saying why) when the test should be skipped.
 fn require(peer: Peer) -> Option<Vec<String>> {
     match peer_command(peer) {
         Some(c) => Some(c),
-        None if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "{peer:?} is required under CI=true: run /work/shared/tools/install-qemu-peers.sh"
-        ),
+        None if under_ci() => {
+            panic!("{peer:?} is required under CI=true: run scripts/install-qemu-peers")
+        }
         None => {
-            eprintln!("skipped: {peer:?} not found (see /work/shared/tools/install-qemu-peers.sh)");
+            eprintln!("skipped: {peer:?} not found (run scripts/install-qemu-peers)");
             None
         }
     }
@@ -1241,14 +1257,22 @@ fn pc_block_errors_print_what_qemu10_prints() {
 // ---------------------------------------------------------------- QEMU's analyze-migration.py
 
 /// QEMU's `scripts/analyze-migration.py` (from QEMU's source, not its packages) must parse a
-/// codec stream, device sections included, and see the RAM the codec wrote. Runs when
-/// `$HOSTMEM_ANALYZE_MIGRATION` names the script.
+/// codec stream, device sections included, and see the RAM the codec wrote.
 #[test]
 fn codec_stream_parses_with_qemus_analyze_migration_script() {
-    let Ok(script) = std::env::var("HOSTMEM_ANALYZE_MIGRATION") else {
-        eprintln!("skipped: set HOSTMEM_ANALYZE_MIGRATION to QEMU's scripts/analyze-migration.py");
+    let script = peers_dir().join("analyze-migration.py");
+    if !script.exists() {
+        assert!(
+            !under_ci(),
+            "{} is required under CI=true: run scripts/install-qemu-peers",
+            script.display()
+        );
+        eprintln!(
+            "skipped: {} not found (run scripts/install-qemu-peers)",
+            script.display()
+        );
         return;
-    };
+    }
     let ram = Ram::patterned(&[("ram", 16 * PAGE)]);
     let mut timer = hostmem::migration::BufferSection::new("timer", 0, 2, vec![0xab; 24]);
     let (bytes, _) = save_stream(
