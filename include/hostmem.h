@@ -13,6 +13,16 @@
 // `HmKvmSlot.flags`: the slot is read-only for the guest (`KVM_MEM_READONLY`).
 #define HM_KVM_SLOT_READONLY 2
 
+// A section's payload in a FULL section (non-iterative sections have only this).
+#define HM_SECTION_FULL 0
+
+// An iterative section's setup, rounds and completion.
+#define HM_SECTION_START 1
+
+#define HM_SECTION_PART 2
+
+#define HM_SECTION_END 3
+
 #if defined(HOSTMEM_TEST_GUEST)
 // `HmGuestOp.kind`: write `value` at `gpa`.
 #define HM_GUEST_OP_WRITE 0
@@ -60,6 +70,9 @@ typedef enum HmErrorClass {
 
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
+
+// The stream a section callback writes or reads. Opaque; valid during the callback only.
+typedef struct HmQemuFile HmQemuFile;
 
 // A memory backend, as C sees it. Opaque.
 typedef struct HostMemoryBackend HostMemoryBackend;
@@ -151,6 +164,16 @@ typedef struct MachineClass {
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
 typedef struct Object DeviceState;
+
+// Saves one section's payload into `f`; returns 0, or a negative errno on failure.
+typedef int (*HmSectionSave)(struct HmQemuFile *f, int phase, void *opaque);
+
+// Loads one section's payload written by a saver of `version_id` (at most the registered
+// version); it must read exactly what the saver wrote. Returns 0 or a negative errno.
+typedef int (*HmSectionLoad)(struct HmQemuFile *f, int phase, uint32_t version_id, void *opaque);
+
+// Pauses or resumes a VMM's vCPUs: returns true on success, else false with `errp` set.
+typedef bool (*HmGuestHook)(void *opaque, struct Error **errp);
 
 #if defined(HOSTMEM_TEST_GUEST)
 // What `hm_kvm_guest_check` verified.
@@ -722,6 +745,81 @@ void vmstate_unregister_ram(struct MemoryRegion *mr, DeviceState *_owner);
 // # Safety
 // `errp` follows the Error convention.
 bool hm_memory_check(struct Error **errp);
+
+// `qemu_put_buffer`: `len` bytes.
+//
+// # Safety
+// `f` as for `hm_qemu_put_byte`; `buf` points to `len` readable bytes (NULL when `len` is 0).
+void hm_qemu_put_buffer(struct HmQemuFile *f, const uint8_t *buf, size_t len);
+
+// `qemu_get_buffer`: reads `len` bytes into `buf`; returns how many were read (`len`, or 0
+// once the file has an error).
+//
+// # Safety
+// `f` as for `hm_qemu_get_byte`; `buf` points to `len` writable bytes (NULL when `len` is 0).
+size_t hm_qemu_get_buffer(struct HmQemuFile *f, uint8_t *buf, size_t len);
+
+// `qemu_file_get_error`: 0, or the negative errno of the file's first failure.
+//
+// # Safety
+// `f` is the file a section callback received, during that callback.
+int hm_qemu_file_get_error(struct HmQemuFile *f);
+
+// Registers a device section of the VMM's on machine `ms`: it travels in the migration stream
+// in QEMU's section framing under (`idstr`, `instance_id`) at `version_id`. Non-iterative
+// sections are saved once, at the switchover (phase `HM_SECTION_FULL`); iterative ones at
+// setup, every round and the switchover. A stream with a section of this name and a newer
+// version is refused on load with QEMU's message; a stream section no machine registered is
+// refused as unknown. `opaque` is passed back to both callbacks, from hostmem's migration
+// threads, with no hostmem lock held.
+//
+// # Safety
+// `ms` is a live machine; `idstr` NUL-terminated; `save` and `load` valid for `opaque` as long
+// as the machine exists.
+bool hm_migration_register_section(struct MachineState *ms,
+                                   const char *idstr,
+                                   uint32_t instance_id,
+                                   uint32_t version_id,
+                                   bool iterative,
+                                   HmSectionSave save,
+                                   HmSectionLoad load,
+                                   void *opaque,
+                                   struct Error **errp);
+
+// Gives machine `ms` the VMM's hooks that stop and resume its vCPUs: `stop`, `cont`, a
+// migration's switchover and the start after an incoming migration call them, from any thread
+// and with no hostmem lock held.
+//
+// # Safety
+// `ms` is a live machine; the hooks are valid for `opaque` from any thread while it exists.
+bool hm_machine_set_guest_control(struct MachineState *ms,
+                                  HmGuestHook stop,
+                                  HmGuestHook resume,
+                                  void *opaque,
+                                  struct Error **errp);
+
+// Whether machine `ms`'s guest should be running now (QEMU's `runstate_is_running`): false
+// with `-S`, during an incoming migration and after `stop` or a completed migration.
+//
+// # Safety
+// `ms` is NULL or a live machine.
+bool hm_machine_is_running(struct MachineState *ms);
+
+// Starts the incoming migration `-incoming URI` asked for (nothing with `-incoming defer`,
+// which waits for `migrate_incoming`, nor without `-incoming`): listens now, loads on a thread
+// once the peer connects. Call it once the VMM's sections and hooks are registered.
+//
+// # Safety
+// `ms` is a live machine.
+bool hm_migration_start_incoming(struct MachineState *ms, struct Error **errp);
+
+// Waits until machine `ms`'s incoming migration has ended (returns at once when none was
+// started): true when it completed, false with QEMU's lines for the failure in `errp` (one
+// per line of the message) when it failed. The guest is then never started.
+//
+// # Safety
+// `ms` is a live machine.
+bool hm_migration_wait_incoming(struct MachineState *ms, struct Error **errp);
 
 #if defined(HOSTMEM_TEST_GUEST)
 // Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the

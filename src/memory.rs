@@ -838,6 +838,55 @@ impl MemorySystem {
     }
 }
 
+/// A piece of guest-physical memory, as [`ram_chunks`] cuts a range.
+pub enum GuestChunk {
+    /// `len` bytes of RAM at `offset` of `mapping`.
+    Ram {
+        mapping: Arc<HostMapping>,
+        offset: u64,
+        len: u64,
+    },
+    /// `len` bytes without RAM (I/O, or nothing mapped).
+    Hole { len: u64 },
+}
+
+/// `[addr, addr+size)` of the "memory" address space cut into RAM and holes, in address order:
+/// what reading guest-physical memory (`pmemsave`) goes through.
+pub fn ram_chunks(mem: &MemorySystem, addr: u64, size: u64) -> Vec<GuestChunk> {
+    let end = u128::from(addr) + u128::from(size);
+    let mut at = u128::from(addr);
+    let mut out = Vec::new();
+    for r in &mem.memory_view().ranges {
+        if r.end() <= at || u128::from(r.addr) >= end {
+            continue;
+        }
+        if u128::from(r.addr) > at {
+            out.push(GuestChunk::Hole {
+                len: (u128::from(r.addr) - at) as u64,
+            });
+            at = u128::from(r.addr);
+        }
+        let stop = r.end().min(end);
+        let len = (stop - at) as u64;
+        match mem.section(r).ram {
+            Some(ram) => out.push(GuestChunk::Ram {
+                offset: (ram.host_addr - ram.mapping.as_ptr() as usize) as u64
+                    + (at - u128::from(r.addr)) as u64,
+                mapping: ram.mapping,
+                len,
+            }),
+            None => out.push(GuestChunk::Hole { len }),
+        }
+        at = stop;
+    }
+    if at < end {
+        out.push(GuestChunk::Hole {
+            len: (end - at) as u64,
+        });
+    }
+    out
+}
+
 fn not_ram(name: &str) -> Error {
     Error::invalid(format!(
         "memory region '{name}' is not RAM; only RAM can be registered for migration"
@@ -942,6 +991,29 @@ mod tests {
         }))
         .unwrap();
         log
+    }
+
+    #[test]
+    fn guest_ranges_cut_into_ram_and_holes_in_address_order() {
+        let mut m = MemorySystem::new();
+        let ram = m.new_ram_anonymous("ram", 4 * MIB).unwrap();
+        let alias = m.new_alias("hi", ram, MIB, MIB).unwrap();
+        let sys = m.system_memory();
+        m.add_subregion(sys, 0, ram, None).unwrap();
+        m.add_subregion(sys, 8 * MIB, alias, None).unwrap();
+        let chunks = ram_chunks(&m, 3 * MIB, 6 * MIB);
+        let got: Vec<(bool, u64, u64)> = chunks
+            .iter()
+            .map(|c| match c {
+                GuestChunk::Ram { offset, len, .. } => (true, *offset, *len),
+                GuestChunk::Hole { len } => (false, 0, *len),
+            })
+            .collect();
+        // 1 MiB of RAM at 3 MiB, 4 MiB of nothing, then the alias's first MiB (RAM at 1 MiB).
+        assert_eq!(
+            got,
+            [(true, 3 * MIB, MIB), (false, 0, 4 * MIB), (true, MIB, MIB)]
+        );
     }
 
     #[test]

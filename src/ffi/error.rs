@@ -102,6 +102,20 @@ pub unsafe extern "C" fn hm_error_get_hint(err: *const Error) -> *const c_char {
     }
 }
 
+/// Takes an error C code handed back (through a hook's `errp`) into Rust; NULL is `None`.
+///
+/// # Safety
+/// `err` is NULL or an `Error *` from hostmem that is not used again by C.
+pub(crate) unsafe fn take_error(err: *mut Error) -> Option<Error> {
+    if err.is_null() {
+        return None;
+    }
+    // SAFETY: errors are handed out by Box::into_raw in set_error; the caller gives it up.
+    let boxed = unsafe { Box::from_raw(err) };
+    forget_cached(&boxed);
+    Some(*boxed)
+}
+
 /// Frees an error. NULL is ignored.
 ///
 /// # Safety

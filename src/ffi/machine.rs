@@ -311,7 +311,7 @@ pub unsafe extern "C" fn hm_hmp(
         let ms = unsafe { ref_arg(ms, "ms") }?;
         // SAFETY: by contract.
         let cmd = unsafe { str_arg(cmdline, "cmdline") }?;
-        let out = registry::with(ms.context, |m| crate::monitor::hmp(m, cmd))?;
+        let out = registry::hmp::hmp(ms.context, cmd, &registry::transports::HostTransports)?;
         Ok(c_string(&out))
     })
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 #[cfg(feature = "test-guest")]
 pub mod testing;
 

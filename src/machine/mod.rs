@@ -13,18 +13,35 @@
 pub mod boards;
 mod legacy;
 mod ram;
+pub mod run;
 
 pub use boards::{BoardInfo, BoardRegistry};
 pub use ram::resolve_ram_size;
+pub use run::{GuestControl, Run, RunState};
 
 use crate::backend::prealloc::Outcome;
 use crate::backend::{Backend, BackendDefaults, PreallocJob};
 use crate::error::Result;
 use crate::kvm::{KvmAccel, KvmError};
 use crate::memory::MemorySystem;
+use crate::migration::section::SectionHandler;
+use crate::migration::state::MigrationState;
 use crate::objects::ObjectRegistry;
 use crate::options::cmdline::{Accel, Cmdline};
 use crate::region::RegionId;
+
+/// Whether QEMU sends COMMAND SWITCHOVER_START for machine type `name`: machine types from 10.0
+/// on, and the unversioned ones (`none`); `hw_compat_9_2` turns it off for older ones.
+pub fn sends_switchover_start(name: &str) -> bool {
+    let Some((_, version)) = name.rsplit_once('-') else {
+        return true;
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(_))) => major >= 10,
+        _ => true,
+    }
+}
 
 /// The machine as the generic code configured it from the command line.
 pub struct MachineConfig {
@@ -56,7 +73,17 @@ pub struct Machine {
     /// How many "cpu-memory-N" address spaces the dumps list beside "memory" (QEMU has one per
     /// vCPU, all sharing its root).
     cpu_address_spaces: u32,
+    /// Whether the guest runs, and the VMM's hooks that pause and resume it.
+    run: Run,
+    /// Parameters, capabilities and the progress of migrations each way.
+    migration: MigrationState,
+    /// The VMM's own device state, migrated in the same stream as the RAM.
+    sections: Vec<SharedSection>,
 }
+
+/// A device section as the machine keeps it: migrations run with the machine unlocked, so each
+/// section has a lock of its own.
+pub type SharedSection = std::sync::Arc<std::sync::Mutex<Box<dyn SectionHandler + Send>>>;
 
 impl Default for Machine {
     fn default() -> Self {
@@ -75,6 +102,9 @@ impl Machine {
             memory: MemorySystem::new(),
             backend_defaults: BackendDefaults::default(),
             cpu_address_spaces: 1,
+            run: Run::default(),
+            migration: MigrationState::default(),
+            sections: Vec::new(),
         }
     }
 
@@ -87,6 +117,17 @@ impl Machine {
             .smp_cpus
             .unwrap_or(if board.no_cpus_by_default { 0 } else { 1 });
         m.configure(cmd, board)?;
+        m.run.state = if cmd.incoming.is_some() {
+            RunState::InMigrate
+        } else if cmd.start_paused {
+            RunState::Prelaunch
+        } else {
+            RunState::Running
+        };
+        m.run.autostart = !cmd.start_paused;
+        m.migration.send_switchover_start = cmd
+            .send_switchover_start
+            .unwrap_or_else(|| sends_switchover_start(&board.name));
         Ok(m)
     }
 
@@ -192,8 +233,67 @@ impl Machine {
         self.objects.delete(id, &mut self.memory)
     }
 
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    pub fn run_mut(&mut self) -> &mut Run {
+        &mut self.run
+    }
+
+    pub fn migration(&self) -> &MigrationState {
+        &self.migration
+    }
+
+    pub fn migration_mut(&mut self) -> &mut MigrationState {
+        &mut self.migration
+    }
+
+    /// Adds a device section of the VMM's; an (idstr, instance) already taken is refused, as a
+    /// stream could not tell the two apart.
+    pub fn register_section(&mut self, section: Box<dyn SectionHandler + Send>) -> Result<()> {
+        let (idstr, instance) = (section.idstr().to_string(), section.instance_id());
+        let taken = self.sections.iter().any(|s| {
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            s.idstr() == idstr && s.instance_id() == instance
+        });
+        if taken {
+            return Err(crate::error::Error::new(
+                crate::error::HmErrorClass::Duplicate,
+                format!("migration section '{idstr}' instance {instance} is already registered"),
+            ));
+        }
+        if idstr.is_empty() || idstr.len() > 255 {
+            return Err(crate::error::Error::invalid(format!(
+                "migration section name \"{idstr}\" must be 1 to 255 bytes long"
+            )));
+        }
+        self.sections
+            .push(std::sync::Arc::new(std::sync::Mutex::new(section)));
+        Ok(())
+    }
+
+    /// The VMM's device sections, in registration order (the order they go in the stream).
+    pub fn sections(&self) -> Vec<SharedSection> {
+        self.sections.clone()
+    }
+
     /// The backend named `id`, for reading and changing its properties.
     pub fn backend_mut(&mut self, id: &str) -> Option<&mut Backend> {
         self.objects.get_mut(id).map(|e| &mut e.backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switchover_start_follows_qemus_machine_compat() {
+        assert!(sends_switchover_start("pc-i440fx-10.0"));
+        assert!(sends_switchover_start("none"));
+        assert!(sends_switchover_start("s390-ccw-virtio-10.1"));
+        assert!(!sends_switchover_start("pc-q35-9.2"));
+        assert!(!sends_switchover_start("pc-i440fx-8.0"));
     }
 }

@@ -52,17 +52,23 @@
 //! stream's constants and Rust-only types are not part of it.
 
 /// cbindgen:ignore
+pub mod blocks;
+/// cbindgen:ignore
 pub mod error;
 #[cfg(test)]
 mod fixtures;
 /// cbindgen:ignore
 pub mod format;
 /// cbindgen:ignore
+pub mod precopy;
+/// cbindgen:ignore
 pub mod qemu_file;
 /// cbindgen:ignore
 pub mod ram;
 /// cbindgen:ignore
 pub mod section;
+/// cbindgen:ignore
+pub mod state;
 /// cbindgen:ignore
 pub mod stream;
 

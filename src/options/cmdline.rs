@@ -62,6 +62,10 @@ pub struct Cmdline {
     pub kvm_max_slot_size: u64,
     pub start_paused: bool,
     pub monitor_stdio: bool,
+    /// `-incoming URI` (or `defer`).
+    pub incoming: Option<String>,
+    /// `-global migration.send-switchover-start=on|off` (the machine type's default if absent).
+    pub send_switchover_start: Option<bool>,
 }
 
 /// Options taking an argument that mean nothing to hostmem and are accepted as in QEMU.
@@ -121,6 +125,8 @@ impl Cmdline {
                     | "-smp"
                     | "-accel"
                     | "-monitor"
+                    | "-incoming"
+                    | "-global"
             ) || IGNORED_WITH_ARG.contains(&opt);
             if !takes_arg {
                 return Err(OptionError::InvalidOption(raw.to_string()));
@@ -150,6 +156,8 @@ impl Cmdline {
                 // QEMU checks the topology after reading the option, without its location.
                 "-smp" => c.smp_cpus = Some(parse_smp(arg).map_err(|e| located(e, at))?),
                 "-accel" => c.parse_accel(arg).map_err(at)?,
+                "-incoming" => c.incoming = Some(arg.to_string()),
+                "-global" => c.parse_global(arg).map_err(at)?,
                 "-monitor" => {
                     if arg != "stdio" {
                         return Err(at(OptionError::NotACharDriver(arg.to_string())));
@@ -161,6 +169,23 @@ impl Cmdline {
         }
         c.finish_accel()?;
         Ok(c)
+    }
+
+    /// `-global DRIVER.PROP=VALUE`: the migration object's `send-switchover-start` is read;
+    /// device properties mean nothing to hostmem and are accepted, as QEMU accepts unknown
+    /// globals with a warning at most.
+    fn parse_global(&mut self, arg: &str) -> Result<()> {
+        let (key, value) = arg.split_once('=').ok_or_else(|| OptionError::BadValue {
+            name: "global".into(),
+            value: arg.to_string(),
+        })?;
+        if key == "migration.send-switchover-start" {
+            self.send_switchover_start = Some(crate::options::values::parse_bool_param(
+                "send-switchover-start",
+                value,
+            )?);
+        }
+        Ok(())
     }
 
     fn parse_machine(&mut self, arg: &str) -> Result<()> {

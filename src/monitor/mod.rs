@@ -7,6 +7,9 @@
 //! runs), hostmem fixes one order: "I/O" first, then "memory". Within a group and within a
 //! FlatView everything follows QEMU exactly.
 
+pub mod args;
+pub mod migration;
+
 use std::fmt::Write;
 
 use crate::backend::MemdevInfo;
@@ -294,10 +297,14 @@ pub fn info_memdev(list: &[MemdevInfo]) -> String {
 /// The `info` subcommands hostmem answers, as QEMU's `info` lists them.
 const INFO_HELP: &str = "info memdev  -- show memory backends\n\
 info memslots  -- show KVM memory slots (hostmem)\n\
+info migrate  -- show migration status\n\
+info migrate_capabilities  -- show current migration capabilities\n\
+info migrate_parameters  -- show current migration parameters\n\
 info mtree [-f][-d][-o][-D] -- show memory tree (-f: dump flat view for address spaces;-d: \
 dump dispatch tree, valid with -f only);-o: dump region owners/parents;-D: dump disabled \
 regions\n\
-info ramblock  -- Display system ramblock information\n";
+info ramblock  -- Display system ramblock information\n\
+info status  -- show the current VM status (running|paused)\n";
 
 fn usage_error(cmd: &str, message: String) -> Error {
     Error::new(HmErrorClass::InvalidParameter, message)
@@ -383,6 +390,22 @@ pub fn hmp(machine: &Machine, cmdline: &str) -> Result<String> {
                 info_mtree_flat(mem, cpus, opts, accel)
             } else {
                 info_mtree(mem, cpus, opts)
+            })
+        }
+        ["info", cmd @ ("migrate" | "migrate_parameters" | "migrate_capabilities" | "status"), rest @ ..] =>
+        {
+            if !rest.is_empty() {
+                return Err(usage_error(
+                    cmd,
+                    format!("{cmd}: extraneous characters at the end of line"),
+                ));
+            }
+            let m = machine.migration();
+            Ok(match *cmd {
+                "migrate" => migration::info_migrate(m),
+                "migrate_parameters" => m.parameters.info(),
+                "migrate_capabilities" => m.capabilities.info(),
+                _ => machine.run().state.info(),
             })
         }
         ["info", cmd @ ("ramblock" | "memdev"), rest @ ..] => {

@@ -8,6 +8,10 @@
 //! the machine unlocked, so C code called from it may call hostmem, and the guest keeps running
 //! while the machine changes.
 
+pub mod hmp;
+pub mod migrate;
+pub mod transports;
+
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::error::{Error, HmErrorClass, Result};

@@ -1,0 +1,291 @@
+//! The codec's view of a machine's RAMBlocks: [`RamSnapshot`] takes the blocks a migration
+//! works on out of the RAMBlock registry (their names, lengths and memory, kept mapped by the
+//! `Arc<HostMapping>` each holds), so pages can be read and written while the machine itself
+//! is unlocked and its guest runs.
+//!
+//! A snapshot is taken once per migration, under the machine's lock, and implements both
+//! [`RamSource`] (the sending side) and [`RamLoadTarget`] (the receiving side). QEMU's RAM list
+//! cannot change during a migration either (hotplug is refused meanwhile).
+
+use std::sync::Arc;
+
+use crate::error::{Error, HmErrorClass};
+use crate::hostmap::HostMapping;
+use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
+
+use super::format::TARGET_PAGE_SIZE;
+use super::ram::{is_zero_page, LocalRamBlock, PageRef, RamBlockInfo, RamLoadTarget, RamSource};
+
+const PAGE: u64 = TARGET_PAGE_SIZE as u64;
+
+/// One block of a snapshot.
+#[derive(Clone, Debug)]
+pub struct SnapshotBlock {
+    pub id: RamBlockId,
+    pub idstr: String,
+    pub used_length: u64,
+    pub max_length: u64,
+    pub migratable: bool,
+    mapping: Arc<HostMapping>,
+    mapping_offset: u64,
+}
+
+impl SnapshotBlock {
+    /// Host address of byte `offset` of the block, for `len` bytes inside it.
+    fn host(&self, offset: u64, len: u64) -> Result<*mut u8, Error> {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > self.max_length) {
+            return Err(Error::new(
+                HmErrorClass::InvalidParameter,
+                format!(
+                    "page at 0x{offset:x} is outside RAMBlock \"{}\" of 0x{:x} bytes",
+                    self.idstr, self.max_length
+                ),
+            ));
+        }
+        Ok(self
+            .mapping
+            .as_ptr()
+            .wrapping_add((self.mapping_offset + offset) as usize))
+    }
+}
+
+/// The RAMBlocks of a machine as one migration sees them.
+#[derive(Clone, Debug, Default)]
+pub struct RamSnapshot {
+    blocks: Vec<SnapshotBlock>,
+}
+
+impl RamSnapshot {
+    /// The blocks that go in the stream (registered for migration), in `info ramblock` order
+    /// (QEMU's ram_list order, the order the stream lists and sends them in).
+    pub fn migratable(reg: &RamBlockRegistry) -> RamSnapshot {
+        let mut s = Self::all(reg);
+        s.blocks.retain(|b| b.migratable);
+        s
+    }
+
+    /// Every block, named or not: what a loader looks names up in (it refuses a known block that
+    /// is not migratable with QEMU's words, which needs to see it).
+    pub fn all(reg: &RamBlockRegistry) -> RamSnapshot {
+        let blocks = reg
+            .ids()
+            .into_iter()
+            .filter_map(|id| {
+                let b = reg.get(id)?;
+                Some(SnapshotBlock {
+                    id,
+                    idstr: b.idstr.clone(),
+                    used_length: b.used_length,
+                    max_length: b.max_length,
+                    migratable: b.migratable && !b.idstr.is_empty(),
+                    mapping: b.mapping.clone(),
+                    mapping_offset: b.mapping_offset,
+                })
+            })
+            .collect();
+        RamSnapshot { blocks }
+    }
+
+    pub fn blocks(&self) -> &[SnapshotBlock] {
+        &self.blocks
+    }
+
+    /// Total bytes of the snapshot's blocks (their used lengths).
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.used_length).sum()
+    }
+
+    /// The pages of block `index` whose bits are set in `bitmap` (the registry's dirty bitmap
+    /// of that block: one bit per 4 KiB page, little-endian words), below its used length.
+    pub fn dirty_pages(&self, index: usize, bitmap: &[u64]) -> Vec<PageRef> {
+        let Some(b) = self.blocks.get(index) else {
+            return Vec::new();
+        };
+        let pages = b.used_length.div_ceil(DIRTY_PAGE_SIZE);
+        let mut out = Vec::new();
+        crate::ramblock::for_each_set_run(bitmap, |first, count| {
+            for p in first..(first + count).min(pages) {
+                out.push(PageRef {
+                    block: index,
+                    offset: p * DIRTY_PAGE_SIZE,
+                });
+            }
+        });
+        out
+    }
+
+    fn block(&self, index: usize) -> Result<&SnapshotBlock, Error> {
+        self.blocks.get(index).ok_or_else(|| {
+            Error::new(
+                HmErrorClass::NotFound,
+                format!("no RAMBlock {index} in this migration"),
+            )
+        })
+    }
+}
+
+impl RamSource for RamSnapshot {
+    fn blocks(&self) -> Vec<RamBlockInfo> {
+        self.blocks
+            .iter()
+            .map(|b| RamBlockInfo::new(&b.idstr, b.used_length))
+            .collect()
+    }
+
+    fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let b = self.block(block)?;
+        let src = b.host(offset, buf.len() as u64)?;
+        copy_from_guest(src, buf);
+        Ok(())
+    }
+}
+
+/// Copies guest memory the guest may be writing at the same time (a live source): word by word
+/// with volatile reads, so the copy is a plain snapshot of whatever bytes are there and the
+/// compiler assumes nothing about them. A page written during the copy is dirty and goes again.
+fn copy_from_guest(src: *const u8, buf: &mut [u8]) {
+    let words = buf.len() / 8;
+    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+        // SAFETY: `src..src+buf.len()` lies inside a mapping the snapshot keeps alive
+        // (checked by SnapshotBlock::host); pages start 4 KiB aligned, so each word is
+        // aligned; a volatile read of a plain integer the guest may change concurrently yields
+        // some value of it.
+        let w = unsafe { std::ptr::read_volatile((src as *const u64).add(i)) };
+        chunk.copy_from_slice(&w.to_ne_bytes());
+    }
+    for (i, byte) in buf[words * 8..].iter_mut().enumerate() {
+        // SAFETY: as above, for the tail bytes.
+        *byte = unsafe { std::ptr::read_volatile(src.add(words * 8 + i)) };
+    }
+}
+
+impl RamLoadTarget for RamSnapshot {
+    fn find_block(&mut self, idstr: &str) -> Option<LocalRamBlock> {
+        let (handle, b) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !b.idstr.is_empty() && b.idstr == idstr)?;
+        Some(LocalRamBlock {
+            handle,
+            used_length: b.used_length,
+            max_length: b.max_length,
+            // hostmem has no resizeable RAM (QEMU's fw_cfg blobs are its only users).
+            resizeable: false,
+            migratable: b.migratable,
+        })
+    }
+
+    fn resize_block(&mut self, handle: usize, _new_used_length: u64) -> Result<(), Error> {
+        let b = self.block(handle)?;
+        Err(Error::invalid(format!(
+            "RAMBlock \"{}\" is not resizeable",
+            b.idstr
+        )))
+    }
+
+    fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let b = self.block(handle)?;
+        let dst = b.host(offset, data.len() as u64)?;
+        // SAFETY: `dst..dst+len` lies inside the block's mapping, which the snapshot keeps
+        // alive; the destination's guest does not run while it loads, and `data` is a separate
+        // buffer of the loader's.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error> {
+        let b = self.block(handle)?;
+        let dst = b.host(offset, PAGE)?;
+        let mut page = [0u8; TARGET_PAGE_SIZE];
+        copy_from_guest(dst, &mut page);
+        // Writing zeros over zeros would allocate memory that was never touched.
+        if !is_zero_page(&page) {
+            // SAFETY: as in write_page, for one page inside the block.
+            unsafe { std::ptr::write_bytes(dst, 0, TARGET_PAGE_SIZE) };
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn registry() -> (RamBlockRegistry, RamBlockId, RamBlockId, RamBlockId) {
+        let mut r = RamBlockRegistry::new();
+        let map = |n| crate::ramblock::map_anonymous("t", n).unwrap();
+        let big = r.add(map(4 * MIB), 0, 4 * MIB, 4 * MIB, false).unwrap();
+        r.set_idstr(big, None, "pc.ram").unwrap();
+        r.set_migratable(big, true);
+        let small = r.add(map(MIB), 0, MIB, MIB, false).unwrap();
+        r.set_idstr(small, None, "pc.bios").unwrap();
+        r.set_migratable(small, true);
+        let unnamed = r.add(map(2 * MIB), 0, 2 * MIB, 2 * MIB, false).unwrap();
+        (r, big, small, unnamed)
+    }
+
+    #[test]
+    fn only_registered_blocks_migrate_in_ram_list_order() {
+        let (r, _, _, _) = registry();
+        let s = RamSnapshot::migratable(&r);
+        let names: Vec<_> = RamSource::blocks(&s)
+            .into_iter()
+            .map(|b| (b.idstr, b.used_length))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("pc.ram".to_string(), 4 * MIB),
+                ("pc.bios".to_string(), MIB)
+            ]
+        );
+        assert_eq!(s.total_bytes(), 5 * MIB);
+        assert_eq!(RamSnapshot::all(&r).blocks().len(), 3);
+    }
+
+    #[test]
+    fn pages_written_on_one_side_read_back_on_the_other() {
+        let (r, big, _, _) = registry();
+        let mut dst = RamSnapshot::all(&r);
+        let h = dst.find_block("pc.ram").unwrap();
+        assert_eq!((h.used_length, h.migratable), (4 * MIB, true));
+        let page: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        dst.write_page(h.handle, 3 * MIB, &page).unwrap();
+        let src = RamSnapshot::migratable(&r);
+        let mut got = vec![0; 4096];
+        src.read_page(0, 3 * MIB, &mut got).unwrap();
+        assert_eq!(got, page);
+        dst.zero_page(h.handle, 3 * MIB).unwrap();
+        src.read_page(0, 3 * MIB, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0));
+        assert!(dst.find_block("").is_none() && dst.find_block("nope").is_none());
+        assert!(src.read_page(0, 4 * MIB, &mut got).is_err());
+        assert_eq!(src.blocks()[0].id, big);
+    }
+
+    #[test]
+    fn dirty_bitmaps_become_page_references_below_the_used_length() {
+        let (mut r, big, _, _) = registry();
+        r.set_dirty(big, 0, 1);
+        r.set_dirty(big, 4 * MIB - 4096, 4096);
+        let s = RamSnapshot::migratable(&r);
+        let pages = s.dirty_pages(0, &r.take_dirty(big));
+        assert_eq!(
+            pages,
+            [
+                PageRef {
+                    block: 0,
+                    offset: 0
+                },
+                PageRef {
+                    block: 0,
+                    offset: 4 * MIB - 4096
+                }
+            ]
+        );
+    }
+}

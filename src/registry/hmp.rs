@@ -1,0 +1,241 @@
+//! HMP commands that act on a machine — migration (`migrate`, `migrate_incoming`,
+//! `migrate_cancel`, `migrate_set_parameter`, `migrate_set_capability`), `stop`, `cont` and
+//! `pmemsave` — and the dispatch of everything else to the monitor's read-only text. A command
+//! that waits (`migrate` without `-d`) waits with the machine unlocked.
+
+use std::io::Write;
+
+use super::migrate::{self, IncomingChannel};
+use super::{with, MachineId};
+use crate::error::{Error, HmErrorClass, Result};
+use crate::machine::RunState;
+use crate::migration::state::MigrationStatus;
+use crate::monitor::args;
+
+/// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).
+pub trait Transports {
+    fn outgoing(&self, uri: &str) -> Result<migrate::OutgoingChannel>;
+    /// Starts listening (or opens the file) at once; the returned closure waits for the peer.
+    fn incoming(&self, uri: &str) -> Result<PendingIncoming>;
+}
+
+/// An incoming channel being set up: `accept` blocks until a peer has connected.
+pub struct PendingIncoming {
+    pub accept: Box<dyn FnOnce() -> Result<IncomingChannel> + Send>,
+}
+
+fn cmd_and_rest(line: &str) -> (&str, &str) {
+    let line = line.trim_start();
+    let end = line
+        .find(|c: char| c.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    (&line[..end], &line[end..])
+}
+
+/// Runs one HMP command line on machine `id`.
+pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<String> {
+    let (cmd, rest) = cmd_and_rest(line);
+    match cmd {
+        "migrate" => {
+            let a = args::parse(cmd, "detach:-d,resume:-r,uri:s", rest)?;
+            let uri = a.str("uri").unwrap_or_default();
+            if a.flag("resume") {
+                return Err(Error::new(
+                    HmErrorClass::Unsupported,
+                    "hostmem has no postcopy, so no migration to resume",
+                ));
+            }
+            let channel = transports.outgoing(uri)?;
+            let progress = migrate::start_outgoing(id, channel, 0)?;
+            if !a.flag("detach") {
+                // QEMU's HMP waits here, monitor busy, the machine free for the migration.
+                let done = progress.wait();
+                if done.status == MigrationStatus::Failed {
+                    return Err(Error::generic(done.error.unwrap_or_default()));
+                }
+            }
+            Ok(String::new())
+        }
+        "migrate_incoming" => {
+            let a = args::parse(cmd, "uri:s", rest)?;
+            incoming(id, a.str("uri").unwrap_or_default(), transports)?;
+            Ok(String::new())
+        }
+        "migrate_cancel" => {
+            args::parse(cmd, "", rest)?;
+            migrate::cancel(id)?;
+            Ok(String::new())
+        }
+        "migrate_set_parameter" => {
+            let a = args::parse(cmd, "parameter:s,value:s", rest)?;
+            with(id, |m| {
+                m.migration_mut().parameters.set(
+                    a.str("parameter").unwrap_or_default(),
+                    a.str("value").unwrap_or_default(),
+                )
+            })?;
+            Ok(String::new())
+        }
+        "migrate_set_capability" => {
+            let a = args::parse(cmd, "capability:s,state:b", rest)?;
+            with(id, |m| {
+                if m.migration()
+                    .outgoing
+                    .as_ref()
+                    .is_some_and(|p| !p.status().is_finished())
+                {
+                    return Err(Error::new(
+                        HmErrorClass::InUse,
+                        "There's a migration process in progress",
+                    ));
+                }
+                m.migration_mut().capabilities.set(
+                    a.str("capability").unwrap_or_default(),
+                    if a.flag("state") { "on" } else { "off" },
+                )
+            })?;
+            Ok(String::new())
+        }
+        "stop" | "s" => {
+            args::parse("stop", "", rest)?;
+            stop(id)?;
+            Ok(String::new())
+        }
+        "cont" | "c" => {
+            args::parse("cont", "", rest)?;
+            cont(id)?;
+            Ok(String::new())
+        }
+        "pmemsave" => {
+            let a = args::parse(cmd, "val:l,size:i,filename:s", rest)?;
+            pmemsave(
+                id,
+                a.int("val").unwrap_or(0) as u64,
+                a.int("size").unwrap_or(0) as u64,
+                a.str("filename").unwrap_or_default(),
+            )?;
+            Ok(String::new())
+        }
+        _ => with(id, |m| crate::monitor::hmp(m, line)),
+    }
+}
+
+/// `migrate_incoming URI` (and `-incoming URI`): listen now, load on a thread once the peer
+/// connects. Only for a machine waiting for one (`-incoming`).
+pub fn incoming(id: MachineId, uri: &str, transports: &dyn Transports) -> Result<()> {
+    let state = with(id, |m| {
+        Ok((m.run().state, m.migration().incoming.is_some()))
+    })?;
+    if state.0 != RunState::InMigrate {
+        return Err(Error::invalid(
+            "'-incoming' was not specified on the command line",
+        ));
+    }
+    if state.1 {
+        return Err(Error::new(
+            HmErrorClass::InUse,
+            "The incoming migration has already been started",
+        ));
+    }
+    let pending = transports.incoming(uri)?;
+    std::thread::Builder::new()
+        .name("hm-accept".into())
+        .spawn(move || match (pending.accept)() {
+            Ok(channel) => {
+                let _ = migrate::start_incoming(id, channel);
+            }
+            Err(e) => {
+                let _ = with(id, |m| {
+                    let p = std::sync::Arc::new(crate::migration::state::Progress::new(true));
+                    p.fail(&e);
+                    m.migration_mut().incoming = Some(p);
+                    Ok(())
+                });
+            }
+        })
+        .map_err(|e| {
+            Error::host(
+                "cannot start the migration thread",
+                e.raw_os_error().unwrap_or(0),
+            )
+        })?;
+    Ok(())
+}
+
+/// `stop`: the VMM's vCPUs stop, the machine is paused.
+pub fn stop(id: MachineId) -> Result<()> {
+    let (state, control) = with(id, |m| Ok((m.run().state, m.run().control.clone())))?;
+    if state.is_running() {
+        control.stop()?;
+        with(id, |m| {
+            m.run_mut().state = RunState::Paused;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// `cont`: the guest runs again. During an incoming migration it only asks for the guest to
+/// start once the migration has completed, as QEMU does.
+pub fn cont(id: MachineId) -> Result<()> {
+    let (state, control) = with(id, |m| Ok((m.run().state, m.run().control.clone())))?;
+    match state {
+        RunState::Running => Ok(()),
+        RunState::InMigrate => with(id, |m| {
+            m.run_mut().autostart = true;
+            Ok(())
+        }),
+        _ => {
+            control.resume()?;
+            with(id, |m| {
+                m.run_mut().state = RunState::Running;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// `pmemsave ADDR SIZE FILE`: guest-physical memory to a file, through the flat view of
+/// "memory". Addresses without RAM read as zeros (QEMU's unassigned reads are not data
+/// either).
+pub fn pmemsave(id: MachineId, addr: u64, size: u64, file: &str) -> Result<()> {
+    let mut out = std::fs::File::create(file).map_err(|e| {
+        Error::host(
+            format!("could not open '{file}'"),
+            e.raw_os_error().unwrap_or(0),
+        )
+    })?;
+    let chunks = with(id, |m| {
+        Ok(crate::memory::ram_chunks(m.memory(), addr, size))
+    })?;
+    for chunk in chunks {
+        let bytes = match chunk {
+            crate::memory::GuestChunk::Ram {
+                mapping,
+                offset,
+                len,
+            } => {
+                let mut buf = vec![0u8; len as usize];
+                // SAFETY: `offset..offset+len` lies inside `mapping` (ram_chunks clips every
+                // chunk to the RAM it found), and the Arc keeps it mapped; guest writes
+                // meanwhile are the usual race of reading a running guest's memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        mapping.as_ptr().add(offset as usize),
+                        buf.as_mut_ptr(),
+                        len as usize,
+                    )
+                };
+                buf
+            }
+            crate::memory::GuestChunk::Hole { len } => vec![0u8; len as usize],
+        };
+        out.write_all(&bytes).map_err(|e| {
+            Error::host(
+                format!("could not write '{file}'"),
+                e.raw_os_error().unwrap_or(0),
+            )
+        })?;
+    }
+    Ok(())
+}

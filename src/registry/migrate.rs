@@ -1,0 +1,299 @@
+//! Migrations of registered machines, each on a thread of its own: the outgoing precopy and
+//! the incoming load. A migration locks its machine only for what needs it (the dirty log, the
+//! run state, the RAMBlock list at setup); pages move with the machine unlocked, so the monitor
+//! answers and the guest runs meanwhile.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use super::{with, MachineId};
+use crate::error::{Error, HmErrorClass, Result};
+use crate::machine::{GuestControl, Machine, RunState, SharedSection};
+use crate::migration::blocks::RamSnapshot;
+use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
+use crate::migration::ram::PageRef;
+use crate::migration::section::SectionHandler;
+use crate::migration::state::{MigrationStatus, Progress};
+use crate::migration::stream::{load, load_file, LoadOptions, SaveOptions};
+
+/// The sending end of a migration channel, as a transport opened it.
+pub struct OutgoingChannel {
+    pub writer: Box<dyn Write + Send>,
+    /// Wakes a write blocked on the peer (shuts the socket down, kills the exec child).
+    pub interrupt: Box<dyn Fn() + Send>,
+    /// Runs after the last byte: closes the channel and reports what the peer's end made of
+    /// it (an exec child's exit status).
+    pub finish: Box<dyn FnOnce() -> Result<()> + Send>,
+}
+
+/// The receiving end of a migration channel.
+pub enum IncomingChannel {
+    /// A pipe, socket or exec child: read front to back.
+    Stream(Box<dyn Read + Send>),
+    /// A file: seekable, so mapped-ram files load too.
+    File(std::fs::File),
+}
+
+/// The machine side of an outgoing migration.
+struct MachineHost {
+    id: MachineId,
+    control: Arc<dyn GuestControl>,
+    sections: Vec<SharedSection>,
+    /// The channel's own end ([`OutgoingChannel::finish`]), run once the stream is whole.
+    finish: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
+}
+
+fn machine_name(m: &Machine) -> String {
+    m.config()
+        .map(|c| c.board.name.clone())
+        .unwrap_or_else(|| "none".to_string())
+}
+
+impl PrecopyHost for MachineHost {
+    fn begin(&mut self) -> Result<RamSnapshot> {
+        with(self.id, |m| {
+            let mem = m.memory_mut();
+            mem.set_global_dirty_log(true)?;
+            mem.log_sync()?;
+            let snap = RamSnapshot::migratable(&mem.ramblocks);
+            // Everything goes in the bulk pass: what was logged before it is moot.
+            for b in snap.blocks() {
+                mem.ramblocks.take_dirty(b.id);
+            }
+            Ok(snap)
+        })
+    }
+
+    fn dirty_pages(&mut self, snap: &RamSnapshot) -> Result<Vec<PageRef>> {
+        with(self.id, |m| {
+            let mem = m.memory_mut();
+            mem.log_sync()?;
+            let mut pages = Vec::new();
+            for (i, b) in snap.blocks().iter().enumerate() {
+                let bitmap = mem.ramblocks.take_dirty(b.id);
+                pages.extend(snap.dirty_pages(i, &bitmap));
+            }
+            Ok(pages)
+        })
+    }
+
+    fn stop_guest(&mut self) -> Result<bool> {
+        let running = with(self.id, |m| Ok(m.run().state.is_running()))?;
+        if running {
+            self.control.stop()?;
+        }
+        with(self.id, |m| {
+            m.run_mut().state = RunState::FinishMigrate;
+            Ok(running)
+        })
+    }
+
+    fn resume_guest(&mut self) -> Result<()> {
+        self.control.resume()?;
+        with(self.id, |m| {
+            m.run_mut().state = RunState::Running;
+            Ok(())
+        })
+    }
+
+    fn end(&mut self) {
+        let _ = with(self.id, |m| m.memory_mut().set_global_dirty_log(false));
+    }
+
+    fn complete(&mut self) -> Result<()> {
+        if let Some(finish) = self.finish.take() {
+            finish()?;
+        }
+        with(self.id, |m| {
+            m.run_mut().state = RunState::PostMigrate;
+            Ok(())
+        })
+    }
+
+    fn with_sections(&mut self, f: &mut SectionsFn<'_>) -> Result<()> {
+        with_locked_sections(&self.sections, f)
+    }
+}
+
+/// Runs `f` on the sections, each locked for the call.
+fn with_locked_sections<R>(
+    sections: &[SharedSection],
+    f: &mut dyn FnMut(&mut [&mut dyn SectionHandler]) -> R,
+) -> R {
+    let mut guards: Vec<_> = sections
+        .iter()
+        .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+        .collect();
+    let mut handlers: Vec<&mut dyn SectionHandler> = guards
+        .iter_mut()
+        .map(|g| &mut ***g as &mut dyn SectionHandler)
+        .collect();
+    f(&mut handlers)
+}
+
+fn in_progress() -> Error {
+    Error::new(
+        HmErrorClass::InUse,
+        "There's a migration process in progress",
+    )
+}
+
+/// Starts migrating machine `id` over `channel` on a thread; the returned progress tells how
+/// it goes. `max_rounds` (0: no limit) ends the dirty passes after that many.
+pub fn start_outgoing(
+    id: MachineId,
+    channel: OutgoingChannel,
+    max_rounds: u64,
+) -> Result<Arc<Progress>> {
+    let (progress, host, opts, params) = with(id, |m| {
+        match m.run().state {
+            RunState::PostMigrate => {
+                return Err(Error::invalid(
+                    "Can't migrate the vm that was paused due to previous migration",
+                ))
+            }
+            RunState::InMigrate => {
+                return Err(Error::invalid("Guest is waiting for an incoming migration"))
+            }
+            _ => {}
+        }
+        if m.migration()
+            .outgoing
+            .as_ref()
+            .is_some_and(|p| !p.status().is_finished())
+        {
+            return Err(in_progress());
+        }
+        let progress = Arc::new(Progress::new(false));
+        m.migration_mut().outgoing = Some(progress.clone());
+        let mut opts = SaveOptions::new(&machine_name(m));
+        opts.send_switchover_start = m.migration().send_switchover_start;
+        let host = MachineHost {
+            id,
+            control: m.run().control.clone(),
+            sections: m.sections(),
+            finish: None,
+        };
+        Ok((progress, host, opts, m.migration().parameters.clone()))
+    })?;
+    let OutgoingChannel {
+        writer,
+        interrupt,
+        finish,
+    } = channel;
+    progress.set_interrupt(Some(interrupt));
+    let p = progress.clone();
+    std::thread::Builder::new()
+        .name("hm-migration".into())
+        .spawn(move || {
+            let mut host = host;
+            host.finish = Some(finish);
+            // Failures and cancellation are in the progress; the guest runs on then.
+            let _ = run_outgoing(&mut host, writer, opts, &params, max_rounds, &p);
+            p.set_interrupt(None);
+        })
+        .map_err(|e| {
+            Error::host(
+                "cannot start the migration thread",
+                e.raw_os_error().unwrap_or(0),
+            )
+        })?;
+    Ok(progress)
+}
+
+/// Cancels machine `id`'s outgoing migration, if one is running (QEMU's `migrate_cancel`,
+/// which is quiet when there is none).
+pub fn cancel(id: MachineId) -> Result<()> {
+    let progress = with(id, |m| Ok(m.migration().outgoing.clone()))?;
+    if let Some(p) = progress {
+        if !p.status().is_finished() {
+            p.cancel();
+        }
+    }
+    Ok(())
+}
+
+/// Loads an incoming migration into machine `id` on a thread: its RAM and the device
+/// sections registered on it. When it completes the guest starts, unless the machine was
+/// built with `-S`; when it fails the guest never starts and the progress says why.
+pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Progress>> {
+    let (progress, opts, sections, control) = with(id, |m| {
+        if m.run().state != RunState::InMigrate {
+            return Err(Error::invalid(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        if m.migration().incoming.is_some() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                "The incoming migration has already been started",
+            ));
+        }
+        let progress = Arc::new(Progress::new(true));
+        m.migration_mut().incoming = Some(progress.clone());
+        Ok((
+            progress,
+            LoadOptions::new(&machine_name(m)),
+            m.sections(),
+            m.run().control.clone(),
+        ))
+    })?;
+    let p = progress.clone();
+    std::thread::Builder::new()
+        .name("hm-incoming".into())
+        .spawn(move || {
+            let result = incoming(id, channel, &opts, &sections, &p);
+            match result {
+                Ok(()) => {
+                    let autostart = with(id, |m| Ok(m.run().autostart)).unwrap_or(false);
+                    let started = if autostart { control.resume() } else { Ok(()) };
+                    let _ = with(id, |m| {
+                        m.run_mut().state = if autostart && started.is_ok() {
+                            RunState::Running
+                        } else {
+                            RunState::Paused
+                        };
+                        Ok(())
+                    });
+                    match started {
+                        Ok(()) => p.set_status(MigrationStatus::Completed),
+                        Err(e) => p.fail(&e),
+                    }
+                }
+                Err(e) => p.fail(&e),
+            }
+        })
+        .map_err(|e| {
+            Error::host(
+                "cannot start the migration thread",
+                e.raw_os_error().unwrap_or(0),
+            )
+        })?;
+    Ok(progress)
+}
+
+fn incoming(
+    id: MachineId,
+    channel: IncomingChannel,
+    opts: &LoadOptions,
+    sections: &[SharedSection],
+    progress: &Progress,
+) -> Result<()> {
+    let mut target = with(id, |m| Ok(RamSnapshot::all(&m.memory().ramblocks)))?;
+    progress.set_status(MigrationStatus::Active);
+    let summary = match channel {
+        IncomingChannel::Stream(mut reader) => with_locked_sections(sections, &mut |handlers| {
+            load(&mut reader, opts, Some(&mut target), handlers).map_err(Error::from)
+        }),
+        IncomingChannel::File(file) => with_locked_sections(sections, &mut |handlers| {
+            load_file(&file, opts, Some(&mut target), handlers).map_err(Error::from)
+        }),
+    }?;
+    progress.update(|s| {
+        s.transferred = summary.bytes;
+        s.normal = summary.ram.normal_pages;
+        s.duplicate = summary.ram.zero_pages;
+        s.normal_bytes = summary.ram.normal_pages * 4096;
+    });
+    Ok(())
+}

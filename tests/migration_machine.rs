@@ -1,0 +1,286 @@
+//! Machines migrating to machines in one process, through the registry and the HMP commands a
+//! VMM's monitor forwards: RAM, the VMM's own sections, the run states on both sides, and
+//! refusals with QEMU's words.
+
+use std::sync::{Arc, Mutex};
+
+use hostmem::machine::{BoardInfo, GuestControl, RunState};
+use hostmem::migration::section::BufferSection;
+use hostmem::options::cmdline::Cmdline;
+use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
+use hostmem::Result;
+
+const MIB: u64 = 1 << 20;
+
+fn none_board() -> BoardInfo {
+    BoardInfo {
+        name: "none".into(),
+        alias: None,
+        default_ram_size: 0,
+        default_ram_id: Some("ram".into()),
+        numa_mem_supported: false,
+        numa_supported: false,
+        no_cpus_by_default: true,
+        is_default: false,
+    }
+}
+
+/// A `-M none` machine built from `args`, its RAM mapped at 0 as the board does.
+fn machine(args: &[&str]) -> MachineId {
+    let cmd = Cmdline::parse(args).unwrap();
+    let mut p = PendingMachine::start(&cmd, &none_board()).unwrap();
+    registry::with(p.id(), |m| {
+        let ram = m.config().unwrap().ram.unwrap();
+        let mem = m.memory_mut();
+        let sys = mem.system_memory();
+        mem.add_subregion(sys, 0, ram, None)
+    })
+    .unwrap();
+    p.finish_init().unwrap();
+    p.commit()
+}
+
+fn ram(id: MachineId) -> (*mut u8, u64) {
+    registry::with(id, |m| {
+        let ram = m.config().unwrap().ram.unwrap();
+        let size = m.config().unwrap().ram_size;
+        Ok((m.memory().ram_ptr(ram)?.unwrap(), size))
+    })
+    .unwrap()
+}
+
+fn fill(id: MachineId) {
+    let (p, size) = ram(id);
+    // Half the pages hold a pattern, the others stay zero.
+    for page in (0..size / 4096).step_by(2) {
+        for i in 0..64 {
+            // SAFETY: inside the machine's RAM; nothing else touches it meanwhile.
+            unsafe { *p.add((page * 4096 + i) as usize) = (page as u8) ^ (i as u8) ^ 0x5a };
+        }
+    }
+}
+
+fn bytes(id: MachineId) -> Vec<u8> {
+    let (p, size) = ram(id);
+    // SAFETY: the machine's whole RAM, alive while the machine is.
+    unsafe { std::slice::from_raw_parts(p, size as usize) }.to_vec()
+}
+
+fn run(id: MachineId, line: &str) -> Result<String> {
+    hmp::hmp(id, line, &HostTransports)
+}
+
+/// Records what the migration asked of the VMM's vCPUs.
+#[derive(Default)]
+struct Vcpus(Mutex<Vec<&'static str>>);
+
+impl GuestControl for Vcpus {
+    fn stop(&self) -> Result<()> {
+        self.0.lock().unwrap().push("stop");
+        Ok(())
+    }
+    fn resume(&self) -> Result<()> {
+        self.0.lock().unwrap().push("resume");
+        Ok(())
+    }
+}
+
+fn scratch(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("hostmem-mm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name).display().to_string()
+}
+
+#[test]
+fn a_machine_migrates_through_a_file_into_another_with_its_sections() {
+    let src = machine(&["-m", "16M"]);
+    fill(src);
+    let vcpus = Arc::new(Vcpus::default());
+    registry::with(src, |m| {
+        m.run_mut().control = vcpus.clone();
+        m.register_section(Box::new(BufferSection::new(
+            "vmm-cpu",
+            0,
+            1,
+            b"regs".to_vec(),
+        )))
+    })
+    .unwrap();
+    let path = scratch("a.mig");
+    assert_eq!(run(src, &format!("migrate file:{path}")).unwrap(), "");
+    assert_eq!(*vcpus.0.lock().unwrap(), ["stop"]);
+    assert_eq!(
+        run(src, "info status").unwrap(),
+        "VM status: paused (postmigrate)\n"
+    );
+    let info = run(src, "info migrate").unwrap();
+    assert!(info.contains("\nMigration status: completed\n"), "{info}");
+    assert!(info.contains("\ntotal ram: 16384 kbytes\n"), "{info}");
+    assert!(
+        info.contains("\nduplicate: 2048 pages\nnormal: 2048 pages\n"),
+        "{info}"
+    );
+    assert_eq!(
+        run(src, "migrate file:/dev/null").unwrap_err().message(),
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+
+    let dst = machine(&["-m", "16M", "-incoming", "defer"]);
+    let section = Arc::new(Mutex::new(Vec::new()));
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl hostmem::migration::SectionHandler for Capture {
+        fn idstr(&self) -> &str {
+            "vmm-cpu"
+        }
+        fn instance_id(&self) -> u32 {
+            0
+        }
+        fn version_id(&self) -> u32 {
+            1
+        }
+        fn save(
+            &mut self,
+            _: hostmem::migration::SectionPhase,
+            out: &mut hostmem::migration::QemuWriter<dyn std::io::Write + '_>,
+        ) -> std::result::Result<(), hostmem::migration::MigrationError> {
+            out.put_buffer(&self.0.lock().unwrap())
+        }
+        fn load(
+            &mut self,
+            _: hostmem::migration::SectionPhase,
+            _: u32,
+            input: &mut hostmem::migration::QemuReader<dyn hostmem::migration::StreamRead + '_>,
+        ) -> std::result::Result<(), hostmem::migration::MigrationError> {
+            let mut b = [0u8; 4];
+            input.read_exact(&mut b, "regs")?;
+            self.0.lock().unwrap().extend_from_slice(&b);
+            Ok(())
+        }
+    }
+    let dst_vcpus = Arc::new(Vcpus::default());
+    registry::with(dst, |m| {
+        m.run_mut().control = dst_vcpus.clone();
+        m.register_section(Box::new(Capture(section.clone())))
+    })
+    .unwrap();
+    assert_eq!(
+        run(dst, "info status").unwrap(),
+        "VM status: paused (inmigrate)\n"
+    );
+    run(dst, &format!("migrate_incoming file:{path}")).unwrap();
+    let progress = loop {
+        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let done = progress.wait();
+    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
+    assert!(bytes(dst) == bytes(src), "the destination's RAM differs");
+    assert_eq!(*section.lock().unwrap(), b"regs");
+    assert_eq!(*dst_vcpus.0.lock().unwrap(), ["resume"]);
+    assert_eq!(
+        registry::with(dst, |m| Ok(m.run().state)).unwrap(),
+        RunState::Running
+    );
+    registry::remove(src).unwrap();
+    registry::remove(dst).unwrap();
+}
+
+#[test]
+fn a_stream_for_a_bigger_machine_is_refused_and_the_destination_never_starts() {
+    let src = machine(&["-m", "32M"]);
+    let path = scratch("b.mig");
+    run(src, &format!("migrate file:{path}")).unwrap();
+    let dst = machine(&["-m", "16M", "-incoming", "defer"]);
+    let vcpus = Arc::new(Vcpus::default());
+    registry::with(dst, |m| {
+        m.run_mut().control = vcpus.clone();
+        Ok(())
+    })
+    .unwrap();
+    run(dst, &format!("migrate_incoming file:{path}")).unwrap();
+    let progress = loop {
+        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let done = progress.wait();
+    assert_eq!(done.status.name(), "failed");
+    assert_eq!(
+        done.error.as_deref(),
+        Some(
+            "Size mismatch: ram: 0x2000000 != 0x1000000: Invalid argument\n\
+             error while loading state for instance 0x0 of device 'ram'\n\
+             load of migration failed: Invalid argument"
+        )
+    );
+    assert!(
+        vcpus.0.lock().unwrap().is_empty(),
+        "the guest must not start"
+    );
+    assert_eq!(
+        run(dst, "info status").unwrap(),
+        "VM status: paused (inmigrate)\n"
+    );
+    registry::remove(src).unwrap();
+    registry::remove(dst).unwrap();
+}
+
+#[test]
+fn hmp_refusals_read_like_qemu() {
+    let m = machine(&["-m", "16M"]);
+    let msg = |line: &str| {
+        let e = run(m, line).unwrap_err();
+        (e.message().to_string(), e.hint().map(str::to_string))
+    };
+    assert_eq!(
+        msg("migrate foo:bar").0,
+        "unknown migration protocol: foo:bar"
+    );
+    assert_eq!(
+        msg("migrate_incoming file:/x").0,
+        "'-incoming' was not specified on the command line"
+    );
+    assert_eq!(
+        msg("migrate_set_parameter foo 1").0,
+        "invalid parameter value: foo"
+    );
+    assert_eq!(
+        msg("migrate_set_capability events maybe"),
+        (
+            "Expected 'on' or 'off'".to_string(),
+            Some("Try \"help migrate_set_capability\" for more information\n".to_string())
+        )
+    );
+    assert_eq!(
+        msg("pmemsave 0 4096 /tmp/x").0,
+        "invalid char 't' in expression"
+    );
+    run(m, "migrate_set_parameter max-bandwidth 1M").unwrap();
+    assert!(run(m, "info migrate_parameters")
+        .unwrap()
+        .contains("\nmax-bandwidth: 1048576 bytes/second\n"));
+    run(m, "stop").unwrap();
+    assert_eq!(run(m, "info status").unwrap(), "VM status: paused\n");
+    run(m, "cont").unwrap();
+    assert_eq!(run(m, "info status").unwrap(), "VM status: running\n");
+    registry::remove(m).unwrap();
+}
+
+#[test]
+fn pmemsave_writes_guest_physical_memory() {
+    let m = machine(&["-m", "16M"]);
+    fill(m);
+    let path = scratch("pm.bin");
+    run(m, &format!("pmemsave 0x2000 8192 \"{path}\"")).unwrap();
+    let got = std::fs::read(&path).unwrap();
+    assert_eq!(got, bytes(m)[0x2000..0x4000]);
+    // Past the end of RAM reads as zeros.
+    run(m, &format!("pmemsave 16*1024*1024-4096 8192 \"{path}\"")).unwrap();
+    let got = std::fs::read(&path).unwrap();
+    assert_eq!(&got[..4096], &bytes(m)[(16 * MIB - 4096) as usize..]);
+    assert!(got[4096..].iter().all(|&b| b == 0));
+    registry::remove(m).unwrap();
+}
