@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::kvm::table::SlotTable;
 
-pub(crate) use vcpu::{run_dirtier, run_ops, setup_vcpu};
+pub(crate) use vcpu::{prepare_dirtier, run_dirtier, run_ops, setup_vcpu};
 
 pub(crate) const GDT_ADDR: u64 = 0x500;
 pub(crate) const CODE_ADDR: u64 = 0x1000;
@@ -652,6 +652,21 @@ mod vcpu {
         write_guest(table, DirtierLayout::STOP_GPA, &0u64.to_le_bytes())
     }
 
+    /// Writes the dirtier for `layout` into guest RAM and puts the vCPU at its first
+    /// instruction, ready for KVM_RUN.
+    pub(crate) fn prepare_dirtier(
+        vcpu: &mut VcpuFd,
+        table: &Arc<Mutex<SlotTable>>,
+        layout: &DirtierLayout,
+    ) -> Result<()> {
+        write_dirtier(&lock(table), layout)?;
+        settle(vcpu)?;
+        enter_long_mode(vcpu, |regs| {
+            regs.rdi = layout.start;
+            regs.rsi = layout.end;
+        })
+    }
+
     /// Writes the dirtier for `layout` and runs it on the calling thread until the host sets
     /// the stop word ([`DirtierLayout::STOP_GPA`]) and the guest halts at the end of that pass.
     ///
@@ -662,12 +677,7 @@ mod vcpu {
         table: &Arc<Mutex<SlotTable>>,
         layout: &DirtierLayout,
     ) -> Result<DirtierStop> {
-        write_dirtier(&lock(table), layout)?;
-        settle(vcpu)?;
-        enter_long_mode(vcpu, |regs| {
-            regs.rdi = layout.start;
-            regs.rsi = layout.end;
-        })?;
+        prepare_dirtier(vcpu, table, layout)?;
         let where_ = |vcpu: &VcpuFd| match vcpu.get_regs() {
             Ok(r) => format!("rip=0x{:x}, dirtier at 0x{:x}", r.rip, r.rax),
             Err(_) => "registers unavailable".to_string(),
@@ -697,6 +707,14 @@ mod vcpu {
     }
 
     pub(crate) fn setup_vcpu(_: &Kvm, _: &VcpuFd) -> Result<()> {
+        Err(x86_only())
+    }
+
+    pub(crate) fn prepare_dirtier(
+        _: &mut VcpuFd,
+        _: &Arc<Mutex<SlotTable>>,
+        _: &DirtierLayout,
+    ) -> Result<()> {
         Err(x86_only())
     }
 

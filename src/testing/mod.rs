@@ -4,10 +4,13 @@
 //! that links hostmem for its guests does not carry them.
 //!
 //! - [`guest`]: the x86-64 programs (an op list; the dirtier) and their host side;
-//! - [`check`]: the guest check over every writable slot.
+//! - [`check`]: the guest check over every writable slot;
+//! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64).
 
 pub mod check;
 pub mod guest;
+#[cfg(target_arch = "x86_64")]
+pub mod runner;
 
 use std::sync::Mutex;
 
