@@ -9,10 +9,15 @@
  * editor's escape sequences: the banner, then "(qemu) COMMAND" and the command's output for
  * every command read. A bad command line prints "vmm: <QEMU's message>" and exits 1.
  */
+#define _GNU_SOURCE
+#include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "boards/boards.h"
 
@@ -42,6 +47,160 @@ static bool vmm_run_guest(MachineState *ms, Error **errp)
     (void)errp;
 #endif
     return true;
+}
+
+#ifdef HOSTMEM_TEST_GUEST
+/*
+ * -device x-hm-dirtier,start=SIZE,end=SIZE (vmm's own device): the test guest that keeps
+ * incrementing byte 0 of every page of [start, end), modelled on QEMU's migration test guest.
+ * Its vCPU stops and resumes with the machine (stop, cont, a migration's switchover) and its
+ * registers travel in the migration stream as the section "x-hm-vcpu".
+ */
+typedef struct VmmDirtier {
+    MachineState *ms;
+    bool on;
+    uint64_t start;
+    uint64_t end;
+} VmmDirtier;
+
+static VmmDirtier dirtier;
+
+/* A size as QEMU writes one: a number with an optional K, M, G or T suffix (binary units). */
+static bool parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno || end == s) {
+        return false;
+    }
+    switch (*end) {
+    case 'T': case 't': v <<= 10; /* fall through */
+    case 'G': case 'g': v <<= 10; /* fall through */
+    case 'M': case 'm': v <<= 10; /* fall through */
+    case 'K': case 'k': v <<= 10; end++; break;
+    default: break;
+    }
+    *out = v;
+    return *end == '\0';
+}
+
+static bool parse_dirtier(const char *opts)
+{
+    char *copy = strdup(opts), *save = NULL, *tok;
+    bool ok = copy && strncmp(copy, "x-hm-dirtier", 12) == 0 &&
+              (copy[12] == ',' || copy[12] == '\0');
+
+    dirtier.start = 1 * MiB;
+    dirtier.end = 100 * MiB;
+    for (tok = ok ? strtok_r(copy + 12, ",", &save) : NULL; tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (strncmp(tok, "start=", 6) == 0) {
+            ok = ok && parse_size(tok + 6, &dirtier.start);
+        } else if (strncmp(tok, "end=", 4) == 0) {
+            ok = ok && parse_size(tok + 4, &dirtier.end);
+        } else {
+            ok = false;
+        }
+    }
+    free(copy);
+    dirtier.on = ok;
+    return ok;
+}
+
+static bool dirtier_stop(void *opaque, Error **errp)
+{
+    VmmDirtier *d = opaque;
+
+    return !d->on || hm_test_dirtier_pause(d->ms, errp);
+}
+
+static bool dirtier_resume(void *opaque, Error **errp)
+{
+    VmmDirtier *d = opaque;
+
+    return !d->on || hm_test_dirtier_run(d->ms, d->start, d->end, errp);
+}
+
+static int vcpu_save(HmQemuFile *f, int phase, void *opaque)
+{
+    VmmDirtier *d = opaque;
+    size_t cap = hm_test_dirtier_state_size(), len = 0;
+    uint8_t *buf = malloc(cap);
+    Error *err = NULL;
+
+    (void)phase;
+    if (!buf || !hm_test_dirtier_save_state(d->ms, buf, cap, &len, &err)) {
+        if (err) {
+            error_report_err(err);
+        }
+        free(buf);
+        return -EINVAL;
+    }
+    hm_qemu_put_be32(f, (uint32_t)len);
+    hm_qemu_put_buffer(f, buf, len);
+    free(buf);
+    return hm_qemu_file_get_error(f);
+}
+
+static int vcpu_load(HmQemuFile *f, int phase, uint32_t version_id, void *opaque)
+{
+    VmmDirtier *d = opaque;
+    size_t cap = hm_test_dirtier_state_size();
+    uint32_t len = hm_qemu_get_be32(f);
+    uint8_t *buf;
+    Error *err = NULL;
+    int ret;
+
+    (void)phase;
+    (void)version_id;
+    if (len > cap) {
+        return -EINVAL;
+    }
+    buf = malloc(cap);
+    if (!buf) {
+        return -ENOMEM;
+    }
+    hm_qemu_get_buffer(f, buf, len);
+    ret = hm_qemu_file_get_error(f);
+    if (!ret && len && !hm_test_dirtier_load_state(d->ms, buf, len, &err)) {
+        error_report_err(err);
+        ret = -EINVAL;
+    }
+    free(buf);
+    return ret;
+}
+#endif
+
+/* Set once the monitor is done: an incoming migration cut short then is no failure. */
+static volatile sig_atomic_t quitting;
+
+/*
+ * Waits for the incoming migration; a failure is fatal, as in QEMU: its lines on stderr, exit 1,
+ * the guest never started.
+ */
+static void *incoming_watch(void *opaque)
+{
+    MachineState *ms = opaque;
+    Error *err = NULL;
+
+    if (!hm_migration_wait_incoming(ms, &err) && !quitting) {
+        const char *msg = error_get_pretty(err);
+
+        while (msg && *msg) {
+            const char *nl = strchr(msg, '\n');
+            int len = nl ? (int)(nl - msg) : (int)strlen(msg);
+
+            fprintf(stderr, "%s: %.*s\n", program_invocation_short_name, len, msg);
+            msg = nl ? nl + 1 : NULL;
+        }
+        fflush(stdout);
+        _exit(1);
+    }
+    error_free(err);
+    return NULL;
 }
 
 /* Answers one monitor line; returns false on "quit". */
@@ -94,11 +253,73 @@ static void monitor_run(MachineState *ms)
     free(line);
 }
 
+/*
+ * Takes vmm's own options out of argv (the rest is QEMU's command line for hostmem):
+ * -device x-hm-dirtier,... Returns the new argc, or -1 after printing an error.
+ */
+static int take_vmm_options(int argc, char **argv)
+{
+    int i, out = 1;
+
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "-device") == 0 && i + 1 < argc &&
+            strncmp(argv[i + 1], "x-hm-dirtier", 12) == 0) {
+#ifdef HOSTMEM_TEST_GUEST
+            if (!parse_dirtier(argv[i + 1])) {
+                fprintf(stderr, "%s: -device %s: bad x-hm-dirtier options (start=SIZE,end=SIZE)\n",
+                        program_invocation_short_name, argv[i + 1]);
+                return -1;
+            }
+            i++;
+            continue;
+#else
+            fprintf(stderr, "%s: -device %s: this vmm was built without the test guest\n",
+                    program_invocation_short_name, argv[i + 1]);
+            return -1;
+#endif
+        }
+        argv[out++] = argv[i];
+    }
+    argv[out] = NULL;
+    return out;
+}
+
+/* The VMM's side of migration: its vCPU hooks and, with the dirtier, its vCPU section. */
+static bool vmm_migration_setup(MachineState *ms, Error **errp)
+{
+#ifdef HOSTMEM_TEST_GUEST
+    dirtier.ms = ms;
+    if (dirtier.on && !ms->accel_kvm) {
+        fprintf(stderr, "%s: -device x-hm-dirtier needs -accel kvm\n",
+                program_invocation_short_name);
+        return false;
+    }
+    if (!hm_machine_set_guest_control(ms, dirtier_stop, dirtier_resume, &dirtier, errp)) {
+        return false;
+    }
+    if (dirtier.on &&
+        !hm_migration_register_section(ms, "x-hm-vcpu", 0, 1, false, vcpu_save, vcpu_load,
+                                       &dirtier, errp)) {
+        return false;
+    }
+#else
+    (void)ms;
+    (void)errp;
+#endif
+    return true;
+}
+
 int main(int argc, char **argv)
 {
     Error *err = NULL;
     MachineState *ms;
+    pthread_t watcher;
+    bool incoming;
 
+    argc = take_vmm_options(argc, argv);
+    if (argc < 0) {
+        return 1;
+    }
     if (!boards_register_all(&err)) {
         error_report_err(err);
         return 1;
@@ -108,14 +329,44 @@ int main(int argc, char **argv)
         error_report_err(err);
         return 1;
     }
-    if (!ms->start_paused && ms->accel_kvm && !vmm_run_guest(ms, &err)) {
-        error_report_err(err);
+    if (!vmm_migration_setup(ms, &err) || !hm_migration_start_incoming(ms, &err)) {
+        if (err) {
+            error_report_err(err);
+        }
         board_machine_free(ms);
         return 1;
     }
+    incoming = hm_machine_is_incoming(ms);
+    if (incoming) {
+        if (pthread_create(&watcher, NULL, incoming_watch, ms) != 0) {
+            fprintf(stderr, "%s: cannot start a thread\n", program_invocation_short_name);
+            board_machine_free(ms);
+            return 1;
+        }
+    } else if (!ms->start_paused && ms->accel_kvm) {
+        bool ok;
+#ifdef HOSTMEM_TEST_GUEST
+        ok = dirtier.on ? dirtier_resume(&dirtier, &err) : vmm_run_guest(ms, &err);
+#else
+        ok = vmm_run_guest(ms, &err);
+#endif
+        if (!ok) {
+            error_report_err(err);
+            board_machine_free(ms);
+            return 1;
+        }
+    }
     if (ms->monitor_stdio) {
         monitor_run(ms);
+        if (incoming) {
+            /* It may still wait for a peer that never comes; it must not outlive quit. */
+            quitting = 1;
+            pthread_detach(watcher);
+        }
+    } else if (incoming) {
+        pthread_join(watcher, NULL);
     }
+    quitting = 1;
     board_machine_free(ms);
     return 0;
 }

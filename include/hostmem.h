@@ -746,6 +746,54 @@ void vmstate_unregister_ram(struct MemoryRegion *mr, DeviceState *_owner);
 // `errp` follows the Error convention.
 bool hm_memory_check(struct Error **errp);
 
+// `qemu_put_byte`: one byte.
+//
+// # Safety
+// `f` is the file a section's save callback received, during that callback.
+void hm_qemu_put_byte(struct HmQemuFile *f, uint8_t v);
+
+// `qemu_put_be16`: a big-endian 16-bit value.
+//
+// # Safety
+// `f` is the file a section's save callback received, during that callback.
+void hm_qemu_put_be16(struct HmQemuFile *f, uint16_t v);
+
+// `qemu_put_be32`: a big-endian 32-bit value.
+//
+// # Safety
+// `f` is the file a section's save callback received, during that callback.
+void hm_qemu_put_be32(struct HmQemuFile *f, uint32_t v);
+
+// `qemu_put_be64`: a big-endian 64-bit value.
+//
+// # Safety
+// `f` is the file a section's save callback received, during that callback.
+void hm_qemu_put_be64(struct HmQemuFile *f, uint64_t v);
+
+// `qemu_get_byte`: one byte (0 once the file has an error).
+//
+// # Safety
+// `f` is the file a section's load callback received, during that callback.
+uint8_t hm_qemu_get_byte(struct HmQemuFile *f);
+
+// `qemu_get_be16` (0 once the file has an error).
+//
+// # Safety
+// `f` is the file a section's load callback received, during that callback.
+uint16_t hm_qemu_get_be16(struct HmQemuFile *f);
+
+// `qemu_get_be32` (0 once the file has an error).
+//
+// # Safety
+// `f` is the file a section's load callback received, during that callback.
+uint32_t hm_qemu_get_be32(struct HmQemuFile *f);
+
+// `qemu_get_be64` (0 once the file has an error).
+//
+// # Safety
+// `f` is the file a section's load callback received, during that callback.
+uint64_t hm_qemu_get_be64(struct HmQemuFile *f);
+
 // `qemu_put_buffer`: `len` bytes.
 //
 // # Safety
@@ -805,6 +853,13 @@ bool hm_machine_set_guest_control(struct MachineState *ms,
 // `ms` is NULL or a live machine.
 bool hm_machine_is_running(struct MachineState *ms);
 
+// Whether machine `ms` waits for or loads an incoming migration (`-incoming`, until it has
+// completed).
+//
+// # Safety
+// `ms` is NULL or a live machine.
+bool hm_machine_is_incoming(struct MachineState *ms);
+
 // Starts the incoming migration `-incoming URI` asked for (nothing with `-incoming defer`,
 // which waits for `migrate_incoming`, nor without `-incoming`): listens now, loads on a thread
 // once the peer connects. Call it once the VMM's sections and hooks are registered.
@@ -861,6 +916,56 @@ bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct 
 // # Safety
 // `ops` is NULL or points to `n` writable `HmGuestOp`s.
 bool hm_kvm_guest_run(struct HmGuestOp *ops, size_t n, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Runs the dirtier guest over guest-physical `[start, end)` of machine `ms` (KVM
+// attached), or — when a migration stream brought its registers — resumes it from there.
+// A dirtier already there only resumes.
+//
+// # Safety
+// `ms` is a live machine.
+bool hm_test_dirtier_run(struct MachineState *ms,
+                         uint64_t start,
+                         uint64_t end,
+                         struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Pauses the dirtier of `ms` (nothing when it does not run).
+//
+// # Safety
+// `ms` is a live machine.
+bool hm_test_dirtier_pause(struct MachineState *ms, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// The paused dirtier's registers into `buf` (`cap` bytes); `*len` gets their length. With
+// no dirtier, `*len` is 0.
+//
+// # Safety
+// `ms` is a live machine; `buf` has `cap` writable bytes; `len` is writable.
+bool hm_test_dirtier_save_state(struct MachineState *ms,
+                                uint8_t *buf,
+                                size_t cap,
+                                size_t *len,
+                                struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Keeps registers from a migration stream for the next `hm_test_dirtier_run` of `ms`.
+//
+// # Safety
+// `ms` is a live machine; `buf` has `len` readable bytes.
+bool hm_test_dirtier_load_state(struct MachineState *ms,
+                                const uint8_t *buf,
+                                size_t len,
+                                struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// The longest state `hm_test_dirtier_save_state` writes.
+size_t hm_test_dirtier_state_size(void);
 #endif
 
 #ifdef __cplusplus

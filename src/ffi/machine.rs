@@ -272,6 +272,8 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
         }
         // SAFETY: by this function's contract.
         let id = unsafe { free_machine_state(ms) };
+        #[cfg(all(feature = "test-guest", target_arch = "x86_64"))]
+        crate::ffi::testing::forget_machine(id);
         let _ = registry::remove(id);
         forget_machine(id);
         Ok(())

@@ -95,76 +95,119 @@ unsafe fn file<'a>(f: *mut HmQemuFile) -> Option<&'a mut HmQemuFile> {
     unsafe { f.as_mut() }
 }
 
-macro_rules! put_fn {
-    ($(#[$doc:meta])* $name:ident, $ty:ty, $method:ident) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// `f` is the file a section's save callback received, during that callback.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(f: *mut HmQemuFile, v: $ty) {
-            guard_report((), || {
-                // SAFETY: forwarded caller contract.
-                if let Some(f) = unsafe { file(f) } {
-                    f.put(|w| w.$method(v));
-                }
-                Ok(())
-            })
+/// The body of the `hm_qemu_put_*` exports.
+///
+/// # Safety
+/// `f` is NULL or the file a save callback received, during that callback.
+unsafe fn put(
+    f: *mut HmQemuFile,
+    op: impl FnOnce(&mut QemuWriter<dyn Write>) -> std::result::Result<(), MigrationError>,
+) {
+    guard_report((), || {
+        // SAFETY: forwarded caller contract.
+        if let Some(f) = unsafe { file(f) } {
+            f.put(op);
         }
-    };
+        Ok(())
+    })
 }
 
-macro_rules! get_fn {
-    ($(#[$doc:meta])* $name:ident, $ty:ty, $method:ident) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// `f` is the file a section's load callback received, during that callback.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(f: *mut HmQemuFile) -> $ty {
-            guard_report(0, || {
-                // SAFETY: forwarded caller contract.
-                Ok(match unsafe { file(f) } {
-                    Some(f) => f.get(|r| r.$method(stringify!($name))),
-                    None => 0,
-                })
-            })
-        }
-    };
+/// The body of the `hm_qemu_get_*` exports.
+///
+/// # Safety
+/// `f` is NULL or the file a load callback received, during that callback.
+unsafe fn get<T: Default>(
+    f: *mut HmQemuFile,
+    op: impl FnOnce(&mut QemuReader<dyn StreamRead>) -> std::result::Result<T, MigrationError>,
+) -> T {
+    guard_report(T::default(), || {
+        // SAFETY: forwarded caller contract.
+        Ok(match unsafe { file(f) } {
+            Some(f) => f.get(op),
+            None => T::default(),
+        })
+    })
 }
 
-put_fn!(
-    /// `qemu_put_byte`: one byte.
-    hm_qemu_put_byte, u8, put_u8
-);
-put_fn!(
-    /// `qemu_put_be16`: a big-endian 16-bit value.
-    hm_qemu_put_be16, u16, put_be16
-);
-put_fn!(
-    /// `qemu_put_be32`: a big-endian 32-bit value.
-    hm_qemu_put_be32, u32, put_be32
-);
-put_fn!(
-    /// `qemu_put_be64`: a big-endian 64-bit value.
-    hm_qemu_put_be64, u64, put_be64
-);
-get_fn!(
-    /// `qemu_get_byte`: one byte (0 once the file has an error).
-    hm_qemu_get_byte, u8, get_u8
-);
-get_fn!(
-    /// `qemu_get_be16`.
-    hm_qemu_get_be16, u16, get_be16
-);
-get_fn!(
-    /// `qemu_get_be32`.
-    hm_qemu_get_be32, u32, get_be32
-);
-get_fn!(
-    /// `qemu_get_be64`.
-    hm_qemu_get_be64, u64, get_be64
-);
+/// `qemu_put_byte`: one byte.
+///
+/// # Safety
+/// `f` is the file a section's save callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_put_byte(f: *mut HmQemuFile, v: u8) {
+    // SAFETY: forwarded caller contract.
+    unsafe { put(f, |w| w.put_u8(v)) }
+}
+
+/// `qemu_put_be16`: a big-endian 16-bit value.
+///
+/// # Safety
+/// `f` is the file a section's save callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_put_be16(f: *mut HmQemuFile, v: u16) {
+    // SAFETY: forwarded caller contract.
+    unsafe { put(f, |w| w.put_be16(v)) }
+}
+
+/// `qemu_put_be32`: a big-endian 32-bit value.
+///
+/// # Safety
+/// `f` is the file a section's save callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_put_be32(f: *mut HmQemuFile, v: u32) {
+    // SAFETY: forwarded caller contract.
+    unsafe { put(f, |w| w.put_be32(v)) }
+}
+
+/// `qemu_put_be64`: a big-endian 64-bit value.
+///
+/// # Safety
+/// `f` is the file a section's save callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_put_be64(f: *mut HmQemuFile, v: u64) {
+    // SAFETY: forwarded caller contract.
+    unsafe { put(f, |w| w.put_be64(v)) }
+}
+
+/// `qemu_get_byte`: one byte (0 once the file has an error).
+///
+/// # Safety
+/// `f` is the file a section's load callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_get_byte(f: *mut HmQemuFile) -> u8 {
+    // SAFETY: forwarded caller contract.
+    unsafe { get(f, |r| r.get_u8("hm_qemu_get_byte")) }
+}
+
+/// `qemu_get_be16` (0 once the file has an error).
+///
+/// # Safety
+/// `f` is the file a section's load callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_get_be16(f: *mut HmQemuFile) -> u16 {
+    // SAFETY: forwarded caller contract.
+    unsafe { get(f, |r| r.get_be16("hm_qemu_get_be16")) }
+}
+
+/// `qemu_get_be32` (0 once the file has an error).
+///
+/// # Safety
+/// `f` is the file a section's load callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_get_be32(f: *mut HmQemuFile) -> u32 {
+    // SAFETY: forwarded caller contract.
+    unsafe { get(f, |r| r.get_be32("hm_qemu_get_be32")) }
+}
+
+/// `qemu_get_be64` (0 once the file has an error).
+///
+/// # Safety
+/// `f` is the file a section's load callback received, during that callback.
+#[no_mangle]
+pub unsafe extern "C" fn hm_qemu_get_be64(f: *mut HmQemuFile) -> u64 {
+    // SAFETY: forwarded caller contract.
+    unsafe { get(f, |r| r.get_be64("hm_qemu_get_be64")) }
+}
 
 /// `qemu_put_buffer`: `len` bytes.
 ///
@@ -473,6 +516,22 @@ pub unsafe extern "C" fn hm_machine_is_running(ms: *mut MachineState) -> bool {
         // SAFETY: by contract.
         let ms = unsafe { ref_arg(ms, "ms") }?;
         registry::with(ms.context, |m| Ok(m.run().state.is_running()))
+    })
+}
+
+/// Whether machine `ms` waits for or loads an incoming migration (`-incoming`, until it has
+/// completed).
+///
+/// # Safety
+/// `ms` is NULL or a live machine.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_is_incoming(ms: *mut MachineState) -> bool {
+    guard_report(false, || {
+        // SAFETY: by contract.
+        let ms = unsafe { ref_arg(ms, "ms") }?;
+        registry::with(ms.context, |m| {
+            Ok(m.run().state == crate::machine::RunState::InMigrate)
+        })
     })
 }
 

@@ -187,3 +187,173 @@ pub unsafe extern "C" fn hm_kvm_guest_run(
         Ok(true)
     })
 }
+
+#[cfg(target_arch = "x86_64")]
+mod dirtier {
+    //! The dirtier guest for a C VMM: one running vCPU per machine, paused and resumed by the
+    //! VMM's guest-control hooks, its registers carried by the VMM's own migration section.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+    use super::super::machine::MachineState;
+    use super::super::{guard, ref_arg};
+    use crate::error::{Error, HmErrorClass, Result};
+    use crate::registry::{self, MachineId};
+    use crate::testing::guest::DirtierLayout;
+    use crate::testing::runner::DirtierRunner;
+
+    /// What the C side keeps per machine: the running vCPU, or registers loaded from a
+    /// migration stream for the vCPU to start from.
+    #[derive(Default)]
+    struct Entry {
+        runner: Option<Arc<DirtierRunner>>,
+        loaded: Option<Vec<u8>>,
+    }
+
+    fn table() -> MutexGuard<'static, HashMap<MachineId, Entry>> {
+        static T: OnceLock<Mutex<HashMap<MachineId, Entry>>> = OnceLock::new();
+        T.get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops a freed machine's vCPU (its thread stops).
+    pub(crate) fn forget_machine(id: MachineId) {
+        let entry = table().remove(&id);
+        drop(entry);
+    }
+
+    fn runner(id: MachineId) -> Option<Arc<DirtierRunner>> {
+        table().get(&id).and_then(|e| e.runner.clone())
+    }
+
+    fn kvm(id: MachineId) -> Result<crate::kvm::KvmAccel> {
+        registry::with(id, |m| {
+            m.kvm()
+                .cloned()
+                .ok_or_else(|| crate::kvm::KvmError::NotAttached.into())
+        })
+    }
+
+    /// Runs the dirtier guest over guest-physical `[start, end)` of machine `ms` (KVM
+    /// attached), or — when a migration stream brought its registers — resumes it from there.
+    /// A dirtier already there only resumes.
+    ///
+    /// # Safety
+    /// `ms` is a live machine.
+    #[no_mangle]
+    pub unsafe extern "C" fn hm_test_dirtier_run(
+        ms: *mut MachineState,
+        start: u64,
+        end: u64,
+        errp: *mut *mut Error,
+    ) -> bool {
+        guard(errp, false, || {
+            // SAFETY: by contract.
+            let id = unsafe { ref_arg(ms, "ms") }?.context;
+            if let Some(r) = runner(id) {
+                r.resume()?;
+                return Ok(true);
+            }
+            let loaded = table().entry(id).or_default().loaded.take();
+            let kvm = kvm(id)?;
+            let r = Arc::new(match loaded {
+                Some(state) => DirtierRunner::resume_from(&kvm, &state)?,
+                None => DirtierRunner::start(&kvm, &DirtierLayout { start, end })?,
+            });
+            r.resume()?;
+            table().entry(id).or_default().runner = Some(r);
+            Ok(true)
+        })
+    }
+
+    /// Pauses the dirtier of `ms` (nothing when it does not run).
+    ///
+    /// # Safety
+    /// `ms` is a live machine.
+    #[no_mangle]
+    pub unsafe extern "C" fn hm_test_dirtier_pause(
+        ms: *mut MachineState,
+        errp: *mut *mut Error,
+    ) -> bool {
+        guard(errp, false, || {
+            // SAFETY: by contract.
+            let id = unsafe { ref_arg(ms, "ms") }?.context;
+            if let Some(r) = runner(id) {
+                r.pause()?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// The paused dirtier's registers into `buf` (`cap` bytes); `*len` gets their length. With
+    /// no dirtier, `*len` is 0.
+    ///
+    /// # Safety
+    /// `ms` is a live machine; `buf` has `cap` writable bytes; `len` is writable.
+    #[no_mangle]
+    pub unsafe extern "C" fn hm_test_dirtier_save_state(
+        ms: *mut MachineState,
+        buf: *mut u8,
+        cap: usize,
+        len: *mut usize,
+        errp: *mut *mut Error,
+    ) -> bool {
+        guard(errp, false, || {
+            // SAFETY: by contract.
+            let id = unsafe { ref_arg(ms, "ms") }?.context;
+            // SAFETY: by contract.
+            let len = unsafe { super::super::mut_arg(len, "len") }?;
+            let state = match runner(id) {
+                Some(r) => r.save_state()?,
+                None => Vec::new(),
+            };
+            if state.len() > cap || (buf.is_null() && !state.is_empty()) {
+                return Err(Error::new(
+                    HmErrorClass::InvalidParameter,
+                    format!(
+                        "the vCPU state needs {} bytes, the buffer has {cap}",
+                        state.len()
+                    ),
+                ));
+            }
+            if !state.is_empty() {
+                // SAFETY: `buf` has `cap` >= state.len() writable bytes by contract.
+                unsafe { std::ptr::copy_nonoverlapping(state.as_ptr(), buf, state.len()) };
+            }
+            *len = state.len();
+            Ok(true)
+        })
+    }
+
+    /// Keeps registers from a migration stream for the next `hm_test_dirtier_run` of `ms`.
+    ///
+    /// # Safety
+    /// `ms` is a live machine; `buf` has `len` readable bytes.
+    #[no_mangle]
+    pub unsafe extern "C" fn hm_test_dirtier_load_state(
+        ms: *mut MachineState,
+        buf: *const u8,
+        len: usize,
+        errp: *mut *mut Error,
+    ) -> bool {
+        guard(errp, false, || {
+            // SAFETY: by contract.
+            let id = unsafe { ref_arg(ms, "ms") }?.context;
+            // SAFETY: by contract.
+            let state = unsafe { super::slice_arg(buf, len, "buf") }?.to_vec();
+            table().entry(id).or_default().loaded = Some(state);
+            Ok(true)
+        })
+    }
+
+    /// The longest state `hm_test_dirtier_save_state` writes.
+    #[no_mangle]
+    pub extern "C" fn hm_test_dirtier_state_size() -> usize {
+        crate::testing::runner::state_len()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use dirtier::forget_machine;

@@ -54,6 +54,8 @@
 /// cbindgen:ignore
 pub mod blocks;
 /// cbindgen:ignore
+pub mod builtin;
+/// cbindgen:ignore
 pub mod error;
 #[cfg(test)]
 mod fixtures;

@@ -10,6 +10,7 @@ use super::{with, MachineId};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::{GuestControl, Machine, RunState, SharedSection};
 use crate::migration::blocks::RamSnapshot;
+use crate::migration::builtin::{GlobalState, Timer};
 use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
 use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
@@ -41,6 +42,8 @@ struct MachineHost {
     sections: Vec<SharedSection>,
     /// The channel's own end ([`OutgoingChannel::finish`]), run once the stream is whole.
     finish: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
+    /// QEMU's `globalstate`: the run state the switchover found, for the destination.
+    globalstate: GlobalState,
 }
 
 fn machine_name(m: &Machine) -> String {
@@ -78,7 +81,13 @@ impl PrecopyHost for MachineHost {
     }
 
     fn stop_guest(&mut self) -> Result<bool> {
-        let running = with(self.id, |m| Ok(m.run().state.is_running()))?;
+        let state = with(self.id, |m| Ok(m.run().state))?;
+        *self
+            .globalstate
+            .runstate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = state.name().to_string();
+        let running = state.is_running();
         if running {
             self.control.stop()?;
         }
@@ -111,12 +120,14 @@ impl PrecopyHost for MachineHost {
     }
 
     fn with_sections(&mut self, f: &mut SectionsFn<'_>) -> Result<()> {
-        with_locked_sections(&self.sections, f)
+        with_locked_sections(&mut [&mut self.globalstate], &self.sections, f)
     }
 }
 
-/// Runs `f` on the sections, each locked for the call.
-fn with_locked_sections<R>(
+/// Runs `f` on QEMU's machine-wide sections (`builtin`) and the VMM's, each locked for the
+/// call.
+fn with_locked_sections<'a, R>(
+    builtin: &mut [&'a mut (dyn SectionHandler + 'a)],
     sections: &[SharedSection],
     f: &mut dyn FnMut(&mut [&mut dyn SectionHandler]) -> R,
 ) -> R {
@@ -124,10 +135,15 @@ fn with_locked_sections<R>(
         .iter()
         .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
         .collect();
-    let mut handlers: Vec<&mut dyn SectionHandler> = guards
-        .iter_mut()
-        .map(|g| &mut ***g as &mut dyn SectionHandler)
-        .collect();
+    let mut handlers: Vec<&mut dyn SectionHandler> = Vec::new();
+    for h in builtin.iter_mut() {
+        let h: &mut dyn SectionHandler = &mut **h;
+        handlers.push(h);
+    }
+    for g in guards.iter_mut() {
+        let h: &mut dyn SectionHandler = &mut ***g;
+        handlers.push(h);
+    }
     f(&mut handlers)
 }
 
@@ -173,6 +189,9 @@ pub fn start_outgoing(
             control: m.run().control.clone(),
             sections: m.sections(),
             finish: None,
+            globalstate: GlobalState::new(Arc::new(std::sync::Mutex::new(
+                m.run().state.name().to_string(),
+            ))),
         };
         Ok((progress, host, opts, m.migration().parameters.clone()))
     })?;
@@ -244,12 +263,18 @@ pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Pro
         .spawn(move || {
             let result = incoming(id, channel, &opts, &sections, &p);
             match result {
-                Ok(()) => {
-                    let autostart = with(id, |m| Ok(m.run().autostart)).unwrap_or(false);
+                Ok(source_state) => {
+                    // QEMU's rule: a source that was not running leaves the destination in
+                    // its state; one that was (or sent none) starts it unless -S.
+                    let source_ran = source_state.as_deref().is_none_or(|s| s == "running");
+                    let autostart =
+                        source_ran && with(id, |m| Ok(m.run().autostart)).unwrap_or(false);
                     let started = if autostart { control.resume() } else { Ok(()) };
                     let _ = with(id, |m| {
                         m.run_mut().state = if autostart && started.is_ok() {
                             RunState::Running
+                        } else if source_state.as_deref() == Some("prelaunch") {
+                            RunState::Prelaunch
                         } else {
                             RunState::Paused
                         };
@@ -278,15 +303,19 @@ fn incoming(
     opts: &LoadOptions,
     sections: &[SharedSection],
     progress: &Progress,
-) -> Result<()> {
+) -> Result<Option<String>> {
     let mut target = with(id, |m| Ok(RamSnapshot::all(&m.memory().ramblocks)))?;
     progress.set_status(MigrationStatus::Active);
+    progress.update(|s| s.total = target.total_bytes());
+    let mut globalstate = GlobalState::new(Default::default());
+    let mut timer = Timer::default();
+    let builtin: &mut [&mut dyn SectionHandler] = &mut [&mut globalstate, &mut timer];
     let summary = match channel {
-        IncomingChannel::Stream(mut reader) => with_locked_sections(sections, &mut |handlers| {
-            load(&mut reader, opts, Some(&mut target), handlers).map_err(Error::from)
+        IncomingChannel::Stream(mut reader) => with_locked_sections(builtin, sections, &mut |h| {
+            load(&mut reader, opts, Some(&mut target), h).map_err(Error::from)
         }),
-        IncomingChannel::File(file) => with_locked_sections(sections, &mut |handlers| {
-            load_file(&file, opts, Some(&mut target), handlers).map_err(Error::from)
+        IncomingChannel::File(file) => with_locked_sections(builtin, sections, &mut |h| {
+            load_file(&file, opts, Some(&mut target), h).map_err(Error::from)
         }),
     }?;
     progress.update(|s| {
@@ -295,5 +324,5 @@ fn incoming(
         s.duplicate = summary.ram.zero_pages;
         s.normal_bytes = summary.ram.normal_pages * 4096;
     });
-    Ok(())
+    Ok(globalstate.received)
 }
