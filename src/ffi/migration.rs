@@ -584,7 +584,7 @@ pub unsafe extern "C" fn hm_migration_wait_incoming(
             match progress {
                 Some(p) => break Some(p),
                 None if !waiting => break None,
-                // Listening, or `defer`: the load has not started yet.
+                // `-incoming defer`: no migrate_incoming yet.
                 None => std::thread::sleep(std::time::Duration::from_millis(20)),
             }
         };

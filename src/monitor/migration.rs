@@ -39,6 +39,11 @@ fn progress_lines(out: &mut String, p: &ProgressSnapshot) {
         }
         _ => out.push('\n'),
     }
+    if p.incoming {
+        // A QEMU destination keeps no statistics of what it received.
+        out.push_str("total time: 0 ms\n");
+        return;
+    }
     let _ = writeln!(out, "total time: {} ms", p.total_time_ms);
     if let Some(ms) = p.expected_downtime_ms {
         let _ = writeln!(out, "expected downtime: {ms} ms");
@@ -105,6 +110,21 @@ clear-bitmap-shift: 18\n";
             ..Default::default()
         };
         assert_eq!(info_migrate(&st), GLOBALS);
+    }
+
+    #[test]
+    fn a_destination_shows_its_status_as_qemu_10_does() {
+        let p = Arc::new(Progress::new(true));
+        p.set_status(MigrationStatus::Completed);
+        let st = MigrationState {
+            send_switchover_start: true,
+            incoming: Some(p),
+            ..Default::default()
+        };
+        assert_eq!(
+            info_migrate(&st),
+            format!("{GLOBALS}Migration status: completed\ntotal time: 0 ms\n")
+        );
     }
 
     #[test]

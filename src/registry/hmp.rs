@@ -123,34 +123,25 @@ pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<Str
 /// `migrate_incoming URI` (and `-incoming URI`): listen now, load on a thread once the peer
 /// connects. Only for a machine waiting for one (`-incoming`).
 pub fn incoming(id: MachineId, uri: &str, transports: &dyn Transports) -> Result<()> {
-    let state = with(id, |m| {
-        Ok((m.run().state, m.migration().incoming.is_some()))
-    })?;
-    if state.0 != RunState::InMigrate {
-        return Err(Error::invalid(
-            "'-incoming' was not specified on the command line",
-        ));
-    }
-    if state.1 {
-        return Err(Error::new(
-            HmErrorClass::InUse,
-            "The incoming migration has already been started",
-        ));
-    }
-    let pending = transports.incoming(uri)?;
+    let progress = migrate::prepare_incoming(id)?;
+    let pending = match transports.incoming(uri) {
+        Ok(p) => p,
+        Err(e) => {
+            // Nothing listens: the machine may try migrate_incoming again.
+            let _ = with(id, |m| {
+                m.migration_mut().incoming = None;
+                Ok(())
+            });
+            return Err(e);
+        }
+    };
     std::thread::Builder::new()
         .name("hm-accept".into())
-        .spawn(move || match (pending.accept)() {
-            Ok(channel) => {
-                let _ = migrate::start_incoming(id, channel);
-            }
-            Err(e) => {
-                let _ = with(id, |m| {
-                    let p = std::sync::Arc::new(crate::migration::state::Progress::new(true));
-                    p.fail(&e);
-                    m.migration_mut().incoming = Some(p);
-                    Ok(())
-                });
+        .spawn(move || {
+            let loaded = (pending.accept)()
+                .and_then(|channel| migrate::load_incoming(id, channel, progress.clone()));
+            if let Err(e) = loaded {
+                progress.fail(&e);
             }
         })
         .map_err(|e| {

@@ -236,7 +236,15 @@ pub fn cancel(id: MachineId) -> Result<()> {
 /// sections registered on it. When it completes the guest starts, unless the machine was
 /// built with `-S`; when it fails the guest never starts and the progress says why.
 pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Progress>> {
-    let (progress, opts, sections, control) = with(id, |m| {
+    let progress = prepare_incoming(id)?;
+    load_incoming(id, channel, progress.clone())?;
+    Ok(progress)
+}
+
+/// Checks that machine `id` waits for an incoming migration and records one as started (in
+/// status `setup`, while the channel waits for its peer).
+pub fn prepare_incoming(id: MachineId) -> Result<Arc<Progress>> {
+    with(id, |m| {
         if m.run().state != RunState::InMigrate {
             return Err(Error::invalid(
                 "'-incoming' was not specified on the command line",
@@ -250,14 +258,25 @@ pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Pro
         }
         let progress = Arc::new(Progress::new(true));
         m.migration_mut().incoming = Some(progress.clone());
+        Ok(progress)
+    })
+}
+
+/// Loads `channel` into machine `id` on a thread, for an incoming migration
+/// [`prepare_incoming`] recorded.
+pub fn load_incoming(
+    id: MachineId,
+    channel: IncomingChannel,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let (opts, sections, control) = with(id, |m| {
         Ok((
-            progress,
             LoadOptions::new(&machine_name(m)),
             m.sections(),
             m.run().control.clone(),
         ))
     })?;
-    let p = progress.clone();
+    let p = progress;
     std::thread::Builder::new()
         .name("hm-incoming".into())
         .spawn(move || {
@@ -294,7 +313,7 @@ pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Pro
                 e.raw_os_error().unwrap_or(0),
             )
         })?;
-    Ok(progress)
+    Ok(())
 }
 
 fn incoming(
