@@ -2110,9 +2110,11 @@ impl Incoming {
                 inc.ready = Some(ch);
             }
         }
+        // QEMU prepends each listener to its list, so the last one bound comes first.
         inc.addresses = inc
             .listeners
             .iter()
+            .rev()
             .filter_map(|fd| SockAddr::of_socket(fd.as_raw_fd(), false))
             .map(SockAddr::to_socket_address)
             .collect();
@@ -2123,8 +2125,8 @@ impl Incoming {
         &self.uri
     }
 
-    /// The listening addresses, in QEMU's order (its `socket-address` list); empty for
-    /// non-socket URIs.
+    /// The listening addresses, in the order of QEMU's `socket-address` list (`query-migrate`,
+    /// `info migrate`), which is the reverse of the binding order; empty for non-socket URIs.
     pub fn addresses(&self) -> &[SocketAddress] {
         &self.addresses
     }
