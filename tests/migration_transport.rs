@@ -708,7 +708,7 @@ fn cancel_unblocks_a_codec_save_over_unix() {
     let mut inc = Incoming::open(&MigrationUri::Unix(path.to_path_buf())).unwrap();
     let held = std::thread::spawn(move || {
         let ch = inc.accept(&Cancel::new()).unwrap();
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(700));
         drop(ch);
     });
     let uri = MigrationUri::Unix(path.to_path_buf());

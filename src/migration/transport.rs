@@ -14,12 +14,13 @@
 //! * `tcp:HOST:PORT` resolves with `getaddrinfo`; an outgoing connection tries every address and
 //!   reports the last failure ("Failed to connect to '127.0.0.1:1': Connection refused"). An
 //!   incoming one listens on **every** address the host resolves to, passively: `tcp::PORT`
-//!   gives a dual-stack `::` listener and a `0.0.0.0` one (with port 0 each gets its own port,
-//!   as QEMU's `socket-address` list shows), `tcp:0:PORT` gives `0.0.0.0`. It succeeds if one
-//!   listener does and otherwise reports the first failure. Options `to=` (a port range to
-//!   try when listening), `ipv4`, `ipv6`, `keep-alive` (outgoing only; ignored when listening,
-//!   as QEMU ignores it) and `mptcp` are found anywhere after the port, unknown ones are
-//!   ignored, exactly as QEMU's `strstr` parser does.
+//!   binds `0.0.0.0` and then `::` (dual-stack, or IPv6-only when the first took the IPv4
+//!   port; with port 0 each gets a port of its own), `tcp:0:PORT` binds `0.0.0.0` only. It
+//!   succeeds if one listener does and otherwise reports the first failure; the addresses are
+//!   listed last-bound first, as QEMU's `socket-address` list has them. Options `to=` (a port
+//!   range to try when listening), `ipv4`, `ipv6`, `keep-alive` (outgoing only; ignored when
+//!   listening, as QEMU ignores it) and `mptcp` are found anywhere after the port, unknown
+//!   ones are ignored, exactly as QEMU's `strstr` parser does.
 //! * `unix:PATH` listening replaces whatever is at PATH (QEMU unlinks first) and removes the
 //!   socket when the listener goes.
 //! * `exec:CMD` runs `/bin/sh -c CMD`: outgoing, the stream is its stdin and its stdout is
@@ -59,6 +60,26 @@
 //! pipes with SIGPIPE blocked for the call, so a peer that goes away gives EPIPE ("Unable to
 //! write to command: Broken pipe"), never a signal that kills the VMM (QEMU ignores SIGPIPE
 //! process-wide; a library cannot).
+//!
+// The module's docs join the outer `cbindgen:ignore` doc and are resolved in `migration`'s
+// scope, hence the full paths.
+//! [`BufRead`]: std::io::BufRead
+//! [`Cancel`]: crate::migration::transport::Cancel
+//! [`Finished::exit_status`]: crate::migration::transport::Finished::exit_status
+//! [`Incoming`]: crate::migration::transport::Incoming
+//! [`IncomingChannel`]: crate::migration::transport::IncomingChannel
+//! [`IncomingUri`]: crate::migration::transport::IncomingUri
+//! [`InetAddress`]: crate::migration::transport::InetAddress
+//! [`MigrationUri`]: crate::migration::transport::MigrationUri
+//! [`OutgoingChannel`]: crate::migration::transport::OutgoingChannel
+//! [`OutgoingChannel::finish`]: crate::migration::transport::OutgoingChannel::finish
+//! [`OutgoingChannel::warnings`]: crate::migration::transport::OutgoingChannel::warnings
+//! [`RateLimit`]: crate::migration::transport::RateLimit
+//! [`RateLimited`]: crate::migration::transport::RateLimited
+//! [`Seek`]: std::io::Seek
+//! [`TransportError`]: crate::migration::transport::TransportError
+//! [`TransportError::CommandFailed`]: crate::migration::transport::TransportError::CommandFailed
+//! [`Write`]: std::io::Write
 
 use std::ffi::{CStr, CString};
 use std::fmt;
@@ -1590,7 +1611,8 @@ fn inet_listen_one(
     mut addr: SockAddr,
 ) -> Result<OwnedFd, TransportError> {
     let port_min = i32::from(addr.port());
-    let port_max = a.to.unwrap_or(port_min);
+    // QEMU would go on past 65535 (its ports wrap); there is nothing there to find.
+    let port_max = a.to.unwrap_or(port_min).min(65535);
     let v6only = match (a.ipv4, a.ipv6) {
         (None, None) | (Some(true), Some(true)) => 0,
         _ => 1,
@@ -2153,7 +2175,8 @@ impl Incoming {
             let i = match wait_fds(&fds, Some(cancel), None) {
                 Ok(Some(i)) => i,
                 Ok(None) => continue,
-                Err(_) => return Err(TransportError::Cancelled),
+                Err(_) if cancel.is_cancelled() => return Err(TransportError::Cancelled),
+                Err(e) => return Err(io_to_transport(e)),
             };
             // SAFETY: accept4 with no address buffers; returns a new descriptor or -1.
             let fd = unsafe {
