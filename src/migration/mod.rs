@@ -13,6 +13,7 @@
 //! | [`section`] | [`SectionHandler`]: device state keyed by (idstr, instance), opaque payloads | `SaveStateEntry`, `SaveVMHandlers` |
 //! | [`ram`] | the `ram` section: setup, page records, zero test, loader checks, mapped-ram reader | `ram.c` (precopy half) |
 //! | [`stream`] | header, CONFIGURATION, framing, commands, EOF, VMDESCRIPTION; [`Saver`] and [`load`] | `savevm.c` |
+//! | [`transport`] | URIs (`tcp:`, `unix:`, `exec:`, `fd:`, `file:`) as channels; rate limit; cancel | `migration.c` (URIs), `socket.c`, `exec.c`, `fd.c`, `file.c`, `qemu-sockets.c` |
 //!
 //! Shape, and why:
 //! * RAM is not a [`SectionHandler`]: its loader needs a [`RamLoadTarget`] and reports its
@@ -73,6 +74,8 @@ pub mod section;
 pub mod state;
 /// cbindgen:ignore
 pub mod stream;
+/// cbindgen:ignore
+pub mod transport;
 
 pub use error::{LoadError, MigrationError, SectionContext};
 pub use qemu_file::{QemuReader, QemuWriter};
