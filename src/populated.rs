@@ -524,12 +524,12 @@ impl Detector {
                     errno: libc::ENOENT,
                 });
             }
-            return Ok(self.page_tables(piece, method)?.ranges());
+            return Ok(self.page_tables(piece, method, false)?.ranges());
         }
         let file = open_vma_file(region.fd, vma)?;
         if is_hugetlbfs(file.as_fd()) {
             let before = file_bytes_allocated(file.as_fd());
-            let tables = self.page_tables(piece, method)?;
+            let tables = self.page_tables(piece, method, true)?;
             let mapped = tables.file_bytes();
             let key = file.identity();
             match huge_files.iter_mut().find(|h| h.identity == key) {
@@ -543,7 +543,7 @@ impl Detector {
             }
             return Ok(tables.ranges());
         }
-        let tables = self.page_tables(piece.clone(), method)?;
+        let tables = self.page_tables(piece.clone(), method, false)?;
         let file_start = vma.offset + (piece.start - vma.start) as u64;
         let data = seek_data_runs(file.as_fd(), file_start, (piece.end - piece.start) as u64)
             .map_err(|errno| Why::Seek {
@@ -560,8 +560,14 @@ impl Detector {
     }
 
     /// The page-table half: pages present (and not a zero page) or swapped in `range`, which
-    /// lies inside one VMA.
-    fn page_tables(&self, range: Range<usize>, method: Method) -> Result<TableRuns, Why> {
+    /// lies inside one VMA. `file_bytes`: whether the runs must say which pages are file pages
+    /// (hugetlbfs's check); PAGEMAP_SCAN is 5x slower per present page when asked.
+    fn page_tables(
+        &self,
+        range: Range<usize>,
+        method: Method,
+        file_bytes: bool,
+    ) -> Result<TableRuns, Why> {
         let Some(pagemap) = &self.pagemap else {
             return Err(Why::NoPagemap(
                 self.facts.pagemap_errno.unwrap_or(libc::EIO),
@@ -572,7 +578,7 @@ impl Detector {
                 if !self.facts.pagemap_scan {
                     return Err(Why::NoPagemapScan);
                 }
-                let mut t = scan_ioctl(pagemap, range)?;
+                let mut t = scan_ioctl(pagemap, range, file_bytes)?;
                 if self.facts.scan_flags_huge_zero == Some(false) {
                     if let Some(hz) = &self.facts.huge_zero_pfns {
                         t = drop_huge_zero(pagemap, t, hz)?;
@@ -748,13 +754,19 @@ struct ScanFilter {
     returned: u64,
 }
 
-/// Populated pages: present or swapped, and (inverted) not a zero page.
-const POPULATED: ScanFilter = ScanFilter {
-    inverted: PAGE_IS_PFNZERO,
-    mask: PAGE_IS_PFNZERO,
-    anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-    returned: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE | PAGE_IS_HUGE,
-};
+/// Populated pages: present or swapped, and (inverted) not a zero page. PAGE_IS_FILE is
+/// returned only when asked for (the kernel looks up each present page's folio for it).
+fn populated_filter(file: bool) -> ScanFilter {
+    ScanFilter {
+        inverted: PAGE_IS_PFNZERO,
+        mask: PAGE_IS_PFNZERO,
+        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_PRESENT
+            | PAGE_IS_SWAPPED
+            | PAGE_IS_HUGE
+            | if file { PAGE_IS_FILE } else { 0 },
+    }
+}
 
 /// Runs PAGEMAP_SCAN over `range` until the walk reaches its end, handing each output region
 /// to `each`. Err is the errno.
@@ -807,9 +819,9 @@ fn pagemap_scan(
     Ok(())
 }
 
-fn scan_ioctl(pagemap: &File, range: Range<usize>) -> Result<TableRuns, Why> {
+fn scan_ioctl(pagemap: &File, range: Range<usize>, file: bool) -> Result<TableRuns, Why> {
     let mut out = TableRuns::new();
-    pagemap_scan(pagemap, range, &POPULATED, |r| {
+    pagemap_scan(pagemap, range, &populated_filter(file), |r| {
         out.push(
             r.start as usize..r.end as usize,
             r.categories & PAGE_IS_FILE != 0,
