@@ -42,7 +42,9 @@
 //! a pre-filter for the pagemap read method, and only while no swap area is active.
 //!
 //! Scans race with the guest: start dirty tracking before scanning, so a page populated after
-//! the scan passed it is caught by the dirty log.
+//! the scan passed it is caught by the dirty log. A [`Detector`] reads the page tables of the
+//! process that created it (its pagemap fd is bound to that process): create it after any
+//! `fork`, in the process that owns the memory.
 
 use std::fs::File;
 use std::io;
@@ -462,10 +464,31 @@ impl Detector {
                 range_len: region.len as u64,
             })
         };
-        let vmas = match vmas_in(region.addr, end) {
+        // A hugetlbfs answer is void when the file gained pages while it was scanned (a guest
+        // faulting one in): a couple of fresh attempts, then no answer.
+        for attempt in 1.. {
+            match self.scan_once(region, end, method)? {
+                Attempt::Done(o) => return Ok(o),
+                Attempt::Changed(_) if attempt < 3 => continue,
+                Attempt::Changed(why) | Attempt::Failed(why) => return unknown(why),
+            }
+        }
+        unreachable!("the attempts loop returns")
+    }
+
+    fn scan_once(&self, region: &Region<'_>, end: usize, method: Method) -> Result<Attempt, Error> {
+        let all = match all_vmas() {
             Ok(v) => v,
-            Err(e) => return unknown(Why::NoMaps(e.raw_os_error().unwrap_or(libc::EIO))),
+            Err(e) => {
+                return Ok(Attempt::Failed(Why::NoMaps(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )))
+            }
         };
+        let vmas: Vec<&Vma> = all
+            .iter()
+            .filter(|v| v.start < end && v.end > region.addr)
+            .collect();
         let mut covered = region.addr;
         for v in &vmas {
             if v.start.max(region.addr) != covered {
@@ -479,42 +502,63 @@ impl Detector {
                 region.addr, region.len
             )));
         }
-        let mut runs = Vec::new();
-        let mut huge_files: Vec<HugeFile> = Vec::new();
+        let mut scan = ScanState {
+            runs: Vec::new(),
+            huge_files: Vec::new(),
+            used: method,
+        };
         for v in &vmas {
             let piece = v.start.max(region.addr)..v.end.min(end);
-            match self.scan_vma(region, v, piece, method, &mut huge_files) {
-                Ok(mut r) => runs.append(&mut r),
-                Err(why) => return unknown(why),
+            if let Err(why) = self.scan_vma(region, v, piece, method, &mut scan) {
+                return Ok(Attempt::Failed(why));
             }
         }
-        for h in &huge_files {
+        for h in &scan.huge_files {
+            // The file's pages mapped here outside the range count too.
+            let mut mapped = h.mapped_bytes;
+            for v in all.iter().filter(|v| (v.dev, v.inode) == h.identity) {
+                for part in [v.start..v.end.min(region.addr), v.start.max(end)..v.end] {
+                    if part.start < part.end {
+                        match self.page_tables(part, method, true) {
+                            Ok(t) => mapped += t.table.file_bytes(),
+                            Err(why) => return Ok(Attempt::Failed(why)),
+                        }
+                    }
+                }
+            }
             let after = file_bytes_allocated(h.file.as_fd());
-            if h.before != after || after != Some(h.mapped_bytes) {
-                return unknown(Why::HugetlbfsPagesElsewhere {
-                    file_bytes: after.unwrap_or(u64::MAX),
-                    mapped_bytes: h.mapped_bytes,
-                });
+            let why = Why::HugetlbfsPagesElsewhere {
+                file_bytes: after.unwrap_or(u64::MAX),
+                mapped_bytes: mapped,
+            };
+            if h.before != after {
+                return Ok(Attempt::Changed(why));
+            }
+            if after != Some(mapped) {
+                return Ok(Attempt::Failed(why));
             }
         }
         let map = PopulatedMap::from_runs(
             region.len as u64,
-            runs.into_iter().map(|r: Range<usize>| {
+            scan.runs.into_iter().map(|r: Range<usize>| {
                 (r.start - region.addr) as u64..(r.end - region.addr) as u64
             }),
         );
-        Ok(Outcome::Known { map, method })
+        Ok(Attempt::Done(Outcome::Known {
+            map,
+            method: scan.used,
+        }))
     }
 
-    /// One VMA's part of the range: its populated runs as absolute addresses.
+    /// One VMA's part of the range: its populated runs as absolute addresses, into `scan`.
     fn scan_vma<'a>(
         &self,
         region: &Region<'a>,
         vma: &Vma,
         piece: Range<usize>,
         method: Method,
-        huge_files: &mut Vec<HugeFile<'a>>,
-    ) -> Result<Vec<Range<usize>>, Why> {
+        scan: &mut ScanState<'a>,
+    ) -> Result<(), Why> {
         if vma.inode == 0 {
             if vma.shared {
                 // A shared mapping without a file to ask: its data may live off the page tables.
@@ -524,39 +568,43 @@ impl Detector {
                     errno: libc::ENOENT,
                 });
             }
-            return Ok(self.page_tables(piece, method, false)?.ranges());
+            let t = self.page_tables(piece, method, false)?;
+            scan.add(t.used, t.table.ranges());
+            return Ok(());
         }
         let file = open_vma_file(region.fd, vma)?;
         if is_hugetlbfs(file.as_fd()) {
+            let identity = (vma.dev, vma.inode);
             let before = file_bytes_allocated(file.as_fd());
-            let tables = self.page_tables(piece, method, true)?;
-            let mapped = tables.file_bytes();
-            let key = file.identity();
-            match huge_files.iter_mut().find(|h| h.identity == key) {
+            let t = self.page_tables(piece, method, true)?;
+            let mapped = t.table.file_bytes();
+            match scan.huge_files.iter_mut().find(|h| h.identity == identity) {
                 Some(h) => h.mapped_bytes += mapped,
-                None => huge_files.push(HugeFile {
-                    identity: key,
+                None => scan.huge_files.push(HugeFile {
+                    identity,
                     before,
                     mapped_bytes: mapped,
                     file,
                 }),
             }
-            return Ok(tables.ranges());
+            scan.add(t.used, t.table.ranges());
+            return Ok(());
         }
-        let tables = self.page_tables(piece.clone(), method, false)?;
+        let t = self.page_tables(piece.clone(), method, false)?;
         let file_start = vma.offset + (piece.start - vma.start) as u64;
         let data = seek_data_runs(file.as_fd(), file_start, (piece.end - piece.start) as u64)
             .map_err(|errno| Why::Seek {
                 start: piece.start,
                 errno,
             })?;
-        let mut all = tables.ranges();
+        let mut all = t.table.ranges();
         all.extend(
             data.into_iter()
                 .map(|r| piece.start + r.start as usize..piece.start + r.end as usize),
         );
         all.sort_by_key(|r| r.start);
-        Ok(all)
+        scan.add(t.used, all);
+        Ok(())
     }
 
     /// The page-table half: pages present (and not a zero page) or swapped in `range`, which
@@ -567,12 +615,13 @@ impl Detector {
         range: Range<usize>,
         method: Method,
         file_bytes: bool,
-    ) -> Result<TableRuns, Why> {
+    ) -> Result<Tables, Why> {
         let Some(pagemap) = &self.pagemap else {
             return Err(Why::NoPagemap(
                 self.facts.pagemap_errno.unwrap_or(libc::EIO),
             ));
         };
+        let done = |table, used| Ok(Tables { table, used });
         match method {
             Method::PagemapScan => {
                 if !self.facts.pagemap_scan {
@@ -584,24 +633,28 @@ impl Detector {
                         t = drop_huge_zero(pagemap, t, hz)?;
                     }
                 }
-                Ok(t)
+                done(t, method)
             }
             Method::PagemapRead { entries } => {
                 let zero = self.zero_set()?;
-                read_entries_runs(pagemap, range, entries.max(1), &zero)
+                done(
+                    read_entries_runs(pagemap, range, entries.max(1), &zero)?,
+                    method,
+                )
             }
             Method::MincoreThenPagemapRead { entries } => {
                 let zero = self.zero_set()?;
                 let entries = entries.max(1);
+                let plain = Method::PagemapRead { entries };
                 if swap_active() {
-                    return read_entries_runs(pagemap, range, entries, &zero);
+                    return done(read_entries_runs(pagemap, range, entries, &zero)?, plain);
                 }
                 let t = mincore_then_read(pagemap, range.clone(), entries, &zero)?;
                 if swap_active() {
                     // Swap came up while mincore ran: its "not resident" may be stale.
-                    return read_entries_runs(pagemap, range, entries, &zero);
+                    return done(read_entries_runs(pagemap, range, entries, &zero)?, plain);
                 }
-                Ok(t)
+                done(t, method)
             }
         }
     }
@@ -1073,6 +1126,7 @@ fn mincore_then_read(
     let mut buf = vec![0u8; entries * 8];
     let mut out = TableRuns::new();
     let mut at = range.start;
+    let mut retries = 0;
     while at < range.end {
         let pages = ((range.end - at) / page).min(vec.len());
         // SAFETY: `at..at+pages*page` lies inside one mapped VMA (the caller checked the range
@@ -1081,7 +1135,8 @@ fn mincore_then_read(
         let r = unsafe { libc::mincore(at as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
         if r != 0 {
             let e = crate::hostmap::errno();
-            if e == libc::EAGAIN || e == libc::EINTR {
+            if (e == libc::EAGAIN || e == libc::EINTR) && retries < 100 {
+                retries += 1;
                 continue;
             }
             return Err(Why::PageTables {
@@ -1142,14 +1197,10 @@ fn parse_maps_line(line: &str) -> Option<Vma> {
     })
 }
 
-/// The VMAs overlapping `start..end`, in address order.
-fn vmas_in(start: usize, end: usize) -> io::Result<Vec<Vma>> {
+/// This process's VMAs, in address order.
+fn all_vmas() -> io::Result<Vec<Vma>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
-    Ok(maps
-        .lines()
-        .filter_map(parse_maps_line)
-        .filter(|v| v.start < end && v.end > start)
-        .collect())
+    Ok(maps.lines().filter_map(parse_maps_line).collect())
 }
 
 /// The file behind a VMA: opened anew (its own file offset), or the caller's fd.
@@ -1166,16 +1217,44 @@ impl VmaFile<'_> {
             VmaFile::Borrowed(b) => *b,
         }
     }
+}
 
-    fn identity(&self) -> Option<((u32, u32), u64)> {
-        identity(self.as_fd())
+/// What one attempt of a scan collects.
+struct ScanState<'a> {
+    runs: Vec<Range<usize>>,
+    huge_files: Vec<HugeFile<'a>>,
+    /// The method the page tables were read with (the mincore pre-filter falls back to the
+    /// plain read while swap is active).
+    used: Method,
+}
+
+impl ScanState<'_> {
+    /// Adds a VMA's runs; a fallback method in any VMA is what the outcome reports.
+    fn add(&mut self, used: Method, mut runs: Vec<Range<usize>>) {
+        if matches!(used, Method::PagemapRead { .. }) {
+            self.used = used;
+        }
+        self.runs.append(&mut runs);
     }
 }
 
+enum Attempt {
+    Done(Outcome),
+    /// A hugetlbfs file changed while scanned: worth another attempt.
+    Changed(Why),
+    Failed(Why),
+}
+
+/// Page-table runs and the method that read them.
+struct Tables {
+    table: TableRuns,
+    used: Method,
+}
+
 /// A hugetlbfs file met in the range: its allocated bytes before the scan and the file pages
-/// found mapped here.
+/// found mapped in the range.
 struct HugeFile<'a> {
-    identity: Option<((u32, u32), u64)>,
+    identity: ((u32, u32), u64),
     before: Option<u64>,
     mapped_bytes: u64,
     file: VmaFile<'a>,
