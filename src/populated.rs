@@ -1131,9 +1131,8 @@ fn mincore_then_read(
     let mut retries = 0;
     while at < range.end {
         let pages = ((range.end - at) / page).min(vec.len());
-        // SAFETY: `at..at+pages*page` lies inside one mapped VMA (the caller checked the range
-        // against /proc/self/maps); `vec` has room for `pages` bytes. mincore does not touch
-        // the memory.
+        // SAFETY: mincore writes `pages` bytes into `vec`, which has room for them, and never
+        // touches the memory asked about (an address no longer mapped gives ENOMEM).
         let r = unsafe { libc::mincore(at as *mut libc::c_void, pages * page, vec.as_mut_ptr()) };
         if r != 0 {
             let e = crate::hostmap::errno();
