@@ -16,6 +16,7 @@ pub mod migration;
 pub mod monitor;
 pub mod objects;
 pub mod options;
+pub mod populated;
 pub mod ramblock;
 pub mod region;
 pub mod registry;
