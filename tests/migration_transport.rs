@@ -21,9 +21,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hostmem::migration::format::TARGET_PAGE_SIZE;
+use hostmem::migration::rate::{RateLimit, RateLimited};
 use hostmem::migration::transport::{
-    Cancel, Incoming, IncomingChannel, IncomingUri, MigrationUri, OutgoingChannel, RateLimit,
-    RateLimited, SocketAddress, TransportError,
+    Cancel, Incoming, IncomingChannel, IncomingUri, MigrationUri, OutgoingChannel, SocketAddress,
+    TransportError,
 };
 use hostmem::migration::{
     load, load_file, save_mapped_ram_file, save_stream, BufferSection, LoadOptions, LoadSummary,

@@ -13,7 +13,8 @@
 //! | [`section`] | [`SectionHandler`]: device state keyed by (idstr, instance), opaque payloads | `SaveStateEntry`, `SaveVMHandlers` |
 //! | [`ram`] | the `ram` section: setup, page records, zero test, loader checks, mapped-ram reader | `ram.c` (precopy half) |
 //! | [`stream`] | header, CONFIGURATION, framing, commands, EOF, VMDESCRIPTION; [`Saver`] and [`load`] | `savevm.c` |
-//! | [`transport`] | URIs (`tcp:`, `unix:`, `exec:`, `fd:`, `file:`) as channels; rate limit; cancel | `migration.c` (URIs), `socket.c`, `exec.c`, `fd.c`, `file.c`, `qemu-sockets.c` |
+//! | [`rate`] | `max-bandwidth`: 100 ms slices of `rate / 10` bytes, live-adjustable | `migration_rate_set`, `migration_rate_exceeded` |
+//! | [`transport`] | URIs (`tcp:`, `unix:`, `exec:`, `fd:`, `file:`) as channels; cancel | `migration.c` (URIs), `socket.c`, `exec.c`, `fd.c`, `file.c`, `qemu-sockets.c` |
 //!
 //! Shape, and why:
 //! * RAM is not a [`SectionHandler`]: its loader needs a [`RamLoadTarget`] and reports its
@@ -68,6 +69,8 @@ pub mod precopy;
 pub mod qemu_file;
 /// cbindgen:ignore
 pub mod ram;
+/// cbindgen:ignore
+pub mod rate;
 /// cbindgen:ignore
 pub mod section;
 /// cbindgen:ignore

@@ -6,8 +6,8 @@
 //! The loop knows nothing of machines, locks or KVM: it asks a [`PrecopyHost`] for what needs
 //! the machine (dirty tracking, the dirty pages, pausing the guest, the device sections) and
 //! reads RAM through a [`RamSnapshot`], which keeps the memory mapped while the machine is
-//! unlocked. Bandwidth is limited as QEMU limits it: at most `max-bandwidth / 10` bytes per
-//! 100 ms slice.
+//! unlocked. Bandwidth is limited as QEMU limits it (see [`super::rate`]): at most
+//! `max-bandwidth / 10` bytes per 100 ms slice, charged a chunk at a time.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use crate::error::{Error, HmErrorClass};
 use super::blocks::RamSnapshot;
 use super::format::TARGET_PAGE_SIZE;
 use super::ram::{PageRef, RamSource};
+use super::rate::{RateLimit, SliceBudget};
 use super::section::SectionHandler;
 use super::state::{MigrationStatus, Parameters, Progress};
 use super::stream::{SaveOptions, Saver};
@@ -26,9 +27,6 @@ const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 /// Pages per SECTION_PART: 1 MiB, small enough that rate limiting, cancellation and the
 /// statistics stay fine-grained.
 const CHUNK_PAGES: usize = 256;
-
-/// Rate limiting and statistics work in slices of this length, as QEMU's do.
-const SLICE: Duration = Duration::from_millis(100);
 
 /// Work done on the device sections of a migration.
 pub type SectionsFn<'a> = dyn FnMut(&mut [&mut dyn SectionHandler]) -> Result<(), Error> + 'a;
@@ -61,43 +59,6 @@ pub trait PrecopyHost {
     }
 }
 
-/// Keeps the byte rate under a limit, per slice, as QEMU's rate limiter does: once a slice's
-/// budget is spent, the sender waits for the next slice.
-struct RateLimit {
-    slice_start: Instant,
-    sent_in_slice: u64,
-}
-
-impl RateLimit {
-    fn new() -> Self {
-        RateLimit {
-            slice_start: Instant::now(),
-            sent_in_slice: 0,
-        }
-    }
-
-    /// Accounts `bytes` and sleeps if the slice's budget (`max_bandwidth / 10`) is spent.
-    fn charge(&mut self, bytes: u64, max_bandwidth: u64, progress: &Progress) {
-        self.sent_in_slice += bytes;
-        if max_bandwidth == 0 {
-            return;
-        }
-        let budget = (max_bandwidth / 10).max(1);
-        while self.sent_in_slice >= budget {
-            let elapsed = self.slice_start.elapsed();
-            if elapsed < SLICE {
-                if progress.cancel_requested() {
-                    return;
-                }
-                std::thread::sleep((SLICE - elapsed).min(Duration::from_millis(10)));
-                continue;
-            }
-            self.slice_start = Instant::now();
-            self.sent_in_slice -= budget.min(self.sent_in_slice);
-        }
-    }
-}
-
 /// Throughput bookkeeping for `info migrate`, updated once per slice.
 struct Meter {
     slice_start: Instant,
@@ -116,7 +77,7 @@ impl Meter {
 
     fn tick(&mut self, progress: &Progress, bytes: u64, pages: u64) {
         let elapsed = self.slice_start.elapsed();
-        if elapsed < SLICE {
+        if elapsed < RateLimit::SLICE {
             return;
         }
         let secs = elapsed.as_secs_f64();
@@ -139,10 +100,10 @@ struct Sender<'a, W: Write> {
     saver: Saver<W>,
     snap: &'a RamSnapshot,
     progress: &'a Progress,
-    limit: RateLimit,
+    rate: &'a RateLimit,
+    budget: SliceBudget,
     meter: Meter,
     pages_sent: u64,
-    max_bandwidth: u64,
 }
 
 impl<W: Write> Sender<'_, W> {
@@ -167,7 +128,16 @@ impl<W: Write> Sender<'_, W> {
                 s.normal_bytes += st.normal_pages * PAGE;
                 s.remaining = s.remaining.saturating_sub(chunk.len() as u64 * PAGE);
             });
-            self.limit.charge(bytes, self.max_bandwidth, self.progress);
+            self.budget.charge(bytes);
+            let progress = self.progress;
+            // A cancel ends the wait; the next chunk sees it.
+            let _ = self.budget.wait(self.rate, |left| {
+                if progress.cancel_requested() {
+                    return Err(());
+                }
+                std::thread::sleep(left.min(Duration::from_millis(10)));
+                Ok(())
+            });
             self.meter
                 .tick(self.progress, self.saver.position(), self.pages_sent);
         }
@@ -177,13 +147,16 @@ impl<W: Write> Sender<'_, W> {
 
 /// Migrates the host's guest over `out`: setup, bulk pass, dirty passes until the rest fits
 /// `downtime-limit` at the measured bandwidth (or `max_rounds` passes, when not 0), switchover.
+/// The passes keep to `rate` (which may change meanwhile); the switchover does not, as in QEMU.
 /// The guest keeps running on the source until the switchover and stays paused after success;
 /// on failure or cancellation it runs again. `progress` gets the status and statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn run_outgoing<W: Write>(
     host: &mut dyn PrecopyHost,
     out: W,
     opts: SaveOptions,
     params: &Parameters,
+    rate: &RateLimit,
     max_rounds: u64,
     progress: &Progress,
 ) -> Result<(), Error> {
@@ -195,6 +168,7 @@ pub fn run_outgoing<W: Write>(
         out,
         opts,
         params,
+        rate,
         max_rounds,
         progress,
         &mut stopped,
@@ -227,6 +201,7 @@ fn outgoing_rounds<W: Write>(
     out: W,
     mut opts: SaveOptions,
     params: &Parameters,
+    rate: &RateLimit,
     max_rounds: u64,
     progress: &Progress,
     stopped: &mut bool,
@@ -262,10 +237,10 @@ fn outgoing_rounds<W: Write>(
         saver,
         snap,
         progress,
-        limit: RateLimit::new(),
+        rate,
+        budget: SliceBudget::new(),
         meter: Meter::new(),
         pages_sent: 0,
-        max_bandwidth: params.max_bandwidth(),
     };
     let mut round_start = Instant::now();
     let mut round_bytes_start = sender.saver.position();
@@ -464,6 +439,7 @@ mod tests {
             &mut out,
             SaveOptions::new("none"),
             &params,
+            &RateLimit::new(params.max_bandwidth()),
             0,
             &progress,
         )
@@ -525,6 +501,7 @@ mod tests {
             &mut out,
             SaveOptions::new("none"),
             &params,
+            &RateLimit::new(params.max_bandwidth()),
             0,
             &progress,
         )
@@ -543,6 +520,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &Parameters::default(),
+            &RateLimit::default(),
             0,
             &progress,
         )
@@ -573,6 +551,7 @@ mod tests {
             Broken,
             SaveOptions::new("none"),
             &Parameters::default(),
+            &RateLimit::default(),
             0,
             &progress,
         )
@@ -591,6 +570,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &Parameters::default(),
+            &RateLimit::default(),
             0,
             &progress,
         )
@@ -613,6 +593,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &params,
+            &RateLimit::new(params.max_bandwidth()),
             0,
             &progress,
         )

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::rate::RateLimit;
 use crate::error::{Error, HmErrorClass};
 use crate::options::values::strtosz;
 
@@ -514,12 +515,27 @@ impl Progress {
 /// progress of the latest migration each way.
 #[derive(Default)]
 pub struct MigrationState {
-    pub parameters: Parameters,
+    parameters: Parameters,
+    /// `max-bandwidth`, shared with a running migration so that a change applies at once.
+    pub rate: RateLimit,
     pub capabilities: Capabilities,
     pub outgoing: Option<std::sync::Arc<Progress>>,
     pub incoming: Option<std::sync::Arc<Progress>>,
     /// `-global migration.send-switchover-start`: the machine type's default unless set.
     pub send_switchover_start: bool,
+}
+
+impl MigrationState {
+    pub fn parameters(&self) -> &Parameters {
+        &self.parameters
+    }
+
+    /// `migrate_set_parameter NAME VALUE`; a new `max-bandwidth` reaches a running migration.
+    pub fn set_parameter(&mut self, name: &str, value: &str) -> Result<(), Error> {
+        self.parameters.set(name, value)?;
+        self.rate.set(self.parameters.max_bandwidth());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 //! | [`OutgoingChannel`] | a connected, buffered [`Write`] with a byte counter | `*_start_outgoing_migration`, `QEMUFile` |
 //! | [`Incoming`], [`IncomingChannel`] | a listener set up at once, an accept; a [`BufRead`] (and [`Seek`] for `file:`) | `*_start_incoming_migration` |
 //! | [`Cancel`] | wakes whatever a transfer is blocked in, from any thread | `migration_cancel` → `qemu_file_shutdown` |
-//! | [`RateLimit`], [`RateLimited`] | `max-bandwidth`: `rate / 10` bytes per 100 ms slice | `migration_rate_set`, `migration_rate_exceeded` |
 //! | [`TransportError`] | every failure, `Display` in QEMU's words | the `error_setg`s of `io/` and `util/qemu-sockets.c` |
 //!
 //! Semantics carried over from QEMU 10.0.2 (each checked against the real binary):
@@ -52,8 +51,6 @@
 //! * `rdma:` and `vsock:` are recognised and refused as unsupported.
 //! * [`Cancel`] also wakes a transfer blocked in an `exec:` pipe, a pipe given with `fd:`, a
 //!   `connect` or an `accept`; QEMU's cancel can only shut sockets down.
-//! * The rate limiter splits writes at the slice's budget, so a slice never carries more than
-//!   `rate / 10` bytes; QEMU checks after each page and may run one page over.
 //!
 //! Everything blocking polls the descriptor together with the [`Cancel`]'s eventfd, so a
 //! cancel is seen at once whatever the peer does. Sockets are written with `MSG_NOSIGNAL` and
@@ -74,8 +71,6 @@
 //! [`OutgoingChannel`]: crate::migration::transport::OutgoingChannel
 //! [`OutgoingChannel::finish`]: crate::migration::transport::OutgoingChannel::finish
 //! [`OutgoingChannel::warnings`]: crate::migration::transport::OutgoingChannel::warnings
-//! [`RateLimit`]: crate::migration::transport::RateLimit
-//! [`RateLimited`]: crate::migration::transport::RateLimited
 //! [`Seek`]: std::io::Seek
 //! [`TransportError`]: crate::migration::transport::TransportError
 //! [`TransportError::CommandFailed`]: crate::migration::transport::TransportError::CommandFailed
@@ -91,7 +86,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -732,7 +727,7 @@ fn cancelled() -> io::Error {
 // ================================================================ cancellation
 
 /// Cancels a transfer from any thread: the [`OutgoingChannel`], [`Incoming::accept`] and
-/// [`IncomingChannel`] it was given to, and any [`RateLimited`] sleep, return
+/// [`IncomingChannel`] it was given to, and any [`Cancel::sleep`] (the rate limiter's), return
 /// [`TransportError::Cancelled`] at once. Sockets are shut down (the peer sees the connection
 /// end, as with QEMU's `migrate_cancel`) and `exec:` commands get SIGTERM. Clones share one
 /// state; a cancel is final.
@@ -2358,134 +2353,6 @@ impl fmt::Debug for IncomingChannel {
     }
 }
 
-// ================================================================ rate limiting
-
-/// A `max-bandwidth` in bytes per second, shared between the migration and whoever changes
-/// it while it runs (`migrate_set_parameter max-bandwidth`). 0 is unlimited, and, as in QEMU,
-/// so is anything under 10 B/s: the budget per slice is `rate / 10`, which is then 0.
-#[derive(Clone, Debug)]
-pub struct RateLimit(Arc<AtomicU64>);
-
-impl RateLimit {
-    /// QEMU's `BUFFER_DELAY`: the rate is enforced per slice of this length.
-    pub const SLICE: Duration = Duration::from_millis(100);
-    /// QEMU's default `max-bandwidth` (`MAX_THROTTLE`, 128 MiB/s).
-    pub const QEMU_DEFAULT: u64 = 128 << 20;
-
-    pub fn new(bytes_per_second: u64) -> RateLimit {
-        RateLimit(Arc::new(AtomicU64::new(bytes_per_second)))
-    }
-
-    /// Changes the rate; a running limiter uses it from its next write.
-    pub fn set(&self, bytes_per_second: u64) {
-        self.0.store(bytes_per_second, Ordering::SeqCst)
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// Bytes allowed per slice; 0 is unlimited (QEMU's `migration_rate_set`: `rate / 10`).
-    pub fn slice_budget(&self) -> u64 {
-        self.get() / (1000 / Self::SLICE.as_millis() as u64)
-    }
-}
-
-/// A writer that keeps to a [`RateLimit`] as QEMU's migration thread does: time is cut into
-/// 100 ms slices, each may carry `rate / 10` bytes, and a writer that spent a slice's budget
-/// waits for the slice to end. A slice starts at the first write after the previous one ended,
-/// so idle time earns no credit. The wait is cut short by the [`Cancel`], if one is given.
-pub struct RateLimited<W> {
-    inner: W,
-    limit: RateLimit,
-    cancel: Option<Cancel>,
-    slice_start: Instant,
-    slice_used: u64,
-    bytes: u64,
-}
-
-impl<W: Write> RateLimited<W> {
-    pub fn new(inner: W, limit: RateLimit) -> RateLimited<W> {
-        RateLimited {
-            inner,
-            limit,
-            cancel: None,
-            slice_start: Instant::now(),
-            slice_used: 0,
-            bytes: 0,
-        }
-    }
-
-    /// Lets `cancel` interrupt the limiter's waits.
-    pub fn with_cancel(mut self, cancel: &Cancel) -> RateLimited<W> {
-        self.cancel = Some(cancel.clone());
-        self
-    }
-
-    pub fn limit(&self) -> &RateLimit {
-        &self.limit
-    }
-
-    /// Bytes written through the limiter.
-    pub fn transferred(&self) -> u64 {
-        self.bytes
-    }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
-    }
-}
-
-impl<W: Write> Write for RateLimited<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        loop {
-            let now = Instant::now();
-            if now >= self.slice_start + RateLimit::SLICE {
-                self.slice_start = now;
-                self.slice_used = 0;
-            }
-            let budget = self.limit.slice_budget();
-            let allowed = if budget == 0 {
-                buf.len()
-            } else {
-                (budget.saturating_sub(self.slice_used) as usize).min(buf.len())
-            };
-            if allowed > 0 {
-                let n = self.inner.write(&buf[..allowed])?;
-                self.slice_used += n as u64;
-                self.bytes += n as u64;
-                return Ok(n);
-            }
-            let left = (self.slice_start + RateLimit::SLICE).saturating_duration_since(now);
-            match &self.cancel {
-                Some(c) => c.sleep(left)?,
-                None => std::thread::sleep(left),
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<W: Write + Seek> Seek for RateLimited<W> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.inner.seek(pos)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2717,45 +2584,5 @@ mod tests {
         let io: io::Error = TransportError::Cancelled.into();
         assert!(TransportError::from_io(&io).unwrap().is_cancelled());
         assert_eq!(io.to_string(), "migration cancelled");
-    }
-
-    #[test]
-    fn rate_budget_is_a_tenth_of_the_rate_and_tiny_rates_are_unlimited() {
-        let r = RateLimit::new(8 << 20);
-        assert_eq!(r.slice_budget(), (8 << 20) / 10);
-        r.set(9);
-        assert_eq!(r.slice_budget(), 0);
-        r.set(0);
-        assert_eq!(r.slice_budget(), 0);
-    }
-
-    #[test]
-    fn limiter_never_puts_more_than_the_budget_in_a_slice() {
-        // 100 KB/s: 10 000 bytes per slice; 25 000 bytes need three slices (~0.2 s).
-        let mut w = RateLimited::new(Vec::new(), RateLimit::new(100_000));
-        let t = Instant::now();
-        w.write_all(&[7u8; 25_000]).unwrap();
-        let dt = t.elapsed();
-        assert!(dt >= Duration::from_millis(195), "{dt:?}");
-        assert!(dt < Duration::from_millis(600), "{dt:?}");
-        assert_eq!(w.transferred(), 25_000);
-        assert_eq!(w.into_inner().len(), 25_000);
-    }
-
-    #[test]
-    fn a_cancel_ends_a_limiter_wait() {
-        let c = Cancel::new();
-        let mut w = RateLimited::new(Vec::new(), RateLimit::new(10)).with_cancel(&c);
-        w.limit().set(100); // 10 bytes per slice
-        let c2 = c.clone();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            c2.cancel();
-        });
-        let start = Instant::now();
-        let e = w.write_all(&[0u8; 1000]).unwrap_err();
-        t.join().unwrap();
-        assert!(TransportError::from_io(&e).unwrap().is_cancelled());
-        assert!(start.elapsed() < Duration::from_secs(2));
     }
 }

@@ -105,10 +105,8 @@ clear-bitmap-shift: 18\n";
 
     #[test]
     fn before_any_migration_only_the_globals_show() {
-        let st = MigrationState {
-            send_switchover_start: true,
-            ..Default::default()
-        };
+        let mut st = MigrationState::default();
+        st.send_switchover_start = true;
         assert_eq!(info_migrate(&st), GLOBALS);
     }
 
@@ -116,11 +114,9 @@ clear-bitmap-shift: 18\n";
     fn a_destination_shows_its_status_as_qemu_10_does() {
         let p = Arc::new(Progress::new(true));
         p.set_status(MigrationStatus::Completed);
-        let st = MigrationState {
-            send_switchover_start: true,
-            incoming: Some(p),
-            ..Default::default()
-        };
+        let mut st = MigrationState::default();
+        st.send_switchover_start = true;
+        st.incoming = Some(p);
         assert_eq!(
             info_migrate(&st),
             format!("{GLOBALS}Migration status: completed\ntotal time: 0 ms\n")
@@ -133,11 +129,9 @@ clear-bitmap-shift: 18\n";
         p.fail(&crate::Error::generic(
             "Failed to connect to '127.0.0.1:1': Connection refused",
         ));
-        let st = MigrationState {
-            send_switchover_start: true,
-            outgoing: Some(p),
-            ..Default::default()
-        };
+        let mut st = MigrationState::default();
+        st.send_switchover_start = true;
+        st.outgoing = Some(p);
         let text = info_migrate(&st);
         let rest = text.strip_prefix(GLOBALS).unwrap();
         let lines: Vec<&str> = rest.lines().collect();

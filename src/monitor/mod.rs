@@ -403,7 +403,7 @@ pub fn hmp(machine: &Machine, cmdline: &str) -> Result<String> {
             let m = machine.migration();
             Ok(match *cmd {
                 "migrate" => migration::info_migrate(m),
-                "migrate_parameters" => m.parameters.info(),
+                "migrate_parameters" => m.parameters().info(),
                 "migrate_capabilities" => m.capabilities.info(),
                 _ => machine.run().state.info(),
             })

@@ -69,7 +69,7 @@ pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<Str
         "migrate_set_parameter" => {
             let a = args::parse(cmd, "parameter:s,value:s", rest)?;
             with(id, |m| {
-                m.migration_mut().parameters.set(
+                m.migration_mut().set_parameter(
                     a.str("parameter").unwrap_or_default(),
                     a.str("value").unwrap_or_default(),
                 )

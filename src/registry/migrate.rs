@@ -161,7 +161,7 @@ pub fn start_outgoing(
     channel: OutgoingChannel,
     max_rounds: u64,
 ) -> Result<Arc<Progress>> {
-    let (progress, host, opts, params) = with(id, |m| {
+    let (progress, host, opts, params, rate) = with(id, |m| {
         match m.run().state {
             RunState::PostMigrate => {
                 return Err(Error::invalid(
@@ -193,7 +193,13 @@ pub fn start_outgoing(
                 m.run().state.name().to_string(),
             ))),
         };
-        Ok((progress, host, opts, m.migration().parameters.clone()))
+        Ok((
+            progress,
+            host,
+            opts,
+            m.migration().parameters().clone(),
+            m.migration().rate.clone(),
+        ))
     })?;
     let OutgoingChannel {
         writer,
@@ -208,7 +214,7 @@ pub fn start_outgoing(
             let mut host = host;
             host.finish = Some(finish);
             // Failures and cancellation are in the progress; the guest runs on then.
-            let _ = run_outgoing(&mut host, writer, opts, &params, max_rounds, &p);
+            let _ = run_outgoing(&mut host, writer, opts, &params, &rate, max_rounds, &p);
             p.set_interrupt(None);
         })
         .map_err(|e| {
