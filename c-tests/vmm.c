@@ -7,7 +7,8 @@
  *
  * The transcript on stdout is what a QEMU monitor shows on a terminal without the line
  * editor's escape sequences: the banner, then "(qemu) COMMAND" and the command's output for
- * every command read. A bad command line prints "vmm: <QEMU's message>" and exits 1.
+ * every command read. A bad command line prints "vmm: <QEMU's message>" and exits 1;
+ * -machine help (-M help, -M ?) prints QEMU's list of machine types and exits 0.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -315,6 +316,7 @@ int main(int argc, char **argv)
     MachineState *ms;
     pthread_t watcher;
     bool incoming;
+    char *help;
 
     argc = take_vmm_options(argc, argv);
     if (argc < 0) {
@@ -323,6 +325,16 @@ int main(int argc, char **argv)
     if (!boards_register_all(&err)) {
         error_report_err(err);
         return 1;
+    }
+    help = hm_machine_help_from_argv(argc, (const char *const *)argv, &err);
+    if (err) {
+        error_report_err(err);
+        return 1;
+    }
+    if (help) {
+        fputs(help, stdout);
+        hm_free(help);
+        return 0;
     }
     ms = hm_machine_new_from_argv(argc, (const char *const *)argv, &err);
     if (!ms) {

@@ -160,6 +160,18 @@ typedef struct MachineClass {
   // `hm_machine_free` before the machine's regions go, and so also when a machine fails
   // after its init ran. QEMU has no such hook because its process just exits. May be NULL.
   void (*cleanup)(struct MachineState *machine);
+  // QEMU's family: the versions of one machine ("pc_piix") list together in
+  // `-machine help`, newest first, before the standalone boards (NULL), which list by name.
+  const char *family;
+  // Non-NULL marks a deprecated machine type (QEMU 10: versions three years old or more):
+  // `-machine help` adds " (deprecated)", and building the machine warns
+  // "Machine type '<name>' is deprecated: <reason>" on stderr.
+  const char *deprecation_reason;
+  // QEMU's compat hook of old machine types: gets the RAM size once it is rounded up to
+  // 8 KiB (from -m, or the default size without -m) and returns the size to use, before
+  // anything is created; it may print, as QEMU's do. Not applied to the size of a
+  // `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
+  uint64_t (*fixup_ram_size)(uint64_t ram_size);
 } MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
@@ -430,6 +442,19 @@ bool hm_machine_class_register(const struct MachineClass *mc, struct Error **err
 struct MachineState *hm_machine_new_from_argv(int argc,
                                               const char *const *argv,
                                               struct Error **errp);
+
+// `-machine help` (`-M help`, `-M ?`): when the command line asks for the list of machine
+// types, returns what QEMU 10 prints for it (header, then every registered board in QEMU's
+// order and format; release with hm_free), and the VMM prints it on stdout and exits 0, as
+// QEMU does. Returns NULL without an error when the command line asks for no help. Fails
+// with QEMU's error where QEMU refuses the line before it lists anything (an option before
+// the help option, an unknown option anywhere; a line without help that does not parse fails
+// here as in hm_machine_new_from_argv), and when the help names a machine type (QEMU then
+// lists that type's properties, which hostmem cannot).
+//
+// # Safety
+// `argv` holds `argc` NUL-terminated strings.
+char *hm_machine_help_from_argv(int argc, const char *const *argv, struct Error **errp);
 
 // Frees a machine: the board's cleanup hook, then the machine (regions, RAMBlocks, backends,
 // the KVM VM once no vCPU of it runs). NULL is ignored.

@@ -6,6 +6,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import tempfile
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,6 +149,30 @@ class Recorder(unittest.TestCase):
     def test_program_name_becomes_vmm(self):
         self.assertEqual(record.clean_stderr("qemu-system-x86_64: -m foo: bad\nhint\n"),
                          "vmm: -m foo: bad\nhint\n")
+
+
+class Differences(unittest.TestCase):
+    def case(self, text):
+        fd, path = tempfile.mkstemp(suffix=".case")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        try:
+            return vc.Case(path)
+        finally:
+            os.unlink(path)
+
+    def test_qemu_differs_rewrites_the_expected_line_only(self):
+        case = self.case("args: -M help\n"
+                         r"qemu-differs: ^(s390-ccw-virtio-10\.0 .*) \(default\)$ => \1" "\n")
+        expected = "none                 empty machine\n" \
+                   "s390-ccw-virtio-10.0 Virtual s390x machine (version 10.0) (default)\n"
+        self.assertEqual(vc.apply_differences(expected, case.differs),
+                         "none                 empty machine\n"
+                         "s390-ccw-virtio-10.0 Virtual s390x machine (version 10.0)\n")
+
+    def test_qemu_differs_needs_an_arrow(self):
+        with self.assertRaises(ValueError):
+            self.case("qemu-differs: (default)\n")
 
 
 class Cases(unittest.TestCase):

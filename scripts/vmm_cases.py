@@ -10,6 +10,9 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
   expect: qemu | hand-written    where NAME.expected comes from; hand-written ones say why
   ignore-lines: REGEX            lines dropped from both sides before comparing (a part of the
                                  board QEMU has and vmm does not model; say which)
+  qemu-differs: REGEX => TEXT    where vmm differs from the oracle on purpose: every match (per
+                                 line) in the expected text is replaced by TEXT (\1 for groups)
+                                 before comparing, so vmm must print TEXT there (say why)
   compare: ram | full            good cases: compare the RAM view (default) or everything
   requires: kvm                  skipped (meson's status 77) where /dev/kvm is not usable
   xfail: WHY                     known to fail until the named part of hostmem lands: the
@@ -55,6 +58,7 @@ class Case:
         self.hmp = []
         self.expect = "qemu"
         self.ignore = []
+        self.differs = []
         self.compare = "ram"
         self.requires = []
         self.xfail = None
@@ -79,6 +83,11 @@ class Case:
                     self.expect = value.split()[0]
                 elif key == "ignore-lines":
                     self.ignore.append(re.compile(value))
+                elif key == "qemu-differs":
+                    pattern, arrow, text = value.partition(" => ")
+                    if not arrow:
+                        raise ValueError(f"{path}:{lineno}: expected 'REGEX => TEXT'")
+                    self.differs.append((re.compile(pattern, re.M), text))
                 elif key == "compare":
                     self.compare = value
                 elif key == "xfail":
@@ -277,6 +286,13 @@ def ram_view(stdout):
         flt = _FILTERS.get(cmd)
         out += flt(lines) if flt else lines
     return "\n".join(out) + "\n"
+
+
+def apply_differences(text, differs):
+    """The expected text with the case's deliberate differences (qemu-differs) applied."""
+    for pattern, replacement in differs:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def drop_ignored(text, patterns):

@@ -1,11 +1,23 @@
 #define _GNU_SOURCE
-/* Helpers every board file uses: board state, the cleanup hook, fatal errors. */
+/* Helpers every board file uses: registration, board state, the cleanup hook, fatal errors. */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "boards.h"
+
+bool board_register_classes(const MachineClass *classes, size_t n, Error **errp)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        if (!hm_machine_class_register(&classes[i], errp)) {
+            return false;
+        }
+    }
+    return true;
+}
 
 void board_machine_free(MachineState *ms)
 {

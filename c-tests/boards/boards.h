@@ -12,6 +12,7 @@
 #define VMM_BOARDS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "hostmem.h"
@@ -20,7 +21,34 @@
 #define MiB (1ULL << 20)
 #define GiB (1ULL << 30)
 
+/*
+ * Versioned machine types, the way QEMU's DEFINE_*_MACHINE macros make them: one init per
+ * family, and a table of MachineClass entries, one per version, named "<family>-<major>.<minor>".
+ * The versions are QEMU 10.0's, so the lifecycle rule is QEMU 10.0's too (include/hw/boards.h:
+ * MACHINE_VER_DEPRECATION): a version three or more major releases old (7.0 and older) is
+ * deprecated.
+ */
+#define BOARD_QEMU_VERSION_MAJOR 10
+#define BOARD_QEMU_VERSION_MINOR 0
+
+#define MACHINE_VER_STR(major, minor) #major "." #minor
+
+#define MACHINE_VER_DEPRECATION_MSG \
+    "machines more than 3 years old are subject to deletion after 6 years"
+
+#define MACHINE_VER_IS_DEPRECATED(major, minor) \
+    (BOARD_QEMU_VERSION_MAJOR - (major) > 3 || \
+     (BOARD_QEMU_VERSION_MAJOR - (major) == 3 && BOARD_QEMU_VERSION_MINOR - (minor) >= 0))
+
+/* The deprecation_reason of version major.minor: NULL while it is supported. */
+#define MACHINE_VER_DEPRECATION(major, minor) \
+    (MACHINE_VER_IS_DEPRECATED(major, minor) ? MACHINE_VER_DEPRECATION_MSG : NULL)
+
+/* Registers each of a family's @n classes, in order; the first failure is returned. */
+bool board_register_classes(const MachineClass *classes, size_t n, Error **errp);
+
 /* Registration, one per board file. */
+/* pc.c, q35.c, s390-ccw.c: every version of the family. */
 bool pc_i440fx_machine_register(Error **errp);
 bool pc_q35_machine_register(Error **errp);
 bool s390_ccw_machine_register(Error **errp);

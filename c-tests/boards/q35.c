@@ -1,4 +1,13 @@
-/* The Q35/ICH9 machine "pc-q35-10.0" (QEMU's hw/i386/pc_q35.c), memory part. */
+/*
+ * The Q35/ICH9 machine types "pc-q35-X.Y" (QEMU's hw/i386/pc_q35.c), memory part. One init
+ * serves every version.
+ *
+ * The versions are the ones QEMU 10.0 still supports (7.1 to 10.0). Their RAM-relevant
+ * differences are the i440FX ones (see pc.c: none in the layout; isa_bios_alias <= 9.0 with
+ * pflash only, broken_32bit_mem_addr_check <= 8.1, the migration compat properties); the
+ * other Q35 difference, max_cpus (1024 in 8.1 and 8.2, 288 in 8.0 and older), is not about
+ * RAM. Unlike i440FX, the latest Q35 version has the alias "q35" but is not the default.
+ */
 #include "boards.h"
 
 static void pc_q35_init(MachineState *machine)
@@ -12,19 +21,36 @@ static void pc_q35_init(MachineState *machine)
     pc_board_init(machine, lowmem);
 }
 
-static const MachineClass pc_q35_machine = {
-    .name = "pc-q35-10.0",
-    .alias = "q35",
-    .desc = "Standard PC (Q35 + ICH9, 2009)",
-    .init = pc_q35_init,
-    .cleanup = board_cleanup,
-    .default_ram_size = 128 * MiB,
-    .default_ram_id = "pc.ram",
-    .numa_mem_supported = false,
-    .is_default = false,
+/* QEMU's DEFINE_Q35_MACHINE. */
+#define Q35_MACHINE(major, minor, alias_)                 \
+    {                                                     \
+        .name = "pc-q35-" MACHINE_VER_STR(major, minor),  \
+        .alias = alias_,                                  \
+        .desc = "Standard PC (Q35 + ICH9, 2009)",         \
+        .family = "pc_q35",                               \
+        .init = pc_q35_init,                              \
+        .cleanup = board_cleanup,                         \
+        .default_ram_size = 128 * MiB,                    \
+        .default_ram_id = "pc.ram",                       \
+        .numa_mem_supported = false,                      \
+        .is_default = false,                              \
+        .deprecation_reason = MACHINE_VER_DEPRECATION(major, minor), \
+    }
+
+static const MachineClass pc_q35_machines[] = {
+    Q35_MACHINE(10, 0, "q35"),
+    Q35_MACHINE(9, 2, NULL),
+    Q35_MACHINE(9, 1, NULL),
+    Q35_MACHINE(9, 0, NULL),
+    Q35_MACHINE(8, 2, NULL),
+    Q35_MACHINE(8, 1, NULL),
+    Q35_MACHINE(8, 0, NULL),
+    Q35_MACHINE(7, 2, NULL),
+    Q35_MACHINE(7, 1, NULL),
 };
 
 bool pc_q35_machine_register(Error **errp)
 {
-    return hm_machine_class_register(&pc_q35_machine, errp);
+    return board_register_classes(pc_q35_machines,
+                                  sizeof(pc_q35_machines) / sizeof(pc_q35_machines[0]), errp);
 }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::ffi::backend::{hm_memory_backend_find, HostMemoryBackend};
 use crate::ffi::memory::{forget_machine, take_pending_error, MemoryRegion, Object};
 use crate::ffi::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
+use crate::machine::boards::BoardListing;
 use crate::machine::{BoardInfo, BoardRegistry};
 use crate::options::cmdline::{Accel, Cmdline};
 use crate::registry::{self, MachineId, PendingMachine};
@@ -44,6 +45,18 @@ pub struct MachineClass {
     /// `hm_machine_free` before the machine's regions go, and so also when a machine fails
     /// after its init ran. QEMU has no such hook because its process just exits. May be NULL.
     pub cleanup: Option<unsafe extern "C" fn(machine: *mut MachineState)>,
+    /// QEMU's family: the versions of one machine ("pc_piix") list together in
+    /// `-machine help`, newest first, before the standalone boards (NULL), which list by name.
+    pub family: *const c_char,
+    /// Non-NULL marks a deprecated machine type (QEMU 10: versions three years old or more):
+    /// `-machine help` adds " (deprecated)", and building the machine warns
+    /// "Machine type '<name>' is deprecated: <reason>" on stderr.
+    pub deprecation_reason: *const c_char,
+    /// QEMU's compat hook of old machine types: gets the RAM size once it is rounded up to
+    /// 8 KiB (from -m, or the default size without -m) and returns the size to use, before
+    /// anything is created; it may print, as QEMU's do. Not applied to the size of a
+    /// `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
+    pub fixup_ram_size: Option<unsafe extern "C" fn(ram_size: u64) -> u64>,
 }
 
 /// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
@@ -106,6 +119,17 @@ fn board_info(mc: &MachineClass) -> BoardInfo {
     }
 }
 
+fn board_listing(mc: &MachineClass) -> BoardListing {
+    // SAFETY: class strings are static NUL-terminated strings (registration contract).
+    unsafe {
+        BoardListing {
+            desc: opt_str(mc.desc),
+            family: opt_str(mc.family),
+            deprecation_reason: opt_str(mc.deprecation_reason),
+        }
+    }
+}
+
 /// Registers a board type. `mc` and its strings must stay valid for the whole process (static
 /// storage, as QEMU's type_init classes are). A name or alias already taken is an error.
 ///
@@ -119,7 +143,7 @@ pub unsafe extern "C" fn hm_machine_class_register(
     guard(errp, false, || {
         // SAFETY: by this function's contract.
         let class = unsafe { ref_arg(mc, "mc") }?;
-        boards().register(board_info(class), ClassPtr(mc))?;
+        boards().register(board_info(class), board_listing(class), ClassPtr(mc))?;
         Ok(true)
     })
 }
@@ -148,12 +172,22 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
 ) -> *mut MachineState {
     guard(errp, null_mut(), || {
         // SAFETY: forwarded caller contract.
-        let cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
-        let (info, mc) = {
+        let mut cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
+        if cmd.machine_help {
+            return Err(Error::invalid(
+                "the command line asks for the list of machine types: use hm_machine_help_from_argv()",
+            ));
+        }
+        let (mut info, mc) = {
             let boards = boards();
             let (info, class) = boards.find(cmd.machine_type.as_deref())?;
             (info.clone(), class.0)
         };
+        // SAFETY: `mc` is a registered class (static, per the registration contract).
+        let class = unsafe { &*mc };
+        check_objects_as_read(&cmd)?;
+        fixup_ram_size(class, &mut cmd, &mut info);
+        warn_if_deprecated(class, &cmd, &info)?;
         let mut pending = PendingMachine::start(&cmd, &info)?;
         let ms = new_machine_state(pending.id(), mc, &cmd)?;
         // The board runs with no hostmem lock held, so it may call any hostmem function.
@@ -174,6 +208,108 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
         }
         pending.commit();
         Ok(ms)
+    })
+}
+
+/// The class's `fixup_ram_size`, where QEMU's machine_set_mem calls it: on the size -m gives
+/// (or the board's default without -m), rounded up to 8 KiB first. A size that overflows the
+/// rounding is left for the generic code to refuse.
+fn fixup_ram_size(class: &MachineClass, cmd: &mut Cmdline, info: &mut BoardInfo) {
+    let Some(fixup) = class.fixup_ram_size else {
+        return;
+    };
+    const ALIGN: u64 = 8192;
+    let size = cmd.memory.size.unwrap_or(info.default_ram_size);
+    let Some(aligned) = size.checked_add(ALIGN - 1).map(|s| s & !(ALIGN - 1)) else {
+        return;
+    };
+    // SAFETY: the board's hook takes and returns a size; it runs with no hostmem lock held.
+    let fixed = unsafe { fixup(aligned) };
+    match cmd.memory.size {
+        Some(_) => cmd.memory.size = Some(fixed),
+        None => info.default_ram_size = fixed,
+    }
+}
+
+/// What QEMU refuses while it reads each `-object` (type, id, members, value syntax): those
+/// errors come before anything the machine checks, as in QEMU. Creating the objects comes
+/// later ([`PendingMachine::start`]), which reads them again.
+fn check_objects_as_read(cmd: &Cmdline) -> Result<()> {
+    let objects = crate::objects::ObjectRegistry::default();
+    for object in &cmd.objects {
+        objects
+            .parse_opts(&object.text)
+            .map_err(|e| e.at("-object", &object.text))?;
+    }
+    Ok(())
+}
+
+/// QEMU's warning for a deprecated machine type, printed where QEMU prints it: after the
+/// `-object` syntax and the RAM size were checked (a bad one fails without the warning),
+/// before any backend is created. (QEMU also checks the `-machine` properties first; hostmem
+/// checks them while configuring, after this warning.)
+fn warn_if_deprecated(class: &MachineClass, cmd: &Cmdline, info: &BoardInfo) -> Result<()> {
+    // SAFETY: class strings are static NUL-terminated strings (registration contract).
+    let Some(reason) = (unsafe { opt_str(class.deprecation_reason) }) else {
+        return Ok(());
+    };
+    crate::machine::resolve_ram_size(cmd, info)?;
+    eprintln!(
+        "{}: warning: Machine type '{}' is deprecated: {reason}",
+        crate::ffi::error::program_name(),
+        info.name
+    );
+    Ok(())
+}
+
+/// What QEMU prints for `-machine help` on this command line, or `None` when it asks for no
+/// help. Options before the help option are read as QEMU reads them; the `-object` ones among
+/// them too (QEMU checks their syntax while reading). A type named with the help request
+/// means its property list in QEMU, which hostmem does not have.
+fn machine_help(args: &[String]) -> Result<Option<String>> {
+    let cmd = Cmdline::parse(args)?;
+    if !cmd.machine_help {
+        return Ok(None);
+    }
+    check_objects_as_read(&cmd)?;
+    let boards = boards();
+    if let Some((info, _)) = cmd
+        .machine_type
+        .as_deref()
+        .and_then(|t| boards.find(Some(t)).ok())
+    {
+        return Err(Error::new(
+            crate::error::HmErrorClass::Unsupported,
+            format!(
+                "listing the properties of machine type '{}' is not supported",
+                info.name
+            ),
+        ));
+    }
+    Ok(Some(boards.help_text()))
+}
+
+/// `-machine help` (`-M help`, `-M ?`): when the command line asks for the list of machine
+/// types, returns what QEMU 10 prints for it (header, then every registered board in QEMU's
+/// order and format; release with hm_free), and the VMM prints it on stdout and exits 0, as
+/// QEMU does. Returns NULL without an error when the command line asks for no help. Fails
+/// with QEMU's error where QEMU refuses the line before it lists anything (an option before
+/// the help option, an unknown option anywhere; a line without help that does not parse fails
+/// here as in hm_machine_new_from_argv), and when the help names a machine type (QEMU then
+/// lists that type's properties, which hostmem cannot).
+///
+/// # Safety
+/// `argv` holds `argc` NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_help_from_argv(
+    argc: c_int,
+    argv: *const *const c_char,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    guard(errp, null_mut(), || {
+        // SAFETY: forwarded caller contract.
+        let args = unsafe { argv_strings(argc, argv) }?;
+        Ok(machine_help(&args)?.map_or(null_mut(), |text| c_string(&text)))
     })
 }
 
@@ -374,4 +510,73 @@ pub extern "C" fn size_to_str(size: u64) -> *mut c_char {
     guard_report(null_mut(), || {
         Ok(c_string(&crate::options::values::size_to_str(size)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// s390's rule for 4.2 and older, in short: whole 2 MiB increments.
+    unsafe extern "C" fn round_to_2m(size: u64) -> u64 {
+        size & !((2 << 20) - 1)
+    }
+
+    fn class(fixup: Option<unsafe extern "C" fn(u64) -> u64>) -> MachineClass {
+        MachineClass {
+            name: c"s390-ccw-virtio-4.2".as_ptr(),
+            alias: std::ptr::null(),
+            desc: std::ptr::null(),
+            init: None,
+            default_ram_size: 129 << 20,
+            default_ram_id: c"s390.ram".as_ptr(),
+            numa_mem_supported: false,
+            is_default: false,
+            no_cpus_by_default: false,
+            no_numa_support: true,
+            cleanup: None,
+            family: std::ptr::null(),
+            deprecation_reason: std::ptr::null(),
+            fixup_ram_size: fixup,
+        }
+    }
+
+    /// (the -m size, the board's default) after the class's fixup for `args`.
+    fn fixed(fixup: Option<unsafe extern "C" fn(u64) -> u64>, args: &[&str]) -> (Option<u64>, u64) {
+        let class = class(fixup);
+        let mut cmd = Cmdline::parse(args).unwrap();
+        let mut info = board_info(&class);
+        fixup_ram_size(&class, &mut cmd, &mut info);
+        (cmd.memory.size, info.default_ram_size)
+    }
+
+    #[test]
+    fn the_fixup_gets_the_m_size_rounded_up_to_8k() {
+        // 4 MiB - 1 byte is rounded up to 8 KiB first (4 MiB), so rounding down to 2 MiB keeps
+        // 4 MiB; without the first step it would be 2 MiB.
+        assert_eq!(
+            fixed(Some(round_to_2m), &["-m", "4194303B"]),
+            (Some(4 << 20), 129 << 20)
+        );
+        assert_eq!(
+            fixed(Some(round_to_2m), &["-m", "2001M"]),
+            (Some(2000 << 20), 129 << 20)
+        );
+    }
+
+    #[test]
+    fn without_m_the_fixup_gets_the_default_size() {
+        assert_eq!(fixed(Some(round_to_2m), &[]), (None, 128 << 20));
+        assert_eq!(fixed(Some(round_to_2m), &["-m", "0"]), (None, 128 << 20));
+    }
+
+    #[test]
+    fn without_a_fixup_nothing_changes_and_a_backend_size_is_never_fixed() {
+        assert_eq!(fixed(None, &["-m", "2001M"]), (Some(2001 << 20), 129 << 20));
+        // memory-backend= without -m: the default is fixed, but the backend's size replaces
+        // it later (Machine::configure), untouched, as in QEMU.
+        assert_eq!(
+            fixed(Some(round_to_2m), &["-M", "memory-backend=m0"]),
+            (None, 128 << 20)
+        );
+    }
 }

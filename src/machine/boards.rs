@@ -3,7 +3,10 @@
 //!
 //! The registry is generic over what a caller keeps beside each board (the C skin keeps the
 //! board's `MachineClass *`), so the rules (unique names and aliases, the default board,
-//! QEMU's words when `-M` names nothing) exist once, for C and Rust callers alike.
+//! QEMU's words when `-M` names nothing, the `-machine help` listing) exist once, for C and Rust
+//! callers alike.
+
+use std::cmp::Ordering;
 
 use crate::error::{Error, HmErrorClass, Result};
 
@@ -32,11 +35,35 @@ impl BoardInfo {
     fn answers_to(&self, name: &str) -> bool {
         self.name == name || self.alias.as_deref() == Some(name)
     }
+
+    /// The QOM type name QEMU sorts the listing by ("pc-i440fx-10.0-machine").
+    fn type_name(&self) -> String {
+        format!("{}-machine", self.name)
+    }
 }
 
-/// The registered boards, each with the caller's `T`.
+/// What `-machine help` shows of a board beside its name, alias and default mark: QEMU's
+/// `MachineClass` `desc`, `family` and `deprecation_reason`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BoardListing {
+    /// One line for people, e.g. "Standard PC (i440FX + PIIX, 1996)".
+    pub desc: Option<String>,
+    /// The versions of one machine share a family ("pc_piix", "pc_q35"); `None` for a
+    /// standalone board.
+    pub family: Option<String>,
+    /// Set for a deprecated machine type: listed with "(deprecated)"; the C skin warns with it
+    /// when the type is built.
+    pub deprecation_reason: Option<String>,
+}
+
+/// The header line of `-machine help`.
+pub const HELP_HEADER: &str = "Supported machines are:";
+
+/// The registered boards, each with its listing and the caller's `T`.
 pub struct BoardRegistry<T> {
     boards: Vec<(BoardInfo, T)>,
+    /// `listings[i]` belongs to `boards[i]`.
+    listings: Vec<BoardListing>,
 }
 
 impl<T> Default for BoardRegistry<T> {
@@ -47,11 +74,14 @@ impl<T> Default for BoardRegistry<T> {
 
 impl<T> BoardRegistry<T> {
     pub const fn new() -> Self {
-        BoardRegistry { boards: Vec::new() }
+        BoardRegistry {
+            boards: Vec::new(),
+            listings: Vec::new(),
+        }
     }
 
     /// Adds a board; a name or alias another board already answers to is refused.
-    pub fn register(&mut self, info: BoardInfo, extra: T) -> Result<()> {
+    pub fn register(&mut self, info: BoardInfo, listing: BoardListing, extra: T) -> Result<()> {
         if info.name.is_empty() {
             return Err(Error::invalid("Parameter 'mc.name' is missing"));
         }
@@ -65,6 +95,7 @@ impl<T> BoardRegistry<T> {
             ));
         }
         self.boards.push((info, extra));
+        self.listings.push(listing);
         Ok(())
     }
 
@@ -88,6 +119,52 @@ impl<T> BoardRegistry<T> {
             };
             e.with_hint("Use -machine help to list supported machines\n")
         })
+    }
+
+    /// The boards in the order `-machine help` lists them (QEMU's `machine_class_cmp` over
+    /// the type names): families first, by family name, each family newest version first (a
+    /// plain string comparison, so "pc-i440fx-9.2" comes before "pc-i440fx-10.0", as in QEMU);
+    /// then the standalone boards, in increasing order of name.
+    pub fn in_help_order(&self) -> Vec<(&BoardInfo, &BoardListing)> {
+        let mut all: Vec<_> = self
+            .boards
+            .iter()
+            .map(|(info, _)| info)
+            .zip(&self.listings)
+            .map(|(info, listing)| (info, listing, info.type_name()))
+            .collect();
+        all.sort_by(|(_, l1, t1), (_, l2, t2)| match (&l1.family, &l2.family) {
+            (None, None) => t1.cmp(t2),
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(f1), Some(f2)) => f1.cmp(f2).then_with(|| t2.cmp(t1)),
+        });
+        all.into_iter().map(|(i, l, _)| (i, l)).collect()
+    }
+
+    /// What `-machine help` prints, byte for byte as QEMU 10's `machine_help_func`: the header,
+    /// then per board an "(alias of NAME)" line for its alias first, then its own line with
+    /// " (default)" and " (deprecated)" marks; names padded to 20 columns (longer ones push
+    /// the description right), a board without a description shows glibc's "(null)".
+    pub fn help_text(&self) -> String {
+        let mut out = format!("{HELP_HEADER}\n");
+        for (info, listing) in self.in_help_order() {
+            let desc = listing.desc.as_deref().unwrap_or("(null)");
+            if let Some(alias) = &info.alias {
+                out += &format!("{alias:<20} {desc} (alias of {})\n", info.name);
+            }
+            out += &format!(
+                "{:<20} {desc}{}{}\n",
+                info.name,
+                if info.is_default { " (default)" } else { "" },
+                if listing.deprecation_reason.is_some() {
+                    " (deprecated)"
+                } else {
+                    ""
+                }
+            );
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -116,12 +193,20 @@ mod tests {
         }
     }
 
+    fn listed(family: Option<&str>) -> BoardListing {
+        BoardListing {
+            desc: Some("Some board".into()),
+            family: family.map(str::to_string),
+            deprecation_reason: None,
+        }
+    }
+
     #[test]
     fn boards_are_found_by_name_alias_or_default() {
         let mut r = BoardRegistry::default();
-        r.register(board("pc-i440fx-10.0", Some("pc"), true), 1)
+        r.register(board("pc-i440fx-10.0", Some("pc"), true), listed(None), 1)
             .unwrap();
-        r.register(board("pc-q35-10.0", Some("q35"), false), 2)
+        r.register(board("pc-q35-10.0", Some("q35"), false), listed(None), 2)
             .unwrap();
         assert_eq!(r.find(Some("q35")).unwrap().1, 2);
         assert_eq!(r.find(Some("pc-i440fx-10.0")).unwrap().1, 1);
@@ -137,19 +222,19 @@ mod tests {
     #[test]
     fn names_and_aliases_are_unique_across_boards() {
         let mut r = BoardRegistry::default();
-        r.register(board("pc-i440fx-10.0", Some("pc"), true), ())
+        r.register(board("pc-i440fx-10.0", Some("pc"), true), listed(None), ())
             .unwrap();
         for clash in [
             board("pc", None, false),
             board("other", Some("pc-i440fx-10.0"), false),
             board("other", Some("pc"), false),
         ] {
-            let e = r.register(clash, ()).unwrap_err();
+            let e = r.register(clash, listed(None), ()).unwrap_err();
             assert_eq!(e.class(), HmErrorClass::Duplicate);
         }
         assert_eq!(r.len(), 1);
         assert_eq!(
-            r.register(board("", None, false), ())
+            r.register(board("", None, false), listed(None), ())
                 .unwrap_err()
                 .message(),
             "Parameter 'mc.name' is missing"
@@ -159,10 +244,142 @@ mod tests {
     #[test]
     fn without_a_default_board_no_m_is_an_error() {
         let mut r = BoardRegistry::default();
-        r.register(board("none", None, false), ()).unwrap();
+        r.register(board("none", None, false), listed(None), ())
+            .unwrap();
         assert_eq!(
             r.find(None).unwrap_err().message(),
             "No machine specified, and there is no default"
+        );
+    }
+
+    /// A test board: (name, alias, family, is_default, deprecated).
+    type Listed<'a> = (&'a str, Option<&'a str>, Option<&'a str>, bool, bool);
+
+    /// Registers the boards in the order given.
+    fn registry(boards: &[Listed]) -> BoardRegistry<()> {
+        let mut r = BoardRegistry::default();
+        for &(name, alias, family, is_default, deprecated) in boards {
+            let listing = BoardListing {
+                deprecation_reason: deprecated.then(|| "too old".to_string()),
+                ..listed(family)
+            };
+            r.register(board(name, alias, is_default), listing, ())
+                .unwrap();
+        }
+        r
+    }
+
+    fn names_in_help_order(r: &BoardRegistry<()>) -> Vec<&str> {
+        r.in_help_order()
+            .into_iter()
+            .map(|(b, _)| b.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn families_list_first_newest_version_first_by_plain_string_order() {
+        // Registration order does not matter; QEMU compares type names as strings, so
+        // "9.2" sorts above "10.0" and "2.4" above "2.12".
+        let r = registry(&[
+            ("none", None, None, false, false),
+            ("pc-q35-10.0", Some("q35"), Some("pc_q35"), false, false),
+            ("pc-i440fx-2.12", None, Some("pc_piix"), false, true),
+            ("pc-i440fx-10.0", Some("pc"), Some("pc_piix"), true, false),
+            ("pc-i440fx-9.2", None, Some("pc_piix"), false, false),
+            ("pc-i440fx-2.4", None, Some("pc_piix"), false, true),
+            ("pc-q35-9.2", None, Some("pc_q35"), false, false),
+            ("isapc", None, None, false, false),
+        ]);
+        assert_eq!(
+            names_in_help_order(&r),
+            [
+                "pc-i440fx-9.2",
+                "pc-i440fx-2.4",
+                "pc-i440fx-2.12",
+                "pc-i440fx-10.0",
+                "pc-q35-9.2",
+                "pc-q35-10.0",
+                "isapc",
+                "none",
+            ]
+        );
+    }
+
+    #[test]
+    fn standalone_boards_sort_by_type_name_increasing() {
+        // As QEMU's s390x listing: no family, so "10.0" comes first and "2.9" after "2.12".
+        let r = registry(&[
+            ("s390-ccw-virtio-2.9", None, None, false, true),
+            ("s390-ccw-virtio-2.12", None, None, false, true),
+            (
+                "s390-ccw-virtio-10.0",
+                Some("s390-ccw-virtio"),
+                None,
+                true,
+                false,
+            ),
+            ("none", None, None, false, false),
+        ]);
+        assert_eq!(
+            names_in_help_order(&r),
+            [
+                "none",
+                "s390-ccw-virtio-10.0",
+                "s390-ccw-virtio-2.12",
+                "s390-ccw-virtio-2.9"
+            ]
+        );
+        // The "-machine" suffix takes part: "a-machine" sorts after "a-b-machine" ('m' > 'b'),
+        // where the bare names would sort the other way.
+        let r = registry(&[
+            ("a", None, None, false, false),
+            ("a-b", None, None, false, false),
+        ]);
+        assert_eq!(names_in_help_order(&r), ["a-b", "a"]);
+    }
+
+    #[test]
+    fn help_text_is_qemus_byte_for_byte() {
+        let r = registry(&[
+            ("pc-i440fx-10.0", Some("pc"), Some("pc_piix"), true, false),
+            ("pc-i440fx-7.0", None, Some("pc_piix"), false, true),
+            (
+                "s390-ccw-virtio-10.0",
+                Some("s390-ccw-virtio"),
+                None,
+                false,
+                false,
+            ),
+            ("a-machine-name-over-20", None, None, false, false),
+        ]);
+        assert_eq!(
+            r.help_text(),
+            "Supported machines are:\n\
+             pc-i440fx-7.0        Some board (deprecated)\n\
+             pc                   Some board (alias of pc-i440fx-10.0)\n\
+             pc-i440fx-10.0       Some board (default)\n\
+             a-machine-name-over-20 Some board\n\
+             s390-ccw-virtio      Some board (alias of s390-ccw-virtio-10.0)\n\
+             s390-ccw-virtio-10.0 Some board\n"
+        );
+    }
+
+    #[test]
+    fn default_and_deprecated_marks_come_in_qemus_order_and_no_desc_is_null() {
+        let mut r = BoardRegistry::default();
+        let listing = BoardListing {
+            desc: None,
+            family: None,
+            deprecation_reason: Some("old".into()),
+        };
+        r.register(board("old", None, true), listing, ()).unwrap();
+        assert_eq!(
+            r.help_text(),
+            "Supported machines are:\nold                  (null) (default) (deprecated)\n"
+        );
+        assert_eq!(
+            BoardRegistry::<()>::default().help_text(),
+            "Supported machines are:\n"
         );
     }
 }

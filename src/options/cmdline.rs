@@ -66,6 +66,11 @@ pub struct Cmdline {
     pub incoming: Option<String>,
     /// `-global migration.send-switchover-start=on|off` (the machine type's default if absent).
     pub send_switchover_start: Option<bool>,
+    /// `-machine help` (`-M help`, `-M ?`): QEMU lists the machine types and exits right there
+    /// (with `machine_type` set by it or an earlier `-M`, it lists that type's properties
+    /// instead). Parsing stops at that option; the ones after it were only checked for being
+    /// known and having their argument.
+    pub machine_help: bool,
 }
 
 /// Options taking an argument that mean nothing to hostmem and are accepted as in QEMU.
@@ -81,10 +86,71 @@ const IGNORED_FLAGS: &[&str] = &[
     "-no-user-config",
 ];
 
+/// Whether option `opt` (with one leading dash) takes an argument; `None` for an option
+/// hostmem does not know.
+fn takes_argument(opt: &str) -> Option<bool> {
+    if IGNORED_FLAGS.contains(&opt) || matches!(opt, "-S" | "-mem-prealloc" | "-enable-kvm") {
+        return Some(false);
+    }
+    let with_arg = matches!(
+        opt,
+        "-m" | "-M"
+            | "-machine"
+            | "-mem-path"
+            | "-object"
+            | "-numa"
+            | "-smp"
+            | "-accel"
+            | "-monitor"
+            | "-incoming"
+            | "-global"
+    ) || IGNORED_WITH_ARG.contains(&opt);
+    with_arg.then_some(true)
+}
+
+/// QEMU accepts "--opt" as "-opt".
+fn single_dash(raw: &str) -> &str {
+    if raw.starts_with("--") {
+        &raw[1..]
+    } else {
+        raw
+    }
+}
+
+/// QEMU's first pass over argv, before any option is acted on: every option must be known
+/// and have its argument. Bare words are left to the second pass.
+fn check_options<S: AsRef<str>>(args: &[S]) -> Result<()> {
+    let mut i = 0;
+    while i < args.len() {
+        let raw = args[i].as_ref();
+        i += 1;
+        if !raw.starts_with('-') || raw == "-" {
+            continue;
+        }
+        match takes_argument(single_dash(raw)) {
+            None => return Err(OptionError::InvalidOption(raw.to_string())),
+            Some(true) if i == args.len() => {
+                return Err(OptionError::RequiresArgument(raw.to_string()))
+            }
+            Some(true) => i += 1,
+            Some(false) => {}
+        }
+    }
+    Ok(())
+}
+
 impl Cmdline {
     /// Reads `args` (without the program name).
+    ///
+    /// As in QEMU, a value is refused either while its option is read (syntax, `-m` sizes,
+    /// `-object`, `-monitor`) or once all options are read (`-accel`, `-numa`, `-smp`, a bare
+    /// `-m` that overflows as MiB); the first error of the first kind wins, then the first of
+    /// the second. `-machine help` ends the reading: only errors of the first kind before it
+    /// count.
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Cmdline> {
+        check_options(args)?;
         let mut c = Cmdline::default();
+        let mut later: Option<OptionError> = None;
         let mut i = 0;
         while i < args.len() {
             let raw = args[i].as_ref();
@@ -93,12 +159,7 @@ impl Cmdline {
                 // QEMU takes a bare word as the disk image; hostmem has no disks.
                 return Err(OptionError::DiskImage(raw.to_string()));
             }
-            // QEMU accepts "--opt" as "-opt".
-            let opt = if raw.starts_with("--") {
-                &raw[1..]
-            } else {
-                raw
-            };
+            let opt = single_dash(raw);
             if IGNORED_FLAGS.contains(&opt) {
                 continue;
             }
@@ -115,20 +176,7 @@ impl Cmdline {
                 c.parse_accel("kvm")?;
                 continue;
             }
-            let takes_arg = matches!(
-                opt,
-                "-m" | "-M"
-                    | "-machine"
-                    | "-mem-path"
-                    | "-object"
-                    | "-numa"
-                    | "-smp"
-                    | "-accel"
-                    | "-monitor"
-                    | "-incoming"
-                    | "-global"
-            ) || IGNORED_WITH_ARG.contains(&opt);
-            if !takes_arg {
+            if takes_argument(opt) != Some(true) {
                 return Err(OptionError::InvalidOption(raw.to_string()));
             }
             let Some(arg) = args.get(i).map(|a| a.as_ref()) else {
@@ -136,26 +184,53 @@ impl Cmdline {
             };
             i += 1;
             let at = |e: OptionError| e.at(opt, arg);
+            let mut defer = |e: OptionError| {
+                later.get_or_insert(e);
+            };
             match opt {
                 "-m" => {
-                    // QEMU checks a bare number again once it has appended "M", without the
-                    // option's location: that second failure comes back as a generic error.
-                    c.memory = parse_memory(arg).map_err(|e| located(e, at))?;
+                    // QEMU checks a bare number again once it has appended "M", later and
+                    // without the option's location.
+                    match parse_memory(arg) {
+                        Ok(m) => c.memory = m,
+                        Err(e) if e.is_located() => return Err(at(e)),
+                        Err(e) => defer(e),
+                    }
                     c.memory_text = Some(arg.to_string());
                 }
-                "-M" | "-machine" => c.parse_machine(arg).map_err(at)?,
+                "-M" | "-machine" => {
+                    if let Some(help_type) = machine_help(arg).map_err(at)? {
+                        c.machine_help = true;
+                        c.machine_type = help_type.or(c.machine_type.take());
+                        return Ok(c);
+                    }
+                    c.parse_machine(arg).map_err(at)?
+                }
                 "-mem-path" => c.mem_path = Some(arg.to_string()),
                 "-object" => c.objects.push(ObjectOption {
                     text: arg.to_string(),
                 }),
+                // QEMU reads the syntax now and the nodes once all options are read.
                 "-numa" => {
-                    if let Some(node) = parse_numa(arg).map_err(at)? {
-                        c.numa.push(node);
+                    parse_keyval(arg, Some("type")).map_err(at)?;
+                    match parse_numa(arg) {
+                        Ok(Some(node)) => c.numa.push(node),
+                        Ok(None) => {}
+                        Err(e) => defer(at(e)),
                     }
                 }
-                // QEMU checks the topology after reading the option, without its location.
-                "-smp" => c.smp_cpus = Some(parse_smp(arg).map_err(|e| located(e, at))?),
-                "-accel" => c.parse_accel(arg).map_err(at)?,
+                // QEMU checks the topology after reading the options, without the location.
+                "-smp" => match parse_smp(arg) {
+                    Ok(n) => c.smp_cpus = Some(n),
+                    Err(e) => defer(located(e, at)),
+                },
+                // The syntax now, the accelerator and its properties when it starts.
+                "-accel" => {
+                    parse_keyval(arg, Some("accel")).map_err(at)?;
+                    if let Err(e) = c.parse_accel(arg) {
+                        defer(at(e));
+                    }
+                }
                 "-incoming" => c.incoming = Some(arg.to_string()),
                 "-global" => c.parse_global(arg).map_err(at)?,
                 "-monitor" => {
@@ -166,6 +241,9 @@ impl Cmdline {
                 }
                 _ => {} // accepted and ignored
             }
+        }
+        if let Some(e) = later {
+            return Err(e);
         }
         c.finish_accel()?;
         Ok(c)
@@ -250,6 +328,61 @@ fn parse_accel_name(name: &str) -> Result<Accel> {
         "kvm" => Ok(Accel::Kvm),
         "tcg" => Ok(Accel::Tcg),
         _ => Err(OptionError::InvalidAccelerator(name.to_string())),
+    }
+}
+
+/// keyval's help request in a `-machine` argument: an element "help" or "?" without '='
+/// (QEMU's `keyval_parse_one`). `None` when there is none; otherwise the machine type the same
+/// argument names, if any (the implied first value or `type=`, the last one winning). An
+/// argument that asks for help and is malformed is refused as keyval refuses it, since QEMU
+/// fails before it can list anything.
+fn machine_help(arg: &str) -> Result<Option<Option<String>>> {
+    let (mut help, mut ty, mut error) = (false, None, None);
+    let mut rest = arg;
+    let mut first = true;
+    while !rest.is_empty() {
+        let len = rest.find(['=', ',']).unwrap_or(rest.len());
+        let word = &rest[..len];
+        rest = &rest[len..];
+        if len > 0 && !rest.starts_with('=') {
+            if word == "help" || word == "?" {
+                help = true;
+            } else if first {
+                ty = Some(word.to_string());
+            } else {
+                error.get_or_insert(OptionError::ExpectedEquals(word.to_string()));
+            }
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        } else {
+            if word.is_empty() {
+                error.get_or_insert(OptionError::InvalidParameter(String::new()));
+            }
+            // The value runs to the next single ','; ",," is a comma.
+            let mut value = String::new();
+            let body = rest.strip_prefix('=').unwrap_or(rest);
+            let mut chars = body.char_indices();
+            rest = "";
+            while let Some((n, ch)) = chars.next() {
+                if ch != ',' {
+                    value.push(ch);
+                } else if body[n + 1..].starts_with(',') {
+                    value.push(',');
+                    chars.next();
+                } else {
+                    rest = &body[n + 1..];
+                    break;
+                }
+            }
+            if word == "type" {
+                ty = Some(value);
+            }
+        }
+        first = false;
+    }
+    match (help, error) {
+        (false, _) => Ok(None),
+        (true, Some(e)) => Err(e),
+        (true, None) => Ok(Some(ty)),
     }
 }
 
@@ -539,6 +672,111 @@ mod tests {
         assert_eq!(
             parse("-smp 0").unwrap_err().message(),
             "Invalid CPU topology: CPU topology parameters must be greater than zero"
+        );
+    }
+
+    #[test]
+    fn machine_help_is_any_bare_help_or_question_mark() {
+        for line in [
+            "-M help",
+            "-machine help",
+            "-M ?",
+            "-machine ?",
+            "-M help,",
+            "-M help,accel=kvm",
+        ] {
+            let c = parse(line).unwrap();
+            assert!(c.machine_help, "{line}");
+            assert_eq!(c.machine_type, None, "{line}");
+        }
+        // With a type, from the same option or an earlier one (QEMU then lists its properties).
+        for line in [
+            "-M help,type=q35",
+            "-M type=q35,help",
+            "-M q35,help",
+            "-M q35 -M help",
+        ] {
+            let c = parse(line).unwrap();
+            assert!(c.machine_help, "{line}");
+            assert_eq!(c.machine_type.as_deref(), Some("q35"), "{line}");
+        }
+        let c = parse("-M memory-backend=a,,help,help").unwrap();
+        assert!(c.machine_help);
+        // Not help: a value "help", or a key help with a value.
+        assert_eq!(
+            parse("-M type=help").unwrap().machine_type.as_deref(),
+            Some("help")
+        );
+        assert!(!parse("-M help=on").unwrap().machine_help);
+        assert!(!parse("-M memory-backend=a,,help").unwrap().machine_help);
+    }
+
+    #[test]
+    fn a_malformed_help_option_is_refused_as_keyval_refuses_it() {
+        assert_eq!(
+            parse("-M help,pc").unwrap_err().message(),
+            "-M help,pc: Expected '=' after parameter 'pc'"
+        );
+        assert_eq!(
+            parse("-M ,help").unwrap_err().message(),
+            "-M ,help: Invalid parameter ''"
+        );
+    }
+
+    #[test]
+    fn machine_help_stops_reading_but_every_option_must_exist() {
+        // What comes after -machine help is not read...
+        let c = parse("-M help -m foo -smp 0").unwrap();
+        assert!(c.machine_help && c.memory.size.is_none());
+        // ...but QEMU's first pass checks every option and its argument.
+        assert_eq!(
+            parse("-M help -bogus").unwrap_err().message(),
+            "-bogus: invalid option"
+        );
+        assert_eq!(
+            parse("-M help -m").unwrap_err().message(),
+            "-m: requires an argument"
+        );
+        // What comes before is read, and what QEMU refuses while reading stops it.
+        assert_eq!(
+            parse("-m foo -M help").unwrap_err().message(),
+            "-m foo: Parameter 'size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(
+            parse("-m 64M,slots=x -M help").unwrap_err().message(),
+            "-m 64M,slots=x: Parameter 'slots' expects a number"
+        );
+        // What QEMU checks only once all options are read does not.
+        for line in [
+            "-accel foo -M help",
+            "-numa foo -M help",
+            "-numa node,foo=1 -M help",
+            "-smp 0 -M help",
+            "-smp x -M help",
+            "-m 17592186044416 -M help",
+            "-accel kvm -M help -machine accel=tcg",
+        ] {
+            assert!(parse(line).unwrap().machine_help, "{line}");
+        }
+    }
+
+    #[test]
+    fn errors_found_while_reading_come_before_those_found_after() {
+        assert_eq!(
+            parse("-m foo -bogus").unwrap_err().message(),
+            "-bogus: invalid option"
+        );
+        assert_eq!(
+            parse("-smp x -m foo").unwrap_err().message(),
+            "-m foo: Parameter 'size' expects a non-negative number below 2^64"
+        );
+        assert_eq!(
+            parse("-accel foo -numa foo").unwrap_err().message(),
+            "-accel foo: invalid accelerator foo"
+        );
+        assert_eq!(
+            parse("-numa foo -accel foo").unwrap_err().message(),
+            "-numa foo: Parameter 'type' does not accept value 'foo'"
         );
     }
 }
