@@ -17,7 +17,7 @@ use hostmem::migration::section::{SectionHandler, SectionPhase, StreamRead};
 use hostmem::migration::state::MigrationStatus;
 use hostmem::migration::{QemuReader, QemuWriter};
 use hostmem::options::cmdline::Cmdline;
-use hostmem::registry::migrate::{self, IncomingChannel, OutgoingChannel};
+use hostmem::registry::migrate::{self, IncomingChannel, OutgoingChannel, PendingOutgoing};
 use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
 use hostmem::testing::guest::{check_dirtied_pages, DirtierLayout};
 use hostmem::testing::runner::DirtierRunner;
@@ -167,17 +167,19 @@ fn check(id: MachineId) {
     assert!(c.is_consistent(), "{c:?}");
 }
 
-fn socket_channel() -> (OutgoingChannel, IncomingChannel) {
+fn socket_channel() -> (PendingOutgoing, IncomingChannel) {
     let (a, b) = UnixStream::pair().unwrap();
     let shut = a.try_clone().unwrap();
     (
-        OutgoingChannel {
-            writer: Box::new(a),
-            interrupt: Box::new(move || {
+        PendingOutgoing::connected(
+            OutgoingChannel {
+                writer: Box::new(a),
+                finish: Box::new(|| Ok(())),
+            },
+            Box::new(move || {
                 let _ = shut.shutdown(std::net::Shutdown::Both);
             }),
-            finish: Box::new(|| Ok(())),
-        },
+        ),
         IncomingChannel::Stream(Box::new(b)),
     )
 }

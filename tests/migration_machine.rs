@@ -284,3 +284,218 @@ fn pmemsave_writes_guest_physical_memory() {
     assert!(got[4096..].iter().all(|&b| b == 0));
     registry::remove(m).unwrap();
 }
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn status_is(id: MachineId, status: &str) -> bool {
+    run(id, "info migrate")
+        .unwrap()
+        .contains(&format!("\nMigration status: {status}"))
+}
+
+/// The addresses `info migrate` lists for a listening destination.
+fn socket_addresses(info: &str) -> Vec<String> {
+    let Some((_, rest)) = info.split_once("socket address: [\n") else {
+        return Vec::new();
+    };
+    let (list, _) = rest.split_once("]\n").unwrap();
+    list.lines()
+        .map(|l| l.trim_start_matches('\t').to_string())
+        .collect()
+}
+
+#[test]
+fn machines_migrate_over_unix_and_tcp_sockets_through_hmp() {
+    let unix = scratch("mig.sock");
+    for listen in [format!("unix:{unix}"), "tcp:127.0.0.1:0".to_string()] {
+        let src = machine(&["-m", "16M"]);
+        fill(src);
+        let dst = machine(&["-m", "16M", "-incoming", "defer"]);
+        run(dst, &format!("migrate_incoming {listen}")).unwrap();
+        let info = run(dst, "info migrate").unwrap();
+        assert!(info.contains("\nMigration status: setup\n"), "{info}");
+        let addresses = socket_addresses(&info);
+        assert_eq!(addresses.len(), 1, "{info}");
+        if listen.starts_with("unix:") {
+            assert_eq!(addresses[0], listen);
+        } else {
+            assert!(addresses[0].starts_with("tcp:127.0.0.1:"), "{info}");
+            assert_ne!(addresses[0], "tcp:127.0.0.1:0");
+        }
+        // What the destination lists is where a source connects.
+        assert_eq!(run(src, &format!("migrate {}", addresses[0])).unwrap(), "");
+        assert!(status_is(src, "completed"));
+        wait_for("the destination to load", || status_is(dst, "completed"));
+        assert_eq!(bytes(src), bytes(dst));
+        let info = run(dst, "info migrate").unwrap();
+        assert!(socket_addresses(&info).is_empty(), "{info}");
+        assert_eq!(run(dst, "info status").unwrap(), "VM status: running\n");
+        registry::remove(src).unwrap();
+        registry::remove(dst).unwrap();
+    }
+    assert!(
+        !std::path::Path::new(&unix).exists(),
+        "the listener's socket goes with it"
+    );
+}
+
+#[test]
+fn an_exec_migration_pipes_the_stream_through_commands_both_ways() {
+    let src = machine(&["-m", "16M"]);
+    fill(src);
+    let path = scratch("exec.mig.gz");
+    run(src, &format!("migrate \"exec:gzip -1 > {path}\"")).unwrap();
+    assert!(status_is(src, "completed"));
+    let dst = machine(&["-m", "16M", "-incoming", "defer"]);
+    run(dst, &format!("migrate_incoming \"exec:gzip -dc {path}\"")).unwrap();
+    wait_for("the destination to load", || status_is(dst, "completed"));
+    assert_eq!(bytes(src), bytes(dst));
+    registry::remove(src).unwrap();
+    registry::remove(dst).unwrap();
+}
+
+#[test]
+fn a_failed_connection_fails_the_migration_and_the_source_runs_on() {
+    let src = machine(&["-m", "16M"]);
+    // Detached, the connect happens on the migration thread, as QEMU's does: the command
+    // returns at once and info migrate tells the failure.
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        run(src, &format!("migrate -d tcp:127.0.0.1:{free_port}")).unwrap(),
+        ""
+    );
+    wait_for("the connect to fail", || status_is(src, "failed"));
+    let info = run(src, "info migrate").unwrap();
+    assert!(
+        info.contains(&format!(
+            "\nMigration status: failed (Failed to connect to '127.0.0.1:{free_port}': \
+             Connection refused)\n"
+        )),
+        "{info}"
+    );
+    assert_eq!(run(src, "info status").unwrap(), "VM status: running\n");
+    // Waiting, the failure is the command's.
+    let missing = scratch("nobody-listens.sock");
+    let e = run(src, &format!("migrate unix:{missing}")).unwrap_err();
+    assert!(
+        e.message()
+            .starts_with(&format!("Failed to connect to '{missing}'")),
+        "{}",
+        e.message()
+    );
+    registry::remove(src).unwrap();
+}
+
+#[test]
+fn the_machine_state_is_checked_before_anything_is_opened() {
+    let src = machine(&["-m", "16M"]);
+    run(src, &format!("migrate file:{}", scratch("first.mig"))).unwrap();
+    let second = scratch("second.mig");
+    let e = run(src, &format!("migrate file:{second}")).unwrap_err();
+    assert_eq!(
+        e.message(),
+        "Can't migrate the vm that was paused due to previous migration"
+    );
+    assert!(!std::path::Path::new(&second).exists());
+    let sock = scratch("never.sock");
+    let e = run(src, &format!("migrate_incoming unix:{sock}")).unwrap_err();
+    assert_eq!(
+        e.message(),
+        "'-incoming' was not specified on the command line"
+    );
+    assert!(!std::path::Path::new(&sock).exists());
+    registry::remove(src).unwrap();
+}
+
+#[test]
+fn a_bad_incoming_uri_is_refused_while_the_command_line_is_read() {
+    let cmd = Cmdline::parse(&["-m", "16M", "-incoming", "bogus"]).unwrap();
+    let e = PendingMachine::start(&cmd, &none_board()).err().unwrap();
+    assert_eq!(
+        e.message(),
+        "-incoming bogus: Parameter 'channel-type' does not accept value 'bogus'"
+    );
+    let cmd = Cmdline::parse(&["-m", "16M", "-incoming", "tcp:localhost"]).unwrap();
+    let e = PendingMachine::start(&cmd, &none_board()).err().unwrap();
+    assert!(
+        e.message().starts_with("-incoming tcp:localhost: "),
+        "{}",
+        e.message()
+    );
+}
+
+#[test]
+fn a_new_max_bandwidth_reaches_a_running_migration() {
+    let src = machine(&["-m", "32M"]);
+    fill(src);
+    // 16 MiB of data pages at 1 MiB/s would take 16 s.
+    run(src, "migrate_set_parameter max-bandwidth 1M").unwrap();
+    let dst = machine(&["-m", "32M", "-incoming", "defer"]);
+    let sock = scratch("bw.sock");
+    run(dst, &format!("migrate_incoming unix:{sock}")).unwrap();
+    run(src, &format!("migrate -d unix:{sock}")).unwrap();
+    wait_for("the migration to start", || status_is(src, "active"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = |id| {
+        let info = run(id, "info migrate").unwrap();
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix("transferred ram: "))
+            .unwrap()
+            .to_string();
+        line.trim_end_matches(" kbytes").parse::<u64>().unwrap()
+    };
+    assert!(sent(src) < 4 << 10, "the limit holds: {} KiB", sent(src));
+    let t = std::time::Instant::now();
+    run(src, "migrate_set_parameter max-bandwidth 1G").unwrap();
+    wait_for("the migration to complete", || status_is(src, "completed"));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "the new limit applied: {:?}",
+        t.elapsed()
+    );
+    wait_for("the destination to load", || status_is(dst, "completed"));
+    assert_eq!(bytes(src), bytes(dst));
+    registry::remove(src).unwrap();
+    registry::remove(dst).unwrap();
+}
+
+#[test]
+fn removing_a_machine_cancels_its_migration_before_the_hooks_go() {
+    let src = machine(&["-m", "64M"]);
+    fill(src);
+    let vcpus = Arc::new(Vcpus::default());
+    registry::with(src, |m| {
+        m.run_mut().control = vcpus.clone();
+        Ok(())
+    })
+    .unwrap();
+    // A peer that accepts and never reads: the migration blocks in a write.
+    let sock = scratch("stuck.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    run(src, &format!("migrate -d unix:{sock}")).unwrap();
+    let (_peer, _) = listener.accept().unwrap();
+    wait_for("the migration to start", || status_is(src, "active"));
+    let progress = registry::with(src, |m| Ok(m.migration().outgoing.clone()))
+        .unwrap()
+        .unwrap();
+    let t = std::time::Instant::now();
+    registry::remove(src).unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(progress.status().name(), "cancelled");
+    assert!(
+        vcpus.0.lock().unwrap().is_empty(),
+        "the guest was never stopped"
+    );
+}

@@ -555,7 +555,8 @@ pub unsafe extern "C" fn hm_migration_start_incoming(
         match uri.as_deref() {
             None | Some("defer") => {}
             Some(uri) => {
-                registry::hmp::incoming(ms.context, uri, &registry::transports::HostTransports)?
+                registry::hmp::incoming(ms.context, uri, &registry::transports::HostTransports)
+                    .map_err(|e| e.prepend(&format!("-incoming {uri}: ")))?
             }
         }
         Ok(true)

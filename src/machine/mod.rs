@@ -21,11 +21,12 @@ pub use run::{GuestControl, Run, RunState};
 
 use crate::backend::prealloc::Outcome;
 use crate::backend::{Backend, BackendDefaults, PreallocJob};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kvm::{KvmAccel, KvmError};
 use crate::memory::MemorySystem;
 use crate::migration::section::SectionHandler;
 use crate::migration::state::MigrationState;
+use crate::migration::transport::IncomingUri;
 use crate::objects::ObjectRegistry;
 use crate::options::cmdline::{Accel, Cmdline};
 use crate::region::RegionId;
@@ -112,6 +113,11 @@ impl Machine {
     /// per CPU, then [`Machine::configure`]. The board's init runs next, then
     /// [`Machine::finish_init`].
     pub fn from_cmdline(cmd: &Cmdline, board: &BoardInfo) -> Result<Machine> {
+        if let Some(uri) = &cmd.incoming {
+            // QEMU parses the URI while reading its options; it listens once the machine is up.
+            IncomingUri::parse(uri)
+                .map_err(|e| Error::from(e).prepend(&format!("-incoming {uri}: ")))?;
+        }
         let mut m = Machine::new();
         m.cpu_address_spaces = cmd
             .smp_cpus

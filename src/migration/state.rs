@@ -349,6 +349,8 @@ pub struct ProgressSnapshot {
     pub downtime_ms: Option<u64>,
     pub stats: Stats,
     pub incoming: bool,
+    /// Where an incoming migration listens, while it does (`info migrate`'s `socket address`).
+    pub socket_addresses: Vec<String>,
 }
 
 struct ProgressInner {
@@ -360,6 +362,7 @@ struct ProgressInner {
     expected_downtime_ms: Option<u64>,
     downtime: Option<Duration>,
     stats: Stats,
+    socket_addresses: Vec<String>,
 }
 
 /// The progress of one migration, shared by the thread that runs it and whoever asks.
@@ -384,6 +387,7 @@ impl Progress {
                 expected_downtime_ms: None,
                 downtime: None,
                 stats: Stats::default(),
+                socket_addresses: Vec::new(),
             }),
             changed: Condvar::new(),
             cancel: AtomicBool::new(false),
@@ -428,6 +432,10 @@ impl Progress {
 
     pub fn set_expected_downtime(&self, ms: u64) {
         self.lock().expected_downtime_ms = Some(ms);
+    }
+
+    pub fn set_socket_addresses(&self, addresses: Vec<String>) {
+        self.lock().socket_addresses = addresses;
     }
 
     pub fn set_downtime(&self, d: Duration) {
@@ -507,6 +515,7 @@ impl Progress {
             downtime_ms: g.downtime.map(|d| d.as_millis() as u64),
             stats,
             incoming: self.incoming,
+            socket_addresses: g.socket_addresses.clone(),
         }
     }
 }

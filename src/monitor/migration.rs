@@ -26,7 +26,15 @@ pub fn info_migrate(state: &MigrationState) -> String {
     out.push_str("clear-bitmap-shift: 18\n");
     let latest = state.outgoing.as_ref().or(state.incoming.as_ref());
     if let Some(p) = latest {
-        progress_lines(&mut out, &p.snapshot());
+        let p = p.snapshot();
+        progress_lines(&mut out, &p);
+        if !p.socket_addresses.is_empty() {
+            out.push_str("socket address: [\n");
+            for a in &p.socket_addresses {
+                let _ = writeln!(out, "\t{a}");
+            }
+            out.push_str("]\n");
+        }
     }
     out
 }
@@ -124,6 +132,22 @@ clear-bitmap-shift: 18\n";
     }
 
     #[test]
+    fn a_listening_destination_lists_its_socket_addresses_last() {
+        let p = Arc::new(Progress::new(true));
+        p.set_socket_addresses(vec!["tcp::::4444".into(), "tcp:0.0.0.0:4444".into()]);
+        let mut st = MigrationState::default();
+        st.send_switchover_start = true;
+        st.incoming = Some(p);
+        assert_eq!(
+            info_migrate(&st),
+            format!(
+                "{GLOBALS}Migration status: setup\ntotal time: 0 ms\nsocket address: [\n\
+                 \ttcp::::4444\n\ttcp:0.0.0.0:4444\n]\n"
+            )
+        );
+    }
+
+    #[test]
     fn a_failed_migration_shows_why_and_no_ram_lines() {
         let p = Arc::new(Progress::new(false));
         p.fail(&crate::Error::generic(
@@ -163,6 +187,7 @@ clear-bitmap-shift: 18\n";
                 ..Default::default()
             },
             incoming: false,
+            socket_addresses: Vec::new(),
         };
         let mut out = String::new();
         progress_lines(&mut out, &snap);

@@ -5,24 +5,12 @@
 
 use std::io::Write;
 
-use super::migrate::{self, IncomingChannel};
+use super::migrate::{self, Transports};
 use super::{with, MachineId};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::RunState;
 use crate::migration::state::MigrationStatus;
 use crate::monitor::args;
-
-/// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).
-pub trait Transports {
-    fn outgoing(&self, uri: &str) -> Result<migrate::OutgoingChannel>;
-    /// Starts listening (or opens the file) at once; the returned closure waits for the peer.
-    fn incoming(&self, uri: &str) -> Result<PendingIncoming>;
-}
-
-/// An incoming channel being set up: `accept` blocks until a peer has connected.
-pub struct PendingIncoming {
-    pub accept: Box<dyn FnOnce() -> Result<IncomingChannel> + Send>,
-}
 
 fn cmd_and_rest(line: &str) -> (&str, &str) {
     let line = line.trim_start();
@@ -45,16 +33,23 @@ pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<Str
                     "hostmem has no postcopy, so no migration to resume",
                 ));
             }
+            migrate::check_outgoing(id)?;
             let channel = transports.outgoing(uri)?;
+            let mut out = String::new();
+            for w in &channel.warnings {
+                out.push_str(&format!("warning: {w}\n"));
+            }
             let progress = migrate::start_outgoing(id, channel, 0)?;
             if !a.flag("detach") {
                 // QEMU's HMP waits here, monitor busy, the machine free for the migration.
+                // A failure is reported where the command was typed (QEMU's goes to stderr,
+                // from the timer that polls the status).
                 let done = progress.wait();
                 if done.status == MigrationStatus::Failed {
                     return Err(Error::generic(done.error.unwrap_or_default()));
                 }
             }
-            Ok(String::new())
+            Ok(out)
         }
         "migrate_incoming" => {
             let a = args::parse(cmd, "uri:s", rest)?;
@@ -121,35 +116,11 @@ pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<Str
 }
 
 /// `migrate_incoming URI` (and `-incoming URI`): listen now, load on a thread once the peer
-/// connects. Only for a machine waiting for one (`-incoming`).
+/// connects. Only for a machine waiting for one (`-incoming`); the machine's state is checked
+/// before anything listens.
 pub fn incoming(id: MachineId, uri: &str, transports: &dyn Transports) -> Result<()> {
-    let progress = migrate::prepare_incoming(id)?;
-    let pending = match transports.incoming(uri) {
-        Ok(p) => p,
-        Err(e) => {
-            // Nothing listens: the machine may try migrate_incoming again.
-            let _ = with(id, |m| {
-                m.migration_mut().incoming = None;
-                Ok(())
-            });
-            return Err(e);
-        }
-    };
-    std::thread::Builder::new()
-        .name("hm-accept".into())
-        .spawn(move || {
-            let loaded = (pending.accept)()
-                .and_then(|channel| migrate::load_incoming(id, channel, progress.clone()));
-            if let Err(e) = loaded {
-                progress.fail(&e);
-            }
-        })
-        .map_err(|e| {
-            Error::host(
-                "cannot start the migration thread",
-                e.raw_os_error().unwrap_or(0),
-            )
-        })?;
+    migrate::check_incoming(id)?;
+    migrate::listen_incoming(id, transports.incoming(uri)?)?;
     Ok(())
 }
 

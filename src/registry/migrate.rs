@@ -3,7 +3,7 @@
 //! run state, the RAMBlock list at setup); pages move with the machine unlocked, so the monitor
 //! answers and the guest runs meanwhile.
 
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::sync::Arc;
 
 use super::{with, MachineId};
@@ -17,14 +17,44 @@ use crate::migration::section::SectionHandler;
 use crate::migration::state::{MigrationStatus, Progress};
 use crate::migration::stream::{load, load_file, LoadOptions, SaveOptions};
 
-/// The sending end of a migration channel, as a transport opened it.
+/// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).
+pub trait Transports {
+    /// Parses `uri` and does at once what QEMU does at once (creating a `file:`, spawning an
+    /// `exec:` command, taking an `fd:` over); a socket connects later, on the migration
+    /// thread, as QEMU's connects in the background.
+    fn outgoing(&self, uri: &str) -> Result<PendingOutgoing>;
+    /// Starts listening (or opens the file) at once; the peer is waited for on a thread.
+    fn incoming(&self, uri: &str) -> Result<PendingIncoming>;
+}
+
+/// The sending end of a migration channel, connected.
 pub struct OutgoingChannel {
     pub writer: Box<dyn Write + Send>,
-    /// Wakes a write blocked on the peer (shuts the socket down, kills the exec child).
-    pub interrupt: Box<dyn Fn() + Send>,
     /// Runs after the last byte: closes the channel and reports what the peer's end made of
     /// it (an exec child's exit status).
     pub finish: Box<dyn FnOnce() -> Result<()> + Send>,
+}
+
+/// An outgoing channel being set up.
+pub struct PendingOutgoing {
+    /// Connects (blocking); run on the migration thread.
+    pub connect: Box<dyn FnOnce() -> Result<OutgoingChannel> + Send>,
+    /// Wakes a connect or a write blocked on the peer (shuts the socket down, kills the exec
+    /// child), from any thread.
+    pub interrupt: Box<dyn Fn() + Send>,
+    /// What QEMU would warn about while opening the channel.
+    pub warnings: Vec<String>,
+}
+
+impl PendingOutgoing {
+    /// A channel that is connected already.
+    pub fn connected(channel: OutgoingChannel, interrupt: Box<dyn Fn() + Send>) -> Self {
+        PendingOutgoing {
+            connect: Box::new(move || Ok(channel)),
+            interrupt,
+            warnings: Vec::new(),
+        }
+    }
 }
 
 /// The receiving end of a migration channel.
@@ -32,7 +62,21 @@ pub enum IncomingChannel {
     /// A pipe, socket or exec child: read front to back.
     Stream(Box<dyn Read + Send>),
     /// A file: seekable, so mapped-ram files load too.
-    File(std::fs::File),
+    Seekable(Box<dyn SeekableRead>),
+}
+
+/// What a seekable incoming channel is.
+pub trait SeekableRead: Read + Seek + Send {}
+impl<T: Read + Seek + Send> SeekableRead for T {}
+
+/// An incoming channel being set up: listening already.
+pub struct PendingIncoming {
+    /// Blocks until a peer has connected; run on a thread of its own.
+    pub accept: Box<dyn FnOnce() -> Result<IncomingChannel> + Send>,
+    /// Wakes the accept, or a read blocked on the peer, from any thread.
+    pub interrupt: Box<dyn Fn() + Send>,
+    /// Where it listens, as `info migrate` lists them (`tcp:0.0.0.0:4444`).
+    pub addresses: Vec<String>,
 }
 
 /// The machine side of an outgoing migration.
@@ -154,32 +198,44 @@ fn in_progress() -> Error {
     )
 }
 
-/// Starts migrating machine `id` over `channel` on a thread; the returned progress tells how
-/// it goes. `max_rounds` (0: no limit) ends the dirty passes after that many.
+/// Refuses an outgoing migration machine `id` cannot start now, before any channel is
+/// opened (QEMU checks before it creates a `file:` or connects).
+pub fn check_outgoing(id: MachineId) -> Result<()> {
+    with(id, |m| outgoing_allowed(m))
+}
+
+fn outgoing_allowed(m: &Machine) -> Result<()> {
+    match m.run().state {
+        RunState::PostMigrate => {
+            return Err(Error::invalid(
+                "Can't migrate the vm that was paused due to previous migration",
+            ))
+        }
+        RunState::InMigrate => {
+            return Err(Error::invalid("Guest is waiting for an incoming migration"))
+        }
+        _ => {}
+    }
+    if m.migration()
+        .outgoing
+        .as_ref()
+        .is_some_and(|p| !p.status().is_finished())
+    {
+        return Err(in_progress());
+    }
+    Ok(())
+}
+
+/// Starts migrating machine `id` over `channel` on a thread, which connects it first; the
+/// returned progress tells how it goes (`setup` while connecting). `max_rounds` (0: no
+/// limit) ends the dirty passes after that many.
 pub fn start_outgoing(
     id: MachineId,
-    channel: OutgoingChannel,
+    channel: PendingOutgoing,
     max_rounds: u64,
 ) -> Result<Arc<Progress>> {
     let (progress, host, opts, params, rate) = with(id, |m| {
-        match m.run().state {
-            RunState::PostMigrate => {
-                return Err(Error::invalid(
-                    "Can't migrate the vm that was paused due to previous migration",
-                ))
-            }
-            RunState::InMigrate => {
-                return Err(Error::invalid("Guest is waiting for an incoming migration"))
-            }
-            _ => {}
-        }
-        if m.migration()
-            .outgoing
-            .as_ref()
-            .is_some_and(|p| !p.status().is_finished())
-        {
-            return Err(in_progress());
-        }
+        outgoing_allowed(m)?;
         let progress = Arc::new(Progress::new(false));
         m.migration_mut().outgoing = Some(progress.clone());
         let mut opts = SaveOptions::new(&machine_name(m));
@@ -201,29 +257,38 @@ pub fn start_outgoing(
             m.migration().rate.clone(),
         ))
     })?;
-    let OutgoingChannel {
-        writer,
-        interrupt,
-        finish,
+    let PendingOutgoing {
+        connect, interrupt, ..
     } = channel;
     progress.set_interrupt(Some(interrupt));
     let p = progress.clone();
+    spawn("hm-migration", move || {
+        match connect() {
+            Ok(OutgoingChannel { writer, finish }) => {
+                let mut host = host;
+                host.finish = Some(finish);
+                // Failures and cancellation are in the progress; the guest runs on then.
+                let _ = run_outgoing(&mut host, writer, opts, &params, &rate, max_rounds, &p);
+            }
+            Err(_) if p.cancel_requested() => p.set_status(MigrationStatus::Cancelled),
+            Err(e) => p.fail(&e),
+        }
+        p.set_interrupt(None);
+    })?;
+    Ok(progress)
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
     std::thread::Builder::new()
-        .name("hm-migration".into())
-        .spawn(move || {
-            let mut host = host;
-            host.finish = Some(finish);
-            // Failures and cancellation are in the progress; the guest runs on then.
-            let _ = run_outgoing(&mut host, writer, opts, &params, &rate, max_rounds, &p);
-            p.set_interrupt(None);
-        })
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
         .map_err(|e| {
             Error::host(
                 "cannot start the migration thread",
                 e.raw_os_error().unwrap_or(0),
             )
-        })?;
-    Ok(progress)
+        })
 }
 
 /// Cancels machine `id`'s outgoing migration, if one is running (QEMU's `migrate_cancel`,
@@ -243,83 +308,116 @@ pub fn cancel(id: MachineId) -> Result<()> {
 /// built with `-S`; when it fails the guest never starts and the progress says why.
 pub fn start_incoming(id: MachineId, channel: IncomingChannel) -> Result<Arc<Progress>> {
     let progress = prepare_incoming(id)?;
-    load_incoming(id, channel, progress.clone())?;
+    let p = progress.clone();
+    if let Err(e) = spawn("hm-incoming", move || run_incoming(id, channel, &p)) {
+        forget_incoming(id);
+        return Err(e);
+    }
     Ok(progress)
+}
+
+/// Waits on a thread for the peer of `channel`, which listens already, then loads what it
+/// sends as [`start_incoming`] does (QEMU's `-incoming URI` and `migrate_incoming URI`).
+pub fn listen_incoming(id: MachineId, channel: PendingIncoming) -> Result<Arc<Progress>> {
+    let progress = prepare_incoming(id)?;
+    let PendingIncoming {
+        accept,
+        interrupt,
+        addresses,
+    } = channel;
+    progress.set_interrupt(Some(interrupt));
+    progress.set_socket_addresses(addresses);
+    let p = progress.clone();
+    let started = spawn("hm-incoming", move || match accept() {
+        Ok(channel) => run_incoming(id, channel, &p),
+        Err(e) => end_incoming(&p, Err(e)),
+    });
+    if let Err(e) = started {
+        forget_incoming(id);
+        return Err(e);
+    }
+    Ok(progress)
+}
+
+/// Refuses an incoming migration machine `id` does not wait for, before anything listens.
+pub fn check_incoming(id: MachineId) -> Result<()> {
+    with(id, |m| incoming_allowed(m))
+}
+
+fn incoming_allowed(m: &Machine) -> Result<()> {
+    if m.run().state != RunState::InMigrate {
+        return Err(Error::invalid(
+            "'-incoming' was not specified on the command line",
+        ));
+    }
+    if m.migration().incoming.is_some() {
+        return Err(Error::new(
+            HmErrorClass::InUse,
+            "The incoming migration has already been started",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that machine `id` waits for an incoming migration and records one as started (in
 /// status `setup`, while the channel waits for its peer).
-pub fn prepare_incoming(id: MachineId) -> Result<Arc<Progress>> {
+fn prepare_incoming(id: MachineId) -> Result<Arc<Progress>> {
     with(id, |m| {
-        if m.run().state != RunState::InMigrate {
-            return Err(Error::invalid(
-                "'-incoming' was not specified on the command line",
-            ));
-        }
-        if m.migration().incoming.is_some() {
-            return Err(Error::new(
-                HmErrorClass::InUse,
-                "The incoming migration has already been started",
-            ));
-        }
+        incoming_allowed(m)?;
         let progress = Arc::new(Progress::new(true));
         m.migration_mut().incoming = Some(progress.clone());
         Ok(progress)
     })
 }
 
-/// Loads `channel` into machine `id` on a thread, for an incoming migration
-/// [`prepare_incoming`] recorded.
-pub fn load_incoming(
-    id: MachineId,
-    channel: IncomingChannel,
-    progress: Arc<Progress>,
-) -> Result<()> {
-    let (opts, sections, control) = with(id, |m| {
+/// Forgets an incoming migration that never got going: the machine may try again.
+fn forget_incoming(id: MachineId) {
+    let _ = with(id, |m| {
+        m.migration_mut().incoming = None;
+        Ok(())
+    });
+}
+
+/// QEMU's incoming state goes when the load ends: the listener's addresses with it.
+fn end_incoming(progress: &Progress, result: Result<()>) {
+    progress.set_interrupt(None);
+    progress.set_socket_addresses(Vec::new());
+    match result {
+        Ok(()) => progress.set_status(MigrationStatus::Completed),
+        Err(e) => progress.fail(&e),
+    }
+}
+
+/// Loads `channel` into machine `id`, then starts the guest or leaves it as the source's
+/// state says.
+fn run_incoming(id: MachineId, channel: IncomingChannel, progress: &Progress) {
+    let prepared = with(id, |m| {
         Ok((
             LoadOptions::new(&machine_name(m)),
             m.sections(),
             m.run().control.clone(),
         ))
-    })?;
-    let p = progress;
-    std::thread::Builder::new()
-        .name("hm-incoming".into())
-        .spawn(move || {
-            let result = incoming(id, channel, &opts, &sections, &p);
-            match result {
-                Ok(source_state) => {
-                    // QEMU's rule: a source that was not running leaves the destination in
-                    // its state; one that was (or sent none) starts it unless -S.
-                    let source_ran = source_state.as_deref().is_none_or(|s| s == "running");
-                    let autostart =
-                        source_ran && with(id, |m| Ok(m.run().autostart)).unwrap_or(false);
-                    let started = if autostart { control.resume() } else { Ok(()) };
-                    let _ = with(id, |m| {
-                        m.run_mut().state = if autostart && started.is_ok() {
-                            RunState::Running
-                        } else if source_state.as_deref() == Some("prelaunch") {
-                            RunState::Prelaunch
-                        } else {
-                            RunState::Paused
-                        };
-                        Ok(())
-                    });
-                    match started {
-                        Ok(()) => p.set_status(MigrationStatus::Completed),
-                        Err(e) => p.fail(&e),
-                    }
-                }
-                Err(e) => p.fail(&e),
-            }
-        })
-        .map_err(|e| {
-            Error::host(
-                "cannot start the migration thread",
-                e.raw_os_error().unwrap_or(0),
-            )
-        })?;
-    Ok(())
+    });
+    let result = prepared.and_then(|(opts, sections, control)| {
+        let source_state = incoming(id, channel, &opts, &sections, progress)?;
+        // QEMU's rule: a source that was not running leaves the destination in its state;
+        // one that was (or sent none) starts it unless -S.
+        let source_ran = source_state.as_deref().is_none_or(|s| s == "running");
+        let autostart = source_ran && with(id, |m| Ok(m.run().autostart)).unwrap_or(false);
+        let started = if autostart { control.resume() } else { Ok(()) };
+        let _ = with(id, |m| {
+            m.run_mut().state = if autostart && started.is_ok() {
+                RunState::Running
+            } else if source_state.as_deref() == Some("prelaunch") {
+                RunState::Prelaunch
+            } else {
+                RunState::Paused
+            };
+            Ok(())
+        });
+        started
+    });
+    end_incoming(progress, result);
 }
 
 fn incoming(
@@ -339,8 +437,8 @@ fn incoming(
         IncomingChannel::Stream(mut reader) => with_locked_sections(builtin, sections, &mut |h| {
             load(&mut reader, opts, Some(&mut target), h).map_err(Error::from)
         }),
-        IncomingChannel::File(file) => with_locked_sections(builtin, sections, &mut |h| {
-            load_file(&file, opts, Some(&mut target), h).map_err(Error::from)
+        IncomingChannel::Seekable(mut file) => with_locked_sections(builtin, sections, &mut |h| {
+            load_file(&mut file, opts, Some(&mut target), h).map_err(Error::from)
         }),
     }?;
     progress.update(|s| {

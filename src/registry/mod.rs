@@ -118,6 +118,21 @@ pub fn remove(id: MachineId) -> Result<()> {
         }
         m
     };
+    // A migration's thread calls the VMM's hooks, which must not outlive the machine: it is
+    // cancelled (it finds the machine gone at its next step anyway) and waited for.
+    let migrations = {
+        let m = lock(&machine);
+        [
+            m.migration().outgoing.clone(),
+            m.migration().incoming.clone(),
+        ]
+    };
+    for p in migrations.into_iter().flatten() {
+        if !p.status().is_finished() {
+            p.cancel();
+            p.wait();
+        }
+    }
     // Dropped here, outside the table lock: a machine's drop may take a while (munmap).
     drop(machine);
     Ok(())

@@ -1,41 +1,113 @@
-//! The transports the HMP commands and `-incoming` open: QEMU's migration URIs turned into
-//! the channels a migration thread reads or writes.
+//! The host's transports for the HMP commands and `-incoming`: QEMU's migration URIs, parsed
+//! and opened by [`crate::migration::transport`], as the channels a migration thread writes
+//! or reads.
 
-use std::io::BufWriter;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::hmp::{PendingIncoming, Transports};
-use super::migrate::{IncomingChannel, OutgoingChannel};
+use super::migrate::{
+    IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
+};
 use crate::error::{Error, Result};
+use crate::migration::transport::{self, Cancel, Incoming, MigrationUri};
 
 /// QEMU's URI schemes, over the host's files, sockets and processes.
 pub struct HostTransports;
 
-fn io_error(what: String, e: std::io::Error) -> Error {
-    Error::host(what, e.raw_os_error().unwrap_or(libc::EIO))
+/// The transport's channel, shared by the writer the precopy loop owns and the `finish` that
+/// runs after it: the loop drops its writer before the stream is finished.
+type SharedChannel = Arc<Mutex<Option<transport::OutgoingChannel>>>;
+
+fn lock(c: &SharedChannel) -> MutexGuard<'_, Option<transport::OutgoingChannel>> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct ChannelWriter(SharedChannel);
+
+impl ChannelWriter {
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut transport::OutgoingChannel) -> io::Result<R>,
+    ) -> io::Result<R> {
+        match lock(&self.0).as_mut() {
+            Some(c) => f(c),
+            None => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the migration channel is closed",
+            )),
+        }
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.with(|c| c.write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.with(|c| c.write_all(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.with(|c| c.flush())
+    }
+}
+
+fn connected(channel: transport::OutgoingChannel) -> OutgoingChannel {
+    let shared: SharedChannel = Arc::new(Mutex::new(Some(channel)));
+    OutgoingChannel {
+        writer: Box::new(ChannelWriter(shared.clone())),
+        finish: Box::new(move || match lock(&shared).take() {
+            Some(c) => c.finish().map(drop).map_err(Error::from),
+            None => Ok(()),
+        }),
+    }
+}
+
+fn interrupt(cancel: &Cancel) -> Box<dyn Fn() + Send> {
+    let cancel = cancel.clone();
+    Box::new(move || cancel.cancel())
 }
 
 impl Transports for HostTransports {
-    fn outgoing(&self, uri: &str) -> Result<OutgoingChannel> {
-        if let Some(path) = uri.strip_prefix("file:") {
-            let f = std::fs::File::create(path)
-                .map_err(|e| io_error(format!("Could not open '{path}'"), e))?;
-            return Ok(OutgoingChannel {
-                writer: Box::new(BufWriter::with_capacity(1 << 20, f)),
-                interrupt: Box::new(|| {}),
-                finish: Box::new(|| Ok(())),
+    fn outgoing(&self, uri: &str) -> Result<PendingOutgoing> {
+        let uri = MigrationUri::parse(uri)?;
+        let cancel = Cancel::new();
+        if let MigrationUri::Tcp(_) | MigrationUri::Unix(_) = uri {
+            let c = cancel.clone();
+            return Ok(PendingOutgoing {
+                connect: Box::new(move || {
+                    Ok(connected(transport::OutgoingChannel::connect(&uri, &c)?))
+                }),
+                interrupt: interrupt(&cancel),
+                warnings: Vec::new(),
             });
         }
-        Err(Error::invalid(format!("unknown migration protocol: {uri}")))
+        let channel = transport::OutgoingChannel::connect(&uri, &cancel)?;
+        let warnings = channel.warnings().to_vec();
+        Ok(PendingOutgoing {
+            warnings,
+            ..PendingOutgoing::connected(connected(channel), interrupt(&cancel))
+        })
     }
 
     fn incoming(&self, uri: &str) -> Result<PendingIncoming> {
-        if let Some(path) = uri.strip_prefix("file:") {
-            let f = std::fs::File::open(path)
-                .map_err(|e| io_error(format!("Could not open '{path}'"), e))?;
-            return Ok(PendingIncoming {
-                accept: Box::new(move || Ok(IncomingChannel::File(f))),
-            });
-        }
-        Err(Error::invalid(format!("unknown migration protocol: {uri}")))
+        let uri = MigrationUri::parse(uri)?;
+        let mut listener = Incoming::open(&uri)?;
+        let addresses = listener.addresses().iter().map(|a| a.to_string()).collect();
+        let cancel = Cancel::new();
+        let c = cancel.clone();
+        Ok(PendingIncoming {
+            accept: Box::new(move || {
+                let channel = listener.accept(&c)?;
+                Ok(if channel.is_seekable() {
+                    IncomingChannel::Seekable(Box::new(channel))
+                } else {
+                    IncomingChannel::Stream(Box::new(channel))
+                })
+            }),
+            interrupt: interrupt(&cancel),
+            addresses,
+        })
     }
 }
