@@ -204,16 +204,53 @@ static void *incoming_watch(void *opaque)
     return NULL;
 }
 
-/* Answers one monitor line; returns false on "quit". */
+#ifdef HOSTMEM_TEST_GUEST
+/*
+ * x-hm-dirtier-check (vmm's own command, for its own device): QEMU's migration-test invariant
+ * over the dirtier's range. Stop the machine first.
+ */
+static bool dirtier_check(MachineState *ms, Error **errp)
+{
+    HmDirtierCheck c;
+
+    if (!dirtier.on) {
+        printf("no x-hm-dirtier device\n");
+        return true;
+    }
+    if (!hm_test_dirtier_check(ms, dirtier.start, dirtier.end, &c, errp)) {
+        return false;
+    }
+    if (c.bad_pages == 0) {
+        printf("dirtier: %" PRIu64 " pages, %" PRIu64 " passes, consistent\n", c.pages,
+               c.passes);
+    } else {
+        printf("dirtier: %" PRIu64 " pages, %" PRIu64 " passes, %" PRIu64
+               " bad pages, the first at page %" PRIu64 "\n",
+               c.pages, c.passes, c.bad_pages, c.first_bad_page);
+    }
+    return true;
+}
+#endif
+
+/* Answers one monitor line (its prompt is out already); returns false on "quit". */
 static bool monitor_handle(MachineState *ms, const char *line)
 {
     Error *err = NULL;
-    char *out;
+    char *out = NULL;
 
-    printf("(qemu) %s\n", line);
+    printf("%s\n", line);
     if (strcmp(line, "quit") == 0 || strcmp(line, "q") == 0) {
         return false;
     }
+#ifdef HOSTMEM_TEST_GUEST
+    if (strcmp(line, "x-hm-dirtier-check") == 0) {
+        if (!dirtier_check(ms, &err)) {
+            printf("%s\n", error_get_pretty(err));
+            error_free(err);
+        }
+        return true;
+    }
+#endif
     out = hm_hmp(ms, line, &err);
     if (!out) {
         /* QEMU's monitor prints command errors on the monitor itself, not on stderr. */
@@ -240,6 +277,8 @@ static void monitor_run(MachineState *ms)
     ssize_t len;
 
     printf("%s\n", MONITOR_BANNER);
+    /* The prompt goes out before each read, as QEMU's does: a peer waits for it. */
+    printf("(qemu) ");
     fflush(stdout);
     while ((len = getline(&line, &cap, stdin)) >= 0) {
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
@@ -248,6 +287,7 @@ static void monitor_run(MachineState *ms)
         if (!monitor_handle(ms, line)) {
             break;
         }
+        printf("(qemu) ");
         fflush(stdout);
     }
     fflush(stdout);

@@ -199,8 +199,9 @@ mod dirtier {
     use super::super::machine::MachineState;
     use super::super::{guard, ref_arg};
     use crate::error::{Error, HmErrorClass, Result};
+    use crate::memory::{ram_chunks, GuestChunk, MemorySystem};
     use crate::registry::{self, MachineId};
-    use crate::testing::guest::DirtierLayout;
+    use crate::testing::guest::{check_dirtied_pages, DirtierLayout};
     use crate::testing::runner::DirtierRunner;
 
     /// What the C side keeps per machine: the running vCPU, or registers loaded from a
@@ -346,6 +347,129 @@ mod dirtier {
             table().entry(id).or_default().loaded = Some(state);
             Ok(true)
         })
+    }
+
+    /// What `hm_test_dirtier_check` found in the dirtier's range.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct HmDirtierCheck {
+        /// Pages in the range.
+        pub pages: u64,
+        /// Pages that break QEMU's invariant (0: the range is consistent).
+        pub bad_pages: u64,
+        /// The first bad page, or UINT64_MAX.
+        pub first_bad_page: u64,
+        /// The page where the counter steps down by one (where the guest was when it
+        /// stopped), or UINT64_MAX when every page holds the same value.
+        pub edge_page: u64,
+        /// Full passes the guest has made, from its mailbox.
+        pub passes: u64,
+    }
+
+    /// Checks QEMU's migration-test invariant over guest-physical `[start, end)` of `ms`
+    /// (byte 0 of every page the same, or stepping down by one exactly once), reading through
+    /// the machine's flat view. The dirtier must be paused (`stop` first): a running one moves
+    /// under the check.
+    ///
+    /// # Safety
+    /// `ms` is a live machine; `out` points to a writable `HmDirtierCheck`.
+    #[no_mangle]
+    pub unsafe extern "C" fn hm_test_dirtier_check(
+        ms: *mut MachineState,
+        start: u64,
+        end: u64,
+        out: *mut HmDirtierCheck,
+        errp: *mut *mut Error,
+    ) -> bool {
+        guard(errp, false, || {
+            // SAFETY: by contract.
+            let id = unsafe { ref_arg(ms, "ms") }?.context;
+            // SAFETY: by contract.
+            let out = unsafe { super::mut_arg(out, "out") }?;
+            if runner(id).is_some_and(|r| r.is_running()) {
+                return Err(Error::new(
+                    HmErrorClass::InUse,
+                    "the dirtier is running: stop the machine before checking it",
+                ));
+            }
+            if !start.is_multiple_of(DirtierLayout::PAGE_SIZE)
+                || !end.is_multiple_of(DirtierLayout::PAGE_SIZE)
+            {
+                return Err(Error::invalid(format!(
+                    "the dirtier's range [{start:#x}, {end:#x}) is not page-aligned"
+                )));
+            }
+            let layout = DirtierLayout { start, end };
+            let (byte0, passes) = registry::with(id, |m| {
+                let byte0 = page_bytes(m.memory(), &layout);
+                let passes = read_u64(m.memory(), DirtierLayout::PASSES_GPA);
+                Ok((byte0, passes))
+            })?;
+            let c = check_dirtied_pages(layout.pages(), |i| byte0[i as usize]);
+            *out = HmDirtierCheck {
+                pages: c.pages,
+                bad_pages: c.bad,
+                first_bad_page: c.offenders.first().map_or(u64::MAX, |b| b.page),
+                edge_page: c.edge.unwrap_or(u64::MAX),
+                passes,
+            };
+            Ok(true)
+        })
+    }
+
+    /// Byte 0 of every page of `layout`, through the flat view (0 where there is no RAM).
+    fn page_bytes(mem: &MemorySystem, layout: &DirtierLayout) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(layout.pages() as usize);
+        let mut at = layout.start;
+        for chunk in ram_chunks(mem, layout.start, layout.pages() * DirtierLayout::PAGE_SIZE) {
+            let len = match &chunk {
+                GuestChunk::Ram { len, .. } | GuestChunk::Hole { len } => *len,
+            };
+            // Chunks may start mid-page: the next page's byte 0 is the first this one holds.
+            let mut gpa = at.next_multiple_of(DirtierLayout::PAGE_SIZE);
+            while gpa < at + len {
+                bytes.push(match &chunk {
+                    GuestChunk::Ram {
+                        mapping, offset, ..
+                    } => {
+                        let at_byte = (offset + (gpa - at)) as usize;
+                        // SAFETY: `at_byte` is inside the chunk, which lies inside `mapping`,
+                        // kept mapped by the Arc; a volatile read, as a vCPU may have written
+                        // it.
+                        unsafe { std::ptr::read_volatile(mapping.as_ptr().add(at_byte)) }
+                    }
+                    GuestChunk::Hole { .. } => 0,
+                });
+                gpa += DirtierLayout::PAGE_SIZE;
+            }
+            at += len;
+        }
+        bytes.resize(layout.pages() as usize, 0);
+        bytes
+    }
+
+    fn read_u64(mem: &MemorySystem, gpa: u64) -> u64 {
+        let mut v = [0u8; 8];
+        let mut at = 0usize;
+        for chunk in ram_chunks(mem, gpa, 8) {
+            match chunk {
+                GuestChunk::Ram {
+                    mapping,
+                    offset,
+                    len,
+                } => {
+                    for i in 0..len as usize {
+                        // SAFETY: inside the chunk, inside `mapping`, kept mapped by the Arc.
+                        v[at + i] = unsafe {
+                            std::ptr::read_volatile(mapping.as_ptr().add(offset as usize + i))
+                        };
+                    }
+                    at += len as usize;
+                }
+                GuestChunk::Hole { len } => at += len as usize,
+            }
+        }
+        u64::from_le_bytes(v)
     }
 
     /// The longest state `hm_test_dirtier_save_state` writes.

@@ -19,6 +19,7 @@ use super::format::TARGET_PAGE_SIZE;
 use super::ram::{PageRef, RamSource};
 use super::rate::{RateLimit, SliceBudget};
 use super::section::SectionHandler;
+use super::state::LiveLimits;
 use super::state::{MigrationStatus, Parameters, Progress};
 use super::stream::{SaveOptions, Saver};
 
@@ -147,7 +148,8 @@ impl<W: Write> Sender<'_, W> {
 
 /// Migrates the host's guest over `out`: setup, bulk pass, dirty passes until the rest fits
 /// `downtime-limit` at the measured bandwidth (or `max_rounds` passes, when not 0), switchover.
-/// The passes keep to `rate` (which may change meanwhile); the switchover does not, as in QEMU.
+/// The passes keep to `limits` (which may change meanwhile); the switchover does not limit its
+/// bandwidth, as in QEMU.
 /// The guest keeps running on the source until the switchover and stays paused after success;
 /// on failure or cancellation it runs again. `progress` gets the status and statistics.
 #[allow(clippy::too_many_arguments)]
@@ -156,7 +158,7 @@ pub fn run_outgoing<W: Write>(
     out: W,
     opts: SaveOptions,
     params: &Parameters,
-    rate: &RateLimit,
+    limits: &LiveLimits,
     max_rounds: u64,
     progress: &Progress,
 ) -> Result<(), Error> {
@@ -168,7 +170,7 @@ pub fn run_outgoing<W: Write>(
         out,
         opts,
         params,
-        rate,
+        limits,
         max_rounds,
         progress,
         &mut stopped,
@@ -201,7 +203,7 @@ fn outgoing_rounds<W: Write>(
     out: W,
     mut opts: SaveOptions,
     params: &Parameters,
-    rate: &RateLimit,
+    limits: &LiveLimits,
     max_rounds: u64,
     progress: &Progress,
     stopped: &mut bool,
@@ -232,12 +234,12 @@ fn outgoing_rounds<W: Write>(
         None => super::ram::all_pages(&RamSource::blocks(snap)).collect(),
     };
     progress.set_status(MigrationStatus::Active);
-    progress.set_expected_downtime(params.downtime_limit_ms());
+    progress.set_expected_downtime(limits.downtime_limit_ms());
     let mut sender = Sender {
         saver,
         snap,
         progress,
-        rate,
+        rate: &limits.rate,
         budget: SliceBudget::new(),
         meter: Meter::new(),
         pages_sent: 0,
@@ -260,7 +262,7 @@ fn outgoing_rounds<W: Write>(
         });
         progress.set_expected_downtime(expected_ms);
         // QEMU's threshold: what the measured bandwidth sends within the downtime limit.
-        let threshold = bandwidth * params.downtime_limit_ms() as f64 / 1000.0;
+        let threshold = bandwidth * limits.downtime_limit_ms() as f64 / 1000.0;
         let converged = (remaining as f64) < threshold;
         if converged || (max_rounds != 0 && rounds >= max_rounds) || dirty.is_empty() {
             break dirty;
@@ -439,7 +441,7 @@ mod tests {
             &mut out,
             SaveOptions::new("none"),
             &params,
-            &RateLimit::new(params.max_bandwidth()),
+            &LiveLimits::new(&params),
             0,
             &progress,
         )
@@ -501,7 +503,7 @@ mod tests {
             &mut out,
             SaveOptions::new("none"),
             &params,
-            &RateLimit::new(params.max_bandwidth()),
+            &LiveLimits::new(&params),
             0,
             &progress,
         )
@@ -520,7 +522,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &Parameters::default(),
-            &RateLimit::default(),
+            &LiveLimits::default(),
             0,
             &progress,
         )
@@ -551,7 +553,7 @@ mod tests {
             Broken,
             SaveOptions::new("none"),
             &Parameters::default(),
-            &RateLimit::default(),
+            &LiveLimits::default(),
             0,
             &progress,
         )
@@ -570,7 +572,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &Parameters::default(),
-            &RateLimit::default(),
+            &LiveLimits::default(),
             0,
             &progress,
         )
@@ -593,7 +595,7 @@ mod tests {
             Vec::new(),
             SaveOptions::new("none"),
             &params,
-            &RateLimit::new(params.max_bandwidth()),
+            &LiveLimits::new(&params),
             0,
             &progress,
         )

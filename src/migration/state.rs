@@ -4,8 +4,8 @@
 //! current or last migration (status and the statistics `info migrate` prints), shared with the
 //! thread that runs it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::rate::RateLimit;
@@ -525,8 +525,8 @@ impl Progress {
 #[derive(Default)]
 pub struct MigrationState {
     parameters: Parameters,
-    /// `max-bandwidth`, shared with a running migration so that a change applies at once.
-    pub rate: RateLimit,
+    /// What a running migration reads as it goes, so that a change applies at once.
+    pub limits: LiveLimits,
     pub capabilities: Capabilities,
     pub outgoing: Option<std::sync::Arc<Progress>>,
     pub incoming: Option<std::sync::Arc<Progress>>,
@@ -539,11 +539,45 @@ impl MigrationState {
         &self.parameters
     }
 
-    /// `migrate_set_parameter NAME VALUE`; a new `max-bandwidth` reaches a running migration.
+    /// `migrate_set_parameter NAME VALUE`; a new `max-bandwidth` or `downtime-limit` reaches
+    /// a running migration, as QEMU's does.
     pub fn set_parameter(&mut self, name: &str, value: &str) -> Result<(), Error> {
         self.parameters.set(name, value)?;
-        self.rate.set(self.parameters.max_bandwidth());
+        self.limits.update(&self.parameters);
         Ok(())
+    }
+}
+
+/// The parameters a running precopy reads as it goes: `max-bandwidth` (per chunk of pages)
+/// and `downtime-limit` (per round). Clones share the values.
+#[derive(Clone, Debug)]
+pub struct LiveLimits {
+    pub rate: RateLimit,
+    downtime_limit_ms: Arc<AtomicU64>,
+}
+
+impl Default for LiveLimits {
+    fn default() -> Self {
+        LiveLimits::new(&Parameters::default())
+    }
+}
+
+impl LiveLimits {
+    pub fn new(params: &Parameters) -> LiveLimits {
+        LiveLimits {
+            rate: RateLimit::new(params.max_bandwidth()),
+            downtime_limit_ms: Arc::new(AtomicU64::new(params.downtime_limit_ms())),
+        }
+    }
+
+    pub fn update(&self, params: &Parameters) {
+        self.rate.set(params.max_bandwidth());
+        self.downtime_limit_ms
+            .store(params.downtime_limit_ms(), Ordering::SeqCst);
+    }
+
+    pub fn downtime_limit_ms(&self) -> u64 {
+        self.downtime_limit_ms.load(Ordering::SeqCst)
     }
 }
 

@@ -234,7 +234,7 @@ pub fn start_outgoing(
     channel: PendingOutgoing,
     max_rounds: u64,
 ) -> Result<Arc<Progress>> {
-    let (progress, host, opts, params, rate) = with(id, |m| {
+    let (progress, host, opts, params, limits) = with(id, |m| {
         outgoing_allowed(m)?;
         let progress = Arc::new(Progress::new(false));
         m.migration_mut().outgoing = Some(progress.clone());
@@ -254,7 +254,7 @@ pub fn start_outgoing(
             host,
             opts,
             m.migration().parameters().clone(),
-            m.migration().rate.clone(),
+            m.migration().limits.clone(),
         ))
     })?;
     let PendingOutgoing {
@@ -268,7 +268,7 @@ pub fn start_outgoing(
                 let mut host = host;
                 host.finish = Some(finish);
                 // Failures and cancellation are in the progress; the guest runs on then.
-                let _ = run_outgoing(&mut host, writer, opts, &params, &rate, max_rounds, &p);
+                let _ = run_outgoing(&mut host, writer, opts, &params, &limits, max_rounds, &p);
             }
             Err(_) if p.cancel_requested() => p.set_status(MigrationStatus::Cancelled),
             Err(e) => p.fail(&e),
