@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, HmErrorClass};
 use crate::hostmap::HostMapping;
+use crate::populated::{Detector, PopulatedMap, Region};
 use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
 
 use super::format::TARGET_PAGE_SIZE;
@@ -31,6 +32,18 @@ pub struct SnapshotBlock {
 }
 
 impl SnapshotBlock {
+    /// The block's used length of its mapping, as the populated-page detector scans it.
+    fn region(&self) -> Result<Region<'_>, Error> {
+        Region::of(&self.mapping)
+            .sub(self.mapping_offset as usize, self.used_length as usize)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "RAMBlock \"{}\" lies outside its mapping",
+                    self.idstr
+                ))
+            })
+    }
+
     /// Host address of byte `offset` of the block, for `len` bytes inside it.
     fn host(&self, offset: u64, len: u64) -> Result<*mut u8, Error> {
         let end = offset.checked_add(len);
@@ -94,6 +107,41 @@ impl RamSnapshot {
     /// Total bytes of the snapshot's blocks (their used lengths).
     pub fn total_bytes(&self) -> u64 {
         self.blocks.iter().map(|b| b.used_length).sum()
+    }
+
+    /// What may hold data in each block (everything, where the kernel cannot tell), in block
+    /// order: the pages `x-skip-unpopulated` sends in the bulk pass. Reads no guest memory, so
+    /// it populates nothing; scan once dirty logging is on, which catches what is written
+    /// after the scan went past it.
+    pub fn populated(&self, detector: &Detector) -> Result<Vec<PopulatedMap>, Error> {
+        self.blocks
+            .iter()
+            .map(|b| Ok(detector.scan(&b.region()?, None)?.into_map()))
+            .collect()
+    }
+
+    /// Zeroes what may hold data in every migratable, writable block: a destination that
+    /// takes a stream without the never-populated pages (`x-skip-unpopulated`) must start
+    /// from zeros there, whatever its memory held (a file backend's old contents, an earlier
+    /// guest). Returns the bytes written; fresh anonymous memory costs nothing.
+    pub fn clear_populated(&self, detector: &Detector) -> Result<u64, Error> {
+        let mut cleared = 0;
+        for b in self.blocks.iter().filter(|b| b.migratable) {
+            if b.mapping.is_readonly() {
+                continue;
+            }
+            let map = detector.scan(&b.region()?, None)?.into_map();
+            for run in map.runs() {
+                let len = run.end.min(b.used_length).saturating_sub(run.start);
+                let dst = b.host(run.start, len)?;
+                // SAFETY: `dst..dst+len` lies inside the block's writable mapping (checked by
+                // `host`), kept alive by the snapshot; the destination's guest does not run
+                // while it waits for the stream.
+                unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
+                cleared += len;
+            }
+        }
+        Ok(cleared)
     }
 
     /// The pages of block `index` whose bits are set in `bitmap` (the registry's dirty bitmap

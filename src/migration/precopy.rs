@@ -22,6 +22,7 @@ use super::section::SectionHandler;
 use super::state::LiveLimits;
 use super::state::{MigrationStatus, Parameters, Progress};
 use super::stream::{SaveOptions, Saver};
+use crate::populated::PopulatedMap;
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -53,8 +54,9 @@ pub trait PrecopyHost {
     }
     /// Runs `f` on the device sections that go in the stream.
     fn with_sections(&mut self, f: &mut SectionsFn<'_>) -> Result<(), Error>;
-    /// The pages of `snap` that hold data, when `x-skip-unpopulated` is on; `None` means all.
-    fn populated(&mut self, snap: &RamSnapshot) -> Result<Option<Vec<PageRef>>, Error> {
+    /// What may hold data in each block of `snap` (in block order), when `x-skip-unpopulated`
+    /// is on; `None` means every page goes.
+    fn populated(&mut self, snap: &RamSnapshot) -> Result<Option<Vec<PopulatedMap>>, Error> {
         let _ = snap;
         Ok(None)
     }
@@ -109,8 +111,12 @@ struct Sender<'a, W: Write> {
 
 impl<W: Write> Sender<'_, W> {
     /// Sends `pages` as PART sections of at most a chunk each, rate-limited.
-    fn send(&mut self, pages: &[PageRef]) -> Result<(), Error> {
-        for chunk in pages.chunks(CHUNK_PAGES) {
+    fn send(&mut self, pages: impl IntoIterator<Item = PageRef>) -> Result<(), Error> {
+        let mut pages = pages.into_iter().peekable();
+        let mut chunk = Vec::with_capacity(CHUNK_PAGES);
+        while pages.peek().is_some() {
+            chunk.clear();
+            chunk.extend(pages.by_ref().take(CHUNK_PAGES));
             if self.progress.cancel_requested() {
                 return Err(cancelled());
             }
@@ -222,17 +228,15 @@ fn outgoing_rounds<W: Write>(
         s.transferred += setup_bytes;
         s.precopy_bytes += setup_bytes;
     });
-    let bulk: Vec<PageRef> = match host.populated(snap)? {
-        Some(pages) => {
-            let skipped = total / PAGE - pages.len() as u64;
-            progress.update(|s| {
-                s.skipped_unpopulated = skipped;
-                s.remaining = pages.len() as u64 * PAGE;
-            });
-            pages
-        }
-        None => super::ram::all_pages(&RamSource::blocks(snap)).collect(),
-    };
+    let populated = host.populated(snap)?;
+    if let Some(maps) = &populated {
+        let pages: u64 = maps.iter().map(PopulatedMap::pages).sum();
+        progress.update(|s| {
+            s.skipped_unpopulated = (total / PAGE).saturating_sub(pages);
+            s.remaining = pages * PAGE;
+        });
+    }
+    let blocks = RamSource::blocks(snap);
     progress.set_status(MigrationStatus::Active);
     progress.set_expected_downtime(limits.downtime_limit_ms());
     let mut sender = Sender {
@@ -246,7 +250,13 @@ fn outgoing_rounds<W: Write>(
     };
     let mut round_start = Instant::now();
     let mut round_bytes_start = sender.saver.position();
-    sender.send(&bulk)?;
+    match &populated {
+        Some(maps) => sender.send(maps.iter().enumerate().flat_map(|(block, map)| {
+            map.page_offsets()
+                .map(move |offset| PageRef { block, offset })
+        }))?,
+        None => sender.send(super::ram::all_pages(&blocks))?,
+    }
     let mut rounds = 0u64;
     let final_pages = loop {
         let dirty = host.dirty_pages(snap)?;
@@ -272,7 +282,7 @@ fn outgoing_rounds<W: Write>(
         }
         round_start = Instant::now();
         round_bytes_start = sender.saver.position();
-        sender.send(&dirty)?;
+        sender.send(dirty.iter().copied())?;
         rounds += 1;
         progress.update(|s| s.rounds = rounds);
     };

@@ -16,6 +16,7 @@ use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
 use crate::migration::state::{MigrationStatus, Progress};
 use crate::migration::stream::{load, load_file, LoadOptions, SaveOptions};
+use crate::populated::{Detector, PopulatedMap};
 
 /// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).
 pub trait Transports {
@@ -88,7 +89,12 @@ struct MachineHost {
     finish: Option<Box<dyn FnOnce() -> Result<()> + Send>>,
     /// QEMU's `globalstate`: the run state the switchover found, for the destination.
     globalstate: GlobalState,
+    /// `x-skip-unpopulated`: the bulk pass sends only what may hold data.
+    skip_unpopulated: bool,
 }
+
+/// hostmem's capability that leaves never-populated pages out of the stream.
+const SKIP_UNPOPULATED: &str = "x-skip-unpopulated";
 
 fn machine_name(m: &Machine) -> String {
     m.config()
@@ -165,6 +171,13 @@ impl PrecopyHost for MachineHost {
 
     fn with_sections(&mut self, f: &mut SectionsFn<'_>) -> Result<()> {
         with_locked_sections(&mut [&mut self.globalstate], &self.sections, f)
+    }
+
+    fn populated(&mut self, snap: &RamSnapshot) -> Result<Option<Vec<PopulatedMap>>> {
+        if !self.skip_unpopulated {
+            return Ok(None);
+        }
+        snap.populated(&Detector::new()).map(Some)
     }
 }
 
@@ -248,6 +261,7 @@ pub fn start_outgoing(
             globalstate: GlobalState::new(Arc::new(std::sync::Mutex::new(
                 m.run().state.name().to_string(),
             ))),
+            skip_unpopulated: m.migration().capabilities.is_on(SKIP_UNPOPULATED),
         };
         Ok((
             progress,
@@ -427,7 +441,17 @@ fn incoming(
     sections: &[SharedSection],
     progress: &Progress,
 ) -> Result<Option<String>> {
-    let mut target = with(id, |m| Ok(RamSnapshot::all(&m.memory().ramblocks)))?;
+    let (mut target, skip_unpopulated) = with(id, |m| {
+        Ok((
+            RamSnapshot::all(&m.memory().ramblocks),
+            m.migration().capabilities.is_on(SKIP_UNPOPULATED),
+        ))
+    })?;
+    if skip_unpopulated {
+        // The stream leaves out what the source never populated: those pages must read as
+        // zeros here, whatever this machine's memory held before.
+        target.clear_populated(&Detector::new())?;
+    }
     progress.set_status(MigrationStatus::Active);
     progress.update(|s| s.total = target.total_bytes());
     let mut globalstate = GlobalState::new(Default::default());
