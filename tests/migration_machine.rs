@@ -571,7 +571,7 @@ fn a_sparse_9_tib_guest_migrates_in_proportion_to_what_was_written() {
     assert_eq!(field("unpopulated skipped: "), SIZE / 4096 - sent, "{info}");
     let stream_kib = field("transferred ram: ");
     assert!(
-        stream_kib < (runs.len() as u64 * RUN >> 10) * 101 / 100,
+        stream_kib < ((runs.len() as u64 * RUN) >> 10) * 101 / 100,
         "the stream is {stream_kib} KiB:\n{info}"
     );
     // Every written byte arrived; what was not written reads as zero, the old byte included.
