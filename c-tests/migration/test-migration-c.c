@@ -3,8 +3,11 @@
  * (QEMU's section framing, hm_qemu_put_* / hm_qemu_get_*) migrates to a file with HMP
  * `migrate`; a destination built with -incoming loads it, RAM and section, and starts. Then the
  * same stream cut at every byte offset: each destination fails with an error, never starts,
- * and nothing crashes or leaks (the suite runs under valgrind too). Last, a stream whose
- * section is newer than the destination's is refused with QEMU's words.
+ * and nothing crashes or leaks (the suite runs under valgrind too). Then the loader's checks,
+ * each on an edited copy of the stream (magic, version, machine type, unknown block, size
+ * mismatch, missing footer, illegal offset, unknown flags, CONTINUE first, a non-zero zero
+ * page, an unknown section, a newer section version), each refused with QEMU's words and the
+ * destination never started.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -69,9 +72,11 @@ static bool dev_start(void *opaque, Error **errp)
     return true;
 }
 
+static const char *ram_size = "64K";
+
 static MachineState *machine(const char *incoming, Device *d, uint32_t version)
 {
-    const char *argv[] = { "test", "-M", "none", "-m", "64K", "-incoming", incoming, NULL };
+    const char *argv[] = { "test", "-M", "none", "-m", ram_size, "-incoming", incoming, NULL };
     int argc = incoming ? 7 : 5;
     Error *err = NULL;
     MachineState *ms = hm_machine_new_from_argv(argc, argv, &err);
@@ -106,6 +111,99 @@ static bool load(const char *path, Device *d, uint32_t version, char *why, size_
     return ok;
 }
 
+/* Where `needle` (`len` bytes) first occurs in `hay` at or after `from`, or -1. */
+static long find(const char *hay, long size, long from, const char *needle, long len)
+{
+    for (long i = from; i + len <= size; i++) {
+        if (memcmp(hay + i, needle, len) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static void put_be64(char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) {
+        p[i] = (char)(v >> (56 - 8 * i));
+    }
+}
+
+/*
+ * Loads a copy of `stream` with `len` bytes at `at` replaced by `with` (nothing replaced when
+ * `at` is negative); it must fail with `expected` in its message, and never start.
+ */
+static void refused(const char *dir, const char *stream, long size, long at, const char *with,
+                    long len, const char *expected)
+{
+    char path[4200], why[2048];
+    char *copy = malloc(size);
+    Device d = { 0 };
+    FILE *f;
+
+    CHECK(copy != NULL);
+    memcpy(copy, stream, size);
+    if (at >= 0) {
+        CHECK(at + len <= size);
+        memcpy(copy + at, with, len);
+    }
+    snprintf(path, sizeof(path), "%s/edited.mig", dir);
+    f = fopen(path, "wb");
+    CHECK(f && fwrite(copy, 1, size, f) == (size_t)size);
+    fclose(f);
+    free(copy);
+    why[0] = '\0';
+    if (load(path, &d, 1, why, sizeof(why))) {
+        fprintf(stderr, "an edited stream loaded (expected \"%s\")\n", expected);
+        failures++;
+    } else if (!strstr(why, expected)) {
+        fprintf(stderr, "expected \"%s\", got \"%s\"\n", expected, why);
+        failures++;
+    }
+    CHECK(d.starts == 0);
+    unlink(path);
+}
+
+/* The loader's checks on the stream of the one-page machine (16 pages, page 2 holds 0xa5). */
+static void loader_checks(const char *dir, const char *s, long size)
+{
+    static const char data[16] = { [0 ... 15] = (char)0xa5 };
+    char u64[8];
+    long block, first_page, page;
+
+    /* Header: magic, then the version. */
+    refused(dir, s, size, 0, "QEVX", 4, "Not a migration stream");
+    refused(dir, s, size, 7, "\x02", 1, "SaveVM v2 format is obsolete");
+    refused(dir, s, size, 7, "\x09", 1, "Unsupported migration stream version");
+    /* CONFIGURATION: the machine type's name. */
+    refused(dir, s, size, find(s, size, 8, "none", 4), "nonf", 4,
+            "Machine type received is 'nonf' and local is 'none'");
+    /* The ram section's block list ("ram", 0x10000 bytes), then its EOS and footer. */
+    block = find(s, size, 0, "\x03ram\0\0\0\0\0\x01\0\0", 12);
+    CHECK(block > 0);
+    refused(dir, s, size, block + 1, "rbm", 3,
+            "Unknown ramblock \"rbm\", cannot accept migration");
+    CHECK(s[block + 4 + 8 + 8] == 0x7e);
+    refused(dir, s, size, block + 4 + 8 + 8, "\x00", 1, "Missing section footer for ram");
+    ram_size = "128K";
+    refused(dir, s, size, -1, NULL, 0, "Size mismatch: ram: 0x10000 != 0x20000");
+    ram_size = "64K";
+    /* The first page record (page 0, ZERO, with the block's name) and page 2's (PAGE). */
+    first_page = find(s, size, block + 12, "\x03ram", 4) - 8;
+    CHECK(first_page > block && s[first_page + 7] == 0x02);
+    refused(dir, s, size, first_page + 7, "\x22", 1, "Ack, bad migration stream!");
+    refused(dir, s, size, first_page + 12, "\x01", 1, "Found a zero page with value 1");
+    page = find(s, size, first_page, data, sizeof(data)) - 8;
+    CHECK(page > first_page && s[page + 6] == 0x20 && s[page + 7] == 0x28);
+    put_be64(u64, 0x100000 | 0x28);
+    refused(dir, s, size, page, u64, 8, "Illegal RAM offset 100000");
+    put_be64(u64, 0x2000 | 0x20 | 0x40);
+    refused(dir, s, size, page, u64, 8, "Unknown combination of migration flags: 0x60");
+    /* The VMM's section under a name this destination does not know. */
+    refused(dir, s, size, find(s, size, 0, "x-test-dev", 10), "x-test-dex", 10,
+            "Unknown savevm section or instance 'x-test-dex' 0");
+}
+
 int main(void)
 {
     char dir[] = "/tmp/hm-mig-c.XXXXXX";
@@ -138,6 +236,17 @@ int main(void)
     CHECK(load(path, &dst, 1, why, sizeof(why)));
     CHECK(dst.loads == 1 && dst.starts == 1);
     CHECK(memcmp(dst.state, src.state, STATE_LEN) == 0);
+
+    f = fopen(path, "rb");
+    CHECK(f != NULL);
+    fseek(f, 0, SEEK_END);
+    size = ftell(f);
+    rewind(f);
+    stream = malloc(size);
+    CHECK(stream && fread(stream, 1, size, f) == (size_t)size);
+    fclose(f);
+    loader_checks(dir, stream, size);
+    free(stream);
 
     /* Cut the stream of an all-zero machine (a smaller stream: every cut is a machine). */
     memset(&src.state, 0x3c, STATE_LEN);
