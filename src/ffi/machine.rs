@@ -395,6 +395,18 @@ unsafe fn free_machine_state(ms: *mut MachineState) -> MachineId {
     boxed.state.context
 }
 
+/// What other parts of the C skin keep per machine (the test guest's vCPU) goes through these
+/// when a machine is freed, before the machine itself.
+static FREE_HOOKS: std::sync::Mutex<Vec<fn(registry::MachineId)>> = std::sync::Mutex::new(Vec::new());
+
+/// Has `hook` run for every machine freed from now on.
+pub(crate) fn on_machine_free(hook: fn(registry::MachineId)) {
+    let mut hooks = FREE_HOOKS.lock().unwrap_or_else(|p| p.into_inner());
+    if !hooks.contains(&hook) {
+        hooks.push(hook);
+    }
+}
+
 /// Frees a machine: the board's cleanup hook, then the machine (regions, RAMBlocks, backends,
 /// the KVM VM once no vCPU of it runs). NULL is ignored.
 ///
@@ -408,8 +420,10 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
         }
         // SAFETY: by this function's contract.
         let id = unsafe { free_machine_state(ms) };
-        #[cfg(all(feature = "test-guest", target_arch = "x86_64"))]
-        crate::ffi::testing::forget_machine(id);
+        let hooks = FREE_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for hook in hooks {
+            hook(id);
+        }
         let _ = registry::remove(id);
         forget_machine(id);
         Ok(())

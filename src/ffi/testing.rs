@@ -214,13 +214,16 @@ mod dirtier {
 
     fn table() -> MutexGuard<'static, HashMap<MachineId, Entry>> {
         static T: OnceLock<Mutex<HashMap<MachineId, Entry>>> = OnceLock::new();
-        T.get_or_init(Default::default)
-            .lock()
+        T.get_or_init(|| {
+            super::super::machine::on_machine_free(forget_machine);
+            Default::default()
+        })
+        .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Drops a freed machine's vCPU (its thread stops).
-    pub(crate) fn forget_machine(id: MachineId) {
+    fn forget_machine(id: MachineId) {
         let entry = table().remove(&id);
         drop(entry);
     }
@@ -479,5 +482,4 @@ mod dirtier {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use dirtier::forget_machine;
+
