@@ -183,13 +183,15 @@ class Monitor:
 
 def pattern(size, seed):
     """`size` bytes, page by page: a quarter zero, a quarter one repeated byte, half random
-    (seeded, so both sides of a comparison can regenerate it)."""
+    (seeded, so both sides of a comparison can regenerate it); the last quarter of the range
+    is all zero, a hole a destination never needs to touch."""
     import random
     rng = random.Random(seed)
     pages = []
-    for i in range(size // 4096):
+    count = size // 4096
+    for i in range(count):
         kind = i % 4
-        if kind == 0:
+        if kind == 0 or i >= count * 3 // 4:
             pages.append(bytes(4096))
         elif kind == 1:
             pages.append(bytes([i & 0xff or 1]) * 4096)
