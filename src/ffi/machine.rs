@@ -397,7 +397,8 @@ unsafe fn free_machine_state(ms: *mut MachineState) -> MachineId {
 
 /// What other parts of the C skin keep per machine (the test guest's vCPU) goes through these
 /// when a machine is freed, before the machine itself.
-static FREE_HOOKS: std::sync::Mutex<Vec<fn(registry::MachineId)>> = std::sync::Mutex::new(Vec::new());
+static FREE_HOOKS: std::sync::Mutex<Vec<fn(registry::MachineId)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// Has `hook` run for every machine freed from now on.
 pub(crate) fn on_machine_free(hook: fn(registry::MachineId)) {

@@ -219,7 +219,7 @@ mod dirtier {
             Default::default()
         })
         .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Drops a freed machine's vCPU (its thread stops).
@@ -481,5 +481,3 @@ mod dirtier {
         crate::testing::runner::state_len()
     }
 }
-
-
