@@ -19,48 +19,19 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hostmem::machine::BoardInfo;
-use hostmem::options::cmdline::Cmdline;
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
+use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
+use hostmem::testing::machines::{main_ram, none_machine};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-fn none_board() -> BoardInfo {
-    BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-    }
-}
-
-/// A `-M none` machine in this process, its RAM mapped at 0.
 fn machine(args: &[&str]) -> MachineId {
-    let cmd = Cmdline::parse(args).unwrap();
-    let mut p = PendingMachine::start(&cmd, &none_board()).unwrap();
-    registry::with(p.id(), |m| {
-        let ram = m.config().unwrap().ram.unwrap();
-        let mem = m.memory_mut();
-        let sys = mem.system_memory();
-        mem.add_subregion(sys, 0, ram, None)
-    })
-    .unwrap();
-    p.finish_init().unwrap();
-    p.commit()
+    none_machine(args).unwrap()
 }
 
 fn ram(id: MachineId) -> (*mut u8, u64) {
-    registry::with(id, |m| {
-        let c = m.config().unwrap();
-        Ok((m.memory().ram_ptr(c.ram.unwrap())?.unwrap(), c.ram_size))
-    })
-    .unwrap()
+    main_ram(id).unwrap()
 }
 
 fn run(id: MachineId, line: &str) -> String {
