@@ -13,6 +13,22 @@
 #define HOSTMEM_VERSION_STRING "0.1.0"
 
 
+// `HmBackendConfig.flags`: map it shared (`share=on`; memfd's default).
+#define HM_BACKEND_SHARE (1 << 0)
+
+// `HmBackendConfig.flags`: map it private (`share=off`; ram's and file's default).
+#define HM_BACKEND_PRIVATE (1 << 1)
+
+// `HmBackendConfig.flags`: preallocate every page before returning (`prealloc=on`).
+#define HM_BACKEND_PREALLOC (1 << 2)
+
+// `HmBackendConfig.flags`: reserve no swap space, so a sparse guest larger than the host's
+// memory can be mapped (`reserve=off`).
+#define HM_BACKEND_NORESERVE (1 << 3)
+
+// `HmBackendConfig.flags`: memfd only: back it with huge pages (`hugetlb=on`).
+#define HM_BACKEND_HUGETLB (1 << 4)
+
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
 
@@ -59,6 +75,16 @@
 #define HM_KVM_SIGNATURE 7525360446248152353
 #endif
 
+// The kind of backend `hm_memory_backend_create` makes.
+typedef enum HmBackendKind {
+  // `memory-backend-ram`: anonymous memory.
+  HM_BACKEND_KIND_RAM,
+  // `memory-backend-file`: a file (`mem_path`), e.g. on hugetlbfs or a DAX device.
+  HM_BACKEND_KIND_FILE,
+  // `memory-backend-memfd`: an anonymous file, shareable with other processes.
+  HM_BACKEND_KIND_MEMFD,
+} HmBackendKind;
+
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
 typedef enum HmErrorClass {
@@ -80,6 +106,9 @@ typedef enum HmErrorClass {
   HM_ERROR_CLASS_KVM = 7,
   // Not supported by this host or build.
   HM_ERROR_CLASS_UNSUPPORTED = 8,
+  // The host lacks what the request needs (memory, huge pages, KVM's slot budget): change
+  // the size or the host, not the syntax.
+  HM_ERROR_CLASS_HOST_RESOURCES = 9,
 } HmErrorClass;
 
 // What an `HmProgress` is about.
@@ -94,6 +123,11 @@ typedef enum HmProgressActivity {
 
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
+
+// A reference a VMM holds on a backend's memory (its own KVM slots, DMA): the memory stays
+// mapped at the same address until `hm_memory_pin_release`, whatever else is freed first
+// (the backend, its machine), and deleting the backend is refused meanwhile. Opaque.
+typedef struct HmMemoryPin HmMemoryPin;
 
 // The stream a section callback writes or reads. Opaque; valid during the callback only.
 typedef struct HmQemuFile HmQemuFile;
@@ -117,6 +151,39 @@ typedef struct MemoryRegion {
   uint32_t index;
   uint32_t generation;
 } MemoryRegion;
+
+// A backend described with C types, for VMMs that do not speak QEMU's option syntax. Zero
+// fields mean the default; set it up with `= { .kind = ..., .size = ... }`.
+typedef struct HmBackendConfig {
+  enum HmBackendKind kind;
+  // Its id, or NULL for the first free `hm-memN`.
+  const char *id;
+  // In bytes.
+  uint64_t size;
+  // `HM_BACKEND_FILE` only: the file or directory, as is (no `,,` escaping).
+  const char *mem_path;
+  // `HM_BACKEND_*` bits.
+  uint32_t flags;
+  // 0: QEMU's default (1 thread).
+  uint32_t prealloc_threads;
+  // memfd with `HM_BACKEND_HUGETLB`: the huge page size; 0: the host's default.
+  uint64_t hugetlbsize;
+} HmBackendConfig;
+
+// A range of guest-physical addresses that RAM must not cover (`hm_memory_backend_lay_out`).
+typedef struct HmGpaHole {
+  uint64_t start;
+  uint64_t size;
+} HmGpaHole;
+
+// One piece of a backend in the guest: `size` bytes at guest address `gpa`, at `host` (the
+// backend's memory at `offset`).
+typedef struct HmRamRange {
+  uint64_t gpa;
+  void *host;
+  uint64_t offset;
+  uint64_t size;
+} HmRamRange;
 
 // One KVM memslot as `hm_kvm_get_slots` reports it.
 typedef struct HmKvmSlot {
@@ -400,6 +467,72 @@ void *hm_memory_backend_get_host_ptr(struct HostMemoryBackend *b);
 // # Safety
 // `b` is NULL or a live handle; `errp` as usual.
 char *hm_memory_backend_trace(struct HostMemoryBackend *b, struct Error **errp);
+
+// Creates and completes a backend in the current context from typed fields, with the checks
+// and errors of the `-object` form. Nothing is left behind on failure. NULL on error.
+//
+// # Safety
+// `cfg` is NULL or a valid `HmBackendConfig` whose strings are NULL or NUL-terminated;
+// `errp` as usual.
+struct HostMemoryBackend *hm_memory_backend_create(const struct HmBackendConfig *cfg,
+                                                   struct Error **errp);
+
+// Deletes the backend a handle names, as `hm_memory_backend_del` does by id (refused while
+// mapped or pinned). The handle stays valid but stale: using it again (a second free
+// included) gives "memory backend no longer exists", never a use-after-free.
+//
+// # Safety
+// `b` is NULL or a handle from this library; `errp` as usual.
+bool hm_memory_backend_free(struct HostMemoryBackend *b, struct Error **errp);
+
+// Pins a complete backend's memory; NULL on error (not complete, stale handle).
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+struct HmMemoryPin *hm_memory_pin(struct HostMemoryBackend *b, struct Error **errp);
+
+// The pinned memory's host address (valid until the pin is released).
+//
+// # Safety
+// `pin` is NULL or a live pin.
+void *hm_memory_pin_host_ptr(const struct HmMemoryPin *pin);
+
+// The pinned memory's length in bytes.
+//
+// # Safety
+// `pin` is NULL or a live pin.
+uint64_t hm_memory_pin_size(const struct HmMemoryPin *pin);
+
+// Releases a pin (NULL: nothing). The memory is unmapped now if nothing else holds it.
+//
+// # Safety
+// `pin` is NULL or a live pin, not used afterwards.
+void hm_memory_pin_release(struct HmMemoryPin *pin);
+
+// The backend of the current context whose memory contains host address `hva`, and the
+// offset of `hva` in it (through `offset`, if not NULL); NULL when no backend maps it.
+//
+// # Safety
+// `offset` is NULL or writable.
+struct HostMemoryBackend *hm_memory_backend_from_host(const void *hva, uint64_t *offset);
+
+// Lays a complete backend over guest addresses from `base` upwards, stepping over `holes`
+// (e.g. the PCI gap below 4 GiB): RAM that would fall in a hole continues after it. Writes
+// at most `max` ranges to `out` and returns how many the layout has (more than `max`: call
+// again with room for all); -1 on error (holes overlapping or not page-aligned, the backend
+// not complete, the end beyond 2^64). For VMMs that register KVM slots themselves; pin the
+// backend (`hm_memory_pin`) while the slots exist.
+//
+// # Safety
+// `b` is NULL or a live handle; `holes` points to `n_holes` entries (or is NULL with 0);
+// `out` has room for `max` entries (or is NULL with 0); `errp` as usual.
+ptrdiff_t hm_memory_backend_lay_out(struct HostMemoryBackend *b,
+                                    uint64_t base,
+                                    const struct HmGpaHole *holes,
+                                    size_t n_holes,
+                                    struct HmRamRange *out,
+                                    size_t max,
+                                    struct Error **errp);
 
 // The human-readable message of `err` (valid until `error_free`).
 //
