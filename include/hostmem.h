@@ -576,6 +576,35 @@ void hm_error_clear(struct Error **errp);
 // multiple of the host page size.
 bool hm_kvm_attach(uint64_t max_slot_size, struct Error **errp);
 
+// Attaches the current machine to a VM the VMM created and configured itself (VMMs make the
+// VM, its irqchip and its vCPUs before RAM exists), so its RAM gets hostmem's slots — split
+// at the slot limit, following every layout change, with dirty logging — beside slots of the
+// VMM's own. `vm_fd` is duplicated (the VMM keeps and closes its own descriptor); the slot
+// numbers in `vmm_slots[0..n_vmm_slots]` are the VMM's and hostmem never uses them; later
+// ones come from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc`. The VMM must not delete or
+// change hostmem's slots (`hm_kvm_get_slots` lists them). `max_slot_size` as for
+// `hm_kvm_attach`. Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or
+// KVM is attached already.
+//
+// # Safety
+// `vmm_slots` points to `n_vmm_slots` numbers (or is NULL with 0); `errp` as usual.
+bool hm_kvm_attach_vm_fd(int vm_fd,
+                         uint64_t max_slot_size,
+                         const uint32_t *vmm_slots,
+                         size_t n_vmm_slots,
+                         struct Error **errp);
+
+// Sets slot number `slot` aside for the VMM's own memory; refused when hostmem uses it, it is
+// reserved already or it is beyond the VM's budget.
+bool hm_kvm_slot_reserve(uint32_t slot, struct Error **errp);
+
+// A free slot number, set aside for the VMM's own memory; -1 on error (no VM, budget spent).
+int64_t hm_kvm_slot_alloc(struct Error **errp);
+
+// Gives back a number from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc` / `vmm_slots` (delete
+// the VMM's slot in KVM first); false if it was not reserved.
+bool hm_kvm_slot_release(uint32_t slot);
+
 // Removes every slot and closes the VM of the current machine.
 bool hm_kvm_detach(struct Error **errp);
 
