@@ -1,3 +1,37 @@
+/*
+ * hostmem: guest RAM for C virtual-machine monitors, with QEMU's memory API and semantics.
+ *
+ * Rules that hold for every function below unless its own comment says otherwise:
+ *
+ * Ownership. A returned `char *` is the caller's: release it with hm_free(). A returned
+ * `const char *` is hostmem's and valid as the comment says (static, or until the object it
+ * describes goes). Handles (MachineState, HostMemoryBackend, MemoryRegion, Object, HmMemoryPin)
+ * are hostmem's: free each only with the function named for it; a HostMemoryBackend handle
+ * outlives its backend and reports "memory backend no longer exists" when used stale.
+ * Arguments are borrowed for the call; strings are copied.
+ *
+ * Errors. A function that can fail takes `Error **errp` last (NULL, &error_fatal, &error_abort
+ * or the address of a NULL `Error *`, as in QEMU) and returns false, NULL or -1. The Error
+ * carries QEMU's message (error_get_pretty), an optional hint, an HmErrorClass saying which
+ * kind of input to blame, and errno when the host refused. A failed call leaves nothing
+ * half-built. NULL where a pointer is required is an error naming the parameter. No call
+ * aborts or unwinds into C; `void` functions of QEMU's API that can fail keep their error
+ * for hm_memory_check().
+ *
+ * Threads. Every function may be called from any thread. Calls on one machine serialize on its
+ * lock; long work (preallocation, a guest run, a migration round) runs without it, so
+ * callbacks (prealloc progress, the progress handler, a board's init, migration section
+ * hooks) run with no hostmem lock held unless their comment says otherwise and may call
+ * hostmem. "The current machine" (QEMU's globals: get_system_memory(), backends by id) is one
+ * per process: set it with hm_machine_make_current() before using those calls from several
+ * machines.
+ *
+ * Pausing. No call needs the guest paused: layout changes while vCPUs run reach KVM as
+ * QEMU's do, and migration stops the guest itself for the switchover. A migration refuses to
+ * start on a machine that waits for an incoming one or was stopped by an earlier one
+ * (QEMU's rules).
+ */
+
 #ifndef HOSTMEM_H
 #define HOSTMEM_H
 
