@@ -109,10 +109,16 @@ pub unsafe extern "C" fn hm_memory_backend_add(
         let opts = unsafe { str_arg(opts, "opts") }?;
         let (cid, id) =
             registry::with_current(|cid, m| Ok((cid, m.add_backend_uncompleted(opts)?)))?;
-        registry::complete_backend(cid, &id, true)?;
-        let serial = registry::with(cid, |m| serial_of(m, &id))?;
-        Ok(handle_for(cid, serial))
+        complete_new(cid, &id)
     })
+}
+
+/// Completes a backend just created uncompleted in context `cid` and hands out its handle;
+/// on failure the backend goes again.
+fn complete_new(cid: ContextId, id: &str) -> Result<*mut HostMemoryBackend> {
+    registry::complete_backend(cid, id, true)?;
+    let serial = registry::with(cid, |m| serial_of(m, id))?;
+    Ok(handle_for(cid, serial))
 }
 
 /// Creates an uncompleted backend of QOM type `type` ("memory-backend-ram", "-file",
@@ -574,9 +580,7 @@ pub unsafe extern "C" fn hm_memory_backend_create(
             }
             Ok((cid, id))
         })?;
-        registry::complete_backend(cid, &id, true)?;
-        let serial = registry::with(cid, |m| serial_of(m, &id))?;
-        Ok(handle_for(cid, serial))
+        complete_new(cid, &id)
     })
 }
 
