@@ -67,6 +67,11 @@ int main(int argc, char **argv)
         perror("populate-limit: mmap");
         return 1;
     }
+    /* As hostmem and QEMU do for anonymous RAM: transparent huge pages where the host has
+     * them, so the limit faults the same page sizes as the VMMs it is the limit of. */
+    if (fd < 0) {
+        madvise(mem, size, MADV_HUGEPAGE);
+    }
     size_t pages = size / page;
     struct chunk chunks[64];
     pthread_t tids[64];
