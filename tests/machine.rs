@@ -275,6 +275,36 @@ fn mem_prealloc_is_a_default_for_every_backend() {
 }
 
 #[test]
+fn mem_prealloc_uses_the_hosts_cores_unless_a_backend_pins_a_count() {
+    let cores = hostmem::backend::prealloc::online_cpus().to_string();
+    let threads = |args: &[&str], id: &str| {
+        machine(&pc(), args)
+            .objects()
+            .get(id)
+            .unwrap()
+            .backend
+            .get("prealloc-threads")
+            .unwrap()
+    };
+    // QEMU would take the vCPU count: 1 here, 3 with -smp 3.
+    assert_eq!(threads(&["-m", "8M", "-mem-prealloc"], "pc.ram"), cores);
+    assert_eq!(
+        threads(&["-m", "8M", "-smp", "3", "-mem-prealloc"], "pc.ram"),
+        cores
+    );
+    let pinned = [
+        "-m",
+        "8M",
+        "-mem-prealloc",
+        "-object",
+        "memory-backend-ram,id=x,size=4M,prealloc-threads=1",
+    ];
+    assert_eq!(threads(&pinned, "x"), "1");
+    // Without -mem-prealloc a backend's default stays QEMU's: the vCPU count.
+    assert_eq!(threads(&["-m", "8M", "-smp", "3"], "pc.ram"), "3");
+}
+
+#[test]
 fn legacy_allocation_works_once_and_refuses_a_second_call() {
     let mut m = machine(&legacy_board(), &["-m", "16M"]);
     let r = m.allocate_system_memory("legacy.ram", 16 << 20).unwrap();

@@ -36,6 +36,13 @@ pub enum KvmError {
         size: u64,
         errno: i32,
     },
+    #[error("KVM_CLEAR_DIRTY_LOG failed, slot={slot}, start=0x{gpa:x}, pages={pages}: {}", strerror(*errno))]
+    ClearDirtyLog {
+        slot: u32,
+        gpa: u64,
+        pages: u32,
+        errno: i32,
+    },
     #[error("max-slot-size 0x{size:x} must be a multiple of the host page size 0x{host_page:x}")]
     SlotSizeNotPageMultiple { size: u64, host_page: u64 },
     /// The configured slot size cannot hold one page of a section's memory (hugetlbfs).
@@ -55,6 +62,7 @@ impl KvmError {
             | KvmError::CreateVcpu { errno, .. }
             | KvmError::SetMemoryRegion { errno, .. }
             | KvmError::GetDirtyLog { errno, .. }
+            | KvmError::ClearDirtyLog { errno, .. }
             | KvmError::NotAVm { errno, .. } => Some(errno),
             _ => None,
         }

@@ -46,6 +46,9 @@ pub const LISTENER_NAME: &str = "kvm-memory";
 /// QEMU's slot budget when the kernel does not report `KVM_CAP_NR_MEMSLOTS`.
 const DEFAULT_NR_SLOTS: u32 = 32;
 
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (bit 0 of its value: KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+
 /// The KVM VM of one machine: the VM fd, its vCPUs and the slot table the listener fills.
 ///
 /// Clones share the VM, so a vCPU can run with the machine unlocked (another thread may change
@@ -73,8 +76,20 @@ impl KvmAccel {
             n if n > 0 => n as u32,
             _ => DEFAULT_NR_SLOTS,
         };
+        // Manual dirty-log protection (QEMU turns it on too): a sync re-protects only the 1 GiB
+        // chunks that hold dirty pages, one KVM_CLEAR_DIRTY_LOG each. Not INITIALLY_SET: the
+        // first sync after logging starts reports only pages written since, as before.
+        let manual = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) & 1 != 0
+            && vm
+                .enable_cap(&kvm_bindings::kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [1, 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
         let vm = Arc::new(vm);
-        let table = SlotTable::new(vm.clone(), nr, max, host_page);
+        let mut table = SlotTable::new(vm.clone(), nr, max, host_page);
+        table.set_manual_protect(manual);
         Ok(KvmAccel {
             kvm: Arc::new(kvm),
             vm,

@@ -64,7 +64,14 @@ impl Machine {
         let (mut ram_size, mut maxram_size, ram_slots) = resolve_ram_size(cmd, board)?;
 
         self.backend_defaults.prealloc = cmd.mem_prealloc;
-        self.backend_defaults.prealloc_threads = cmd.smp_cpus.unwrap_or(1);
+        // QEMU preallocates with the guest's vCPU count (1 without -smp); -mem-prealloc here
+        // uses the host's cores, since nothing pins a count (prealloc-threads on a backend
+        // still does). See DESIGN.md, "Where hostmem deliberately differs".
+        self.backend_defaults.prealloc_threads = if cmd.mem_prealloc {
+            u32::try_from(crate::backend::prealloc::online_cpus()).unwrap_or(u32::MAX)
+        } else {
+            cmd.smp_cpus.unwrap_or(1)
+        };
 
         for object in &cmd.objects {
             // What reading the option finds is reported at the option, as QEMU does; what
