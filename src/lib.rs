@@ -7,6 +7,7 @@ pub mod backend;
 pub mod error;
 pub mod ffi;
 pub mod flatview;
+pub mod guarded;
 pub mod hostmap;
 pub mod kvm;
 pub mod listener;

@@ -183,7 +183,8 @@ pub fn alloc(
             // SAFETY: map_file just mapped `p..p+len` for us alone.
             unsafe {
                 HostMapping::from_raw(p, len, page, Some(opened.fd), share, props.rom_effective())
-            },
+            }
+            .with_file_offset(props.offset),
         ),
         Err(e) => {
             if let Some(created) = opened.created {

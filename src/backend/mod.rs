@@ -147,18 +147,15 @@ pub struct PreallocJob {
     mapping: Arc<HostMapping>,
     max_threads: u32,
     progress: Option<ProgressFn>,
-    remap: prealloc::Remap,
 }
 
 impl PreallocJob {
     pub fn run(&self) -> Result<prealloc::Outcome> {
         prealloc::prealloc(&prealloc::Request {
-            addr: self.mapping.as_ptr(),
-            len: self.mapping.len(),
-            page_size: self.mapping.page_size(),
+            span: crate::guarded::Span::of(&self.mapping),
             max_threads: self.max_threads,
             progress: self.progress.as_ref(),
-            remap: self.remap,
+            readonly: self.mapping.is_readonly(),
             method: None,
         })
     }
@@ -541,21 +538,10 @@ impl Backend {
 
     fn prealloc_job(&self) -> Option<PreallocJob> {
         let mapping = self.mapping.clone()?;
-        let remap = prealloc::Remap {
-            fd: mapping.fd(),
-            file_offset: if self.ty == BackendType::File {
-                self.file.offset
-            } else {
-                0
-            },
-            shared: mapping.is_shared(),
-            readonly: mapping.is_readonly(),
-        };
         Some(PreallocJob {
             mapping,
             max_threads: self.prealloc_threads,
             progress: self.progress.clone(),
-            remap,
         })
     }
 
