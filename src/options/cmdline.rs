@@ -427,13 +427,7 @@ pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
                 };
                 m.size = (bytes != 0).then_some(bytes);
             }
-            "slots" => {
-                m.slots = Some(
-                    value
-                        .parse::<u64>()
-                        .map_err(|_| expects("slots", "a number"))?,
-                )
-            }
+            "slots" => m.slots = Some(crate::options::values::parse_opts_number("slots", &value)?),
             "maxmem" => {
                 m.maxmem =
                     Some(strtosz(&value).map_err(|_| OptionError::ExpectsSize("maxmem".into()))?)
