@@ -160,7 +160,8 @@ fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened>
 }
 
 /// Opens or creates the backing store, checks alignment, offset and size in QEMU's order and
-/// wording, sizes an empty file, and maps it. A file this call created is removed on failure.
+/// wording, sizes an empty file, and maps it. A file this call created is removed on failure;
+/// on success its path comes back, for the caller to remove if a later step fails.
 pub fn alloc(
     props: &FileProps,
     type_name: &str,
@@ -168,7 +169,7 @@ pub fn alloc(
     size: u64,
     share: bool,
     noreserve: bool,
-) -> Result<HostMapping> {
+) -> Result<(HostMapping, Option<CString>)> {
     props.check(share)?;
     let path = props.mem_path.as_deref().unwrap_or_default();
     let opened = open_backing(path, region_name, props.readonly)?;
@@ -182,13 +183,14 @@ pub fn alloc(
         noreserve,
     );
     match result {
-        Ok((p, len, page)) => Ok(
+        Ok((p, len, page)) => Ok((
             // SAFETY: map_file just mapped `p..p+len` for us alone.
             unsafe {
                 HostMapping::from_raw(p, len, page, Some(opened.fd), share, props.rom_effective())
             }
             .with_file_offset(props.offset),
-        ),
+            opened.created,
+        )),
         Err(e) => {
             if let Some(created) = opened.created {
                 // SAFETY: removing the file this call created; the path is NUL-terminated.
@@ -324,7 +326,8 @@ mod tests {
             true,
             false,
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(m.len(), 1 << 20);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         assert!(m.fd().is_some());
@@ -476,7 +479,9 @@ mod tests {
             offset: 4096,
             ..props(&path)
         };
-        let m = alloc(&p, "memory-backend-file", "m", 4096, false, false).unwrap();
+        let m = alloc(&p, "memory-backend-file", "m", 4096, false, false)
+            .unwrap()
+            .0;
         assert!(m.is_readonly());
         // SAFETY: reading the first byte of the mapping just made.
         assert_eq!(unsafe { m.as_ptr().read() }, 0x5a);
@@ -508,7 +513,9 @@ mod tests {
             pmem: true,
             ..props(&path)
         };
-        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false).unwrap();
+        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false)
+            .unwrap()
+            .0;
         // SAFETY: writing inside the shared mapping just made.
         unsafe { m.as_ptr().write(1) };
         drop(m);

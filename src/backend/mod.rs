@@ -191,6 +191,9 @@ pub struct Backend {
     mapped: bool,
     state: State,
     mapping: Option<Arc<HostMapping>>,
+    /// The backing file this completion created, removed again if the completion fails (a
+    /// refused bind, a failed prealloc); kept once it succeeds.
+    created_file: Option<std::ffi::CString>,
     trace: Vec<Step>,
     progress: Option<ProgressFn>,
 }
@@ -235,6 +238,7 @@ impl Backend {
             mapped: false,
             state: State::New,
             mapping: None,
+            created_file: None,
             trace: Vec::new(),
             progress: None,
         }
@@ -456,14 +460,18 @@ impl Backend {
         let noreserve = !self.reserve;
         let mapping = match self.ty {
             BackendType::Ram => ram::alloc(&name, self.size, self.share, noreserve)?,
-            BackendType::File => file::alloc(
-                &self.file,
-                self.ty.name(),
-                &name,
-                self.size,
-                self.share,
-                noreserve,
-            )?,
+            BackendType::File => {
+                let (mapping, created) = file::alloc(
+                    &self.file,
+                    self.ty.name(),
+                    &name,
+                    self.size,
+                    self.share,
+                    noreserve,
+                )?;
+                self.created_file = created;
+                mapping
+            }
             BackendType::Memfd => memfd::alloc(
                 &self.memfd,
                 self.ty.name(),
@@ -490,7 +498,7 @@ impl Backend {
         if !self.host_nodes.is_empty() {
             let m = self.mapping.as_ref().expect("just set");
             if let Err(e) = numa::bind(m.as_ptr(), m.len(), self.policy, &self.host_nodes) {
-                self.mapping = None;
+                self.abort_complete();
                 return Err(e);
             }
             self.trace.push(Step::Bind {
@@ -519,6 +527,7 @@ impl Backend {
             }
         }
         self.state = State::Complete;
+        self.created_file = None;
         Ok(())
     }
 
@@ -527,6 +536,10 @@ impl Backend {
     pub fn abort_complete(&mut self) {
         self.mapping = None;
         self.state = State::New;
+        if let Some(path) = self.created_file.take() {
+            // SAFETY: removing the file this completion created; the path is NUL-terminated.
+            unsafe { libc::unlink(path.as_ptr()) };
+        }
     }
 
     /// `user_creatable_complete`: allocate → advise → bind → prealloc.
