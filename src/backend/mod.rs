@@ -10,15 +10,18 @@
 
 pub mod error;
 pub mod file;
+pub mod host_limits;
 pub mod memfd;
 pub mod numa;
 pub mod prealloc;
 pub mod props;
 pub mod ram;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::hostmap::HostMapping;
+use crate::progress::{self, Activity};
 
 /// What backend operations return.
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -144,20 +147,51 @@ impl Step {
 /// Preallocation left to do after [`Backend::begin_complete`]; owns what it needs so that it
 /// can run without the backend (and without any lock on it).
 pub struct PreallocJob {
+    /// The backend's id, what the process's progress observer is told.
+    id: String,
     mapping: Arc<HostMapping>,
     max_threads: u32,
     progress: Option<ProgressFn>,
 }
 
 impl PreallocJob {
+    /// Preallocates, telling the backend's callback and the process's progress observer (the
+    /// observer also gets a final report, whatever the outcome).
     pub fn run(&self) -> Result<prealloc::Outcome> {
-        prealloc::prealloc(&prealloc::Request {
+        let total = self.mapping.len() as u64;
+        let meter = progress::meter(Activity::Prealloc, &self.id).map(Arc::new);
+        let reached = Arc::new(AtomicU64::new(0));
+        let observed: Option<ProgressFn> = meter.clone().map(|m| {
+            let reached = reached.clone();
+            let own = self.progress.clone();
+            let f: ProgressFn = Arc::new(move |done, total| {
+                if let Some(own) = &own {
+                    own(done, total);
+                }
+                reached.store(done, Ordering::Relaxed);
+                m.tick(done, total);
+            });
+            f
+        });
+        if let Some(m) = &meter {
+            m.tick(0, total);
+        }
+        let r = prealloc::prealloc(&prealloc::Request {
             span: crate::guarded::Span::of(&self.mapping),
             max_threads: self.max_threads,
-            progress: self.progress.as_ref(),
+            progress: observed.as_ref().or(self.progress.as_ref()),
             readonly: self.mapping.is_readonly(),
             method: None,
-        })
+        });
+        if let Some(m) = &meter {
+            let done = if r.is_ok() {
+                total
+            } else {
+                reached.load(Ordering::Relaxed)
+            };
+            m.finish(done, total);
+        }
+        r
     }
 
     pub fn mapping(&self) -> &Arc<HostMapping> {
@@ -189,6 +223,9 @@ pub struct Backend {
     file: FileProps,
     memfd: MemfdProps,
     mapped: bool,
+    /// References a VMM holds on the memory itself (its own KVM slots, DMA): deletion is
+    /// refused while any is held.
+    pins: u32,
     state: State,
     mapping: Option<Arc<HostMapping>>,
     /// The backing file this completion created, removed again if the completion fails (a
@@ -236,6 +273,7 @@ impl Backend {
             file: FileProps::default(),
             memfd: MemfdProps::default(),
             mapped: false,
+            pins: 0,
             state: State::New,
             mapping: None,
             created_file: None,
@@ -475,6 +513,7 @@ impl Backend {
             BackendType::Memfd => memfd::alloc(
                 &self.memfd,
                 self.ty.name(),
+                &name,
                 self.size,
                 self.share,
                 noreserve,
@@ -552,6 +591,7 @@ impl Backend {
     fn prealloc_job(&self) -> Option<PreallocJob> {
         let mapping = self.mapping.clone()?;
         Some(PreallocJob {
+            id: self.id.clone(),
             mapping,
             max_threads: self.prealloc_threads,
             progress: self.progress.clone(),
@@ -643,6 +683,25 @@ impl Backend {
 
     pub fn set_mapped(&mut self, mapped: bool) {
         self.mapped = mapped;
+    }
+
+    /// Takes a reference on the memory (see `pins`); the mapping it keeps alive is returned so
+    /// the holder's pointers stay valid even if the machine goes first.
+    pub fn pin(&mut self) -> Result<Arc<HostMapping>> {
+        let mapping = self
+            .mapping
+            .clone()
+            .ok_or_else(|| BackendError::NotAllocated(self.id.clone()))?;
+        self.pins += 1;
+        Ok(mapping)
+    }
+
+    pub fn unpin(&mut self) {
+        self.pins = self.pins.saturating_sub(1);
+    }
+
+    pub fn pins(&self) -> u32 {
+        self.pins
     }
 
     /// The steps the last completion (and later property changes) ran, in order.
