@@ -7,6 +7,13 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
   qemu-args: ...                 extra words for QEMU only: firmware QEMU needs to start a
                                  board whose devices vmm does not model (say why in a comment)
   hmp: COMMAND                   one monitor command, fed on stdin (repeatable, in order)
+  stdin: BYTES                   raw bytes fed on stdin after the hmp commands, written with
+                                 Python's escapes (\x00, \xff, \n); for input no command line
+                                 can hold: NUL bytes, invalid UTF-8 (repeatable)
+  stdin-repeat: N BYTES          BYTES (escapes as above) N times over, then stdin continues
+                                 with the next stdin line: very long lines
+  setup: SHELL                   run by sh in the scratch directory before the command, for
+                                 both sides: a FIFO, a file of given bytes (repeatable)
   expect: qemu | hand-written    where NAME.expected comes from; hand-written ones say why
   ignore-lines: REGEX            lines dropped from both sides before comparing (a part of the
                                  board QEMU has and vmm does not model; say which)
@@ -19,7 +26,7 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
                                  driver reports XFAIL with the reason, and fails (XPASS) as
                                  soon as vmm gets it right, so the mark cannot go stale
 
-In args, @TMPDIR@ stands for a fresh scratch directory (and is put back in messages).
+In args and setup, @TMPDIR@ stands for a fresh scratch directory (and is put back in messages).
 
 NAME.expected holds the exit status, stdout and stderr:
 
@@ -62,6 +69,8 @@ class Case:
         self.compare = "ram"
         self.requires = []
         self.xfail = None
+        self.stdin = b""
+        self.setup = []
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -79,6 +88,13 @@ class Case:
                     self.qemu_args += shlex.split(value)
                 elif key == "hmp":
                     self.hmp.append(value)
+                elif key == "stdin":
+                    self.stdin += _unescape(value)
+                elif key == "stdin-repeat":
+                    count, _, text = value.partition(" ")
+                    self.stdin += _unescape(text) * int(count)
+                elif key == "setup":
+                    self.setup.append(value)
                 elif key == "expect":
                     self.expect = value.split()[0]
                 elif key == "ignore-lines":
@@ -112,7 +128,13 @@ class Case:
         return self.path[: -len(".case")] + ".expected"
 
     def stdin_text(self):
-        return "".join(c + "\n" for c in self.hmp)
+        """What the monitor reads: the hmp commands, then the raw stdin bytes."""
+        return "".join(c + "\n" for c in self.hmp).encode() + self.stdin
+
+
+def _unescape(text):
+    """Bytes from a value written with Python's string escapes."""
+    return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
 
 
 def all_cases(names=None):
@@ -127,14 +149,18 @@ def all_cases(names=None):
     return cases
 
 
-def run(cmd, args, stdin_text):
-    """Runs cmd + args (with @TMPDIR@ filled in) in a scratch directory.
+def run(cmd, args, stdin_bytes, setup=()):
+    """Runs the setup commands, then cmd + args (with @TMPDIR@ filled in), in a scratch
+    directory.
 
     Returns (exit status, stdout, stderr), with the scratch path put back as @TMPDIR@."""
     tmp = tempfile.mkdtemp(prefix="vmm-case-")
     try:
+        for command in setup:
+            subprocess.run(["sh", "-ec", command.replace("@TMPDIR@", tmp)], cwd=tmp,
+                           check=True, timeout=TIMEOUT)
         argv = cmd + [a.replace("@TMPDIR@", tmp) for a in args]
-        p = subprocess.run(argv, input=stdin_text.encode(), capture_output=True, cwd=tmp,
+        p = subprocess.run(argv, input=stdin_bytes, capture_output=True, cwd=tmp,
                            timeout=TIMEOUT)
         out = p.stdout.decode(errors="replace").replace(tmp, "@TMPDIR@")
         err = p.stderr.decode(errors="replace").replace(tmp, "@TMPDIR@")

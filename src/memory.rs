@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, HmErrorClass, Result};
 use crate::flatview::{self, FlatRange, FlatView};
+use crate::guarded::{Guard, Span};
 use crate::hostmap::HostMapping;
 use crate::listener::{MemoryListener, MemorySection, RamSection};
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
@@ -1053,15 +1054,60 @@ impl MemorySystem {
 }
 
 /// A piece of guest-physical memory, as [`ram_chunks`] cuts a range.
-pub enum GuestChunk {
-    /// `len` bytes of RAM at `offset` of `mapping`.
-    Ram {
-        mapping: Arc<HostMapping>,
-        offset: u64,
-        len: u64,
-    },
-    /// `len` bytes without RAM (I/O, or nothing mapped).
-    Hole { len: u64 },
+pub struct GuestChunk {
+    /// Guest-physical start.
+    pub gpa: u64,
+    pub len: u64,
+    /// None: no RAM there (I/O, or nothing mapped).
+    pub ram: Option<ChunkRam>,
+}
+
+/// The RAM behind a [`GuestChunk`]: `offset` of `mapping`, which is RAMBlock `block` from
+/// `block_offset` on (for errors that name where guest memory failed).
+pub struct ChunkRam {
+    pub mapping: Arc<HostMapping>,
+    pub offset: u64,
+    pub block: String,
+    pub block_offset: u64,
+}
+
+impl GuestChunk {
+    /// Reads `buf.len()` bytes from `at` bytes into the chunk: zeros where there is no RAM,
+    /// volatile reads where there is (a vCPU may write meanwhile). A page the host cannot back
+    /// is an error naming the guest-physical address, the RAMBlock and the offset in it.
+    pub fn read(&self, guard: &Guard, at: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let Some(ram) = &self.ram else {
+            buf.fill(0);
+            return Ok(());
+        };
+        if at
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
+            return Err(Error::invalid(format!(
+                "0x{:x} bytes at 0x{:x} are outside guest memory 0x{:x}+0x{:x}",
+                buf.len(),
+                self.gpa.wrapping_add(at),
+                self.gpa,
+                self.len
+            )));
+        }
+        guard
+            .read(&Span::of(&ram.mapping), (ram.offset + at) as usize, buf)
+            .map_err(|e| {
+                let into = e.offset().saturating_sub(ram.offset);
+                Error::new(
+                    HmErrorClass::Host,
+                    format!(
+                        "reading guest-physical 0x{:x} (RAMBlock \"{}\" offset 0x{:x}) failed: {e}",
+                        self.gpa.wrapping_add(into),
+                        ram.block,
+                        ram.block_offset + into
+                    ),
+                )
+                .with_errno(libc::EFAULT)
+            })
+    }
 }
 
 /// `[addr, addr+size)` of the "memory" address space cut into RAM and holes, in address order:
@@ -1070,33 +1116,42 @@ pub fn ram_chunks(mem: &MemorySystem, addr: u64, size: u64) -> Vec<GuestChunk> {
     let end = u128::from(addr) + u128::from(size);
     let mut at = u128::from(addr);
     let mut out = Vec::new();
+    let hole = |from: u128, to: u128| GuestChunk {
+        gpa: from as u64,
+        len: (to - from) as u64,
+        ram: None,
+    };
     for r in &mem.memory_view().ranges {
         if r.end() <= at || u128::from(r.addr) >= end {
             continue;
         }
         if u128::from(r.addr) > at {
-            out.push(GuestChunk::Hole {
-                len: (u128::from(r.addr) - at) as u64,
-            });
+            out.push(hole(at, u128::from(r.addr)));
             at = u128::from(r.addr);
         }
         let stop = r.end().min(end);
-        let len = (stop - at) as u64;
-        match mem.section(r).ram {
-            Some(ram) => out.push(GuestChunk::Ram {
-                offset: (ram.host_addr - ram.mapping.as_ptr() as usize) as u64
-                    + (at - u128::from(r.addr)) as u64,
-                mapping: ram.mapping,
-                len,
-            }),
-            None => out.push(GuestChunk::Hole { len }),
-        }
+        let into = (at - u128::from(r.addr)) as u64;
+        let section = mem.section(r);
+        let ram = section.ram.map(|ram| ChunkRam {
+            offset: (ram.host_addr - ram.mapping.as_ptr() as usize) as u64 + into,
+            block: mem
+                .ramblocks
+                .get(ram.block)
+                .map(|b| b.idstr.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(section.region_name),
+            block_offset: ram.block_offset + into,
+            mapping: ram.mapping,
+        });
+        out.push(GuestChunk {
+            gpa: at as u64,
+            len: (stop - at) as u64,
+            ram,
+        });
         at = stop;
     }
     if at < end {
-        out.push(GuestChunk::Hole {
-            len: (end - at) as u64,
-        });
+        out.push(hole(at, end));
     }
     out
 }
@@ -1218,9 +1273,9 @@ mod tests {
         let chunks = ram_chunks(&m, 3 * MIB, 6 * MIB);
         let got: Vec<(bool, u64, u64)> = chunks
             .iter()
-            .map(|c| match c {
-                GuestChunk::Ram { offset, len, .. } => (true, *offset, *len),
-                GuestChunk::Hole { len } => (false, 0, *len),
+            .map(|c| match &c.ram {
+                Some(r) => (true, r.offset, c.len),
+                None => (false, 0, c.len),
             })
             .collect();
         // 1 MiB of RAM at 3 MiB, 4 MiB of nothing, then the alias's first MiB (RAM at 1 MiB).

@@ -17,6 +17,7 @@ type Result<T> = std::result::Result<T, KvmError>;
 use crate::listener::MemorySection;
 use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry};
 
+use super::cost::Preflight;
 use super::slots::{self, SlotRange};
 
 /// The VM ioctls a slot table needs. Errors are errno values.
@@ -168,6 +169,8 @@ pub struct SlotTable {
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: fetching leaves the log as it is, and the
     /// table clears what it fetched with KVM_CLEAR_DIRTY_LOG in chunks.
     manual_protect: bool,
+    /// Refuses slots the host cannot afford before they are registered (None: off).
+    preflight: Option<Preflight>,
 }
 
 /// The dirty pages found by one sync, as guest-physical page addresses.
@@ -193,6 +196,7 @@ impl SlotTable {
             pending: Vec::new(),
             last_dirty: Vec::new(),
             manual_protect: false,
+            preflight: None,
         }
     }
 
@@ -204,6 +208,26 @@ impl SlotTable {
 
     pub fn manual_protect(&self) -> bool {
         self.manual_protect
+    }
+
+    /// Checks new slots (and dirty logging) against the host's memory from now on.
+    pub fn set_preflight(&mut self, preflight: Option<Preflight>) {
+        self.preflight = preflight;
+    }
+
+    pub fn preflight(&self) -> Option<&Preflight> {
+        self.preflight.as_ref()
+    }
+
+    /// The slots `sections` would add, as (size, logs dirty pages), for the preflight.
+    pub fn planned_slots(&self, sections: &[MemorySection]) -> Result<Vec<(u64, bool)>> {
+        let mut out = Vec::new();
+        for s in sections {
+            let Some(ram) = &s.ram else { continue };
+            let logging = self.flags_for(ram.readonly) & KVM_MEM_LOG_DIRTY_PAGES != 0;
+            out.extend(self.pieces(s)?.into_iter().map(|p| (p.size, logging)));
+        }
+        Ok(out)
     }
 
     pub fn nr_slots(&self) -> u32 {
@@ -368,6 +392,10 @@ impl SlotTable {
         };
         let pieces = self.pieces(section)?;
         let flags = self.flags_for(ram.readonly);
+        if let Some(p) = &self.preflight {
+            let logging = flags & KVM_MEM_LOG_DIRTY_PAGES != 0;
+            p.check(&pieces.iter().map(|p| (p.size, logging)).collect::<Vec<_>>())?;
+        }
         let mut added = Vec::new();
         for p in pieces {
             let res = self
@@ -518,6 +546,16 @@ impl SlotTable {
 
     /// Re-registers every slot with the flags that logging `on` asks for.
     fn set_logging(&mut self, on: bool) -> Result<()> {
+        if let (true, false, Some(p)) = (on, self.dirty_logging, &self.preflight) {
+            let sizes: Vec<u64> = self
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| !s.readonly)
+                .map(|s| s.size)
+                .collect();
+            p.check_logging(sizes.iter().sum(), &sizes)?;
+        }
         self.dirty_logging = on;
         for slot in self.slot_numbers() {
             let readonly = self.slots[slot as usize]

@@ -144,9 +144,14 @@ impl Machine {
             .config
             .as_ref()
             .filter(|c| c.cmdline.accel == Some(Accel::Kvm))
-            .map(|c| c.cmdline.kvm_max_slot_size);
+            .map(|c| {
+                (
+                    c.cmdline.kvm_max_slot_size,
+                    !c.cmdline.kvm_skip_memslot_preflight,
+                )
+            });
         match kvm {
-            Some(max_slot_size) => self.attach_kvm(max_slot_size),
+            Some((max_slot_size, preflight)) => self.attach_kvm_with(max_slot_size, preflight),
             None => Ok(()),
         }
     }
@@ -185,12 +190,23 @@ impl Machine {
     }
 
     /// Attaches a new KVM VM: its listener joins the memory system and gets the current flat
-    /// view replayed as slots. A slot size of 0 means the kernel's limit.
+    /// view replayed as slots. A slot size of 0 means the kernel's limit. The memslot
+    /// preflight is on.
     pub fn attach_kvm(&mut self, max_slot_size: u64) -> Result<()> {
+        self.attach_kvm_with(max_slot_size, true)
+    }
+
+    /// [`Self::attach_kvm`]; with `preflight`, a layout whose slots would cost the host more
+    /// kernel memory than it can spare is refused before any slot is registered.
+    pub fn attach_kvm_with(&mut self, max_slot_size: u64, preflight: bool) -> Result<()> {
         if self.accel.is_some() {
             return Err(KvmError::AlreadyAttached.into());
         }
-        let accel = KvmAccel::open(max_slot_size)?;
+        let accel = KvmAccel::open_with(
+            max_slot_size,
+            preflight.then(crate::kvm::cost::Preflight::of_host),
+        )?;
+        accel.preflight(&self.memory.current_sections())?;
         self.memory.add_listener(Box::new(accel.listener()))?;
         self.accel = Some(accel);
         Ok(())

@@ -48,10 +48,12 @@ impl Machine {
         for (key, value) in &cmd.machine_props {
             match key.as_str() {
                 "mem-merge" => {
-                    self.backend_defaults.merge = crate::options::values::parse_bool(value)?
+                    self.backend_defaults.merge =
+                        crate::options::values::parse_bool_param(key, value)?
                 }
                 "dump-guest-core" => {
-                    self.backend_defaults.dump = crate::options::values::parse_bool(value)?
+                    self.backend_defaults.dump =
+                        crate::options::values::parse_bool_param(key, value)?
                 }
                 _ => {
                     return Err(Error::invalid(format!(

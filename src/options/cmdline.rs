@@ -60,6 +60,9 @@ pub struct Cmdline {
     pub accel_machine: Option<Accel>,
     /// `-accel kvm,max-slot-size=SIZE` (hostmem's own property; 0 = the kernel's limit).
     pub kvm_max_slot_size: u64,
+    /// `-accel kvm,memslot-preflight=off` (hostmem's own property): register memslots even
+    /// when their kernel-memory estimate exceeds what the host can spare.
+    pub kvm_skip_memslot_preflight: bool,
     pub start_paused: bool,
     pub monitor_stdio: bool,
     /// `-incoming URI` (or `defer`).
@@ -285,12 +288,16 @@ impl Cmdline {
     fn parse_accel(&mut self, arg: &str) -> Result<()> {
         let mut accel = None;
         let mut max_slot_size = 0;
+        let mut preflight = true;
         for (key, value) in parse_keyval(arg, Some("accel"))? {
             match key.as_str() {
                 "accel" => accel = Some(parse_accel_name(&value)?),
                 "max-slot-size" if accel == Some(Accel::Kvm) => {
                     max_slot_size =
                         strtosz(&value).map_err(|_| expects("max-slot-size", "a size value"))?;
+                }
+                "memslot-preflight" if accel == Some(Accel::Kvm) => {
+                    preflight = crate::options::values::parse_bool_param(&key, &value)?;
                 }
                 _ => {
                     let class = match accel {
@@ -307,6 +314,7 @@ impl Cmdline {
         if self.accel_option.is_none() {
             self.accel_option = accel;
             self.kvm_max_slot_size = max_slot_size;
+            self.kvm_skip_memslot_preflight = !preflight;
         }
         Ok(())
     }
@@ -419,13 +427,7 @@ pub fn parse_memory(arg: &str) -> Result<MemoryOption> {
                 };
                 m.size = (bytes != 0).then_some(bytes);
             }
-            "slots" => {
-                m.slots = Some(
-                    value
-                        .parse::<u64>()
-                        .map_err(|_| expects("slots", "a number"))?,
-                )
-            }
+            "slots" => m.slots = Some(crate::options::values::parse_opts_number("slots", &value)?),
             "maxmem" => {
                 m.maxmem =
                     Some(strtosz(&value).map_err(|_| OptionError::ExpectsSize("maxmem".into()))?)
@@ -641,6 +643,31 @@ mod tests {
         assert_eq!(
             parse("-accel tcg,max-slot-size=1G").unwrap_err().message(),
             "-accel tcg,max-slot-size=1G: Property 'tcg-accel.max-slot-size' not found"
+        );
+    }
+
+    #[test]
+    fn memslot_preflight_is_ours_on_by_default_and_only_for_kvm() {
+        assert!(!parse("-accel kvm").unwrap().kvm_skip_memslot_preflight);
+        assert!(
+            !parse("-accel kvm,memslot-preflight=on")
+                .unwrap()
+                .kvm_skip_memslot_preflight
+        );
+        assert!(
+            parse("-accel kvm,memslot-preflight=off")
+                .unwrap()
+                .kvm_skip_memslot_preflight
+        );
+        assert_eq!(
+            parse("-accel kvm,memslot-preflight=maybe").unwrap_err().message(),
+            "-accel kvm,memslot-preflight=maybe: Parameter 'memslot-preflight' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            parse("-accel tcg,memslot-preflight=off")
+                .unwrap_err()
+                .message(),
+            "-accel tcg,memslot-preflight=off: Property 'tcg-accel.memslot-preflight' not found"
         );
     }
 
