@@ -106,6 +106,8 @@ impl PrecopyHost for MachineHost {
     fn begin(&mut self) -> Result<RamSnapshot> {
         with(self.id, |m| {
             let mem = m.memory_mut();
+            // Memory that left the stream for migratable aliases must be in one of them.
+            mem.ramblocks.check_displaced_memory_migrates()?;
             mem.set_global_dirty_log(true)?;
             mem.log_sync()?;
             let snap = RamSnapshot::migratable(&mem.ramblocks);
