@@ -143,6 +143,13 @@ typedef struct MachineState {
   uint64_t kvm_max_slot_size;
 } MachineState;
 
+// One of a board's own `-machine` properties: a size, as `-machine x-ram-chunk-size=256M`.
+typedef struct MachineSizeProperty {
+  const char *name;
+  // The value when the command line does not set it.
+  uint64_t default_value;
+} MachineSizeProperty;
+
 // A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
 typedef struct MachineClass {
   // Full type name, e.g. "pc-i440fx-10.0".
@@ -180,6 +187,11 @@ typedef struct MachineClass {
   // anything is created; it may print, as QEMU's do. Not applied to the size of a
   // `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
   uint64_t (*fixup_ram_size)(uint64_t ram_size);
+  // The board's own `-machine NAME=SIZE` properties (QEMU's class properties): an array
+  // ended by an entry whose name is NULL, or NULL for none. Any other property name is
+  // refused as QEMU refuses it; the board reads the values with
+  // `hm_machine_get_size_property`.
+  const struct MachineSizeProperty *size_properties;
 } MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
@@ -503,6 +515,22 @@ char *hm_hmp(struct MachineState *ms, const char *cmdline, struct Error **errp);
 
 // The context id of the current machine (for C APIs keyed by context).
 uint32_t hm_context_current(void);
+
+// The value of the board's own property `name` on machine `ms` (the command line's, or the
+// default its class declares) into `*value`. A name the class does not declare is an error.
+//
+// # Safety
+// `ms` is NULL or a live machine; `name` NULL or NUL-terminated; `value` NULL or writable.
+bool hm_machine_get_size_property(const struct MachineState *ms,
+                                  const char *name,
+                                  uint64_t *value,
+                                  struct Error **errp);
+
+// QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
+// current machine's KVM slots are cut at `max_slot_size` bytes at most, a whole number of
+// host pages; a smaller `-accel kvm,max-slot-size` still wins. Misuse (after the slots
+// exist, an unaligned size) is reported and fails the machine being built.
+void kvm_set_max_memslot_size(uint64_t max_slot_size);
 
 // The legacy main-RAM allocation of QEMU before 5.0, for boards not converted yet. Exits
 // with the error, like QEMU, when it fails (see the `_err` form to handle it instead).
