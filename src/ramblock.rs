@@ -405,6 +405,23 @@ impl RamBlockRegistry {
         }
     }
 
+    /// Where `[offset, offset+len)` of block `id` migrates when the block left the stream for
+    /// its aliases: the alias block holding all of it, and the offset there.
+    pub fn migrating_alias(
+        &self,
+        id: RamBlockId,
+        offset: u64,
+        len: u64,
+    ) -> Option<(RamBlockId, u64)> {
+        let b = self.get(id)?;
+        b.displaced.as_ref()?;
+        self.migratable_aliases(id).into_iter().find_map(|a| {
+            let blk = &self.blocks[&a.0];
+            let at = blk.mapping_offset - b.mapping_offset;
+            (offset >= at && offset + len <= at + blk.used_length).then_some((a, offset - at))
+        })
+    }
+
     /// Refuses a layout where memory that left the stream for its aliases is in none of them:
     /// it would not migrate at all. Checked when a migration starts.
     pub fn check_displaced_memory_migrates(&self) -> Result<()> {

@@ -84,6 +84,24 @@ void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem);
  */
 void pc_board_init(MachineState *machine, uint64_t lowmem);
 
+/*
+ * s390-ccw.c: what the s390 machine types and the board that plays QEMU 4.1 share.
+ * S390_RAM_CHUNK_MAX is QEMU 4.1's KVM_SLOT_MAX_BYTES: a KVM slot of 2^31 - 1 pages of
+ * 4 KiB, rounded down to a 1 MiB segment (8 TiB - 1 MiB), the most one chunk of its main RAM
+ * held.
+ */
+#define S390_RAM_CHUNK_MAX ((((1ULL << 31) - 1) * 4096) & ~(MiB - 1))
+#define S390_RAM_CHUNK_PROPERTY "x-ram-chunk-size"
+
+/* 4.2 and older: the RAM size rounded down to whole storage increments, with QEMU's message. */
+uint64_t s390_fixup_ram_size(uint64_t sz);
+
+/* The machine's x-ram-chunk-size, checked (a multiple of 1 MiB up to S390_RAM_CHUNK_MAX). */
+uint64_t s390_ram_chunk_size(MachineState *machine);
+
+/* Chunk @i of main RAM named @base: "@base" for the first, "@base.@i" for the others. */
+void s390_ram_chunk_name(char *buf, size_t len, const char *base, size_t i);
+
 /* Frees the machine (hm_machine_free runs board_cleanup first). NULL is ignored. */
 void board_machine_free(MachineState *ms);
 
