@@ -56,8 +56,13 @@ bool none_machine_register(Error **errp);
 bool sx1_machine_register(Error **errp);
 bool legacy_machine_register(Error **errp);
 bool microbit_machine_register(Error **errp);
+/* s390-ccw-qemu41.c: s390-ccw-virtio-4.1 and -4.0 with RAM as QEMU 4.1 allocated it. */
+bool s390_ccw_qemu41_machine_register(Error **errp);
 
-/* registry.c: registers every board above; the first failure is returned. */
+/*
+ * registry.c: registers every board above but the QEMU 4.1 one; the first failure is returned.
+ * registry-qemu41.c (vmm-qemu41): the QEMU 4.1 board and "none".
+ */
 bool boards_register_all(Error **errp);
 
 /*
