@@ -150,6 +150,7 @@ impl Machine {
         m.migration.send_switchover_start = cmd
             .send_switchover_start
             .unwrap_or_else(|| sends_switchover_start(&board.name));
+        m.migration.no_configuration = cmd.send_configuration == Some(false);
         Ok(m)
     }
 

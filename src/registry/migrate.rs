@@ -102,6 +102,21 @@ fn machine_name(m: &Machine) -> String {
         .unwrap_or_else(|| "none".to_string())
 }
 
+/// How machine `m` writes its streams: its machine type and its migration globals.
+pub fn save_options(m: &Machine) -> SaveOptions {
+    let mut opts = SaveOptions::new(&machine_name(m));
+    opts.send_switchover_start = m.migration().send_switchover_start;
+    opts.send_configuration = !m.migration().no_configuration;
+    opts
+}
+
+/// How machine `m` reads streams: its machine type and its migration globals.
+pub fn load_options(m: &Machine) -> LoadOptions {
+    let mut opts = LoadOptions::new(&machine_name(m));
+    opts.expect_configuration = !m.migration().no_configuration;
+    opts
+}
+
 impl PrecopyHost for MachineHost {
     fn begin(&mut self) -> Result<RamSnapshot> {
         with(self.id, |m| {
@@ -253,8 +268,7 @@ pub fn start_outgoing(
         outgoing_allowed(m)?;
         let progress = Arc::new(Progress::new(false));
         m.migration_mut().outgoing = Some(progress.clone());
-        let mut opts = SaveOptions::new(&machine_name(m));
-        opts.send_switchover_start = m.migration().send_switchover_start;
+        let opts = save_options(m);
         let host = MachineHost {
             id,
             control: m.run().control.clone(),
@@ -408,11 +422,7 @@ fn end_incoming(progress: &Progress, result: Result<()>) {
 /// state says.
 fn run_incoming(id: MachineId, channel: IncomingChannel, progress: &Progress) {
     let prepared = with(id, |m| {
-        Ok((
-            LoadOptions::new(&machine_name(m)),
-            m.sections(),
-            m.run().control.clone(),
-        ))
+        Ok((load_options(m), m.sections(), m.run().control.clone()))
     });
     let result = prepared.and_then(|(opts, sections, control)| {
         let source_state = incoming(id, channel, &opts, &sections, progress)?;
