@@ -233,6 +233,18 @@ typedef struct HmGuestOp {
 #endif
 
 #if defined(HOSTMEM_TEST_GUEST)
+// What `hm_test_memory_checksum` found.
+typedef struct HmMemoryChecksum {
+  // A sum over the non-zero pages of a hash of each page's guest address and contents.
+  uint64_t digest;
+  // 4 KiB pages holding a non-zero byte.
+  uint64_t nonzero_pages;
+  // Pages read (those the kernel reported as possibly populated).
+  uint64_t pages_read;
+} HmMemoryChecksum;
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
 // What `hm_test_dirtier_check` found in the dirtier's range.
 typedef struct HmDirtierCheck {
   // Pages in the range.
@@ -994,6 +1006,35 @@ bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct 
 // # Safety
 // `ops` is NULL or points to `n` writable `HmGuestOp`s.
 bool hm_kvm_guest_run(struct HmGuestOp *ops, size_t n, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Writes a pattern (non-zero words, a function of `seed` and each word's guest address) over
+// the RAM of guest-physical `[gpa, gpa+size)` of `ms`, skipping holes and ROM; `*written` gets
+// the bytes written. With the machine unlocked: the guest should be paused.
+//
+// # Safety
+// `ms` is a live machine; `written` NULL or writable.
+bool hm_test_memory_fill(struct MachineState *ms,
+                         uint64_t gpa,
+                         uint64_t size,
+                         uint64_t seed,
+                         uint64_t *written,
+                         struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Sums guest-physical `[gpa, gpa+size)` of `ms` page by page into `*out`, reading only pages
+// that may have been populated: equal sums for equal guest-physical memory, however it is cut
+// into RAMBlocks (a never-touched page adds nothing, as a zero page does).
+//
+// # Safety
+// `ms` is a live machine; `out` points to a writable `HmMemoryChecksum`.
+bool hm_test_memory_checksum(struct MachineState *ms,
+                             uint64_t gpa,
+                             uint64_t size,
+                             struct HmMemoryChecksum *out,
+                             struct Error **errp);
 #endif
 
 #if defined(HOSTMEM_TEST_GUEST)
