@@ -7,6 +7,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define HOSTMEM_VERSION_MAJOR 0
+#define HOSTMEM_VERSION_MINOR 1
+#define HOSTMEM_VERSION_MICRO 0
+#define HOSTMEM_VERSION_STRING "0.1.0"
+
+
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
 
@@ -1101,6 +1107,10 @@ bool hm_test_dirtier_check(struct MachineState *ms,
 // The longest state `hm_test_dirtier_save_state` writes.
 size_t hm_test_dirtier_state_size(void);
 #endif
+
+// The version of the linked library, "MAJOR.MINOR.MICRO" (`HOSTMEM_VERSION_STRING` of the
+// header it was built with). Static storage: never free it.
+const char *hm_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod migration;
 #[cfg(feature = "test-guest")]
 pub mod testing;
+pub mod version;
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};

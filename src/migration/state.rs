@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::rate::RateLimit;
+use super::stream::KNOWN_CAPABILITIES;
 use crate::error::{Error, HmErrorClass};
 use crate::options::values::strtosz;
 
@@ -233,32 +234,14 @@ impl Parameters {
     }
 }
 
-/// QEMU 10's migration capabilities in `info migrate_capabilities` order, then hostmem's own.
-pub const CAPABILITIES: &[&str] = &[
-    "xbzrle",
-    "rdma-pin-all",
-    "auto-converge",
-    "zero-blocks",
-    "events",
-    "postcopy-ram",
-    "x-colo",
-    "release-ram",
-    "return-path",
-    "pause-before-switchover",
-    "multifd",
-    "dirty-bitmaps",
-    "postcopy-blocktime",
-    "late-block-activate",
-    "x-ignore-shared",
-    "validate-uuid",
-    "background-snapshot",
-    "zero-copy-send",
-    "postcopy-preempt",
-    "switchover-ack",
-    "dirty-limit",
-    "mapped-ram",
-    SKIP_UNPOPULATED,
-];
+/// QEMU 10's migration capabilities in `info migrate_capabilities` order (the ones its stream
+/// may name), then hostmem's own.
+fn capabilities() -> impl Iterator<Item = &'static str> {
+    KNOWN_CAPABILITIES
+        .iter()
+        .copied()
+        .chain(std::iter::once(SKIP_UNPOPULATED))
+}
 
 /// hostmem's own capability: pages never populated on the source are not sent.
 pub const SKIP_UNPOPULATED: &str = "x-skip-unpopulated";
@@ -279,9 +262,7 @@ impl Capabilities {
 
     /// `migrate_set_capability NAME on|off`.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
-        let known = CAPABILITIES
-            .iter()
-            .copied()
+        let known = capabilities()
             .find(|c| *c == name)
             .ok_or_else(|| invalid_parameter(name))?;
         let on = crate::options::values::parse_bool(value)
@@ -301,8 +282,7 @@ impl Capabilities {
 
     /// `info migrate_capabilities`.
     pub fn info(&self) -> String {
-        CAPABILITIES
-            .iter()
+        capabilities()
             .map(|c| format!("{c}: {}\n", if self.is_on(c) { "on" } else { "off" }))
             .collect()
     }

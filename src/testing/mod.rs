@@ -7,10 +7,12 @@
 //! - [`check`]: the guest check over every writable slot;
 //! - [`memory`]: guest memory filled with a pattern and summed from the host (for guests too
 //!   large to compare byte for byte);
-//! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64).
+//! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64);
+//! - [`machines`]: `none` machines for tests and benchmarks without a C board.
 
 pub mod check;
 pub mod guest;
+pub mod machines;
 pub mod memory;
 #[cfg(target_arch = "x86_64")]
 pub mod runner;
