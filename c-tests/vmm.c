@@ -232,6 +232,54 @@ static bool dirtier_check(MachineState *ms, Error **errp)
 }
 #endif
 
+#ifdef HOSTMEM_TEST_GUEST
+/*
+ * x-hm-fill GPA SIZE SEED and x-hm-checksum GPA SIZE (vmm's own commands, for the migration
+ * tests of guests too large to compare with pmemsave): write a pattern over guest-physical RAM,
+ * and sum it page by page reading only what was ever populated. Sizes take K/M/G/T suffixes.
+ * Returns false when `line` is neither command.
+ */
+static bool memory_command(MachineState *ms, const char *line, Error **errp, bool *ok)
+{
+    char a[32], b[32], c[32], extra;
+    uint64_t gpa, size, seed;
+    int n;
+
+    if (strncmp(line, "x-hm-fill ", 10) == 0) {
+        uint64_t written = 0;
+
+        n = sscanf(line + 10, "%31s %31s %31s %c", a, b, c, &extra);
+        if (n != 3 || !parse_size(a, &gpa) || !parse_size(b, &size) || !parse_size(c, &seed)) {
+            printf("usage: x-hm-fill GPA SIZE SEED\n");
+            *ok = true;
+            return true;
+        }
+        *ok = hm_test_memory_fill(ms, gpa, size, seed, &written, errp);
+        if (*ok) {
+            printf("filled %" PRIu64 " bytes\n", written);
+        }
+        return true;
+    }
+    if (strncmp(line, "x-hm-checksum ", 14) == 0) {
+        HmMemoryChecksum sum;
+
+        n = sscanf(line + 14, "%31s %31s %c", a, b, &extra);
+        if (n != 2 || !parse_size(a, &gpa) || !parse_size(b, &size)) {
+            printf("usage: x-hm-checksum GPA SIZE\n");
+            *ok = true;
+            return true;
+        }
+        *ok = hm_test_memory_checksum(ms, gpa, size, &sum, errp);
+        if (*ok) {
+            printf("checksum %016" PRIx64 ", %" PRIu64 " non-zero pages, %" PRIu64
+                   " pages read\n", sum.digest, sum.nonzero_pages, sum.pages_read);
+        }
+        return true;
+    }
+    return false;
+}
+#endif
+
 /* Answers one monitor line (its prompt is out already); returns false on "quit". */
 static bool monitor_handle(MachineState *ms, const char *line)
 {
@@ -249,6 +297,17 @@ static bool monitor_handle(MachineState *ms, const char *line)
             error_free(err);
         }
         return true;
+    }
+    {
+        bool ok;
+
+        if (memory_command(ms, line, &err, &ok)) {
+            if (!ok) {
+                printf("%s\n", error_get_pretty(err));
+                error_free(err);
+            }
+            return true;
+        }
     }
 #endif
     out = hm_hmp(ms, line, &err);
