@@ -409,6 +409,43 @@ static bool vmm_migration_setup(MachineState *ms, Error **errp)
     return true;
 }
 
+/*
+ * vmm -x-hm-migration-check SOURCE-OPTIONS... -x-hm-to DESTINATION-OPTIONS...: would a guest
+ * started with the first command line migrate to a vmm started with the second? Prints
+ * hm_migration_check's JSON on stdout; exits 0 when it would, 2 when it would not, 1 when a
+ * command line cannot be built into a machine.
+ */
+static int migration_check_main(int argc, char **argv)
+{
+    Error *err = NULL;
+    char *json;
+    int i, to = -1;
+
+    for (i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "-x-hm-to") == 0) {
+            to = i;
+            break;
+        }
+    }
+    if (to < 0) {
+        fprintf(stderr, "usage: %s -x-hm-migration-check SOURCE-OPTIONS... -x-hm-to "
+                "DESTINATION-OPTIONS...\n", program_invocation_short_name);
+        return 1;
+    }
+    /* Each command line keeps a program name in front: argv[1] before the source's options,
+     * the -x-hm-to before the destination's. */
+    json = hm_migration_check(to - 1, (const char *const *)argv + 1, argc - to,
+                              (const char *const *)argv + to, &err);
+    if (!json) {
+        error_report_err(err);
+        return 1;
+    }
+    printf("%s\n", json);
+    i = strstr(json, "\"compatible\": true") == json + 1 ? 0 : 2;
+    hm_free(json);
+    return i;
+}
+
 int main(int argc, char **argv)
 {
     Error *err = NULL;
@@ -424,6 +461,9 @@ int main(int argc, char **argv)
     if (!boards_register_all(&err)) {
         error_report_err(err);
         return 1;
+    }
+    if (argc > 1 && strcmp(argv[1], "-x-hm-migration-check") == 0) {
+        return migration_check_main(argc, argv);
     }
     help = hm_machine_help_from_argv(argc, (const char *const *)argv, &err);
     if (err) {

@@ -972,6 +972,28 @@ bool hm_migration_start_incoming(struct MachineState *ms, struct Error **errp);
 // `ms` is a live machine.
 bool hm_migration_wait_incoming(struct MachineState *ms, struct Error **errp);
 
+// Would a guest started with the command line `src_argv` migrate to a VMM started with
+// `dst_argv`? Both machines are built (with the registered boards, see `check_machine`:
+// no accelerator, no `-incoming`, no preallocation) and freed again; the current machine
+// stays current. Returns a JSON object (release it with `hm_free`):
+//
+// `{"compatible": BOOL, "breaks": [{"side": "source"|"destination", "message": STR}, ...],
+//   "notes": [STR, ...]}`
+//
+// `breaks` lists every reason the migration fails, in the order a real migration meets them
+// and in QEMU's words where QEMU has them (the first is what the destination's loader
+// prints first); `notes` what loads but loses memory (a destination block the stream does
+// not carry). NULL with `errp` set when a command line cannot be built into a machine.
+//
+// # Safety
+// `src_argv` / `dst_argv` hold `src_argc` / `dst_argc` NUL-terminated strings, each starting
+// with a program name.
+char *hm_migration_check(int src_argc,
+                         const char *const *src_argv,
+                         int dst_argc,
+                         const char *const *dst_argv,
+                         struct Error **errp);
+
 #if defined(HOSTMEM_TEST_GUEST)
 // Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
 // end of every writable slot and halts; then every signature is read back through the

@@ -208,43 +208,49 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
 ) -> *mut MachineState {
     guard(errp, null_mut(), || {
         // SAFETY: forwarded caller contract.
-        let mut cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
+        let cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
         if cmd.machine_help {
             return Err(Error::invalid(
                 "the command line asks for the list of machine types: use hm_machine_help_from_argv()",
             ));
         }
-        let (mut info, mc) = {
-            let boards = boards();
-            let (info, class) = boards.find(cmd.machine_type.as_deref())?;
-            (info.clone(), class.0)
-        };
-        // SAFETY: `mc` is a registered class (static, per the registration contract).
-        let class = unsafe { &*mc };
-        check_objects_as_read(&cmd)?;
-        fixup_ram_size(class, &mut cmd, &mut info);
-        warn_if_deprecated(class, &cmd, &info)?;
-        let mut pending = PendingMachine::start(&cmd, &info)?;
-        let ms = new_machine_state(pending.id(), mc, &cmd)?;
-        // The board runs with no hostmem lock held, so it may call any hostmem function.
-        // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
-        if let Some(init) = unsafe { (*mc).init } {
-            // SAFETY: board init receives the machine it is building, as in QEMU.
-            unsafe { init(ms) };
-        }
-        // A board that misused the memory API (reported when it happened) fails the machine.
-        let finished = match take_pending_error(pending.id()) {
-            Some(e) => Err(e),
-            None => pending.finish_init(),
-        };
-        if let Err(e) = finished {
-            // SAFETY: `ms` is the live machine made above, not shared beyond the board.
-            unsafe { free_machine_state(ms) };
-            return Err(e);
-        }
-        pending.commit();
-        Ok(ms)
+        machine_from_cmdline(cmd)
     })
+}
+
+/// Builds a machine from a parsed command line with the registered board it names: the
+/// generic code, the board's init, the accelerator. The machine is current afterwards.
+pub(crate) fn machine_from_cmdline(mut cmd: Cmdline) -> Result<*mut MachineState> {
+    let (mut info, mc) = {
+        let boards = boards();
+        let (info, class) = boards.find(cmd.machine_type.as_deref())?;
+        (info.clone(), class.0)
+    };
+    // SAFETY: `mc` is a registered class (static, per the registration contract).
+    let class = unsafe { &*mc };
+    check_objects_as_read(&cmd)?;
+    fixup_ram_size(class, &mut cmd, &mut info);
+    warn_if_deprecated(class, &cmd, &info)?;
+    let mut pending = PendingMachine::start(&cmd, &info)?;
+    let ms = new_machine_state(pending.id(), mc, &cmd)?;
+    // The board runs with no hostmem lock held, so it may call any hostmem function.
+    // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
+    if let Some(init) = unsafe { (*mc).init } {
+        // SAFETY: board init receives the machine it is building, as in QEMU.
+        unsafe { init(ms) };
+    }
+    // A board that misused the memory API (reported when it happened) fails the machine.
+    let finished = match take_pending_error(pending.id()) {
+        Some(e) => Err(e),
+        None => pending.finish_init(),
+    };
+    if let Err(e) = finished {
+        // SAFETY: `ms` is the live machine made above, not shared beyond the board.
+        unsafe { free_machine_state(ms) };
+        return Err(e);
+    }
+    pending.commit();
+    Ok(ms)
 }
 
 /// The class's `fixup_ram_size`, where QEMU's machine_set_mem calls it: on the size -m gives
@@ -353,7 +359,7 @@ pub unsafe extern "C" fn hm_machine_help_from_argv(
 ///
 /// # Safety
 /// `argv` holds `argc` NUL-terminated strings.
-unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
+pub(crate) unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
     if argv.is_null() && argc > 0 {
         return Err(Error::invalid("Parameter 'argv' is missing"));
     }

@@ -11,6 +11,7 @@ use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::{GuestControl, Machine, RunState, SharedSection};
 use crate::migration::blocks::RamSnapshot;
 use crate::migration::builtin::{GlobalState, Timer};
+use crate::migration::compat;
 use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
 use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
@@ -115,6 +116,28 @@ pub fn load_options(m: &Machine) -> LoadOptions {
     let mut opts = LoadOptions::new(&machine_name(m));
     opts.expect_configuration = !m.migration().no_configuration;
     opts
+}
+
+/// Would a migration from machine `src` to machine `dst` load, and if not, every reason
+/// ([`crate::migration::compat`]): what `src` writes before its first page (its save options
+/// and migratable blocks, and the refusal of memory no migratable alias carries, as the
+/// migration's start has) against what `dst` loads with.
+pub fn check_compat(src: MachineId, dst: MachineId) -> Result<compat::CompatReport> {
+    let mut report = compat::CompatReport::default();
+    let out = with(src, |m| {
+        if let Err(e) = m.memory().ramblocks.check_displaced_memory_migrates() {
+            report.source_break(e.message());
+        }
+        let blocks = RamSnapshot::migratable(&m.memory().ramblocks).blocks_info();
+        Ok(compat::Outgoing::new(&save_options(m), blocks))
+    })?;
+    with(dst, |m| {
+        let mut target = RamSnapshot::all(&m.memory().ramblocks);
+        let local = RamSnapshot::migratable(&m.memory().ramblocks).blocks_info();
+        compat::check(&mut report, &out, &load_options(m), &mut target, &local);
+        Ok(())
+    })?;
+    Ok(report)
 }
 
 impl PrecopyHost for MachineHost {
