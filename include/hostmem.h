@@ -82,6 +82,16 @@ typedef enum HmErrorClass {
   HM_ERROR_CLASS_UNSUPPORTED = 8,
 } HmErrorClass;
 
+// What an `HmProgress` is about.
+typedef enum HmProgressActivity {
+  // A backend's preallocation (`prealloc=on`, `-mem-prealloc`); `subject` is its id.
+  HM_PROGRESS_ACTIVITY_PREALLOC,
+  // A migration sent from this process; `subject` is "migration".
+  HM_PROGRESS_ACTIVITY_MIGRATION_OUTGOING,
+  // A migration loaded into this process; only its start and its end are reported.
+  HM_PROGRESS_ACTIVITY_MIGRATION_INCOMING,
+} HmProgressActivity;
+
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
 
@@ -212,6 +222,27 @@ typedef int (*HmSectionLoad)(struct HmQemuFile *f, int phase, uint32_t version_i
 
 // Pauses or resumes a VMM's vCPUs: returns true on success, else false with `errp` set.
 typedef bool (*HmGuestHook)(void *opaque, struct Error **errp);
+
+// One observation of long work, valid for the duration of the handler's call only.
+typedef struct HmProgress {
+  enum HmProgressActivity activity;
+  // NUL-terminated, owned by hostmem.
+  const char *subject;
+  // Bytes done and bytes in all: guest RAM bytes for both prealloc and migration (a
+  // migration's done is what is no longer dirty, so it may go back down in a new round).
+  uint64_t done;
+  uint64_t total;
+  // Average since the work began.
+  uint64_t bytes_per_second;
+  // Estimated milliseconds left; -1 while unknown (nothing done yet).
+  int64_t ms_left;
+  // This is the work's last report (it succeeded or failed: the call that started the work
+  // says which).
+  bool finished;
+} HmProgress;
+
+// The handler of `hm_progress_set_handler`.
+typedef void (*HmProgressHandler)(const struct HmProgress *p, void *opaque);
 
 #if defined(HOSTMEM_TEST_GUEST)
 // What `hm_kvm_guest_check` verified.
@@ -993,6 +1024,21 @@ char *hm_migration_check(int src_argc,
                          int dst_argc,
                          const char *const *dst_argv,
                          struct Error **errp);
+
+// Installs `handler` (NULL removes it) for every preallocation and migration started from now
+// on in this process; work already running keeps the handler it started with.
+//
+// Calls come from the thread doing the work — a prealloc worker's coordinator, a migration
+// thread — at most every 100 ms, plus a first report when work begins and a final one
+// (`finished`) when it ends; never two at once for one piece of work, but two pieces of work
+// may report concurrently. The handler runs with no hostmem lock held during prealloc, and
+// while a migration's statistics are being updated for migration: it must not call hostmem's
+// migration functions, and should return quickly (draw a line, post a message).
+//
+// # Safety
+// `handler`, if not NULL, may be called with `opaque` from any thread until it is replaced
+// and the work that started with it has ended.
+void hm_progress_set_handler(HmProgressHandler handler, void *opaque);
 
 #if defined(HOSTMEM_TEST_GUEST)
 // Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the

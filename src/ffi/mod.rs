@@ -12,6 +12,7 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod progress;
 #[cfg(feature = "test-guest")]
 pub mod testing;
 pub mod version;

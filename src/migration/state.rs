@@ -12,6 +12,7 @@ use super::rate::RateLimit;
 use super::stream::KNOWN_CAPABILITIES;
 use crate::error::{Error, HmErrorClass};
 use crate::options::values::strtosz;
+use crate::progress::{self, Activity, Meter};
 
 /// QEMU's MigrationStatus values a hostmem migration passes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +354,8 @@ pub struct Progress {
     /// What interrupts a transfer blocked in the channel (shutting a socket down).
     interrupt: Mutex<Option<Box<dyn Fn() + Send>>>,
     incoming: bool,
+    /// The process's progress observer, for migrations someone watches.
+    meter: Mutex<Option<Meter>>,
 }
 
 impl Progress {
@@ -373,6 +376,45 @@ impl Progress {
             cancel: AtomicBool::new(false),
             interrupt: Mutex::new(None),
             incoming,
+            meter: Mutex::new(None),
+        }
+    }
+
+    /// Reports this migration to the process's progress observer (if one is installed): RAM
+    /// bytes done of the RAM's total while it runs (outgoing: what is no longer dirty; an
+    /// incoming load tells only its start and end), and a final report when it ends.
+    pub fn observe(&self) {
+        let activity = if self.incoming {
+            Activity::MigrationIncoming
+        } else {
+            Activity::MigrationOutgoing
+        };
+        *self.meter.lock().unwrap_or_else(|p| p.into_inner()) =
+            progress::meter(activity, "migration");
+    }
+
+    fn report(&self, finished: bool) {
+        let meter = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(meter) = meter.as_ref() else {
+            return;
+        };
+        let (status, stats) = {
+            let g = self.lock();
+            (g.status, g.stats.clone())
+        };
+        let done = if self.incoming {
+            if status == MigrationStatus::Completed {
+                stats.total
+            } else {
+                0
+            }
+        } else {
+            stats.total.saturating_sub(stats.remaining)
+        };
+        if finished {
+            meter.finish(done, stats.total);
+        } else if status == MigrationStatus::Active {
+            meter.tick(done, stats.total);
         }
     }
 
@@ -397,6 +439,9 @@ impl Progress {
             g.ended = Some(Instant::now());
         }
         drop(g);
+        // The observer hears of the end before any waiter wakes, so a UI has cleared its
+        // line when the monitor answers.
+        self.report(status.is_finished());
         self.changed.notify_all();
     }
 
@@ -408,6 +453,7 @@ impl Progress {
 
     pub fn update(&self, f: impl FnOnce(&mut Stats)) {
         f(&mut self.lock().stats);
+        self.report(false);
     }
 
     pub fn set_expected_downtime(&self, ms: u64) {

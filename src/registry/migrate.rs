@@ -290,6 +290,7 @@ pub fn start_outgoing(
     let (progress, host, opts, params, limits) = with(id, |m| {
         outgoing_allowed(m)?;
         let progress = Arc::new(Progress::new(false));
+        progress.observe();
         m.migration_mut().outgoing = Some(progress.clone());
         let opts = save_options(m);
         let host = MachineHost {
@@ -418,6 +419,7 @@ fn prepare_incoming(id: MachineId) -> Result<Arc<Progress>> {
     with(id, |m| {
         incoming_allowed(m)?;
         let progress = Arc::new(Progress::new(true));
+        progress.observe();
         m.migration_mut().incoming = Some(progress.clone());
         Ok(progress)
     })
