@@ -22,6 +22,9 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
                                  before comparing, so vmm must print TEXT there (say why)
   compare: ram | full            good cases: compare the RAM view (default) or everything
   requires: kvm                  skipped (meson's status 77) where /dev/kvm is not usable
+  no-valgrind: WHY               the case cannot run under valgrind (say why): meson registers
+                                 no vmm-valgrind test for it, and run-vmm-case --valgrind
+                                 refuses it rather than pass it
   xfail: WHY                     known to fail until the named part of hostmem lands: the
                                  driver reports XFAIL with the reason, and fails (XPASS) as
                                  soon as vmm gets it right, so the mark cannot go stale
@@ -71,6 +74,7 @@ class Case:
         self.xfail = None
         self.stdin = b""
         self.setup = []
+        self.no_valgrind = None
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -108,6 +112,8 @@ class Case:
                     self.compare = value
                 elif key == "xfail":
                     self.xfail = value
+                elif key == "no-valgrind":
+                    self.no_valgrind = value
                 elif key == "requires":
                     self.requires += value.split()
                 else:

@@ -581,23 +581,29 @@ impl MemorySystem {
     }
 
     /// Names the region's RAMBlock and makes it migratable (`vmstate_register_ram`). For an
-    /// alias of RAM this gives the alias a RAMBlock of its own over the aliased memory, so a
-    /// big region can travel as several named blocks.
+    /// alias of RAM this gives the alias a RAMBlock of its own over the aliased memory (a
+    /// migratable alias), so a big region can travel as several named blocks; the aliased
+    /// region's own block then leaves the stream (see [`RamBlockRegistry::register_alias`]).
     pub fn vmstate_register_ram(&mut self, id: RegionId, owner_path: Option<&str>) -> Result<()> {
         let r = self.get(id)?;
         let name = r.name.clone();
+        let is_alias = r.alias_target().is_some();
         let (block, created) = match self.ram_block_of(id) {
             Some(block) => (block, false),
-            None if r.alias_target().is_some() => (self.new_alias_block(id)?, true),
+            None if is_alias => (self.new_alias_block(id)?, true),
             None => return Err(not_ram(&name)),
         };
-        if let Err(e) = self.ramblocks.set_idstr(block, owner_path, &name) {
+        let registered = if is_alias {
+            self.ramblocks.register_alias(block, owner_path, &name)
+        } else {
+            self.ramblocks.register(block, owner_path, &name)
+        };
+        if let Err(e) = registered {
             if created {
                 self.ramblocks.remove(block);
             }
             return Err(e);
         }
-        self.ramblocks.set_migratable(block, true);
         if created {
             self.get_mut(id)?.alias_block = Some(block);
         }
@@ -626,13 +632,13 @@ impl MemorySystem {
     }
 
     /// `vmstate_unregister_ram`: the block loses its name and leaves the migration stream; an
-    /// alias's block, which exists only to be migrated, goes away.
+    /// alias's block, which exists only to be migrated, goes away (the last one over a region
+    /// gives that region's block its registration back).
     pub fn vmstate_unregister_ram(&mut self, id: RegionId) -> Result<()> {
         let r = self.get(id)?;
         match r.kind {
             RegionKind::Ram { block } => {
-                self.ramblocks.unset_idstr(block);
-                self.ramblocks.set_migratable(block, false);
+                self.ramblocks.unregister(block);
                 Ok(())
             }
             _ => {
@@ -1613,6 +1619,138 @@ mod tests {
         m.vmstate_register_ram(hi, None).unwrap();
         m.destroy_region(hi).unwrap();
         assert_eq!(m.ramblocks.len(), 2);
+    }
+
+    /// (idstr, migratable) of every block, in `info ramblock` order.
+    fn registrations(m: &MemorySystem) -> Vec<(String, bool)> {
+        m.ramblocks
+            .ids()
+            .iter()
+            .map(|&b| {
+                let blk = m.ramblocks.get(b).unwrap();
+                (blk.idstr.clone(), blk.migratable)
+            })
+            .collect()
+    }
+
+    fn reg(list: &[(&str, bool)]) -> Vec<(String, bool)> {
+        list.iter().map(|&(n, b)| (n.to_string(), b)).collect()
+    }
+
+    #[test]
+    fn the_aliased_block_leaves_the_stream_and_its_name_goes_to_the_first_alias() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        assert_eq!(registrations(&m), reg(&[("s390.ram", true)]));
+        let lo = m.new_alias("s390.ram", whole, 0, 4 * MIB).unwrap();
+        let hi = m.new_alias("s390.ram.1", whole, 4 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(lo, None).unwrap();
+        m.vmstate_register_ram(hi, None).unwrap();
+        // info ramblock shows all three: the whole, unnamed, then the chunks.
+        assert_eq!(
+            registrations(&m),
+            reg(&[("", false), ("s390.ram", true), ("s390.ram.1", true)])
+        );
+        let hb = m.ramblocks.get(m.ram_block_of(hi).unwrap()).unwrap();
+        assert_eq!((hb.used_length, hb.max_length), (4 * MIB, 4 * MIB));
+        m.ramblocks.check_displaced_memory_migrates().unwrap();
+        // The whole cannot travel as well as its chunks.
+        let e = m.vmstate_register_ram(whole, None).unwrap_err();
+        assert_eq!(e.class(), HmErrorClass::InUse);
+        assert_eq!(
+            e.message(),
+            "the memory of RAMBlock \"s390.ram\" migrates through its aliases \"s390.ram\", \
+             \"s390.ram.1\"; unregister them before registering it"
+        );
+        // The last alias to go gives the whole its name back.
+        m.vmstate_unregister_ram(lo).unwrap();
+        assert_eq!(registrations(&m), reg(&[("", false), ("s390.ram.1", true)]));
+        m.destroy_region(hi).unwrap();
+        assert_eq!(registrations(&m), reg(&[("s390.ram", true)]));
+    }
+
+    #[test]
+    fn a_whole_unregistered_while_its_aliases_migrate_gets_nothing_back() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("mem", 2 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        let a = m.new_alias("chunk", whole, 0, 2 * MIB).unwrap();
+        m.vmstate_register_ram(a, None).unwrap();
+        m.vmstate_unregister_ram(whole).unwrap();
+        m.vmstate_unregister_ram(a).unwrap();
+        assert_eq!(registrations(&m), reg(&[("", false)]));
+        // A whole that never was registered stays so.
+        let other = m.new_ram_anonymous("other", MIB).unwrap();
+        let b = m.new_alias("other.0", other, 0, MIB).unwrap();
+        m.vmstate_register_ram(b, None).unwrap();
+        m.vmstate_unregister_ram(b).unwrap();
+        let ob = m.ramblocks.get(m.ram_block_of(other).unwrap()).unwrap();
+        assert_eq!(
+            (ob.idstr.as_str(), ob.migratable, &ob.displaced),
+            ("", false, &None)
+        );
+    }
+
+    #[test]
+    fn a_refused_alias_name_leaves_the_whole_in_the_stream() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 2 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        let taken = m.new_ram_anonymous("taken", MIB).unwrap();
+        m.vmstate_register_ram(taken, None).unwrap();
+        let a = m.new_alias("taken", whole, 0, 2 * MIB).unwrap();
+        let e = m.vmstate_register_ram(a, None).unwrap_err();
+        assert_eq!(e.message(), "RAMBlock \"taken\" already registered");
+        assert_eq!(m.ram_block_of(a), None);
+        assert_eq!(
+            registrations(&m),
+            reg(&[("s390.ram", true), ("taken", true)])
+        );
+    }
+
+    #[test]
+    fn memory_no_alias_carries_is_refused_when_a_migration_starts() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        let first = m.new_alias("s390.ram", whole, 0, 2 * MIB).unwrap();
+        let last = m.new_alias("s390.ram.2", whole, 6 * MIB, 2 * MIB).unwrap();
+        m.vmstate_register_ram(first, None).unwrap();
+        m.vmstate_register_ram(last, None).unwrap();
+        let e = m.ramblocks.check_displaced_memory_migrates().unwrap_err();
+        assert_eq!(
+            e.message(),
+            "bytes 0x200000-0x5fffff of the RAM the aliases \"s390.ram\", \"s390.ram.2\" \
+             migrate are in none of them: that memory would not migrate"
+        );
+        let mid = m.new_alias("s390.ram.1", whole, 2 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(mid, None).unwrap();
+        m.ramblocks.check_displaced_memory_migrates().unwrap();
+        m.vmstate_unregister_ram(last).unwrap();
+        assert!(m
+            .ramblocks
+            .check_displaced_memory_migrates()
+            .unwrap_err()
+            .message()
+            .starts_with("bytes 0x600000-0x7fffff of the RAM"));
+    }
+
+    #[test]
+    fn pages_written_through_the_whole_are_dirty_in_the_chunk_that_migrates_them() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        let lo = m.new_alias("s390.ram", whole, 0, 4 * MIB).unwrap();
+        let hi = m.new_alias("s390.ram.1", whole, 4 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(lo, None).unwrap();
+        m.vmstate_register_ram(hi, None).unwrap();
+        // KVM folds its log into the block of the flat range: the whole's.
+        let wb = m.ram_block_of(whole).unwrap();
+        m.ramblocks.set_dirty(wb, 4 * MIB - 4096, 2 * 4096);
+        let lb = m.ram_block_of(lo).unwrap();
+        let hb = m.ram_block_of(hi).unwrap();
+        assert_eq!(m.ramblocks.dirty_pages(lb), 1);
+        assert_eq!(m.ramblocks.take_dirty(lb)[15], 1 << 63);
+        assert_eq!(m.ramblocks.take_dirty(hb)[0], 1);
     }
 
     #[test]

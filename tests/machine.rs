@@ -16,6 +16,7 @@ fn pc() -> BoardInfo {
         numa_supported: true,
         no_cpus_by_default: false,
         is_default: false,
+        properties: Vec::new(),
     }
 }
 
@@ -29,6 +30,7 @@ fn legacy_board() -> BoardInfo {
         numa_supported: true,
         no_cpus_by_default: false,
         is_default: false,
+        properties: Vec::new(),
     }
 }
 
@@ -331,4 +333,50 @@ fn failed_configuration_leaves_no_backend_behind() {
         (m.objects().ids(), m.memory().ramblocks.ids().len()),
         (Vec::<String>::new(), 0)
     );
+}
+
+fn board_with_chunk_property() -> BoardInfo {
+    BoardInfo {
+        properties: vec![hostmem::machine::BoardProperty {
+            name: "x-ram-chunk-size".into(),
+            default: 1 << 30,
+        }],
+        ..pc()
+    }
+}
+
+#[test]
+fn a_boards_own_properties_take_sizes_and_others_are_refused() {
+    let board = board_with_chunk_property();
+    let m = machine(&board, &["-m", "64M"]);
+    assert_eq!(m.board_property("x-ram-chunk-size").unwrap(), 1 << 30);
+    let m = machine(&board, &["-m", "64M", "-machine", "x-ram-chunk-size=256M"]);
+    assert_eq!(m.board_property("x-ram-chunk-size").unwrap(), 256 << 20);
+    assert_eq!(
+        m.board_property("x-other").unwrap_err().message(),
+        "Property 'pc-i440fx-10.0-machine.x-other' not found"
+    );
+    assert_eq!(
+        error(&board, "-machine x-ram-chunk-size=lots"),
+        "Parameter 'x-ram-chunk-size' expects a size value"
+    );
+    // Another board does not have it.
+    assert_eq!(
+        error(&pc(), "-machine x-ram-chunk-size=256M"),
+        "Property 'pc-i440fx-10.0-machine.x-ram-chunk-size' not found"
+    );
+}
+
+#[test]
+fn a_board_sets_a_kvm_slot_limit_before_the_accelerator_comes() {
+    let mut m = machine(&pc(), &["-m", "64M"]);
+    assert_eq!(
+        m.set_kvm_max_slot_size(4097).unwrap_err().message(),
+        "max-slot-size 0x1001 must be a multiple of the host page size 0x1000"
+    );
+    m.set_kvm_max_slot_size(4 << 40).unwrap();
+    assert_eq!(m.config().unwrap().board_max_slot_size, 4 << 40);
+    // 0 takes the limit away again (the kernel's applies).
+    m.set_kvm_max_slot_size(0).unwrap();
+    assert_eq!(m.config().unwrap().board_max_slot_size, 0);
 }

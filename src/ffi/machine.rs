@@ -15,7 +15,7 @@ use crate::ffi::backend::{hm_memory_backend_find, HostMemoryBackend};
 use crate::ffi::memory::{forget_machine, take_pending_error, MemoryRegion, Object};
 use crate::ffi::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
 use crate::machine::boards::BoardListing;
-use crate::machine::{BoardInfo, BoardRegistry};
+use crate::machine::{BoardInfo, BoardProperty, BoardRegistry};
 use crate::options::cmdline::{Accel, Cmdline};
 use crate::registry::{self, MachineId, PendingMachine};
 
@@ -57,6 +57,19 @@ pub struct MachineClass {
     /// anything is created; it may print, as QEMU's do. Not applied to the size of a
     /// `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
     pub fixup_ram_size: Option<unsafe extern "C" fn(ram_size: u64) -> u64>,
+    /// The board's own `-machine NAME=SIZE` properties (QEMU's class properties): an array
+    /// ended by an entry whose name is NULL, or NULL for none. Any other property name is
+    /// refused as QEMU refuses it; the board reads the values with
+    /// `hm_machine_get_size_property`.
+    pub size_properties: *const MachineSizeProperty,
+}
+
+/// One of a board's own `-machine` properties: a size, as `-machine x-ram-chunk-size=256M`.
+#[repr(C)]
+pub struct MachineSizeProperty {
+    pub name: *const c_char,
+    /// The value when the command line does not set it.
+    pub default_value: u64,
 }
 
 /// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
@@ -115,8 +128,31 @@ fn board_info(mc: &MachineClass) -> BoardInfo {
             numa_supported: !mc.no_numa_support,
             no_cpus_by_default: mc.no_cpus_by_default,
             is_default: mc.is_default,
+            properties: size_properties(mc.size_properties),
         }
     }
+}
+
+/// The board properties of a class, up to the entry without a name.
+///
+/// # Safety
+/// `p` is NULL or an array of static entries ended by one whose name is NULL.
+unsafe fn size_properties(mut p: *const MachineSizeProperty) -> Vec<BoardProperty> {
+    let mut out = Vec::new();
+    // SAFETY: by the caller's contract every entry up to the terminator is readable.
+    while let Some(entry) = unsafe { p.as_ref() } {
+        // SAFETY: names are static NUL-terminated strings (registration contract).
+        let Some(name) = (unsafe { opt_str(entry.name) }) else {
+            break;
+        };
+        out.push(BoardProperty {
+            name,
+            default: entry.default_value,
+        });
+        // SAFETY: the entry was not the terminator, so the array goes on.
+        p = unsafe { p.add(1) };
+    }
+    out
 }
 
 fn board_listing(mc: &MachineClass) -> BoardListing {
@@ -172,43 +208,49 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
 ) -> *mut MachineState {
     guard(errp, null_mut(), || {
         // SAFETY: forwarded caller contract.
-        let mut cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
+        let cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
         if cmd.machine_help {
             return Err(Error::invalid(
                 "the command line asks for the list of machine types: use hm_machine_help_from_argv()",
             ));
         }
-        let (mut info, mc) = {
-            let boards = boards();
-            let (info, class) = boards.find(cmd.machine_type.as_deref())?;
-            (info.clone(), class.0)
-        };
-        // SAFETY: `mc` is a registered class (static, per the registration contract).
-        let class = unsafe { &*mc };
-        check_objects_as_read(&cmd)?;
-        fixup_ram_size(class, &mut cmd, &mut info);
-        warn_if_deprecated(class, &cmd, &info)?;
-        let mut pending = PendingMachine::start(&cmd, &info)?;
-        let ms = new_machine_state(pending.id(), mc, &cmd)?;
-        // The board runs with no hostmem lock held, so it may call any hostmem function.
-        // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
-        if let Some(init) = unsafe { (*mc).init } {
-            // SAFETY: board init receives the machine it is building, as in QEMU.
-            unsafe { init(ms) };
-        }
-        // A board that misused the memory API (reported when it happened) fails the machine.
-        let finished = match take_pending_error(pending.id()) {
-            Some(e) => Err(e),
-            None => pending.finish_init(),
-        };
-        if let Err(e) = finished {
-            // SAFETY: `ms` is the live machine made above, not shared beyond the board.
-            unsafe { free_machine_state(ms) };
-            return Err(e);
-        }
-        pending.commit();
-        Ok(ms)
+        machine_from_cmdline(cmd)
     })
+}
+
+/// Builds a machine from a parsed command line with the registered board it names: the
+/// generic code, the board's init, the accelerator. The machine is current afterwards.
+pub(crate) fn machine_from_cmdline(mut cmd: Cmdline) -> Result<*mut MachineState> {
+    let (mut info, mc) = {
+        let boards = boards();
+        let (info, class) = boards.find(cmd.machine_type.as_deref())?;
+        (info.clone(), class.0)
+    };
+    // SAFETY: `mc` is a registered class (static, per the registration contract).
+    let class = unsafe { &*mc };
+    check_objects_as_read(&cmd)?;
+    fixup_ram_size(class, &mut cmd, &mut info);
+    warn_if_deprecated(class, &cmd, &info)?;
+    let mut pending = PendingMachine::start(&cmd, &info)?;
+    let ms = new_machine_state(pending.id(), mc, &cmd)?;
+    // The board runs with no hostmem lock held, so it may call any hostmem function.
+    // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
+    if let Some(init) = unsafe { (*mc).init } {
+        // SAFETY: board init receives the machine it is building, as in QEMU.
+        unsafe { init(ms) };
+    }
+    // A board that misused the memory API (reported when it happened) fails the machine.
+    let finished = match take_pending_error(pending.id()) {
+        Some(e) => Err(e),
+        None => pending.finish_init(),
+    };
+    if let Err(e) = finished {
+        // SAFETY: `ms` is the live machine made above, not shared beyond the board.
+        unsafe { free_machine_state(ms) };
+        return Err(e);
+    }
+    pending.commit();
+    Ok(ms)
 }
 
 /// The class's `fixup_ram_size`, where QEMU's machine_set_mem calls it: on the size -m gives
@@ -317,7 +359,7 @@ pub unsafe extern "C" fn hm_machine_help_from_argv(
 ///
 /// # Safety
 /// `argv` holds `argc` NUL-terminated strings.
-unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
+pub(crate) unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
     if argv.is_null() && argc > 0 {
         return Err(Error::invalid("Parameter 'argv' is missing"));
     }
@@ -479,6 +521,43 @@ pub extern "C" fn hm_context_current() -> u32 {
     guard_report(0, || Ok(registry::current_id()))
 }
 
+/// The value of the board's own property `name` on machine `ms` (the command line's, or the
+/// default its class declares) into `*value`. A name the class does not declare is an error.
+///
+/// # Safety
+/// `ms` is NULL or a live machine; `name` NULL or NUL-terminated; `value` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_get_size_property(
+    ms: *const MachineState,
+    name: *const c_char,
+    value: *mut u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let ms = unsafe { ref_arg(ms, "ms") }?;
+        // SAFETY: by contract.
+        let name = unsafe { str_arg(name, "name") }?;
+        // SAFETY: by contract.
+        let value = unsafe { mut_arg(value, "value") }?;
+        *value = registry::with(ms.context, |m| m.board_property(name))?;
+        Ok(true)
+    })
+}
+
+/// QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
+/// current machine's KVM slots are cut at `max_slot_size` bytes at most, a whole number of
+/// host pages; a smaller `-accel kvm,max-slot-size` still wins. Misuse (after the slots
+/// exist, an unaligned size) is reported and fails the machine being built.
+#[no_mangle]
+pub extern "C" fn kvm_set_max_memslot_size(max_slot_size: u64) {
+    crate::ffi::memory::void_export(|ctx| {
+        let id = registry::current_id();
+        *ctx = Some(id);
+        registry::with(id, |m| m.set_kvm_max_slot_size(max_slot_size))
+    });
+}
+
 fn legacy_allocate(mr: *mut MemoryRegion, name: *const c_char, size: u64) -> Result<()> {
     // SAFETY: `mr` is the caller's MemoryRegion storage (checked for NULL by mut_arg).
     let mr = unsafe { mut_arg(mr, "mr") }?;
@@ -556,6 +635,7 @@ mod tests {
             family: std::ptr::null(),
             deprecation_reason: std::ptr::null(),
             fixup_ram_size: fixup,
+            size_properties: std::ptr::null(),
         }
     }
 

@@ -455,3 +455,93 @@ mod dirtier {
         crate::testing::runner::state_len()
     }
 }
+
+/// What `hm_test_memory_checksum` found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HmMemoryChecksum {
+    /// A sum over the non-zero pages of a hash of each page's guest address and contents.
+    pub digest: u64,
+    /// 4 KiB pages holding a non-zero byte.
+    pub nonzero_pages: u64,
+    /// Pages read (those the kernel reported as possibly populated).
+    pub pages_read: u64,
+}
+
+/// Writes a pattern (non-zero words, a function of `seed` and each word's guest address) over
+/// the RAM of guest-physical `[gpa, gpa+size)` of `ms`, skipping holes and ROM; `*written` gets
+/// the bytes written. With the machine unlocked: the guest should be paused.
+///
+/// # Safety
+/// `ms` is a live machine; `written` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hm_test_memory_fill(
+    ms: *mut super::machine::MachineState,
+    gpa: u64,
+    size: u64,
+    seed: u64,
+    written: *mut u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let id = unsafe { super::ref_arg(ms, "ms") }?.context;
+        let n = registry::run_unlocked(
+            id,
+            |m| {
+                Ok(crate::testing::memory::GuestRange::of(
+                    m.memory(),
+                    gpa,
+                    size,
+                ))
+            },
+            |range| crate::testing::memory::fill(&range, seed),
+            |_, n| Ok(n),
+        )?;
+        // SAFETY: by contract, NULL or writable.
+        if let Some(w) = unsafe { written.as_mut() } {
+            *w = n;
+        }
+        Ok(true)
+    })
+}
+
+/// Sums guest-physical `[gpa, gpa+size)` of `ms` page by page into `*out`, reading only pages
+/// that may have been populated: equal sums for equal guest-physical memory, however it is cut
+/// into RAMBlocks (a never-touched page adds nothing, as a zero page does).
+///
+/// # Safety
+/// `ms` is a live machine; `out` points to a writable `HmMemoryChecksum`.
+#[no_mangle]
+pub unsafe extern "C" fn hm_test_memory_checksum(
+    ms: *mut super::machine::MachineState,
+    gpa: u64,
+    size: u64,
+    out: *mut HmMemoryChecksum,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let id = unsafe { super::ref_arg(ms, "ms") }?.context;
+        // SAFETY: by contract.
+        let out = unsafe { mut_arg(out, "out") }?;
+        let c = registry::run_unlocked(
+            id,
+            |m| {
+                Ok(crate::testing::memory::GuestRange::of(
+                    m.memory(),
+                    gpa,
+                    size,
+                ))
+            },
+            |range| crate::testing::memory::checksum(&range),
+            |_, c| c,
+        )?;
+        *out = HmMemoryChecksum {
+            digest: c.digest,
+            nonzero_pages: c.nonzero_pages,
+            pages_read: c.pages_read,
+        };
+        Ok(true)
+    })
+}

@@ -29,6 +29,17 @@ pub struct BoardInfo {
     pub no_cpus_by_default: bool,
     /// The board `-M` defaults to.
     pub is_default: bool,
+    /// The board's own `-machine` properties (QEMU's class properties), each a size with its
+    /// default; any other name is refused.
+    pub properties: Vec<BoardProperty>,
+}
+
+/// A board's own `-machine NAME=SIZE` property, as s390's `x-ram-chunk-size`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoardProperty {
+    pub name: String,
+    /// The value when the command line does not set it.
+    pub default: u64,
 }
 
 impl BoardInfo {
@@ -190,6 +201,7 @@ mod tests {
             numa_supported: true,
             no_cpus_by_default: false,
             is_default,
+            properties: Vec::new(),
         }
     }
 

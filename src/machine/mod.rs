@@ -15,13 +15,13 @@ mod legacy;
 mod ram;
 pub mod run;
 
-pub use boards::{BoardInfo, BoardRegistry};
+pub use boards::{BoardInfo, BoardProperty, BoardRegistry};
 pub use ram::resolve_ram_size;
 pub use run::{GuestControl, Run, RunState};
 
 use crate::backend::prealloc::Outcome;
 use crate::backend::{Backend, BackendDefaults, PreallocJob};
-use crate::error::{Error, Result};
+use crate::error::{Error, HmErrorClass, Result};
 use crate::kvm::{KvmAccel, KvmError};
 use crate::memory::MemorySystem;
 use crate::migration::section::SectionHandler;
@@ -44,6 +44,18 @@ pub fn sends_switchover_start(name: &str) -> bool {
     }
 }
 
+/// The lower of two slot size limits, 0 meaning "none".
+fn lower_limit(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+fn no_configuration() -> Error {
+    Error::generic("the machine has no configuration")
+}
+
 /// The machine as the generic code configured it from the command line.
 pub struct MachineConfig {
     pub board: BoardInfo,
@@ -55,6 +67,10 @@ pub struct MachineConfig {
     /// Id of the backend behind `machine->ram` (explicit or implicit).
     pub memdev: Option<String>,
     pub cmdline: Cmdline,
+    /// The board's own properties, each with its value (the command line's, or the default).
+    pub board_properties: Vec<(String, u64)>,
+    /// The KVM slot size limit the board set (QEMU's `kvm_set_max_memslot_size`); 0: none.
+    pub board_max_slot_size: u64,
     /// Set once a board called the legacy allocation; a second call is refused.
     legacy_allocation: Option<String>,
     /// Memory the legacy call allocated outside `/objects` (kept alive with the machine).
@@ -134,6 +150,7 @@ impl Machine {
         m.migration.send_switchover_start = cmd
             .send_switchover_start
             .unwrap_or_else(|| sends_switchover_start(&board.name));
+        m.migration.no_configuration = cmd.send_configuration == Some(false);
         Ok(m)
     }
 
@@ -146,7 +163,7 @@ impl Machine {
             .filter(|c| c.cmdline.accel == Some(Accel::Kvm))
             .map(|c| {
                 (
-                    c.cmdline.kvm_max_slot_size,
+                    lower_limit(c.cmdline.kvm_max_slot_size, c.board_max_slot_size),
                     !c.cmdline.kvm_skip_memslot_preflight,
                 )
             });
@@ -158,6 +175,43 @@ impl Machine {
 
     pub fn config(&self) -> Option<&MachineConfig> {
         self.config.as_ref()
+    }
+
+    /// The value of the board's own property `name` (see [`BoardProperty`]).
+    pub fn board_property(&self, name: &str) -> Result<u64> {
+        let config = self.configured()?;
+        config
+            .board_properties
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
+            .ok_or_else(|| {
+                Error::new(
+                    HmErrorClass::NotFound,
+                    format!("Property '{}-machine.{name}' not found", config.board.name),
+                )
+            })
+    }
+
+    /// QEMU's `kvm_set_max_memslot_size`, called by a board's init: KVM slots are cut at
+    /// `size` at most (a `-accel kvm,max-slot-size` below it still wins). Only before the
+    /// accelerator takes the layout, and a whole number of host pages.
+    pub fn set_kvm_max_slot_size(&mut self, size: u64) -> Result<()> {
+        let host_page = crate::hostmap::host_page_size() as u64;
+        if self.accel.is_some() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                "kvm_set_max_memslot_size: the KVM slots exist already; call it from the board's init",
+            ));
+        }
+        crate::kvm::slots::check_max_slot_size(size, host_page)?;
+        let config = self.config.as_mut().ok_or_else(no_configuration)?;
+        config.board_max_slot_size = size;
+        Ok(())
+    }
+
+    fn configured(&self) -> Result<&MachineConfig> {
+        self.config.as_ref().ok_or_else(no_configuration)
     }
 
     pub fn memory(&self) -> &MemorySystem {

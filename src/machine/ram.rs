@@ -45,6 +45,11 @@ impl Machine {
     /// init runs: backends created, `machine->ram` decided and consumed. On error the caller
     /// drops the machine, which releases everything made so far.
     pub fn configure(&mut self, cmd: &Cmdline, board: &BoardInfo) -> Result<()> {
+        let mut board_properties: Vec<(String, u64)> = board
+            .properties
+            .iter()
+            .map(|p| (p.name.clone(), p.default))
+            .collect();
         for (key, value) in &cmd.machine_props {
             match key.as_str() {
                 "mem-merge" => {
@@ -55,12 +60,15 @@ impl Machine {
                     self.backend_defaults.dump =
                         crate::options::values::parse_bool_param(key, value)?
                 }
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "Property '{}-machine.{key}' not found",
-                        board.name
-                    )))
-                }
+                _ => match board_properties.iter_mut().find(|(n, _)| n == key) {
+                    Some((_, v)) => *v = crate::options::values::parse_size_param(key, value)?,
+                    None => {
+                        return Err(Error::invalid(format!(
+                            "Property '{}-machine.{key}' not found",
+                            board.name
+                        )))
+                    }
+                },
             }
         }
         let (mut ram_size, mut maxram_size, ram_slots) = resolve_ram_size(cmd, board)?;
@@ -135,6 +143,8 @@ impl Machine {
             ram,
             memdev,
             cmdline: cmd.clone(),
+            board_properties,
+            board_max_slot_size: 0,
             legacy_allocation: None,
             legacy_backends: Vec::new(),
         });
@@ -303,6 +313,7 @@ mod tests {
             numa_supported: true,
             no_cpus_by_default: false,
             is_default: true,
+            properties: Vec::new(),
         }
     }
 

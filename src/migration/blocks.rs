@@ -132,6 +132,11 @@ impl RamSnapshot {
         &self.blocks
     }
 
+    /// The blocks as a stream lists them (idstr and used length), in order.
+    pub fn blocks_info(&self) -> Vec<RamBlockInfo> {
+        RamSource::blocks(self)
+    }
+
     /// Total bytes of the snapshot's blocks (their used lengths).
     pub fn total_bytes(&self) -> u64 {
         self.blocks.iter().map(|b| b.used_length).sum()

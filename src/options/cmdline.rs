@@ -69,6 +69,9 @@ pub struct Cmdline {
     pub incoming: Option<String>,
     /// `-global migration.send-switchover-start=on|off` (the machine type's default if absent).
     pub send_switchover_start: Option<bool>,
+    /// `-global migration.send-configuration=on|off` (on if absent): off, streams go without
+    /// the CONFIGURATION section (so without the machine type check) and none is expected.
+    pub send_configuration: Option<bool>,
     /// `-machine help` (`-M help`, `-M ?`): QEMU lists the machine types and exits right there
     /// (with `machine_type` set by it or an earlier `-M`, it lists that type's properties
     /// instead). Parsing stops at that option; the ones after it were only checked for being
@@ -252,7 +255,8 @@ impl Cmdline {
         Ok(c)
     }
 
-    /// `-global DRIVER.PROP=VALUE`: the migration object's `send-switchover-start` is read;
+    /// `-global DRIVER.PROP=VALUE`: the migration object's `send-switchover-start` and
+    /// `send-configuration` are read;
     /// device properties mean nothing to hostmem and are accepted, as QEMU accepts unknown
     /// globals with a warning at most.
     fn parse_global(&mut self, arg: &str) -> Result<()> {
@@ -260,11 +264,15 @@ impl Cmdline {
             name: "global".into(),
             value: arg.to_string(),
         })?;
-        if key == "migration.send-switchover-start" {
-            self.send_switchover_start = Some(crate::options::values::parse_bool_param(
-                "send-switchover-start",
-                value,
-            )?);
+        let parse = |name| crate::options::values::parse_bool_param(name, value);
+        match key {
+            "migration.send-switchover-start" => {
+                self.send_switchover_start = Some(parse("send-switchover-start")?)
+            }
+            "migration.send-configuration" => {
+                self.send_configuration = Some(parse("send-configuration")?)
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -633,6 +641,33 @@ mod tests {
         assert_eq!(
             parse("-numa node,nodeid=x").unwrap_err().message(),
             "-numa node,nodeid=x: Parameter 'nodeid' expects a uint64 value"
+        );
+    }
+
+    #[test]
+    fn migration_globals_are_read_and_other_globals_accepted() {
+        let c = Cmdline::parse(&[
+            "-global",
+            "migration.send-configuration=off",
+            "-global",
+            "migration.send-switchover-start=on",
+            "-global",
+            "virtio-blk-device.scsi=off",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.send_configuration, c.send_switchover_start),
+            (Some(false), Some(true))
+        );
+        assert_eq!(
+            Cmdline::parse::<&str>(&[]).unwrap().send_configuration,
+            None
+        );
+        assert_eq!(
+            Cmdline::parse(&["-global", "migration.send-configuration=maybe"])
+                .unwrap_err()
+                .to_string(),
+            "-global migration.send-configuration=maybe: Parameter 'send-configuration' expects 'on' or 'off'"
         );
     }
 
