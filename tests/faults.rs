@@ -28,6 +28,7 @@ fn none_board() -> BoardInfo {
         numa_mem_supported: false,
         numa_supported: false,
         no_cpus_by_default: true,
+        properties: Vec::new(),
         is_default: false,
     }
 }
