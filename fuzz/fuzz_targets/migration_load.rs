@@ -26,6 +26,7 @@ fn machine() -> &'static std::sync::Mutex<Machine> {
             numa_mem_supported: false,
             numa_supported: false,
             no_cpus_by_default: true,
+            properties: Vec::new(),
             is_default: false,
         };
         let cmd = Cmdline::parse(&["-m", "16M"]).unwrap();
