@@ -94,7 +94,8 @@ mod tests {
     use std::ffi::CStr;
     use std::sync::Mutex;
 
-    use crate::ffi::backend::{hm_memory_backend_add, hm_memory_backend_del};
+    use crate::machine::Machine;
+    use crate::registry;
 
     /// (subject, done, total, finished) of each report.
     static SEEN: Mutex<Vec<(String, u64, u64, bool)>> = Mutex::new(Vec::new());
@@ -115,16 +116,19 @@ mod tests {
 
     #[test]
     fn a_preallocation_reports_its_start_and_its_end_to_the_handler() {
+        // A machine of its own, not the process's current one, which parallel tests change.
+        let mid = registry::insert(Machine::new());
         // SAFETY: `record` is a valid handler that ignores `opaque`.
         unsafe { hm_progress_set_handler(Some(record), std::ptr::null_mut()) };
-        let opts = c"memory-backend-ram,id=progress-test0,size=64M,prealloc=on";
-        // SAFETY: a NUL-terminated option string; a NULL errp reports on stderr.
-        let b = unsafe { hm_memory_backend_add(opts.as_ptr(), std::ptr::null_mut()) };
+        let id = registry::with(mid, |m| {
+            m.add_backend_uncompleted("memory-backend-ram,id=progress-test0,size=64M,prealloc=on")
+        })
+        .unwrap();
+        let done = registry::complete_backend(mid, &id, true);
         // SAFETY: no handler from here on.
         unsafe { hm_progress_set_handler(None, std::ptr::null_mut()) };
-        assert!(!b.is_null());
-        // SAFETY: as above.
-        assert!(unsafe { hm_memory_backend_del(c"progress-test0".as_ptr(), std::ptr::null_mut()) });
+        registry::remove(mid).unwrap();
+        done.unwrap();
         let seen: Vec<_> = SEEN
             .lock()
             .unwrap()
