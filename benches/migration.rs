@@ -37,6 +37,7 @@ fn none_board() -> BoardInfo {
         numa_supported: false,
         no_cpus_by_default: true,
         is_default: false,
+        ..Default::default()
     }
 }
 

@@ -16,6 +16,7 @@ fn pc() -> BoardInfo {
         numa_supported: true,
         no_cpus_by_default: false,
         is_default: false,
+        ..Default::default()
     }
 }
 
@@ -29,6 +30,7 @@ fn legacy_board() -> BoardInfo {
         numa_supported: true,
         no_cpus_by_default: false,
         is_default: false,
+        ..Default::default()
     }
 }
 
@@ -296,7 +298,13 @@ fn legacy_allocation_works_once_and_refuses_a_second_call() {
 fn failed_configuration_leaves_no_backend_behind() {
     let cmd = Cmdline::parse(&["-m", "64M", "-mem-path", "/nonexistent/x"]).unwrap();
     let mut m = Machine::new();
-    assert!(m.configure(&cmd, &pc()).is_err());
+    let options =
+        hostmem::machine::options::apply(&cmd, &pc(), &mut hostmem::machine::NoHooks).unwrap();
+    let mut env = hostmem::machine::BuildEnv {
+        host: &hostmem::machine::cpu::ThisHost,
+        warn: &mut |_| {},
+    };
+    assert!(m.configure(&cmd, &pc(), &options, &mut env).is_err());
     assert_eq!(
         (m.objects().ids(), m.memory().ramblocks.ids().len()),
         (Vec::<String>::new(), 0)

@@ -39,6 +39,7 @@ fn board() -> BoardInfo {
         numa_supported: false,
         no_cpus_by_default: true,
         is_default: false,
+        ..Default::default()
     }
 }
 
