@@ -16,8 +16,9 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("hostmem.h");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-changed=src");
-    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+    let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
         .expect("cbindgen.toml is readable");
+    config.after_includes = Some(version_macros());
     match cbindgen::generate_with_config(&crate_dir, config) {
         Ok(bindings) => {
             bindings.write_to_file(&out);
@@ -26,6 +27,20 @@ fn main() {
         // stale rather than failing the build here.
         Err(e) => println!("cargo:warning=cbindgen: {e}"),
     }
+}
+
+/// The crate's version as C macros, from Cargo.toml (one place for the number); `hm_version()`
+/// says the same at run time.
+fn version_macros() -> String {
+    let part = |name: &str| std::env::var(name).expect("cargo sets the version");
+    format!(
+        "\n#define HOSTMEM_VERSION_MAJOR {}\n#define HOSTMEM_VERSION_MINOR {}\n\
+         #define HOSTMEM_VERSION_MICRO {}\n#define HOSTMEM_VERSION_STRING \"{}\"\n",
+        part("CARGO_PKG_VERSION_MAJOR"),
+        part("CARGO_PKG_VERSION_MINOR"),
+        part("CARGO_PKG_VERSION_PATCH"),
+        part("CARGO_PKG_VERSION"),
+    )
 }
 
 /// Assembles the guest programs into a static library that rustc bundles into the rlib and

@@ -19,49 +19,19 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hostmem::machine::BoardInfo;
-use hostmem::options::cmdline::Cmdline;
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
+use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
+use hostmem::testing::machines::{main_ram, none_machine};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-fn none_board() -> BoardInfo {
-    BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-        ..Default::default()
-    }
-}
-
-/// A `-M none` machine in this process, its RAM mapped at 0.
 fn machine(args: &[&str]) -> MachineId {
-    let cmd = Cmdline::parse(args).unwrap();
-    let mut p = PendingMachine::start(&cmd, &none_board()).unwrap();
-    registry::with(p.id(), |m| {
-        let ram = m.config().unwrap().ram.unwrap();
-        let mem = m.memory_mut();
-        let sys = mem.system_memory();
-        mem.add_subregion(sys, 0, ram, None)
-    })
-    .unwrap();
-    p.finish_init().unwrap();
-    p.commit()
+    none_machine(args).unwrap()
 }
 
 fn ram(id: MachineId) -> (*mut u8, u64) {
-    registry::with(id, |m| {
-        let c = m.config().unwrap();
-        Ok((m.memory().ram_ptr(c.ram.unwrap())?.unwrap(), c.ram_size))
-    })
-    .unwrap()
+    main_ram(id).unwrap()
 }
 
 fn run(id: MachineId, line: &str) -> String {
@@ -305,34 +275,46 @@ fn dense(rows: &mut Vec<Row>, dir: &Path) {
     let _ = std::fs::remove_file(&stream);
 }
 
-fn sparse(rows: &mut Vec<Row>, dir: &Path) {
-    const RUN: u64 = MIB;
-    let big = [
-        "-object",
-        "memory-backend-ram,id=mem,size=9T,reserve=off",
-        "-machine",
-        "memory-backend=mem",
+/// The command line of a sparse `none` guest of `size` (a QEMU size).
+fn sparse_args(size: &str, extra: &[&'static str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-object".into(),
+        format!("memory-backend-ram,id=mem,size={size},reserve=off"),
+        "-machine".into(),
+        "memory-backend=mem".into(),
     ];
-    let src = machine(&big);
-    let (p, size) = ram(src);
-    let stride = (size / 1024) & !(2 * MIB - 1);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A sparse guest with 1 GiB written in 1 MiB runs spread over it, ready to migrate with
+/// `x-skip-unpopulated` and no bandwidth limit.
+fn sparse_guest(size: &str) -> MachineId {
+    let args = sparse_args(size, &[]);
+    let id = machine(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (p, len) = ram(id);
+    let stride = (len / 1024) & !(2 * MIB - 1);
     for i in 0..1024u64 {
         // SAFETY: inside the machine's RAM; nothing else touches it meanwhile.
         let run =
-            unsafe { std::slice::from_raw_parts_mut(p.add((i * stride) as usize), RUN as usize) };
+            unsafe { std::slice::from_raw_parts_mut(p.add((i * stride) as usize), MIB as usize) };
         fill_random(run, i + 7);
     }
-    run(src, "migrate_set_capability x-skip-unpopulated on");
-    run(src, "migrate_set_parameter max-bandwidth 100G");
+    run(id, "migrate_set_capability x-skip-unpopulated on");
+    run(id, "migrate_set_parameter max-bandwidth 100G");
+    id
+}
+
+fn sparse(rows: &mut Vec<Row>, dir: &Path) {
+    let src = sparse_guest("9T");
     let stream = dir.join("sparse.mig");
     run(src, &format!("migrate -d file:{}", stream.display()));
     let info = wait_completed(|| run(src, "info migrate"));
     let save = Duration::from_millis(field(&info, "total time: "));
     let stream_len = file_len(&stream);
     registry::remove(src).unwrap();
-    let mut dst_args = big.to_vec();
-    dst_args.extend(["-incoming", "defer"]);
-    let dst = machine(&dst_args);
+    let dst_args = sparse_args("9T", &["-incoming", "defer"]);
+    let dst = machine(&dst_args.iter().map(String::as_str).collect::<Vec<_>>());
     run(dst, "migrate_set_capability x-skip-unpopulated on");
     let t = Instant::now();
     run(dst, &format!("migrate_incoming file:{}", stream.display()));
@@ -347,22 +329,8 @@ fn sparse(rows: &mut Vec<Row>, dir: &Path) {
         "-M",
         "none,memory-backend=mem",
     ];
-    let src = machine(&[
-        "-object",
-        "memory-backend-ram,id=mem,size=16G,reserve=off",
-        "-machine",
-        "memory-backend=mem",
-    ]);
-    let (p, size16) = ram(src);
-    let stride16 = (size16 / 1024) & !(2 * MIB - 1);
-    for i in 0..1024u64 {
-        // SAFETY: as above.
-        let run =
-            unsafe { std::slice::from_raw_parts_mut(p.add((i * stride16) as usize), RUN as usize) };
-        fill_random(run, i + 7);
-    }
-    run(src, "migrate_set_capability x-skip-unpopulated on");
-    run(src, "migrate_set_parameter max-bandwidth 100G");
+    let src = sparse_guest("16G");
+    let size16 = ram(src).1;
     let stream16 = dir.join("sparse16.mig");
     run(src, &format!("migrate file:{}", stream16.display()));
     registry::remove(src).unwrap();

@@ -9,6 +9,9 @@
  * editor's escape sequences: the banner, then "(qemu) COMMAND" and the command's output for
  * every command read. A bad command line prints "vmm: <QEMU's message>" and exits 1;
  * -machine help (-M help, -M ?) prints QEMU's list of machine types and exits 0.
+ *
+ * When stderr is a terminal, long work (prealloc, migration) shows a progress line there,
+ * redrawn in place and erased when the work ends (QEMU shows none); otherwise nothing extra.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -350,6 +353,52 @@ static bool vmm_migration_setup(MachineState *ms, Error **errp)
     return true;
 }
 
+/* "1.5 GiB", "512.0 MiB": the unit that keeps the figure below 1024. */
+static void format_bytes(char *buf, size_t len, uint64_t bytes)
+{
+    static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+    double v = (double)bytes;
+    int u = 0;
+
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    snprintf(buf, len, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+}
+
+static void progress_line(const HmProgress *p, void *opaque)
+{
+    char what[300], done[32], total[32], rate[32], left[96] = "";
+
+    (void)opaque;
+    if (p->finished) {
+        fputs("\r\033[K", stderr);
+        return;
+    }
+    switch (p->activity) {
+    case HM_PROGRESS_ACTIVITY_PREALLOC:
+        snprintf(what, sizeof(what), "prealloc %s", p->subject);
+        break;
+    case HM_PROGRESS_ACTIVITY_MIGRATION_INCOMING:
+        snprintf(what, sizeof(what), "incoming migration");
+        break;
+    default:
+        snprintf(what, sizeof(what), "migrate");
+        break;
+    }
+    format_bytes(done, sizeof(done), p->done);
+    format_bytes(total, sizeof(total), p->total);
+    format_bytes(rate, sizeof(rate), p->bytes_per_second);
+    if (p->ms_left >= 0) {
+        /* No rate, no estimate: nothing done yet. */
+        snprintf(left, sizeof(left), ", %s/s, %" PRId64 " s left", rate,
+                 (p->ms_left + 999) / 1000);
+    }
+    fprintf(stderr, "\r\033[K%s: %s of %s (%u%%)%s", what, done, total,
+            p->total ? (unsigned)(p->done * 100 / p->total) : 0u, left);
+}
+
 int main(int argc, char **argv)
 {
     Error *err = NULL;
@@ -361,6 +410,9 @@ int main(int argc, char **argv)
     argc = take_vmm_options(argc, argv);
     if (argc < 0) {
         return 1;
+    }
+    if (isatty(STDERR_FILENO)) {
+        hm_progress_set_handler(progress_line, NULL);
     }
     if (!boards_register_all(&err)) {
         error_report_err(err);

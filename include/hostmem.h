@@ -7,6 +7,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define HOSTMEM_VERSION_MAJOR 0
+#define HOSTMEM_VERSION_MINOR 1
+#define HOSTMEM_VERSION_MICRO 0
+#define HOSTMEM_VERSION_STRING "0.1.0"
+
+
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
 
@@ -83,6 +89,16 @@ typedef enum HmPropertyKind {
   // on/off (the value is 0 or 1).
   HM_PROPERTY_KIND_BOOL = 1,
 } HmPropertyKind;
+
+// What an `HmProgress` is about.
+typedef enum HmProgressActivity {
+  // A backend's preallocation (`prealloc=on`, `-mem-prealloc`); `subject` is its id.
+  HM_PROGRESS_ACTIVITY_PREALLOC,
+  // A migration sent from this process; `subject` is "migration".
+  HM_PROGRESS_ACTIVITY_MIGRATION_OUTGOING,
+  // A migration loaded into this process; only its start and its end are reported.
+  HM_PROGRESS_ACTIVITY_MIGRATION_INCOMING,
+} HmProgressActivity;
 
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
@@ -233,6 +249,27 @@ typedef int (*HmSectionLoad)(struct HmQemuFile *f, int phase, uint32_t version_i
 
 // Pauses or resumes a VMM's vCPUs: returns true on success, else false with `errp` set.
 typedef bool (*HmGuestHook)(void *opaque, struct Error **errp);
+
+// One observation of long work, valid for the duration of the handler's call only.
+typedef struct HmProgress {
+  enum HmProgressActivity activity;
+  // NUL-terminated, owned by hostmem.
+  const char *subject;
+  // Bytes done and bytes in all: guest RAM bytes for both prealloc and migration (a
+  // migration's done is what is no longer dirty, so it may go back down in a new round).
+  uint64_t done;
+  uint64_t total;
+  // Average since the work began.
+  uint64_t bytes_per_second;
+  // Estimated milliseconds left; -1 while unknown (nothing done yet).
+  int64_t ms_left;
+  // This is the work's last report (it succeeded or failed: the call that started the work
+  // says which).
+  bool finished;
+} HmProgress;
+
+// The handler of `hm_progress_set_handler`.
+typedef void (*HmProgressHandler)(const struct HmProgress *p, void *opaque);
 
 #if defined(HOSTMEM_TEST_GUEST)
 // What `hm_kvm_guest_check` verified.
@@ -980,6 +1017,21 @@ bool hm_migration_start_incoming(struct MachineState *ms, struct Error **errp);
 // `ms` is a live machine.
 bool hm_migration_wait_incoming(struct MachineState *ms, struct Error **errp);
 
+// Installs `handler` (NULL removes it) for every preallocation and migration started from now
+// on in this process; work already running keeps the handler it started with.
+//
+// Calls come from the thread doing the work — a prealloc worker's coordinator, a migration
+// thread — at most every 100 ms, plus a first report when work begins and a final one
+// (`finished`) when it ends; never two at once for one piece of work, but two pieces of work
+// may report concurrently. The handler runs with no hostmem lock held during prealloc, and
+// while a migration's statistics are being updated for migration: it must not call hostmem's
+// migration functions, and should return quickly (draw a line, post a message).
+//
+// # Safety
+// `handler`, if not NULL, may be called with `opaque` from any thread until it is replaced
+// and the work that started with it has ended.
+void hm_progress_set_handler(HmProgressHandler handler, void *opaque);
+
 #if defined(HOSTMEM_TEST_GUEST)
 // Runs the guest payload: a vCPU in 64-bit mode writes a signature at the start and at the
 // end of every writable slot and halts; then every signature is read back through the
@@ -1086,6 +1138,10 @@ bool hm_test_dirtier_check(struct MachineState *ms,
 // The longest state `hm_test_dirtier_save_state` writes.
 size_t hm_test_dirtier_state_size(void);
 #endif
+
+// The version of the linked library, "MAJOR.MINOR.MICRO" (`HOSTMEM_VERSION_STRING` of the
+// header it was built with). Static storage: never free it.
+const char *hm_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -17,6 +17,7 @@ pub mod monitor;
 pub mod objects;
 pub mod options;
 pub mod populated;
+pub mod progress;
 pub mod ramblock;
 pub mod region;
 pub mod registry;

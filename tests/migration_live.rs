@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hostmem::kvm::KvmAccel;
-use hostmem::machine::{BoardInfo, GuestControl};
+use hostmem::machine::GuestControl;
 use hostmem::migration::error::MigrationError;
 use hostmem::migration::section::{SectionHandler, SectionPhase, StreamRead};
 use hostmem::migration::state::MigrationStatus;
 use hostmem::migration::{QemuReader, QemuWriter};
-use hostmem::options::cmdline::Cmdline;
 use hostmem::registry::migrate::{self, IncomingChannel, OutgoingChannel, PendingOutgoing};
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
+use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
 use hostmem::testing::guest::{check_dirtied_pages, DirtierLayout};
+use hostmem::testing::machines::none_machine;
 use hostmem::testing::runner::DirtierRunner;
 use hostmem::Result;
 use kvm_support::*;
@@ -28,20 +28,6 @@ const LAYOUT: DirtierLayout = DirtierLayout {
     start: MIB,
     end: 65 * MIB,
 };
-
-fn board() -> BoardInfo {
-    BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-        ..Default::default()
-    }
-}
 
 /// The VMM side of a machine running the dirtier: its vCPU, its vCPU section, its hooks.
 #[derive(Default)]
@@ -119,20 +105,13 @@ impl SectionHandler for VcpuSection {
 }
 
 fn machine(args: &[&str]) -> (MachineId, Arc<Vmm>) {
-    let cmd = Cmdline::parse(args).unwrap();
-    let mut p = PendingMachine::start(&cmd, &board()).unwrap();
+    let id = none_machine(args).unwrap();
     let vmm = Arc::new(Vmm::default());
-    registry::with(p.id(), |m| {
-        let ram = m.config().unwrap().ram.unwrap();
-        let mem = m.memory_mut();
-        let sys = mem.system_memory();
-        mem.add_subregion(sys, 0, ram, None)?;
+    registry::with(id, |m| {
         m.run_mut().control = vmm.clone();
         m.register_section(Box::new(VcpuSection(vmm.clone())))
     })
     .unwrap();
-    p.finish_init().unwrap();
-    let id = p.commit();
     *vmm.kvm.lock().unwrap() = registry::with(id, |m| Ok(m.kvm().cloned())).unwrap();
     (id, vmm)
 }

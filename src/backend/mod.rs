@@ -16,9 +16,11 @@ pub mod prealloc;
 pub mod props;
 pub mod ram;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::hostmap::HostMapping;
+use crate::progress::{self, Activity};
 
 /// What backend operations return.
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -144,6 +146,8 @@ impl Step {
 /// Preallocation left to do after [`Backend::begin_complete`]; owns what it needs so that it
 /// can run without the backend (and without any lock on it).
 pub struct PreallocJob {
+    /// The backend's id, what the process's progress observer is told.
+    id: String,
     mapping: Arc<HostMapping>,
     max_threads: u32,
     progress: Option<ProgressFn>,
@@ -151,16 +155,45 @@ pub struct PreallocJob {
 }
 
 impl PreallocJob {
+    /// Preallocates, telling the backend's callback and the process's progress observer (the
+    /// observer also gets a final report, whatever the outcome).
     pub fn run(&self) -> Result<prealloc::Outcome> {
-        prealloc::prealloc(&prealloc::Request {
+        let total = self.mapping.len() as u64;
+        let meter = progress::meter(Activity::Prealloc, &self.id).map(Arc::new);
+        let reached = Arc::new(AtomicU64::new(0));
+        let observed: Option<ProgressFn> = meter.clone().map(|m| {
+            let reached = reached.clone();
+            let own = self.progress.clone();
+            let f: ProgressFn = Arc::new(move |done, total| {
+                if let Some(own) = &own {
+                    own(done, total);
+                }
+                reached.store(done, Ordering::Relaxed);
+                m.tick(done, total);
+            });
+            f
+        });
+        if let Some(m) = &meter {
+            m.tick(0, total);
+        }
+        let r = prealloc::prealloc(&prealloc::Request {
             addr: self.mapping.as_ptr(),
             len: self.mapping.len(),
             page_size: self.mapping.page_size(),
             max_threads: self.max_threads,
-            progress: self.progress.as_ref(),
+            progress: observed.as_ref().or(self.progress.as_ref()),
             remap: self.remap,
             method: None,
-        })
+        });
+        if let Some(m) = &meter {
+            let done = if r.is_ok() {
+                total
+            } else {
+                reached.load(Ordering::Relaxed)
+            };
+            m.finish(done, total);
+        }
+        r
     }
 
     pub fn mapping(&self) -> &Arc<HostMapping> {
@@ -552,6 +585,7 @@ impl Backend {
             readonly: mapping.is_readonly(),
         };
         Some(PreallocJob {
+            id: self.id.clone(),
             mapping,
             max_threads: self.prealloc_threads,
             progress: self.progress.clone(),

@@ -12,8 +12,10 @@ pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod progress;
 #[cfg(feature = "test-guest")]
 pub mod testing;
+pub mod version;
 
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};

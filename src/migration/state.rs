@@ -9,8 +9,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::rate::RateLimit;
+use super::stream::KNOWN_CAPABILITIES;
 use crate::error::{Error, HmErrorClass};
 use crate::options::values::strtosz;
+use crate::progress::{self, Activity, Meter};
 
 /// QEMU's MigrationStatus values a hostmem migration passes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,32 +235,14 @@ impl Parameters {
     }
 }
 
-/// QEMU 10's migration capabilities in `info migrate_capabilities` order, then hostmem's own.
-pub const CAPABILITIES: &[&str] = &[
-    "xbzrle",
-    "rdma-pin-all",
-    "auto-converge",
-    "zero-blocks",
-    "events",
-    "postcopy-ram",
-    "x-colo",
-    "release-ram",
-    "return-path",
-    "pause-before-switchover",
-    "multifd",
-    "dirty-bitmaps",
-    "postcopy-blocktime",
-    "late-block-activate",
-    "x-ignore-shared",
-    "validate-uuid",
-    "background-snapshot",
-    "zero-copy-send",
-    "postcopy-preempt",
-    "switchover-ack",
-    "dirty-limit",
-    "mapped-ram",
-    SKIP_UNPOPULATED,
-];
+/// QEMU 10's migration capabilities in `info migrate_capabilities` order (the ones its stream
+/// may name), then hostmem's own.
+fn capabilities() -> impl Iterator<Item = &'static str> {
+    KNOWN_CAPABILITIES
+        .iter()
+        .copied()
+        .chain(std::iter::once(SKIP_UNPOPULATED))
+}
 
 /// hostmem's own capability: pages never populated on the source are not sent.
 pub const SKIP_UNPOPULATED: &str = "x-skip-unpopulated";
@@ -279,9 +263,7 @@ impl Capabilities {
 
     /// `migrate_set_capability NAME on|off`.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
-        let known = CAPABILITIES
-            .iter()
-            .copied()
+        let known = capabilities()
             .find(|c| *c == name)
             .ok_or_else(|| invalid_parameter(name))?;
         let on = crate::options::values::parse_bool(value)
@@ -301,8 +283,7 @@ impl Capabilities {
 
     /// `info migrate_capabilities`.
     pub fn info(&self) -> String {
-        CAPABILITIES
-            .iter()
+        capabilities()
             .map(|c| format!("{c}: {}\n", if self.is_on(c) { "on" } else { "off" }))
             .collect()
     }
@@ -373,6 +354,8 @@ pub struct Progress {
     /// What interrupts a transfer blocked in the channel (shutting a socket down).
     interrupt: Mutex<Option<Box<dyn Fn() + Send>>>,
     incoming: bool,
+    /// The process's progress observer, for migrations someone watches.
+    meter: Mutex<Option<Meter>>,
 }
 
 impl Progress {
@@ -393,6 +376,45 @@ impl Progress {
             cancel: AtomicBool::new(false),
             interrupt: Mutex::new(None),
             incoming,
+            meter: Mutex::new(None),
+        }
+    }
+
+    /// Reports this migration to the process's progress observer (if one is installed): RAM
+    /// bytes done of the RAM's total while it runs (outgoing: what is no longer dirty; an
+    /// incoming load tells only its start and end), and a final report when it ends.
+    pub fn observe(&self) {
+        let activity = if self.incoming {
+            Activity::MigrationIncoming
+        } else {
+            Activity::MigrationOutgoing
+        };
+        *self.meter.lock().unwrap_or_else(|p| p.into_inner()) =
+            progress::meter(activity, "migration");
+    }
+
+    fn report(&self, finished: bool) {
+        let meter = self.meter.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(meter) = meter.as_ref() else {
+            return;
+        };
+        let (status, stats) = {
+            let g = self.lock();
+            (g.status, g.stats.clone())
+        };
+        let done = if self.incoming {
+            if status == MigrationStatus::Completed {
+                stats.total
+            } else {
+                0
+            }
+        } else {
+            stats.total.saturating_sub(stats.remaining)
+        };
+        if finished {
+            meter.finish(done, stats.total);
+        } else if status == MigrationStatus::Active {
+            meter.tick(done, stats.total);
         }
     }
 
@@ -417,6 +439,9 @@ impl Progress {
             g.ended = Some(Instant::now());
         }
         drop(g);
+        // The observer hears of the end before any waiter wakes, so a UI has cleared its
+        // line when the monitor answers.
+        self.report(status.is_finished());
         self.changed.notify_all();
     }
 
@@ -428,6 +453,7 @@ impl Progress {
 
     pub fn update(&self, f: impl FnOnce(&mut Stats)) {
         f(&mut self.lock().stats);
+        self.report(false);
     }
 
     pub fn set_expected_downtime(&self, ms: u64) {

@@ -250,6 +250,7 @@ pub fn start_outgoing(
     let (progress, host, opts, params, limits) = with(id, |m| {
         outgoing_allowed(m)?;
         let progress = Arc::new(Progress::new(false));
+        progress.observe();
         m.migration_mut().outgoing = Some(progress.clone());
         let mut opts = SaveOptions::new(&machine_name(m));
         opts.send_switchover_start = m.migration().send_switchover_start;
@@ -379,6 +380,7 @@ fn prepare_incoming(id: MachineId) -> Result<Arc<Progress>> {
     with(id, |m| {
         incoming_allowed(m)?;
         let progress = Arc::new(Progress::new(true));
+        progress.observe();
         m.migration_mut().incoming = Some(progress.clone());
         Ok(progress)
     })

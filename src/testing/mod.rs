@@ -5,10 +5,12 @@
 //!
 //! - [`guest`]: the x86-64 programs (an op list; the dirtier) and their host side;
 //! - [`check`]: the guest check over every writable slot;
-//! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64).
+//! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64);
+//! - [`machines`]: `none` machines for tests and benchmarks without a C board.
 
 pub mod check;
 pub mod guest;
+pub mod machines;
 #[cfg(target_arch = "x86_64")]
 pub mod runner;
 
