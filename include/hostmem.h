@@ -587,6 +587,8 @@ bool hm_machine_get_property(const struct MachineState *ms, const char *name, ui
 bool hm_machine_make_current(struct MachineState *ms, struct Error **errp);
 
 // Runs one HMP command on the machine and returns its output (release with hm_free).
+// `cmdline` is the line as typed, in any bytes: QEMU's monitor takes invalid UTF-8 too, so
+// such bytes are not refused but read as U+FFFD (and echoed so in an error message).
 //
 // # Safety
 // `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.

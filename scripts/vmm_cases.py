@@ -6,7 +6,11 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
   args: ...                      the command line, given word for word to QEMU and to vmm
   qemu-args: ...                 extra words for QEMU only: firmware QEMU needs to start a
                                  board whose devices vmm does not model (say why in a comment)
-  hmp: COMMAND                   one monitor command, fed on stdin (repeatable, in order)
+  hmp: COMMAND                   one monitor command, fed on stdin (repeatable, in order); the
+                                 transcript shows it as QEMU's readline keeps it (at most 4095
+                                 bytes, see readline_kept)
+  hmp-bytes: ESCAPED             the same with Python escapes (\x00, \xff) for bytes a text line
+                                 cannot hold
   expect: qemu | hand-written    where NAME.expected comes from; hand-written ones say why
   ignore-lines: REGEX            lines dropped from both sides before comparing (a part of the
                                  board QEMU has and vmm does not model; say which)
@@ -34,6 +38,7 @@ command, with QEMU's terminal escapes and echo replaced by the plain command, an
 of `info ramblock` masked. Stderr has QEMU's program name replaced by "vmm".
 """
 
+import codecs
 import os
 import re
 import shlex
@@ -56,6 +61,7 @@ class Case:
         self.args = []
         self.qemu_args = []
         self.hmp = []
+        self.hmp_bytes = []
         self.expect = "qemu"
         self.ignore = []
         self.differs = []
@@ -77,8 +83,12 @@ class Case:
                     self.args += shlex.split(value)
                 elif key == "qemu-args":
                     self.qemu_args += shlex.split(value)
-                elif key == "hmp":
-                    self.hmp.append(value)
+                elif key in ("hmp", "hmp-bytes"):
+                    raw = value.encode()
+                    if key == "hmp-bytes":
+                        raw = codecs.escape_decode(raw)[0]
+                    self.hmp.append(readline_kept(raw).decode(errors="replace"))
+                    self.hmp_bytes.append(raw)
                 elif key == "expect":
                     self.expect = value.split()[0]
                 elif key == "ignore-lines":
@@ -112,7 +122,21 @@ class Case:
         return self.path[: -len(".case")] + ".expected"
 
     def stdin_text(self):
-        return "".join(c + "\n" for c in self.hmp)
+        return b"".join(c + b"\n" for c in self.hmp_bytes)
+
+
+def readline_kept(raw):
+    """What QEMU's readline keeps of a typed line: bytes below 32 dropped, backspace (8, 127)
+    and ^U applied, at most 4095 bytes (READLINE_CMD_BUF_SIZE)."""
+    out = bytearray()
+    for ch in raw:
+        if ch in (8, 127):
+            del out[-1:]
+        elif ch == 21:
+            out.clear()
+        elif ch >= 32 and len(out) < 4095:
+            out.append(ch)
+    return bytes(out)
 
 
 def all_cases(names=None):
@@ -134,7 +158,7 @@ def run(cmd, args, stdin_text):
     tmp = tempfile.mkdtemp(prefix="vmm-case-")
     try:
         argv = cmd + [a.replace("@TMPDIR@", tmp) for a in args]
-        p = subprocess.run(argv, input=stdin_text.encode(), capture_output=True, cwd=tmp,
+        p = subprocess.run(argv, input=stdin_text, capture_output=True, cwd=tmp,
                            timeout=TIMEOUT)
         out = p.stdout.decode(errors="replace").replace(tmp, "@TMPDIR@")
         err = p.stderr.decode(errors="replace").replace(tmp, "@TMPDIR@")

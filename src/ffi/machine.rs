@@ -606,6 +606,8 @@ pub unsafe extern "C" fn hm_machine_make_current(
 }
 
 /// Runs one HMP command on the machine and returns its output (release with hm_free).
+/// `cmdline` is the line as typed, in any bytes: QEMU's monitor takes invalid UTF-8 too, so
+/// such bytes are not refused but read as U+FFFD (and echoed so in an error message).
 ///
 /// # Safety
 /// `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
@@ -618,9 +620,12 @@ pub unsafe extern "C" fn hm_hmp(
     guard(errp, null_mut(), || {
         // SAFETY: by contract.
         let ms = unsafe { ref_arg(ms, "ms") }?;
-        // SAFETY: by contract.
-        let cmd = unsafe { str_arg(cmdline, "cmdline") }?;
-        let out = registry::hmp::hmp(ms.context, cmd, &registry::transports::HostTransports)?;
+        if cmdline.is_null() {
+            return Err(Error::invalid("Parameter 'cmdline' is missing"));
+        }
+        // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+        let cmd = unsafe { CStr::from_ptr(cmdline) }.to_string_lossy();
+        let out = registry::hmp::hmp(ms.context, &cmd, &registry::transports::HostTransports)?;
         Ok(c_string(&out))
     })
 }
