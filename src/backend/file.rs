@@ -94,12 +94,38 @@ struct Opened {
     created: Option<CString>,
 }
 
+/// What a mem-path that is neither a regular file nor a directory is, for the error.
+fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() || t.is_dir() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a special file")
+    }
+}
+
 fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened> {
     let cant =
         |e: i32| BackendError::host(format!("can't open backing store {path} for guest RAM"), e);
     let cpath = CString::new(path).map_err(|_| cant(libc::EINVAL))?;
-    let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
-    if is_dir {
+    let meta = std::fs::metadata(path).ok();
+    if let Some(kind) = meta.as_ref().and_then(not_a_regular_file) {
+        // Checked before open: opening a FIFO read-only would wait for a writer.
+        return Err(BackendError::NotARegularFile {
+            path: path.to_string(),
+            kind,
+        });
+    }
+    if meta.is_some_and(|m| m.is_dir()) {
         // A directory gets a private temporary file, unlinked at once so it vanishes with us.
         let template = format!(
             "{}/qemu_back_mem.{}.XXXXXX",
@@ -338,6 +364,38 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         drop(m);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn fifo_and_devices_are_not_regular_files() {
+        let d = tmpdir("special");
+        let fifo = format!("{d}/fifo");
+        let c = CString::new(fifo.clone()).unwrap();
+        // SAFETY: c is a NUL-terminated path in our scratch directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let msg = |path: &str, readonly: bool| {
+            let p = FileProps {
+                readonly,
+                ..props(path)
+            };
+            alloc(&p, "memory-backend-file", "m", 1 << 20, true, false)
+                .unwrap_err()
+                .to_string()
+        };
+        // Read-only, a FIFO would block in open: the refusal comes first.
+        assert_eq!(
+            msg(&fifo, true),
+            format!(
+                "can't use {fifo} as backing store for guest RAM: it is a FIFO, not a regular file"
+            )
+        );
+        for dev in ["/dev/null", "/dev/zero"] {
+            assert_eq!(
+                msg(dev, false),
+                format!("can't use {dev} as backing store for guest RAM: it is a character device, not a regular file")
+            );
+        }
         std::fs::remove_dir_all(d).unwrap();
     }
 
