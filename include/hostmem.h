@@ -354,7 +354,8 @@ struct HostMemoryBackend *hm_memory_backend_new(const char *type_,
 struct HostMemoryBackend *hm_memory_backend_find(const char *id);
 
 // `object-del`: deletes backend `id` of the current context; refused while mapped with
-// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+// "object '<id>' is in use, can not be deleted". Calls on its handle fail afterwards with
+// "memory backend no longer exists".
 //
 // # Safety
 // `id` is NULL or NUL-terminated; `errp` follows the Error convention.
