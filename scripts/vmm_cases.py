@@ -169,7 +169,7 @@ def run(cmd, args, stdin_text):
 
 # A row of `info ramblock`: name, page size, offset, used, total, HVA, RO.
 _RAMBLOCK_ROW = re.compile(
-    r"^(.{24} .{8}  0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}) 0x[0-9a-f]{16}(  ?r[ow])$")
+    r"^(.{24,} .{8}  0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}) 0x[0-9a-f]{16}(  ?r[ow])$")
 HVA_MASK = "0x" + "x" * 16
 
 
