@@ -1,3 +1,37 @@
+/*
+ * hostmem: guest RAM for C virtual-machine monitors, with QEMU's memory API and semantics.
+ *
+ * Rules that hold for every function below unless its own comment says otherwise:
+ *
+ * Ownership. A returned `char *` is the caller's: release it with hm_free(). A returned
+ * `const char *` is hostmem's and valid as the comment says (static, or until the object it
+ * describes goes). Handles (MachineState, HostMemoryBackend, MemoryRegion, Object, HmMemoryPin)
+ * are hostmem's: free each only with the function named for it; a HostMemoryBackend handle
+ * outlives its backend and reports "memory backend no longer exists" when used stale.
+ * Arguments are borrowed for the call; strings are copied.
+ *
+ * Errors. A function that can fail takes `Error **errp` last (NULL, &error_fatal, &error_abort
+ * or the address of a NULL `Error *`, as in QEMU) and returns false, NULL or -1. The Error
+ * carries QEMU's message (error_get_pretty), an optional hint, an HmErrorClass saying which
+ * kind of input to blame, and errno when the host refused. A failed call leaves nothing
+ * half-built. NULL where a pointer is required is an error naming the parameter. No call
+ * aborts or unwinds into C; `void` functions of QEMU's API that can fail keep their error
+ * for hm_memory_check().
+ *
+ * Threads. Every function may be called from any thread. Calls on one machine serialize on its
+ * lock; long work (preallocation, a guest run, a migration round) runs without it, so
+ * callbacks (prealloc progress, the progress handler, a board's init, migration section
+ * hooks) run with no hostmem lock held unless their comment says otherwise and may call
+ * hostmem. "The current machine" (QEMU's globals: get_system_memory(), backends by id) is one
+ * per process: set it with hm_machine_make_current() before using those calls from several
+ * machines.
+ *
+ * Pausing. No call needs the guest paused: layout changes while vCPUs run reach KVM as
+ * QEMU's do, and migration stops the guest itself for the switchover. A migration refuses to
+ * start on a machine that waits for an incoming one or was stopped by an earlier one
+ * (QEMU's rules).
+ */
+
 #ifndef HOSTMEM_H
 #define HOSTMEM_H
 
@@ -12,6 +46,22 @@
 #define HOSTMEM_VERSION_MICRO 0
 #define HOSTMEM_VERSION_STRING "0.1.0"
 
+
+// `HmBackendConfig.flags`: map it shared (`share=on`; memfd's default).
+#define HM_BACKEND_SHARE (1 << 0)
+
+// `HmBackendConfig.flags`: map it private (`share=off`; ram's and file's default).
+#define HM_BACKEND_PRIVATE (1 << 1)
+
+// `HmBackendConfig.flags`: preallocate every page before returning (`prealloc=on`).
+#define HM_BACKEND_PREALLOC (1 << 2)
+
+// `HmBackendConfig.flags`: reserve no swap space, so a sparse guest larger than the host's
+// memory can be mapped (`reserve=off`).
+#define HM_BACKEND_NORESERVE (1 << 3)
+
+// `HmBackendConfig.flags`: memfd only: back it with huge pages (`hugetlb=on`).
+#define HM_BACKEND_HUGETLB (1 << 4)
 
 // `HmKvmSlot.flags`: the slot logs dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`).
 #define HM_KVM_SLOT_LOG_DIRTY 1
@@ -59,6 +109,16 @@
 #define HM_KVM_SIGNATURE 7525360446248152353
 #endif
 
+// The kind of backend `hm_memory_backend_create` makes.
+typedef enum HmBackendKind {
+  // `memory-backend-ram`: anonymous memory.
+  HM_BACKEND_KIND_RAM,
+  // `memory-backend-file`: a file (`mem_path`), e.g. on hugetlbfs or a DAX device.
+  HM_BACKEND_KIND_FILE,
+  // `memory-backend-memfd`: an anonymous file, shareable with other processes.
+  HM_BACKEND_KIND_MEMFD,
+} HmBackendKind;
+
 // Stable error classes, for programs that must branch on what went wrong without parsing the
 // message. Values never change meaning once released.
 typedef enum HmErrorClass {
@@ -80,6 +140,9 @@ typedef enum HmErrorClass {
   HM_ERROR_CLASS_KVM = 7,
   // Not supported by this host or build.
   HM_ERROR_CLASS_UNSUPPORTED = 8,
+  // The host lacks what the request needs (memory, huge pages, KVM's slot budget): change
+  // the size or the host, not the syntax.
+  HM_ERROR_CLASS_HOST_RESOURCES = 9,
 } HmErrorClass;
 
 // The type of a board's machine property.
@@ -103,6 +166,11 @@ typedef enum HmProgressActivity {
 // An error: what went wrong, in words a VMM user recognises from QEMU.
 typedef struct Error Error;
 
+// A reference a VMM holds on a backend's memory (its own KVM slots, DMA): the memory stays
+// mapped at the same address until `hm_memory_pin_release`, whatever else is freed first
+// (the backend, its machine), and deleting the backend is refused meanwhile. Opaque.
+typedef struct HmMemoryPin HmMemoryPin;
+
 // The stream a section callback writes or reads. Opaque; valid during the callback only.
 typedef struct HmQemuFile HmQemuFile;
 
@@ -125,6 +193,39 @@ typedef struct MemoryRegion {
   uint32_t index;
   uint32_t generation;
 } MemoryRegion;
+
+// A backend described with C types, for VMMs that do not speak QEMU's option syntax. Zero
+// fields mean the default; set it up with `= { .kind = ..., .size = ... }`.
+typedef struct HmBackendConfig {
+  enum HmBackendKind kind;
+  // Its id, or NULL for the first free `hm-memN`.
+  const char *id;
+  // In bytes.
+  uint64_t size;
+  // `HM_BACKEND_FILE` only: the file or directory, as is (no `,,` escaping).
+  const char *mem_path;
+  // `HM_BACKEND_*` bits.
+  uint32_t flags;
+  // 0: QEMU's default (1 thread).
+  uint32_t prealloc_threads;
+  // memfd with `HM_BACKEND_HUGETLB`: the huge page size; 0: the host's default.
+  uint64_t hugetlbsize;
+} HmBackendConfig;
+
+// A range of guest-physical addresses that RAM must not cover (`hm_memory_backend_lay_out`).
+typedef struct HmGpaHole {
+  uint64_t start;
+  uint64_t size;
+} HmGpaHole;
+
+// One piece of a backend in the guest: `size` bytes at guest address `gpa`, at `host` (the
+// backend's memory at `offset`).
+typedef struct HmRamRange {
+  uint64_t gpa;
+  void *host;
+  uint64_t offset;
+  uint64_t size;
+} HmRamRange;
 
 // One KVM memslot as `hm_kvm_get_slots` reports it.
 typedef struct HmKvmSlot {
@@ -441,6 +542,72 @@ void *hm_memory_backend_get_host_ptr(struct HostMemoryBackend *b);
 // `b` is NULL or a live handle; `errp` as usual.
 char *hm_memory_backend_trace(struct HostMemoryBackend *b, struct Error **errp);
 
+// Creates and completes a backend in the current context from typed fields, with the checks
+// and errors of the `-object` form. Nothing is left behind on failure. NULL on error.
+//
+// # Safety
+// `cfg` is NULL or a valid `HmBackendConfig` whose strings are NULL or NUL-terminated;
+// `errp` as usual.
+struct HostMemoryBackend *hm_memory_backend_create(const struct HmBackendConfig *cfg,
+                                                   struct Error **errp);
+
+// Deletes the backend a handle names, as `hm_memory_backend_del` does by id (refused while
+// mapped or pinned). The handle stays valid but stale: using it again (a second free
+// included) gives "memory backend no longer exists", never a use-after-free.
+//
+// # Safety
+// `b` is NULL or a handle from this library; `errp` as usual.
+bool hm_memory_backend_free(struct HostMemoryBackend *b, struct Error **errp);
+
+// Pins a complete backend's memory; NULL on error (not complete, stale handle).
+//
+// # Safety
+// `b` is NULL or a live handle; `errp` as usual.
+struct HmMemoryPin *hm_memory_pin(struct HostMemoryBackend *b, struct Error **errp);
+
+// The pinned memory's host address (valid until the pin is released).
+//
+// # Safety
+// `pin` is NULL or a live pin.
+void *hm_memory_pin_host_ptr(const struct HmMemoryPin *pin);
+
+// The pinned memory's length in bytes.
+//
+// # Safety
+// `pin` is NULL or a live pin.
+uint64_t hm_memory_pin_size(const struct HmMemoryPin *pin);
+
+// Releases a pin (NULL: nothing). The memory is unmapped now if nothing else holds it.
+//
+// # Safety
+// `pin` is NULL or a live pin, not used afterwards.
+void hm_memory_pin_release(struct HmMemoryPin *pin);
+
+// The backend of the current context whose memory contains host address `hva`, and the
+// offset of `hva` in it (through `offset`, if not NULL); NULL when no backend maps it.
+//
+// # Safety
+// `offset` is NULL or writable.
+struct HostMemoryBackend *hm_memory_backend_from_host(const void *hva, uint64_t *offset);
+
+// Lays a complete backend over guest addresses from `base` upwards, stepping over `holes`
+// (e.g. the PCI gap below 4 GiB): RAM that would fall in a hole continues after it. Writes
+// at most `max` ranges to `out` and returns how many the layout has (more than `max`: call
+// again with room for all); -1 on error (holes overlapping or not page-aligned, the backend
+// not complete, the end beyond 2^64). For VMMs that register KVM slots themselves; pin the
+// backend (`hm_memory_pin`) while the slots exist.
+//
+// # Safety
+// `b` is NULL or a live handle; `holes` points to `n_holes` entries (or is NULL with 0);
+// `out` has room for `max` entries (or is NULL with 0); `errp` as usual.
+ptrdiff_t hm_memory_backend_lay_out(struct HostMemoryBackend *b,
+                                    uint64_t base,
+                                    const struct HmGpaHole *holes,
+                                    size_t n_holes,
+                                    struct HmRamRange *out,
+                                    size_t max,
+                                    struct Error **errp);
+
 // The human-readable message of `err` (valid until `error_free`).
 //
 // # Safety
@@ -489,6 +656,35 @@ void hm_error_clear(struct Error **errp);
 // and the slots follow every later change of the memory layout. `max_slot_size` must be a
 // multiple of the host page size.
 bool hm_kvm_attach(uint64_t max_slot_size, struct Error **errp);
+
+// Attaches the current machine to a VM the VMM created and configured itself (VMMs make the
+// VM, its irqchip and its vCPUs before RAM exists), so its RAM gets hostmem's slots — split
+// at the slot limit, following every layout change, with dirty logging — beside slots of the
+// VMM's own. `vm_fd` is duplicated (the VMM keeps and closes its own descriptor); the slot
+// numbers in `vmm_slots[0..n_vmm_slots]` are the VMM's and hostmem never uses them; later
+// ones come from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc`. The VMM must not delete or
+// change hostmem's slots (`hm_kvm_get_slots` lists them). `max_slot_size` as for
+// `hm_kvm_attach`. Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or
+// KVM is attached already.
+//
+// # Safety
+// `vmm_slots` points to `n_vmm_slots` numbers (or is NULL with 0); `errp` as usual.
+bool hm_kvm_attach_vm_fd(int vm_fd,
+                         uint64_t max_slot_size,
+                         const uint32_t *vmm_slots,
+                         size_t n_vmm_slots,
+                         struct Error **errp);
+
+// Sets slot number `slot` aside for the VMM's own memory; refused when hostmem uses it, it is
+// reserved already or it is beyond the VM's budget.
+bool hm_kvm_slot_reserve(uint32_t slot, struct Error **errp);
+
+// A free slot number, set aside for the VMM's own memory; -1 on error (no VM, budget spent).
+int64_t hm_kvm_slot_alloc(struct Error **errp);
+
+// Gives back a number from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc` / `vmm_slots` (delete
+// the VMM's slot in KVM first); false if it was not reserved.
+bool hm_kvm_slot_release(uint32_t slot);
 
 // Removes every slot and closes the VM of the current machine.
 bool hm_kvm_detach(struct Error **errp);

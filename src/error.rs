@@ -26,6 +26,9 @@ pub enum HmErrorClass {
     Kvm = 7,
     /// Not supported by this host or build.
     Unsupported = 8,
+    /// The host lacks what the request needs (memory, huge pages, KVM's slot budget): change
+    /// the size or the host, not the syntax.
+    HostResources = 9,
 }
 
 /// An error: what went wrong, in words a VMM user recognises from QEMU.

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod error;
 pub mod ffi;
 pub mod flatview;
+pub mod gpa_layout;
 pub mod hostmap;
 pub mod kvm;
 pub mod listener;

@@ -2,6 +2,7 @@
 //! [`Error`] (class, errno) in one place.
 
 use crate::error::{strerror, Error, HmErrorClass};
+use crate::options::values::size_to_str;
 use crate::options::OptionError;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +26,8 @@ pub enum BackendError {
     AlreadyComplete(String),
     #[error("memory backend '{0}' is not being completed")]
     NotCompleting(String),
+    #[error("memory backend '{0}' has no memory yet: complete it first")]
+    NotAllocated(String),
     #[error("can't create backend with size 0")]
     SizeZero,
     #[error("host-nodes must be empty for policy default, or you should explicitly specify a policy other than default")]
@@ -69,6 +72,18 @@ pub enum BackendError {
     /// The host refused: "WHAT: strerror(errno)", as QEMU's error_setg_errno prints it.
     #[error("{what}: {}", strerror(*errno))]
     Host { what: String, errno: i32 },
+    /// QEMU maps and fails with ENOMEM; hostmem reads the pool first.
+    #[error("hugetlbfs pool too small for guest RAM '{region}': {needed} pages of {page} needed, {available} free")]
+    HugetlbPoolTooSmall {
+        region: String,
+        needed: u64,
+        available: u64,
+        page: String,
+        pool: String,
+    },
+    /// A reserving mapping larger than the host's memory and swap: QEMU's words, and a hint.
+    #[error("{what}: {}", strerror(libc::ENOMEM))]
+    MoreThanTheHost { what: String, size: u64, host: u64 },
     /// Preallocation could not install its SIGBUS handler.
     #[error("{0}: failed to install signal handler")]
     SignalHandler(&'static str),
@@ -117,8 +132,23 @@ impl From<BackendError> for Error {
             BackendError::NotCompleting(_) | BackendError::SignalHandler(_) => {
                 HmErrorClass::Generic
             }
+            BackendError::NotAllocated(_) => HmErrorClass::InUse,
             BackendError::Host { errno, .. } => {
                 return Error::new(HmErrorClass::Host, e.to_string()).with_errno(*errno)
+            }
+            BackendError::HugetlbPoolTooSmall { pool, .. } => {
+                return Error::new(HmErrorClass::HostResources, e.to_string()).with_hint(format!(
+                    "Add pages to {pool}/nr_hugepages, or use reserve=off to take them on first touch.\n"
+                ))
+            }
+            BackendError::MoreThanTheHost { size, host, .. } => {
+                return Error::new(HmErrorClass::HostResources, e.to_string())
+                    .with_errno(libc::ENOMEM)
+                    .with_hint(format!(
+                        "The host has {} of memory and swap for {}: a sparse guest needs reserve=off, which takes memory on first touch only.\n",
+                        size_to_str(*host),
+                        size_to_str(*size)
+                    ))
             }
             _ => HmErrorClass::InvalidParameter,
         };

@@ -8,8 +8,9 @@ use super::{BackendError, Result};
 use crate::hostmap::{host_page_size, HostMapping};
 use crate::options::values::size_to_str;
 
+use super::host_limits;
 use super::props::OnOffAuto;
-use crate::hostmap::{errno, map_aligned, MapSpec};
+use crate::hostmap::{errno, map_aligned, MapSpec, VMALLOC_ALIGN};
 
 /// What QEMU says when the mapping of guest RAM fails.
 pub(super) const MAP_FAILED: &str = "unable to map backing store for guest RAM";
@@ -280,6 +281,15 @@ fn map_file(
             offset: props.offset,
         });
     }
+    if file_size == 0 && page > host_page_size() && !noreserve {
+        // A new file on hugetlbfs reserves its pages at mmap: read the pool first.
+        host_limits::check_pool(
+            region_name,
+            size,
+            page64,
+            host_limits::pool_available(page64),
+        )?;
+    }
     if file_size == 0 {
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
@@ -291,7 +301,8 @@ fn map_file(
     let len = usize::try_from(size).map_err(|_| BackendError::host(MAP_FAILED, libc::ENOMEM))?;
     let spec = MapSpec {
         len,
-        align: (props.align as usize).max(page),
+        // The user's alignment, but never below 2 MiB (see memfd's mapping).
+        align: (props.align as usize).max(page).max(VMALLOC_ALIGN),
         shared: share,
         noreserve,
         readonly: props.rom_effective(),

@@ -7,7 +7,8 @@ use crate::hostmap::HostMapping;
 use crate::options::values::size_to_str;
 
 use super::file::{fd_page_size, MAP_FAILED};
-use crate::hostmap::{map_aligned, MapSpec};
+use super::host_limits;
+use crate::hostmap::{map_aligned, MapSpec, VMALLOC_ALIGN};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemfdProps {
@@ -31,6 +32,7 @@ impl Default for MemfdProps {
 pub fn alloc(
     props: &MemfdProps,
     type_name: &str,
+    region_name: &str,
     size: u64,
     share: bool,
     noreserve: bool,
@@ -63,6 +65,10 @@ pub fn alloc(
             page: size_to_str(page as u64),
         });
     }
+    if props.hugetlb && !noreserve {
+        let page = page as u64;
+        host_limits::check_pool(region_name, size, page, host_limits::pool_available(page))?;
+    }
     // SAFETY: fd is our memfd.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
         return Err(BackendError::last_os(format!(
@@ -79,14 +85,18 @@ pub fn alloc(
     let len = usize::try_from(size).map_err(|_| BackendError::host(MAP_FAILED, libc::ENOMEM))?;
     let spec = MapSpec {
         len,
-        align: page,
+        // As anonymous RAM: a 2 MiB boundary at least, so KVM can map huge pages (THP on
+        // shmem) into the guest; a 4 KiB-aligned start rules them out for the whole slot.
+        align: page.max(VMALLOC_ALIGN),
         shared: share,
         noreserve,
         readonly: false,
         file_offset: 0,
         sync: false,
     };
-    let p = map_aligned(&spec, Some(&fd)).map_err(|e| BackendError::host(MAP_FAILED, e))?;
+    let p = map_aligned(&spec, Some(&fd)).map_err(|e| {
+        host_limits::explain_enomem(BackendError::host(MAP_FAILED, e), size, noreserve)
+    })?;
     // SAFETY: `p..p+len` was just mapped for us alone.
     Ok(unsafe { HostMapping::from_raw(p, len, page, Some(fd), share, false) })
 }
@@ -96,10 +106,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn mappings_start_on_a_2_mib_boundary() {
+        let maps: Vec<_> = (0..8)
+            .map(|_| {
+                alloc(
+                    &MemfdProps::default(),
+                    "memory-backend-memfd",
+                    "m",
+                    1 << 20,
+                    true,
+                    false,
+                )
+                .unwrap()
+            })
+            .collect();
+        for m in &maps {
+            assert_eq!(m.as_ptr() as usize % (2 << 20), 0);
+        }
+    }
+
+    #[test]
     fn sealed_memfd_cannot_grow() {
         let m = alloc(
             &MemfdProps::default(),
             "memory-backend-memfd",
+            "m",
             1 << 20,
             true,
             false,
@@ -123,7 +154,7 @@ mod tests {
             seal: false,
             ..Default::default()
         };
-        let m = alloc(&p, "memory-backend-memfd", 4096, false, false).unwrap();
+        let m = alloc(&p, "memory-backend-memfd", "m", 4096, false, false).unwrap();
         // SAFETY: fd belongs to the live mapping `m`.
         let seals = unsafe { libc::fcntl(m.fd().unwrap(), libc::F_GET_SEALS) };
         assert_eq!(seals, libc::F_SEAL_SEAL);
@@ -133,7 +164,7 @@ mod tests {
     fn refusals() {
         let t = "memory-backend-memfd";
         assert_eq!(
-            alloc(&MemfdProps::default(), t, 1000, true, false)
+            alloc(&MemfdProps::default(), t, "m", 1000, true, false)
                 .unwrap_err()
                 .to_string(),
             "backend 'memory-backend-memfd' memory size must be multiple of 4 KiB"
@@ -144,7 +175,9 @@ mod tests {
             seal: true,
         };
         assert_eq!(
-            alloc(&p, t, 6 << 20, true, false).unwrap_err().to_string(),
+            alloc(&p, t, "m", 6 << 20, true, false)
+                .unwrap_err()
+                .to_string(),
             "Hugepage size must be a power of 2"
         );
     }

@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod file;
+pub mod host_limits;
 pub mod memfd;
 pub mod numa;
 pub mod prealloc;
@@ -225,6 +226,9 @@ pub struct Backend {
     file: FileProps,
     memfd: MemfdProps,
     mapped: bool,
+    /// References a VMM holds on the memory itself (its own KVM slots, DMA): deletion is
+    /// refused while any is held.
+    pins: u32,
     state: State,
     mapping: Option<Arc<HostMapping>>,
     trace: Vec<Step>,
@@ -269,6 +273,7 @@ impl Backend {
             file: FileProps::default(),
             memfd: MemfdProps::default(),
             mapped: false,
+            pins: 0,
             state: State::New,
             mapping: None,
             trace: Vec::new(),
@@ -503,6 +508,7 @@ impl Backend {
             BackendType::Memfd => memfd::alloc(
                 &self.memfd,
                 self.ty.name(),
+                &name,
                 self.size,
                 self.share,
                 noreserve,
@@ -678,6 +684,25 @@ impl Backend {
 
     pub fn set_mapped(&mut self, mapped: bool) {
         self.mapped = mapped;
+    }
+
+    /// Takes a reference on the memory (see `pins`); the mapping it keeps alive is returned so
+    /// the holder's pointers stay valid even if the machine goes first.
+    pub fn pin(&mut self) -> Result<Arc<HostMapping>> {
+        let mapping = self
+            .mapping
+            .clone()
+            .ok_or_else(|| BackendError::NotAllocated(self.id.clone()))?;
+        self.pins += 1;
+        Ok(mapping)
+    }
+
+    pub fn unpin(&mut self) {
+        self.pins = self.pins.saturating_sub(1);
+    }
+
+    pub fn pins(&self) -> u32 {
+        self.pins
     }
 
     /// The steps the last completion (and later property changes) ran, in order.

@@ -1,5 +1,6 @@
 //! memory-backend-ram: anonymous memory.
 
+use super::host_limits::explain_enomem;
 use super::Result;
 #[cfg(test)]
 use crate::hostmap::VMALLOC_ALIGN;
@@ -7,7 +8,8 @@ use crate::hostmap::{self, HostMapping};
 
 /// Anonymous guest RAM of `size` bytes (rounded up to the host page), named `name` in errors.
 pub fn alloc(name: &str, size: u64, shared: bool, noreserve: bool) -> Result<HostMapping> {
-    Ok(hostmap::map_anonymous(name, size, shared, noreserve)?)
+    hostmap::map_anonymous(name, size, shared, noreserve)
+        .map_err(|e| explain_enomem(e.into(), size, noreserve))
 }
 
 #[cfg(test)]

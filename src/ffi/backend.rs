@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::memory::MemoryRegion;
-use super::{c_string, guard, guard_report, ref_arg, str_arg};
+use super::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::Machine;
 use crate::registry::{self, MachineId as ContextId};
@@ -112,10 +112,16 @@ pub unsafe extern "C" fn hm_memory_backend_add(
         let opts = unsafe { str_arg(opts, "opts") }?;
         let (cid, id) =
             registry::with_current(|cid, m| Ok((cid, m.add_backend_uncompleted(opts)?)))?;
-        registry::complete_backend(cid, &id, true)?;
-        let serial = registry::with(cid, |m| serial_of(m, &id))?;
-        Ok(handle_for(cid, serial))
+        complete_new(cid, &id)
     })
+}
+
+/// Completes a backend just created uncompleted in context `cid` and hands out its handle;
+/// on failure the backend goes again.
+fn complete_new(cid: ContextId, id: &str) -> Result<*mut HostMemoryBackend> {
+    registry::complete_backend(cid, id, true)?;
+    let serial = registry::with(cid, |m| serial_of(m, id))?;
+    Ok(handle_for(cid, serial))
 }
 
 /// Creates an uncompleted backend of QOM type `type` ("memory-backend-ram", "-file",
@@ -414,6 +420,375 @@ pub unsafe extern "C" fn hm_memory_backend_trace(
                 .join(","))
         })?;
         Ok(c_string(&names))
+    })
+}
+
+/// The kind of backend `hm_memory_backend_create` makes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmBackendKind {
+    /// `memory-backend-ram`: anonymous memory.
+    Ram,
+    /// `memory-backend-file`: a file (`mem_path`), e.g. on hugetlbfs or a DAX device.
+    File,
+    /// `memory-backend-memfd`: an anonymous file, shareable with other processes.
+    Memfd,
+}
+
+/// `HmBackendConfig.flags`: map it shared (`share=on`; memfd's default).
+pub const HM_BACKEND_SHARE: u32 = 1 << 0;
+/// `HmBackendConfig.flags`: map it private (`share=off`; ram's and file's default).
+pub const HM_BACKEND_PRIVATE: u32 = 1 << 1;
+/// `HmBackendConfig.flags`: preallocate every page before returning (`prealloc=on`).
+pub const HM_BACKEND_PREALLOC: u32 = 1 << 2;
+/// `HmBackendConfig.flags`: reserve no swap space, so a sparse guest larger than the host's
+/// memory can be mapped (`reserve=off`).
+pub const HM_BACKEND_NORESERVE: u32 = 1 << 3;
+/// `HmBackendConfig.flags`: memfd only: back it with huge pages (`hugetlb=on`).
+pub const HM_BACKEND_HUGETLB: u32 = 1 << 4;
+
+/// A backend described with C types, for VMMs that do not speak QEMU's option syntax. Zero
+/// fields mean the default; set it up with `= { .kind = ..., .size = ... }`.
+#[repr(C)]
+pub struct HmBackendConfig {
+    pub kind: HmBackendKind,
+    /// Its id, or NULL for the first free `hm-memN`.
+    pub id: *const c_char,
+    /// In bytes.
+    pub size: u64,
+    /// `HM_BACKEND_FILE` only: the file or directory, as is (no `,,` escaping).
+    pub mem_path: *const c_char,
+    /// `HM_BACKEND_*` bits.
+    pub flags: u32,
+    /// 0: QEMU's default (1 thread).
+    pub prealloc_threads: u32,
+    /// memfd with `HM_BACKEND_HUGETLB`: the huge page size; 0: the host's default.
+    pub hugetlbsize: u64,
+}
+
+fn free_id(m: &Machine) -> String {
+    (0u64..)
+        .map(|n| format!("hm-mem{n}"))
+        .find(|id| m.objects().get(id).is_none())
+        .unwrap_or_default()
+}
+
+/// The `-object` properties a config stands for, in the order they are set.
+fn config_properties(
+    cfg: &HmBackendConfig,
+    mem_path: Option<&str>,
+) -> Result<Vec<(&'static str, String)>> {
+    let known = HM_BACKEND_SHARE
+        | HM_BACKEND_PRIVATE
+        | HM_BACKEND_PREALLOC
+        | HM_BACKEND_NORESERVE
+        | HM_BACKEND_HUGETLB;
+    if cfg.flags & !known != 0 {
+        return Err(Error::invalid(format!(
+            "Parameter 'flags' has unknown bits 0x{:x}",
+            cfg.flags & !known
+        )));
+    }
+    let on = |bit: u32| cfg.flags & bit != 0;
+    if on(HM_BACKEND_SHARE) && on(HM_BACKEND_PRIVATE) {
+        return Err(Error::invalid(
+            "Parameter 'flags' asks for both HM_BACKEND_SHARE and HM_BACKEND_PRIVATE",
+        ));
+    }
+    let mut props = vec![("size", cfg.size.to_string())];
+    match (cfg.kind, mem_path) {
+        (HmBackendKind::File, Some(path)) => props.push(("mem-path", path.to_string())),
+        (HmBackendKind::File, None) => {
+            return Err(Error::invalid("Parameter 'mem_path' is missing"))
+        }
+        (_, Some(_)) => {
+            return Err(Error::invalid(
+                "Parameter 'mem_path' is only for HM_BACKEND_KIND_FILE",
+            ))
+        }
+        (_, None) => {}
+    }
+    if on(HM_BACKEND_HUGETLB) || cfg.hugetlbsize != 0 {
+        if cfg.kind != HmBackendKind::Memfd {
+            return Err(Error::invalid(
+                "HM_BACKEND_HUGETLB and 'hugetlbsize' are for HM_BACKEND_KIND_MEMFD (a file backend on hugetlbfs gets huge pages from its mem_path)",
+            ));
+        }
+        props.push(("hugetlb", "on".into()));
+        if cfg.hugetlbsize != 0 {
+            props.push(("hugetlbsize", cfg.hugetlbsize.to_string()));
+        }
+    }
+    if on(HM_BACKEND_SHARE) {
+        props.push(("share", "on".into()));
+    }
+    if on(HM_BACKEND_PRIVATE) {
+        props.push(("share", "off".into()));
+    }
+    if on(HM_BACKEND_NORESERVE) {
+        props.push(("reserve", "off".into()));
+    }
+    if cfg.prealloc_threads != 0 {
+        props.push(("prealloc-threads", cfg.prealloc_threads.to_string()));
+    }
+    if on(HM_BACKEND_PREALLOC) {
+        props.push(("prealloc", "on".into()));
+    }
+    Ok(props)
+}
+
+/// Creates and completes a backend in the current context from typed fields, with the checks
+/// and errors of the `-object` form. Nothing is left behind on failure. NULL on error.
+///
+/// # Safety
+/// `cfg` is NULL or a valid `HmBackendConfig` whose strings are NULL or NUL-terminated;
+/// `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_create(
+    cfg: *const HmBackendConfig,
+    errp: *mut *mut Error,
+) -> *mut HostMemoryBackend {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let cfg = unsafe { ref_arg(cfg, "cfg") }?;
+        // SAFETY: caller contract: the strings are NULL or NUL-terminated.
+        let (id, mem_path) = unsafe {
+            (
+                (!cfg.id.is_null())
+                    .then(|| str_arg(cfg.id, "id"))
+                    .transpose()?,
+                (!cfg.mem_path.is_null())
+                    .then(|| str_arg(cfg.mem_path, "mem_path"))
+                    .transpose()?,
+            )
+        };
+        let props = config_properties(cfg, mem_path)?;
+        let ty = match cfg.kind {
+            HmBackendKind::Ram => "memory-backend-ram",
+            HmBackendKind::File => "memory-backend-file",
+            HmBackendKind::Memfd => "memory-backend-memfd",
+        };
+        let (cid, id) = registry::with_current(|cid, m| {
+            let id = id.map_or_else(|| free_id(m), str::to_string);
+            m.create_backend(ty, &id)?;
+            let set = props.iter().try_for_each(|(p, v)| {
+                m.backend_mut(&id)
+                    .ok_or_else(gone)?
+                    .set(p, v)
+                    .map_err(Error::from)
+            });
+            if let Err(e) = set {
+                let _ = m.delete_backend(&id);
+                return Err(e);
+            }
+            Ok((cid, id))
+        })?;
+        complete_new(cid, &id)
+    })
+}
+
+/// Deletes the backend a handle names, as `hm_memory_backend_del` does by id (refused while
+/// mapped or pinned). The handle stays valid but stale: using it again (a second free
+/// included) gives "memory backend no longer exists", never a use-after-free.
+///
+/// # Safety
+/// `b` is NULL or a handle from this library; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_free(
+    b: *mut HostMemoryBackend,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        with_entry(b, |m, id| m.delete_backend(id))?;
+        Ok(true)
+    })
+}
+
+/// A reference a VMM holds on a backend's memory (its own KVM slots, DMA): the memory stays
+/// mapped at the same address until `hm_memory_pin_release`, whatever else is freed first
+/// (the backend, its machine), and deleting the backend is refused meanwhile. Opaque.
+pub struct HmMemoryPin {
+    context: ContextId,
+    serial: u64,
+    mapping: Arc<crate::hostmap::HostMapping>,
+}
+
+/// Pins a complete backend's memory; NULL on error (not complete, stale handle).
+///
+/// # Safety
+/// `b` is NULL or a live handle; `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_pin(
+    b: *mut HostMemoryBackend,
+    errp: *mut *mut Error,
+) -> *mut HmMemoryPin {
+    guard(errp, std::ptr::null_mut(), || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        let mapping = with_entry(b, |m, id| Ok(m.backend_mut(id).ok_or_else(gone)?.pin()?))?;
+        Ok(Box::into_raw(Box::new(HmMemoryPin {
+            context: b.context,
+            serial: b.serial,
+            mapping,
+        })))
+    })
+}
+
+/// The pinned memory's host address (valid until the pin is released).
+///
+/// # Safety
+/// `pin` is NULL or a live pin.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_pin_host_ptr(pin: *const HmMemoryPin) -> *mut c_void {
+    // SAFETY: caller contract.
+    unsafe { pin.as_ref() }.map_or(std::ptr::null_mut(), |p| p.mapping.as_ptr().cast())
+}
+
+/// The pinned memory's length in bytes.
+///
+/// # Safety
+/// `pin` is NULL or a live pin.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_pin_size(pin: *const HmMemoryPin) -> u64 {
+    // SAFETY: caller contract.
+    unsafe { pin.as_ref() }.map_or(0, |p| p.mapping.len() as u64)
+}
+
+/// Releases a pin (NULL: nothing). The memory is unmapped now if nothing else holds it.
+///
+/// # Safety
+/// `pin` is NULL or a live pin, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_pin_release(pin: *mut HmMemoryPin) {
+    if pin.is_null() {
+        return;
+    }
+    // SAFETY: caller contract: a pin from hm_memory_pin, released once.
+    let pin = unsafe { Box::from_raw(pin) };
+    guard_report((), || {
+        // The backend (or its machine) may be gone: then there is no count to drop.
+        let _ = registry::with(pin.context, |m| {
+            let id = backend_id(m, pin.serial)?;
+            m.backend_mut(&id).ok_or_else(gone)?.unpin();
+            Ok(())
+        });
+        Ok(())
+    });
+}
+
+/// The backend of the current context whose memory contains host address `hva`, and the
+/// offset of `hva` in it (through `offset`, if not NULL); NULL when no backend maps it.
+///
+/// # Safety
+/// `offset` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_from_host(
+    hva: *const c_void,
+    offset: *mut u64,
+) -> *mut HostMemoryBackend {
+    guard_report(std::ptr::null_mut(), || {
+        let addr = hva as usize;
+        registry::with_current(|cid, m| {
+            let hit = m.objects().entries().find_map(|e| {
+                let map = e.backend.mapping()?;
+                let start = map.as_ptr() as usize;
+                (addr >= start && addr - start < map.len())
+                    .then(|| (e.serial, (addr - start) as u64))
+            });
+            let Some((serial, off)) = hit else {
+                return Ok(std::ptr::null_mut());
+            };
+            // SAFETY: caller contract.
+            if let Some(o) = unsafe { offset.as_mut() } {
+                *o = off;
+            }
+            Ok(handle_for(cid, serial))
+        })
+    })
+}
+
+/// A range of guest-physical addresses that RAM must not cover (`hm_memory_backend_lay_out`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HmGpaHole {
+    pub start: u64,
+    pub size: u64,
+}
+
+/// One piece of a backend in the guest: `size` bytes at guest address `gpa`, at `host` (the
+/// backend's memory at `offset`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HmRamRange {
+    pub gpa: u64,
+    pub host: *mut c_void,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Lays a complete backend over guest addresses from `base` upwards, stepping over `holes`
+/// (e.g. the PCI gap below 4 GiB): RAM that would fall in a hole continues after it. Writes
+/// at most `max` ranges to `out` and returns how many the layout has (more than `max`: call
+/// again with room for all); -1 on error (holes overlapping or not page-aligned, the backend
+/// not complete, the end beyond 2^64). For VMMs that register KVM slots themselves; pin the
+/// backend (`hm_memory_pin`) while the slots exist.
+///
+/// # Safety
+/// `b` is NULL or a live handle; `holes` points to `n_holes` entries (or is NULL with 0);
+/// `out` has room for `max` entries (or is NULL with 0); `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_memory_backend_lay_out(
+    b: *mut HostMemoryBackend,
+    base: u64,
+    holes: *const HmGpaHole,
+    n_holes: usize,
+    out: *mut HmRamRange,
+    max: usize,
+    errp: *mut *mut Error,
+) -> isize {
+    guard(errp, -1, || {
+        // SAFETY: caller contract.
+        let b = unsafe { ref_arg(b, "b") }?;
+        let holes: Vec<crate::gpa_layout::Hole> = if n_holes == 0 {
+            Vec::new()
+        } else {
+            // SAFETY: caller contract: `holes` has `n_holes` entries.
+            unsafe { std::slice::from_raw_parts(ref_arg(holes, "holes")?, n_holes) }
+                .iter()
+                .map(|h| crate::gpa_layout::Hole {
+                    start: h.start,
+                    len: h.size,
+                })
+                .collect()
+        };
+        let mapping = with_entry(b, |m, id| {
+            m.objects()
+                .get(id)
+                .and_then(|e| e.backend.mapping())
+                .ok_or_else(|| crate::backend::BackendError::NotAllocated(id.to_string()).into())
+        })?;
+        let pieces = crate::gpa_layout::lay_out(
+            mapping.len() as u64,
+            base,
+            &holes,
+            mapping.page_size() as u64,
+        )?;
+        if max > 0 {
+            // SAFETY: caller contract: `out` has room for `max` entries.
+            let out = unsafe { std::slice::from_raw_parts_mut(mut_arg(out, "out")?, max) };
+            for (slot, p) in out.iter_mut().zip(&pieces) {
+                *slot = HmRamRange {
+                    gpa: p.gpa,
+                    // SAFETY: `p.offset` lies inside the mapping (the pieces cover its length).
+                    host: unsafe { mapping.as_ptr().add(p.offset as usize) }.cast(),
+                    offset: p.offset,
+                    size: p.len,
+                };
+            }
+        }
+        Ok(pieces.len() as isize)
     })
 }
 

@@ -60,6 +60,71 @@ pub extern "C" fn hm_kvm_attach(max_slot_size: u64, errp: *mut *mut Error) -> bo
     })
 }
 
+/// Attaches the current machine to a VM the VMM created and configured itself (VMMs make the
+/// VM, its irqchip and its vCPUs before RAM exists), so its RAM gets hostmem's slots — split
+/// at the slot limit, following every layout change, with dirty logging — beside slots of the
+/// VMM's own. `vm_fd` is duplicated (the VMM keeps and closes its own descriptor); the slot
+/// numbers in `vmm_slots[0..n_vmm_slots]` are the VMM's and hostmem never uses them; later
+/// ones come from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc`. The VMM must not delete or
+/// change hostmem's slots (`hm_kvm_get_slots` lists them). `max_slot_size` as for
+/// `hm_kvm_attach`. Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or
+/// KVM is attached already.
+///
+/// # Safety
+/// `vmm_slots` points to `n_vmm_slots` numbers (or is NULL with 0); `errp` as usual.
+#[no_mangle]
+pub unsafe extern "C" fn hm_kvm_attach_vm_fd(
+    vm_fd: c_int,
+    max_slot_size: u64,
+    vmm_slots: *const u32,
+    n_vmm_slots: usize,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        let reserved: &[u32] = if n_vmm_slots == 0 {
+            &[]
+        } else {
+            // SAFETY: caller contract: `vmm_slots` has `n_vmm_slots` entries.
+            unsafe {
+                std::slice::from_raw_parts(super::ref_arg(vmm_slots, "vmm_slots")?, n_vmm_slots)
+            }
+        };
+        registry::with_current(|_, m| m.adopt_kvm(vm_fd, max_slot_size, reserved))?;
+        Ok(true)
+    })
+}
+
+/// Sets slot number `slot` aside for the VMM's own memory; refused when hostmem uses it, it is
+/// reserved already or it is beyond the VM's budget.
+#[no_mangle]
+pub extern "C" fn hm_kvm_slot_reserve(slot: u32, errp: *mut *mut Error) -> bool {
+    guard(errp, false, || {
+        with_kvm(|k| k.table().reserve(slot))?;
+        Ok(true)
+    })
+}
+
+/// A free slot number, set aside for the VMM's own memory; -1 on error (no VM, budget spent).
+#[no_mangle]
+pub extern "C" fn hm_kvm_slot_alloc(errp: *mut *mut Error) -> i64 {
+    guard(errp, -1, || {
+        Ok(i64::from(with_kvm(|k| k.table().reserve_any())?))
+    })
+}
+
+/// Gives back a number from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc` / `vmm_slots` (delete
+/// the VMM's slot in KVM first); false if it was not reserved.
+#[no_mangle]
+pub extern "C" fn hm_kvm_slot_release(slot: u32) -> bool {
+    guard_report(false, || with_kvm(|k| Ok(k.table().release(slot))))
+}
+
+fn with_kvm<R>(
+    f: impl FnOnce(&KvmAccel) -> std::result::Result<R, crate::kvm::KvmError>,
+) -> Result<R> {
+    registry::with_current(|_, m| Ok(f(kvm_of(m)?)?))
+}
+
 /// Removes every slot and closes the VM of the current machine.
 #[no_mangle]
 pub extern "C" fn hm_kvm_detach(errp: *mut *mut Error) -> bool {

@@ -13,6 +13,11 @@ pub enum KvmError {
     CreateVcpu { id: u64, errno: i32 },
     #[error("KVM is not attached to this machine")]
     NotAttached,
+    /// `hm_kvm_attach_vm_fd` with a descriptor that is not a VM.
+    #[error("fd {fd} is not a KVM VM: {}", strerror(*errno))]
+    NotAVm { fd: i32, errno: i32 },
+    #[error("KVM slot {slot} is {why}")]
+    SlotNotReservable { slot: u32, why: &'static str },
     #[error("KVM is already attached to this machine")]
     AlreadyAttached,
     #[error("kvm_alloc_slot: no free slot available")]
@@ -49,7 +54,8 @@ impl KvmError {
             | KvmError::CreateVm { errno }
             | KvmError::CreateVcpu { errno, .. }
             | KvmError::SetMemoryRegion { errno, .. }
-            | KvmError::GetDirtyLog { errno, .. } => Some(errno),
+            | KvmError::GetDirtyLog { errno, .. }
+            | KvmError::NotAVm { errno, .. } => Some(errno),
             _ => None,
         }
     }
@@ -62,6 +68,11 @@ impl From<KvmError> for Error {
                 HmErrorClass::InvalidParameter
             }
             KvmError::AlreadyAttached => HmErrorClass::InUse,
+            KvmError::NotAVm { .. } => HmErrorClass::InvalidParameter,
+            KvmError::SlotNotReservable { why, .. } if why.starts_with("beyond") => {
+                HmErrorClass::InvalidParameter
+            }
+            KvmError::SlotNotReservable { .. } => HmErrorClass::InUse,
             _ => HmErrorClass::Kvm,
         };
         let mut err = Error::new(class, e.to_string());

@@ -83,6 +83,52 @@ impl KvmAccel {
         })
     }
 
+    /// Adopts a VM the VMM created and configured itself (`vm_fd` is duplicated: the VMM keeps
+    /// its descriptor), with slot numbers `vmm_slots` set aside for the VMM's own memory.
+    /// `max_slot_size` as for [`KvmAccel::open`].
+    pub fn adopt(
+        vm_fd: RawFd,
+        max_slot_size: u64,
+        vmm_slots: &[u32],
+    ) -> std::result::Result<Self, KvmError> {
+        let host_page = crate::hostmap::host_page_size() as u64;
+        let max = slots::check_max_slot_size(max_slot_size, host_page)?;
+        let not_a_vm = |errno| KvmError::NotAVm { fd: vm_fd, errno };
+        // SAFETY: F_GETFD reads a descriptor's flags; any integer is a valid argument.
+        if unsafe { libc::fcntl(vm_fd, libc::F_GETFD) } < 0 {
+            return Err(not_a_vm(crate::hostmap::errno()));
+        }
+        match std::fs::read_link(format!("/proc/self/fd/{vm_fd}")) {
+            Ok(target) if target.as_os_str() == "anon_inode:kvm-vm" => {}
+            Ok(_) => return Err(not_a_vm(libc::EINVAL)),
+            Err(e) => return Err(not_a_vm(e.raw_os_error().unwrap_or(libc::EBADF))),
+        }
+        let kvm = Kvm::new().map_err(|e| KvmError::Open { errno: e.errno() })?;
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor just checked to be open; the copy is ours.
+        let dup = unsafe { libc::fcntl(vm_fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(not_a_vm(crate::hostmap::errno()));
+        }
+        // SAFETY: `dup` is an open KVM VM descriptor owned by nobody else; the VmFd takes it.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(dup) }
+            .map_err(|e| KvmError::CreateVm { errno: e.errno() })?;
+        let nr = match vm.check_extension_int(Cap::NrMemslots) {
+            n if n > 0 => n as u32,
+            _ => DEFAULT_NR_SLOTS,
+        };
+        let vm = Arc::new(vm);
+        let mut table = SlotTable::new(vm.clone(), nr, max, host_page);
+        for &n in vmm_slots {
+            table.reserve(n)?;
+        }
+        Ok(KvmAccel {
+            kvm: Arc::new(kvm),
+            vm,
+            table: Arc::new(Mutex::new(table)),
+            vcpus: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
     /// A listener feeding this VM's slot table.
     pub fn listener(&self) -> KvmListener {
         KvmListener::new(self.table.clone())

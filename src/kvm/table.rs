@@ -112,6 +112,9 @@ pub struct SlotTable {
     max_slot_size: Option<u64>,
     host_page: u64,
     slots: Vec<Option<Slot>>,
+    /// Slot numbers the VMM uses for memory of its own (a framebuffer, a device BAR), in the
+    /// same VM: never given to hostmem's slots.
+    reserved: std::collections::BTreeSet<u32>,
     dirty_logging: bool,
     pending: Vec<PendingDirty>,
     last_dirty: Vec<u64>,
@@ -135,6 +138,7 @@ impl SlotTable {
             max_slot_size,
             host_page,
             slots: Vec::new(),
+            reserved: Default::default(),
             dirty_logging: false,
             pending: Vec::new(),
             last_dirty: Vec::new(),
@@ -233,17 +237,55 @@ impl SlotTable {
     }
 
     fn alloc_slot(&self) -> Result<u32> {
-        let free = self
-            .slots
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(self.slots.len()) as u32;
-        if free >= self.nr_slots {
-            return Err(KvmError::NoFreeSlot {
+        (0..self.nr_slots)
+            .find(|&n| !self.is_taken(n))
+            .ok_or(KvmError::NoFreeSlot {
                 nr_slots: self.nr_slots,
+            })
+    }
+
+    fn is_taken(&self, n: u32) -> bool {
+        self.reserved.contains(&n) || matches!(self.slots.get(n as usize), Some(Some(_)))
+    }
+
+    /// Sets slot number `n` aside for the VMM's own use.
+    pub fn reserve(&mut self, n: u32) -> Result<()> {
+        if n >= self.nr_slots {
+            return Err(KvmError::SlotNotReservable {
+                slot: n,
+                why: "beyond the VM's slot budget",
             });
         }
-        Ok(free)
+        if self.reserved.contains(&n) {
+            return Err(KvmError::SlotNotReservable {
+                slot: n,
+                why: "already reserved for the VMM",
+            });
+        }
+        if self.is_taken(n) {
+            return Err(KvmError::SlotNotReservable {
+                slot: n,
+                why: "in use by hostmem",
+            });
+        }
+        self.reserved.insert(n);
+        Ok(())
+    }
+
+    /// A free slot number, set aside for the VMM's own use.
+    pub fn reserve_any(&mut self) -> Result<u32> {
+        let n = self.alloc_slot()?;
+        self.reserved.insert(n);
+        Ok(n)
+    }
+
+    /// Gives a number set aside by [`Self::reserve`] back; whether it was reserved.
+    pub fn release(&mut self, n: u32) -> bool {
+        self.reserved.remove(&n)
+    }
+
+    pub fn reserved(&self) -> impl Iterator<Item = u32> + '_ {
+        self.reserved.iter().copied()
     }
 
     fn ioctl(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
@@ -293,11 +335,11 @@ impl SlotTable {
                 mapping: ram.mapping.clone(),
             };
             let i = slot as usize;
-            if i == self.slots.len() {
-                self.slots.push(Some(entry));
-            } else {
-                self.slots[i] = Some(entry);
+            // Numbers the VMM reserved leave gaps below a new slot.
+            if i >= self.slots.len() {
+                self.slots.resize_with(i + 1, || None);
             }
+            self.slots[i] = Some(entry);
             added.push(slot);
         }
         Ok(())
@@ -566,6 +608,43 @@ mod tests {
         assert_eq!(s[2].block_offset, 5 * GIB);
         assert_eq!(t.lookup(6 * GIB + 5).unwrap().slot, 2);
         assert!(t.lookup(7 * GIB).is_none());
+    }
+
+    #[test]
+    fn numbers_the_vmm_reserved_are_never_hostmems() {
+        let (vm, mut t) = table(5, Some(GIB));
+        t.reserve(0).unwrap();
+        t.reserve(2).unwrap();
+        t.add_section(&ram(0, 2 * GIB, 0x7000_0000_0000, 0, 0))
+            .unwrap();
+        let numbers: Vec<u32> = vm.regions.lock().unwrap().keys().copied().collect();
+        assert_eq!(numbers, vec![1, 3]);
+        assert_eq!(
+            t.slots().iter().map(|s| s.slot).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        // The VMM's numbers count against the budget: one left.
+        assert_eq!(t.reserve_any().unwrap(), 4);
+        let e = t
+            .add_section(&ram(8 * GIB, GIB, 0x7100_0000_0000, 1, 0))
+            .unwrap_err();
+        assert_eq!(e, KvmError::NoFreeSlot { nr_slots: 5 });
+        let refused = |t: &mut SlotTable, n| t.reserve(n).unwrap_err().to_string();
+        assert_eq!(refused(&mut t, 1), "KVM slot 1 is in use by hostmem");
+        assert_eq!(
+            refused(&mut t, 2),
+            "KVM slot 2 is already reserved for the VMM"
+        );
+        assert_eq!(
+            refused(&mut t, 5),
+            "KVM slot 5 is beyond the VM's slot budget"
+        );
+        assert!(t.release(2));
+        assert!(!t.release(2));
+        t.add_section(&ram(8 * GIB, GIB, 0x7100_0000_0000, 1, 0))
+            .unwrap();
+        assert_eq!(t.lookup(8 * GIB).unwrap().slot, 2);
+        assert_eq!(t.reserved().collect::<Vec<_>>(), vec![0, 4]);
     }
 
     #[test]

@@ -230,6 +230,18 @@ impl Machine {
         Ok(())
     }
 
+    /// Attaches the VM the VMM made itself (see [`KvmAccel::adopt`]); hostmem's slots avoid
+    /// `vmm_slots`.
+    pub fn adopt_kvm(&mut self, vm_fd: i32, max_slot_size: u64, vmm_slots: &[u32]) -> Result<()> {
+        if self.accel.is_some() {
+            return Err(KvmError::AlreadyAttached.into());
+        }
+        let accel = KvmAccel::adopt(vm_fd, max_slot_size, vmm_slots)?;
+        self.memory.add_listener(Box::new(accel.listener()))?;
+        self.accel = Some(accel);
+        Ok(())
+    }
+
     /// Detaches the VM: its listener leaves (every slot is removed on the way) and the VM is
     /// closed once no clone of it runs a vCPU any more.
     pub fn detach_kvm(&mut self) -> Result<()> {
