@@ -8,26 +8,10 @@
 //! The model and property tables are QEMU 10's, recorded from the binary
 //! (`scripts/record-qemu-cpu-models`, file `x86_cpu_data.rs`).
 
+pub use super::cpu_model::ModelData;
 use crate::error::{Error, Result};
 use crate::options::cmdline::Accel;
 use crate::options::cpu::{CpuFeature, CpuOption};
-
-/// One x86 CPU model of QEMU's (under TCG).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ModelData {
-    /// The name `-cpu` takes, e.g. "qemu64", "EPYC-v4".
-    pub name: &'static str,
-    /// The QOM type, e.g. "qemu64-x86_64-cpu": the driver name of its `-cpu` properties.
-    pub type_name: &'static str,
-    /// CPUID vendor string ("" for "base", which has none).
-    pub vendor: &'static str,
-    /// Long mode (CPUID 8000_0001h EDX.LM): 64-bit.
-    pub lm: bool,
-    pub pae: bool,
-    pub pse36: bool,
-    /// Only an accelerator that runs on the host CPU can provide it ("host").
-    pub host_cpuid_required: bool,
-}
 
 /// The largest physical address width of an x86-64 target (QEMU's TARGET_PHYS_ADDR_SPACE_BITS).
 const MAX_PHYS_BITS: u32 = 52;

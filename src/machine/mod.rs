@@ -15,6 +15,7 @@
 
 pub mod boards;
 pub mod cpu;
+mod cpu_model;
 mod legacy;
 pub mod numa;
 pub mod options;

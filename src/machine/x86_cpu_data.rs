@@ -3,7 +3,7 @@
 //! x86 CPU models as QEMU defines them under TCG (vendor and the feature bits of the
 //! physical address width) and the properties of an x86 CPU object.
 
-use super::cpu::ModelData;
+use super::cpu_model::ModelData;
 
 pub(super) const MODELS: &[ModelData] = &[
     ModelData { name: "486", type_name: "486-x86_64-cpu", vendor: "GenuineIntel", lm: false, pae: false, pse36: false, host_cpuid_required: false },
