@@ -235,6 +235,54 @@ static bool dirtier_check(MachineState *ms, Error **errp)
 }
 #endif
 
+#ifdef HOSTMEM_TEST_GUEST
+/*
+ * x-hm-fill GPA SIZE SEED and x-hm-checksum GPA SIZE (vmm's own commands, for the migration
+ * tests of guests too large to compare with pmemsave): write a pattern over guest-physical RAM,
+ * and sum it page by page reading only what was ever populated. Sizes take K/M/G/T suffixes.
+ * Returns false when `line` is neither command.
+ */
+static bool memory_command(MachineState *ms, const char *line, Error **errp, bool *ok)
+{
+    char a[32], b[32], c[32], extra;
+    uint64_t gpa, size, seed;
+    int n;
+
+    if (strncmp(line, "x-hm-fill ", 10) == 0) {
+        uint64_t written = 0;
+
+        n = sscanf(line + 10, "%31s %31s %31s %c", a, b, c, &extra);
+        if (n != 3 || !parse_size(a, &gpa) || !parse_size(b, &size) || !parse_size(c, &seed)) {
+            printf("usage: x-hm-fill GPA SIZE SEED\n");
+            *ok = true;
+            return true;
+        }
+        *ok = hm_test_memory_fill(ms, gpa, size, seed, &written, errp);
+        if (*ok) {
+            printf("filled %" PRIu64 " bytes\n", written);
+        }
+        return true;
+    }
+    if (strncmp(line, "x-hm-checksum ", 14) == 0) {
+        HmMemoryChecksum sum;
+
+        n = sscanf(line + 14, "%31s %31s %c", a, b, &extra);
+        if (n != 2 || !parse_size(a, &gpa) || !parse_size(b, &size)) {
+            printf("usage: x-hm-checksum GPA SIZE\n");
+            *ok = true;
+            return true;
+        }
+        *ok = hm_test_memory_checksum(ms, gpa, size, &sum, errp);
+        if (*ok) {
+            printf("checksum %016" PRIx64 ", %" PRIu64 " non-zero pages, %" PRIu64
+                   " pages read\n", sum.digest, sum.nonzero_pages, sum.pages_read);
+        }
+        return true;
+    }
+    return false;
+}
+#endif
+
 /* Answers one monitor line (its prompt is out already); returns false on "quit". */
 static bool monitor_handle(MachineState *ms, const char *line)
 {
@@ -252,6 +300,17 @@ static bool monitor_handle(MachineState *ms, const char *line)
             error_free(err);
         }
         return true;
+    }
+    {
+        bool ok;
+
+        if (memory_command(ms, line, &err, &ok)) {
+            if (!ok) {
+                printf("%s\n", error_get_pretty(err));
+                error_free(err);
+            }
+            return true;
+        }
     }
 #endif
     out = hm_hmp(ms, line, &err);
@@ -384,6 +443,43 @@ static bool vmm_migration_setup(MachineState *ms, Error **errp)
     return true;
 }
 
+/*
+ * vmm -x-hm-migration-check SOURCE-OPTIONS... -x-hm-to DESTINATION-OPTIONS...: would a guest
+ * started with the first command line migrate to a vmm started with the second? Prints
+ * hm_migration_check's JSON on stdout; exits 0 when it would, 2 when it would not, 1 when a
+ * command line cannot be built into a machine.
+ */
+static int migration_check_main(int argc, char **argv)
+{
+    Error *err = NULL;
+    char *json;
+    int i, to = -1;
+
+    for (i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "-x-hm-to") == 0) {
+            to = i;
+            break;
+        }
+    }
+    if (to < 0) {
+        fprintf(stderr, "usage: %s -x-hm-migration-check SOURCE-OPTIONS... -x-hm-to "
+                "DESTINATION-OPTIONS...\n", program_invocation_short_name);
+        return 1;
+    }
+    /* Each command line keeps a program name in front: argv[1] before the source's options,
+     * the -x-hm-to before the destination's. */
+    json = hm_migration_check(to - 1, (const char *const *)argv + 1, argc - to,
+                              (const char *const *)argv + to, &err);
+    if (!json) {
+        error_report_err(err);
+        return 1;
+    }
+    printf("%s\n", json);
+    i = strstr(json, "\"compatible\": true") == json + 1 ? 0 : 2;
+    hm_free(json);
+    return i;
+}
+
 /* "1.5 GiB", "512.0 MiB": the unit that keeps the figure below 1024. */
 static void format_bytes(char *buf, size_t len, uint64_t bytes)
 {
@@ -448,6 +544,9 @@ int main(int argc, char **argv)
     if (!boards_register_all(&err)) {
         error_report_err(err);
         return 1;
+    }
+    if (argc > 1 && strcmp(argv[1], "-x-hm-migration-check") == 0) {
+        return migration_check_main(argc, argv);
     }
     help = hm_machine_help_from_argv(argc, (const char *const *)argv, &err);
     if (err) {

@@ -398,6 +398,18 @@ typedef struct HmGuestOp {
 #endif
 
 #if defined(HOSTMEM_TEST_GUEST)
+// What `hm_test_memory_checksum` found.
+typedef struct HmMemoryChecksum {
+  // A sum over the non-zero pages of a hash of each page's guest address and contents.
+  uint64_t digest;
+  // 4 KiB pages holding a non-zero byte.
+  uint64_t nonzero_pages;
+  // Pages read (those the kernel reported as possibly populated).
+  uint64_t pages_read;
+} HmMemoryChecksum;
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
 // What `hm_test_dirtier_check` found in the dirtier's range.
 typedef struct HmDirtierCheck {
   // Pages in the range.
@@ -664,8 +676,10 @@ bool hm_kvm_attach(uint64_t max_slot_size, struct Error **errp);
 // numbers in `vmm_slots[0..n_vmm_slots]` are the VMM's and hostmem never uses them; later
 // ones come from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc`. The VMM must not delete or
 // change hostmem's slots (`hm_kvm_get_slots` lists them). `max_slot_size` as for
-// `hm_kvm_attach`. Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or
-// KVM is attached already.
+// `hm_kvm_attach`. hostmem's dirty log expects the VM without
+// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (the default), and leaves that VM-wide setting alone.
+// Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or KVM is attached
+// already.
 //
 // # Safety
 // `vmm_slots` points to `n_vmm_slots` numbers (or is NULL with 0); `errp` as usual.
@@ -793,6 +807,12 @@ char *hm_hmp(struct MachineState *ms, const char *cmdline, struct Error **errp);
 
 // The context id of the current machine (for C APIs keyed by context).
 uint32_t hm_context_current(void);
+
+// QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
+// current machine's KVM slots are cut at `max_slot_size` bytes at most, a whole number of
+// host pages; a smaller `-accel kvm,max-slot-size` still wins. Misuse (after the slots
+// exist, an unaligned size) is reported and fails the machine being built.
+void kvm_set_max_memslot_size(uint64_t max_slot_size);
 
 // The legacy main-RAM allocation of QEMU before 5.0, for boards not converted yet. Exits
 // with the error, like QEMU, when it fails (see the `_err` form to handle it instead).
@@ -1216,6 +1236,28 @@ bool hm_migration_start_incoming(struct MachineState *ms, struct Error **errp);
 // `ms` is a live machine.
 bool hm_migration_wait_incoming(struct MachineState *ms, struct Error **errp);
 
+// Would a guest started with the command line `src_argv` migrate to a VMM started with
+// `dst_argv`? Both machines are built (with the registered boards, see `check_machine`:
+// no accelerator, no `-incoming`, no preallocation) and freed again; the current machine
+// stays current. Returns a JSON object (release it with `hm_free`):
+//
+// `{"compatible": BOOL, "breaks": [{"side": "source"|"destination", "message": STR}, ...],
+//   "notes": [STR, ...]}`
+//
+// `breaks` lists every reason the migration fails, in the order a real migration meets them
+// and in QEMU's words where QEMU has them (the first is what the destination's loader
+// prints first); `notes` what loads but loses memory (a destination block the stream does
+// not carry). NULL with `errp` set when a command line cannot be built into a machine.
+//
+// # Safety
+// `src_argv` / `dst_argv` hold `src_argc` / `dst_argc` NUL-terminated strings, each starting
+// with a program name.
+char *hm_migration_check(int src_argc,
+                         const char *const *src_argv,
+                         int dst_argc,
+                         const char *const *dst_argv,
+                         struct Error **errp);
+
 // Installs `handler` (NULL removes it) for every preallocation and migration started from now
 // on in this process; work already running keeps the handler it started with.
 //
@@ -1271,6 +1313,35 @@ bool hm_kvm_guest_read(const uint64_t *gpas, uint64_t *values, size_t n, struct 
 // # Safety
 // `ops` is NULL or points to `n` writable `HmGuestOp`s.
 bool hm_kvm_guest_run(struct HmGuestOp *ops, size_t n, struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Writes a pattern (non-zero words, a function of `seed` and each word's guest address) over
+// the RAM of guest-physical `[gpa, gpa+size)` of `ms`, skipping holes and ROM; `*written` gets
+// the bytes written. With the machine unlocked: the guest should be paused.
+//
+// # Safety
+// `ms` is a live machine; `written` NULL or writable.
+bool hm_test_memory_fill(struct MachineState *ms,
+                         uint64_t gpa,
+                         uint64_t size,
+                         uint64_t seed,
+                         uint64_t *written,
+                         struct Error **errp);
+#endif
+
+#if defined(HOSTMEM_TEST_GUEST)
+// Sums guest-physical `[gpa, gpa+size)` of `ms` page by page into `*out`, reading only pages
+// that may have been populated: equal sums for equal guest-physical memory, however it is cut
+// into RAMBlocks (a never-touched page adds nothing, as a zero page does).
+//
+// # Safety
+// `ms` is a live machine; `out` points to a writable `HmMemoryChecksum`.
+bool hm_test_memory_checksum(struct MachineState *ms,
+                             uint64_t gpa,
+                             uint64_t size,
+                             struct HmMemoryChecksum *out,
+                             struct Error **errp);
 #endif
 
 #if defined(HOSTMEM_TEST_GUEST)

@@ -170,6 +170,18 @@ class Differences(unittest.TestCase):
                          "none                 empty machine\n"
                          "s390-ccw-virtio-10.0 Virtual s390x machine (version 10.0)\n")
 
+    def test_stdin_bytes_follow_the_commands(self):
+        case = self.case("hmp: info status\n"
+                         r"stdin: a\x00b\xff\n" "\n"
+                         "stdin-repeat: 3 xy\n")
+        self.assertEqual(case.stdin_text(), b"info status\na\x00b\xff\nxyxyxy")
+
+    def test_setup_runs_in_the_scratch_directory_before_the_command(self):
+        case = self.case("setup: mkfifo @TMPDIR@/fifo\nsetup: printf 'QEVM' > s\n")
+        status, out, _ = vc.run(["sh", "-c", "test -p fifo && cat s && echo @TMPDIR@"], [],
+                                b"", case.setup)
+        self.assertEqual((status, out), (0, "QEVM@TMPDIR@\n"))
+
     def test_qemu_differs_needs_an_arrow(self):
         with self.assertRaises(ValueError):
             self.case("qemu-differs: (default)\n")
@@ -189,6 +201,12 @@ class Cases(unittest.TestCase):
         for case in vc.all_cases():
             if case.xfail is not None:
                 self.assertGreater(len(case.xfail), 20, case.name)
+
+    def test_the_corpus_table_in_reliability_md_is_current(self):
+        table = load_script("corpus-table").table()
+        doc = open(os.path.join(HERE, "..", "docs", "RELIABILITY.md")).read()
+        self.assertIn(table, doc, "docs/RELIABILITY.md is stale: scripts/corpus-table --write")
+        self.assertGreaterEqual(table.count("\n| `"), 100)
 
     def test_hand_written_cases_say_why(self):
         for case in vc.all_cases():

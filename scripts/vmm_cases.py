@@ -11,6 +11,13 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
                                  bytes, see readline_kept)
   hmp-bytes: ESCAPED             the same with Python escapes (\x00, \xff) for bytes a text line
                                  cannot hold
+  stdin: BYTES                   raw bytes fed on stdin after the hmp commands, written with
+                                 Python's escapes (\x00, \xff, \n); for input no command line
+                                 can hold: NUL bytes, invalid UTF-8 (repeatable)
+  stdin-repeat: N BYTES          BYTES (escapes as above) N times over, then stdin continues
+                                 with the next stdin line: very long lines
+  setup: SHELL                   run by sh in the scratch directory before the command, for
+                                 both sides: a FIFO, a file of given bytes (repeatable)
   expect: qemu | hand-written    where NAME.expected comes from; hand-written ones say why
   ignore-lines: REGEX            lines dropped from both sides before comparing (a part of the
                                  board QEMU has and vmm does not model; say which)
@@ -19,11 +26,14 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
                                  before comparing, so vmm must print TEXT there (say why)
   compare: ram | full            good cases: compare the RAM view (default) or everything
   requires: kvm                  skipped (meson's status 77) where /dev/kvm is not usable
+  no-valgrind: WHY               the case cannot run under valgrind (say why): meson registers
+                                 no vmm-valgrind test for it, and run-vmm-case --valgrind
+                                 refuses it rather than pass it
   xfail: WHY                     known to fail until the named part of hostmem lands: the
                                  driver reports XFAIL with the reason, and fails (XPASS) as
                                  soon as vmm gets it right, so the mark cannot go stale
 
-In args, @TMPDIR@ stands for a fresh scratch directory (and is put back in messages).
+In args and setup, @TMPDIR@ stands for a fresh scratch directory (and is put back in messages).
 
 NAME.expected holds the exit status, stdout and stderr:
 
@@ -68,6 +78,9 @@ class Case:
         self.compare = "ram"
         self.requires = []
         self.xfail = None
+        self.stdin = b""
+        self.setup = []
+        self.no_valgrind = None
         with open(path) as f:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -89,6 +102,13 @@ class Case:
                         raw = codecs.escape_decode(raw)[0]
                     self.hmp.append(readline_kept(raw).decode(errors="replace"))
                     self.hmp_bytes.append(raw)
+                elif key == "stdin":
+                    self.stdin += _unescape(value)
+                elif key == "stdin-repeat":
+                    count, _, text = value.partition(" ")
+                    self.stdin += _unescape(text) * int(count)
+                elif key == "setup":
+                    self.setup.append(value)
                 elif key == "expect":
                     self.expect = value.split()[0]
                 elif key == "ignore-lines":
@@ -102,6 +122,8 @@ class Case:
                     self.compare = value
                 elif key == "xfail":
                     self.xfail = value
+                elif key == "no-valgrind":
+                    self.no_valgrind = value
                 elif key == "requires":
                     self.requires += value.split()
                 else:
@@ -122,7 +144,8 @@ class Case:
         return self.path[: -len(".case")] + ".expected"
 
     def stdin_text(self):
-        return b"".join(c + b"\n" for c in self.hmp_bytes)
+        """What the monitor reads: the hmp commands, then the raw stdin bytes."""
+        return b"".join(c + b"\n" for c in self.hmp_bytes) + self.stdin
 
 
 def readline_kept(raw):
@@ -139,6 +162,11 @@ def readline_kept(raw):
     return bytes(out)
 
 
+def _unescape(text):
+    """Bytes from a value written with Python's string escapes."""
+    return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
+
+
 def all_cases(names=None):
     files = sorted(f for f in os.listdir(CASES_DIR) if f.endswith(".case"))
     cases = [Case(os.path.join(CASES_DIR, f)) for f in files]
@@ -151,14 +179,18 @@ def all_cases(names=None):
     return cases
 
 
-def run(cmd, args, stdin_text):
-    """Runs cmd + args (with @TMPDIR@ filled in) in a scratch directory.
+def run(cmd, args, stdin_bytes, setup=()):
+    """Runs the setup commands, then cmd + args (with @TMPDIR@ filled in), in a scratch
+    directory.
 
     Returns (exit status, stdout, stderr), with the scratch path put back as @TMPDIR@."""
     tmp = tempfile.mkdtemp(prefix="vmm-case-")
     try:
+        for command in setup:
+            subprocess.run(["sh", "-ec", command.replace("@TMPDIR@", tmp)], cwd=tmp,
+                           check=True, timeout=TIMEOUT)
         argv = cmd + [a.replace("@TMPDIR@", tmp) for a in args]
-        p = subprocess.run(argv, input=stdin_text, capture_output=True, cwd=tmp,
+        p = subprocess.run(argv, input=stdin_bytes, capture_output=True, cwd=tmp,
                            timeout=TIMEOUT)
         out = p.stdout.decode(errors="replace").replace(tmp, "@TMPDIR@")
         err = p.stderr.decode(errors="replace").replace(tmp, "@TMPDIR@")

@@ -6,7 +6,9 @@
 //! offset, children are rendered before their parent, and a RAM or I/O region then fills only
 //! the gaps its children left. Disabled regions (and everything under them) are invisible.
 
-use crate::region::{Region, RegionId, RegionKind, RegionLookup};
+use std::collections::BTreeMap;
+
+use crate::region::{RegionId, RegionKind, RegionLookup};
 
 const SPACE_END: u128 = 1u128 << 64;
 
@@ -80,31 +82,39 @@ pub fn flatview_root(arena: &impl RegionLookup, root: RegionId) -> Option<Region
 
 /// Renders the view of `root` (already reduced by [`flatview_root`]; `None` = empty view).
 pub fn render(arena: &impl RegionLookup, root: Option<RegionId>) -> FlatView {
-    let mut view = FlatView::default();
+    let mut view = FlatView {
+        ranges: render_window(arena, root, (0, SPACE_END)),
+    };
+    simplify(&mut view);
+    view
+}
+
+/// The view of `root` inside the half-open window `[window.0, window.1)`, sorted and disjoint
+/// but not simplified: exactly the full view's ranges cut at the window's edges.
+pub fn render_window(
+    arena: &impl RegionLookup,
+    root: Option<RegionId>,
+    window: (u128, u128),
+) -> Vec<FlatRange> {
+    // Keyed by address: children render in priority order, not address order, so a sorted Vec
+    // would be inserted into at random places (quadratic at 100 000 regions).
+    let mut out = BTreeMap::new();
     if let Some(root) = root {
         // The root starts at address 0 whatever its address in some parent: QEMU adds it,
         // which shifts the view when the root was reached through an alias whose target is
         // mapped elsewhere.
         let base = arena.region(root).map_or(0, |r| -i128::from(r.addr));
-        render_region(
-            arena,
-            &mut view.ranges,
-            root,
-            base,
-            (0, SPACE_END),
-            false,
-            0,
-        );
+        let window = (window.0, window.1.min(SPACE_END));
+        render_region(arena, &mut out, root, base, window, false, 0);
     }
-    simplify(&mut view);
-    view
+    out.into_values().collect()
 }
 
 /// `base` is the absolute address of the region's parent origin (it may be "negative" inside
 /// aliases, hence i128); `clip` is the half-open absolute window still visible.
 fn render_region(
     arena: &impl RegionLookup,
-    out: &mut Vec<FlatRange>,
+    out: &mut BTreeMap<u64, FlatRange>,
     id: RegionId,
     base: i128,
     clip: (u128, u128),
@@ -140,45 +150,122 @@ fn render_region(
     if !r.terminates() {
         return;
     }
-    fill_gaps(out, r, id, start, clip, readonly);
+    fill_gaps(out, id, start, clip, readonly);
 }
 
-/// Inserts ranges for `r` wherever `clip` is not yet covered; `out` is sorted and disjoint.
+/// Inserts ranges for region `id` (starting at absolute `start`) wherever `clip` is not yet
+/// covered; `out` holds disjoint ranges by address.
 fn fill_gaps(
-    out: &mut Vec<FlatRange>,
-    _r: &Region,
+    out: &mut BTreeMap<u64, FlatRange>,
     id: RegionId,
     start: i128,
     clip: (u128, u128),
     readonly: bool,
 ) {
-    let mut pos = clip.0;
-    let end = clip.1;
-    let piece = |from: u128, to: u128| FlatRange {
+    let (mut pos, end) = clip;
+    // Only the last range starting below the window can reach into it.
+    if let Some((_, f)) = out.range(..clip.0 as u64).next_back() {
+        pos = pos.max(f.end());
+    }
+    let mut gaps = Vec::new();
+    if pos < end {
+        for f in out.range(pos as u64..).map(|(_, f)| f) {
+            let at = u128::from(f.addr);
+            if at >= end {
+                break;
+            }
+            if at > pos {
+                gaps.push((pos, at));
+            }
+            pos = pos.max(f.end());
+        }
+    }
+    if pos < end {
+        gaps.push((pos, end));
+    }
+    for (from, to) in gaps {
+        out.insert(
+            from as u64,
+            FlatRange {
+                addr: from as u64,
+                size: to - from,
+                region: id,
+                offset_in_region: (from as i128 - start) as u64,
+                readonly,
+            },
+        );
+    }
+}
+
+/// What replacing one window of a view changed: the ranges of the old view that are gone and
+/// the ones of the new view that were not there, each in address order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WindowPatch {
+    pub removed: Vec<FlatRange>,
+    pub added: Vec<FlatRange>,
+    /// Where in the old view the replaced ranges were, and how many ranges replaced them.
+    pub at: std::ops::Range<usize>,
+    pub replaced_by: usize,
+}
+
+/// Re-renders only `window` of `view` (whose tree changed nowhere else since `view` was
+/// rendered from `root`) and splices it in: the ranges crossing the window's edges are cut,
+/// the window is rendered afresh, and the pieces are merged with their neighbours as
+/// [`simplify`] would. The result equals a full [`render`]; the cost is that of the window.
+pub fn patch_window(
+    arena: &impl RegionLookup,
+    root: Option<RegionId>,
+    view: &mut FlatView,
+    window: (u128, u128),
+) -> WindowPatch {
+    let (w0, w1) = (window.0, window.1.min(SPACE_END));
+    if w0 >= w1 {
+        return WindowPatch::default();
+    }
+    let ranges = &view.ranges;
+    // The ranges overlapping the window, and one neighbour each side that a piece may merge
+    // with.
+    let first = ranges.partition_point(|f| f.end() <= w0).saturating_sub(1);
+    let last = (ranges.partition_point(|f| u128::from(f.addr) < w1) + 1).min(ranges.len());
+    let old = &ranges[first..last];
+    let cut = |f: &FlatRange, from: u128, to: u128| FlatRange {
         addr: from as u64,
         size: to - from,
-        region: id,
-        offset_in_region: (from as i128 - start) as u64,
-        readonly,
+        region: f.region,
+        offset_in_region: f.offset_in_region + (from - u128::from(f.addr)) as u64,
+        readonly: f.readonly,
     };
-    let mut i = out.partition_point(|f| f.end() <= pos);
-    while pos < end {
-        match out.get(i) {
-            Some(f) if u128::from(f.addr) <= pos => {
-                pos = f.end();
-                i += 1;
-            }
-            Some(f) => {
-                let stop = u128::from(f.addr).min(end);
-                out.insert(i, piece(pos, stop));
-                i += 1;
-                pos = stop;
-            }
-            None => {
-                out.push(piece(pos, end));
-                pos = end;
-            }
-        }
+    let mut pieces: Vec<FlatRange> = old
+        .iter()
+        .filter(|f| u128::from(f.addr) < w0)
+        .map(|f| cut(f, u128::from(f.addr), f.end().min(w0)))
+        .collect();
+    pieces.extend(render_window(arena, root, (w0, w1)));
+    pieces.extend(
+        old.iter()
+            .filter(|f| f.end() > w1)
+            .map(|f| cut(f, u128::from(f.addr).max(w1), f.end())),
+    );
+    let mut fresh = FlatView { ranges: pieces };
+    simplify(&mut fresh);
+    let removed = old
+        .iter()
+        .filter(|f| !sorted_contains(&fresh.ranges, f))
+        .cloned()
+        .collect();
+    let added = fresh
+        .ranges
+        .iter()
+        .filter(|f| !sorted_contains(old, f))
+        .cloned()
+        .collect();
+    let replaced_by = fresh.ranges.len();
+    view.ranges.splice(first..last, fresh.ranges);
+    WindowPatch {
+        removed,
+        added,
+        at: first..last,
+        replaced_by,
     }
 }
 
@@ -245,6 +332,7 @@ impl FlatView {
 mod tests {
     use super::*;
     use crate::ramblock::RamBlockId;
+    use crate::region::Region;
     use proptest::prelude::*;
 
     /// A bare arena: flat-view rules are tested without the memory system's checks.
@@ -650,6 +738,14 @@ mod tests {
         fn render_agrees_with_per_address_lookup(specs in prop::collection::vec(spec(), 1..14)) {
             let (arena, root) = build(&specs);
             let view = render(&arena, Some(root));
+            // Patching any window of an unchanged tree changes nothing and announces nothing.
+            for sp in &specs {
+                let mut patched = view.clone();
+                let w = (u128::from(sp.addr), u128::from(sp.addr) + u128::from(sp.size));
+                let p = patch_window(&arena, Some(root), &mut patched, w);
+                prop_assert!(p.removed.is_empty() && p.added.is_empty(), "{:?}", p);
+                prop_assert_eq!(&patched, &view);
+            }
             // Rendering from the reduced root gives the same view.
             prop_assert_eq!(&render(&arena, flatview_root(&arena, root)), &view);
             // Sorted, disjoint, non-empty, and fully simplified.

@@ -14,6 +14,7 @@ pub struct HostMapping {
     len: usize,
     page_size: usize,
     fd: Option<OwnedFd>,
+    file_offset: u64,
     shared: bool,
     readonly: bool,
 }
@@ -36,9 +37,22 @@ impl HostMapping {
             len,
             page_size,
             fd,
+            file_offset: 0,
             shared,
             readonly,
         }
+    }
+
+    /// Records where in its file the mapping starts (a file backend's `offset`), which a
+    /// repair of a faulting page maps back from.
+    pub fn with_file_offset(mut self, offset: u64) -> Self {
+        self.file_offset = offset;
+        self
+    }
+
+    /// Offset in its file of the mapping's first byte (0 for anonymous memory).
+    pub fn file_offset(&self) -> u64 {
+        self.file_offset
     }
 
     pub fn as_ptr(&self) -> *mut u8 {

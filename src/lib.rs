@@ -8,6 +8,7 @@ pub mod error;
 pub mod ffi;
 pub mod flatview;
 pub mod gpa_layout;
+pub mod guarded;
 pub mod hostmap;
 pub mod kvm;
 pub mod listener;

@@ -4,10 +4,12 @@
 //! Every mutation wraps itself in a transaction, as QEMU's memory API does, so a caller that
 //! opened one sees a single flat-view update at its outermost commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, HmErrorClass, Result};
 use crate::flatview::{self, FlatRange, FlatView};
+use crate::guarded::{Guard, Span};
 use crate::hostmap::HostMapping;
 use crate::listener::{MemoryListener, MemorySection, RamSection};
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
@@ -39,7 +41,14 @@ pub struct MemorySystem {
     io: RegionId,
     spaces: Vec<AddressSpace>,
     depth: u32,
-    update_pending: bool,
+    /// What the next outermost commit re-renders.
+    stale: Stale,
+    /// How many aliases point at each region: a region an alias shows appears in the view
+    /// wherever the alias is, so a change to it (or below it) re-renders everything.
+    alias_refs: HashMap<RegionId, u32>,
+    /// How many ranges of "memory" the last commit rendered: the whole view, or only what
+    /// the patched windows held.
+    rendered_last: usize,
     listeners: Vec<Box<dyn MemoryListener>>,
     global_dirty_log: bool,
     /// What listeners were told of the "memory" view, one section per range of
@@ -49,6 +58,46 @@ pub struct MemorySystem {
     /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
     /// listeners that it is gone.
     retired_mappings: Vec<Arc<HostMapping>>,
+}
+
+/// What changed since the last commit, as far as the views are concerned.
+#[derive(Debug, Default)]
+enum Stale {
+    #[default]
+    Nothing,
+    /// Only these windows `(space, start, end)` of these address spaces' views: a change to a
+    /// region shows nowhere outside its own extent.
+    Windows(Vec<(usize, u128, u128)>),
+    /// Re-render every view (a change QEMU's way; also past [`MAX_WINDOWS`] changes, where
+    /// one render costs less than many patches).
+    Everything,
+}
+
+/// Past this many changed windows in one transaction, a commit re-renders whole views.
+const MAX_WINDOWS: usize = 64;
+
+/// The end of a 64-bit address space.
+const SPACE_END: u128 = 1 << 64;
+
+/// Where a change to one region shows (see `MemorySystem::placement`).
+enum Placement {
+    At((usize, u128, u128)),
+    Nowhere,
+    Anywhere,
+}
+
+/// Windows sorted and merged where they overlap or touch, so no range is patched twice.
+fn coalesce(mut ws: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    ws.retain(|w| w.0 < w.1);
+    ws.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(ws.len());
+    for w in ws {
+        match out.last_mut() {
+            Some(last) if w.0 <= last.1 => last.1 = last.1.max(w.1),
+            _ => out.push(w),
+        }
+    }
+    out
 }
 
 impl RegionLookup for MemorySystem {
@@ -88,7 +137,9 @@ impl MemorySystem {
             },
             spaces: Vec::new(),
             depth: 0,
-            update_pending: false,
+            stale: Stale::Nothing,
+            alias_refs: HashMap::new(),
+            rendered_last: 0,
             listeners: Vec::new(),
             global_dirty_log: false,
             memory_sections: Vec::new(),
@@ -225,6 +276,7 @@ impl MemorySystem {
     ) -> Result<RegionId> {
         self.get(target)?;
         let size = crate::region::size_from_u64(size);
+        *self.alias_refs.entry(target).or_default() += 1;
         Ok(self.insert(Region::new(
             name,
             size,
@@ -345,17 +397,17 @@ impl MemorySystem {
         };
         self.get_mut(parent)?.subregions.insert(pos, child);
         self.get_mut(child)?.parent = Some(parent);
-        self.update_pending = true;
+        self.touched(child);
         Ok(())
     }
 
     fn unlink(&mut self, child: RegionId) -> Result<()> {
         if let Some(parent) = self.get(child)?.parent {
+            self.touched(child);
             if let Ok(p) = self.get_mut(parent) {
                 p.subregions.retain(|&s| s != child);
             }
             self.get_mut(child)?.parent = None;
-            self.update_pending = true;
         }
         Ok(())
     }
@@ -381,7 +433,7 @@ impl MemorySystem {
         }
         self.in_transaction(|m| {
             m.get_mut(id)?.enabled = enabled;
-            m.update_pending = true;
+            m.touched(id);
             Ok(())
         })
     }
@@ -406,7 +458,11 @@ impl MemorySystem {
                 m.get_mut(id)?.addr = addr;
                 m.link(p, id)
             } else {
+                // A root or a detached region: nothing it shows is in a view (an alias of it
+                // makes touched() re-render everything).
+                m.touched(id);
                 m.get_mut(id)?.addr = addr;
+                m.touched(id);
                 Ok(())
             }
         })
@@ -438,7 +494,7 @@ impl MemorySystem {
         }
         self.in_transaction(|m| {
             m.get_mut(id)?.kind = RegionKind::Alias { target, offset };
-            m.update_pending = true;
+            m.touched(id);
             Ok(())
         })
     }
@@ -457,7 +513,7 @@ impl MemorySystem {
             if let Some(b) = block {
                 m.ramblocks.set_readonly(b, readonly);
             }
-            m.update_pending = true;
+            m.touched(id);
             Ok(())
         })
     }
@@ -525,23 +581,29 @@ impl MemorySystem {
     }
 
     /// Names the region's RAMBlock and makes it migratable (`vmstate_register_ram`). For an
-    /// alias of RAM this gives the alias a RAMBlock of its own over the aliased memory, so a
-    /// big region can travel as several named blocks.
+    /// alias of RAM this gives the alias a RAMBlock of its own over the aliased memory (a
+    /// migratable alias), so a big region can travel as several named blocks; the aliased
+    /// region's own block then leaves the stream (see [`RamBlockRegistry::register_alias`]).
     pub fn vmstate_register_ram(&mut self, id: RegionId, owner_path: Option<&str>) -> Result<()> {
         let r = self.get(id)?;
         let name = r.name.clone();
+        let is_alias = r.alias_target().is_some();
         let (block, created) = match self.ram_block_of(id) {
             Some(block) => (block, false),
-            None if r.alias_target().is_some() => (self.new_alias_block(id)?, true),
+            None if is_alias => (self.new_alias_block(id)?, true),
             None => return Err(not_ram(&name)),
         };
-        if let Err(e) = self.ramblocks.set_idstr(block, owner_path, &name) {
+        let registered = if is_alias {
+            self.ramblocks.register_alias(block, owner_path, &name)
+        } else {
+            self.ramblocks.register(block, owner_path, &name)
+        };
+        if let Err(e) = registered {
             if created {
                 self.ramblocks.remove(block);
             }
             return Err(e);
         }
-        self.ramblocks.set_migratable(block, true);
         if created {
             self.get_mut(id)?.alias_block = Some(block);
         }
@@ -570,13 +632,13 @@ impl MemorySystem {
     }
 
     /// `vmstate_unregister_ram`: the block loses its name and leaves the migration stream; an
-    /// alias's block, which exists only to be migrated, goes away.
+    /// alias's block, which exists only to be migrated, goes away (the last one over a region
+    /// gives that region's block its registration back).
     pub fn vmstate_unregister_ram(&mut self, id: RegionId) -> Result<()> {
         let r = self.get(id)?;
         match r.kind {
             RegionKind::Ram { block } => {
-                self.ramblocks.unset_idstr(block);
-                self.ramblocks.set_migratable(block, false);
+                self.ramblocks.unregister(block);
                 Ok(())
             }
             _ => {
@@ -601,10 +663,15 @@ impl MemorySystem {
         }
         let name = r.name.clone();
         if let Some(alias) = self
-            .slots
-            .iter()
-            .filter_map(|s| s.region.as_ref())
-            .find(|o| o.alias_target().is_some_and(|(t, _)| t == id))
+            .alias_refs
+            .contains_key(&id)
+            .then(|| {
+                self.slots
+                    .iter()
+                    .filter_map(|s| s.region.as_ref())
+                    .find(|o| o.alias_target().is_some_and(|(t, _)| t == id))
+            })
+            .flatten()
         {
             return Err(Error::new(
                 HmErrorClass::InUse,
@@ -621,6 +688,7 @@ impl MemorySystem {
                 m.unlink(c)?;
             }
             let r = m.get(id)?;
+            let alias_of = r.alias_target().map(|(t, _)| t);
             let blocks: Vec<RamBlockId> = match r.kind {
                 RegionKind::Ram { block } => vec![block],
                 _ => vec![],
@@ -635,11 +703,18 @@ impl MemorySystem {
                 }
                 m.ramblocks.remove(b);
             }
+            if let Some(target) = alias_of {
+                if let Some(n) = m.alias_refs.get_mut(&target) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.alias_refs.remove(&target);
+                    }
+                }
+            }
             let slot = &mut m.slots[id.index as usize];
             slot.region = None;
             slot.generation = slot.generation.wrapping_add(1);
             m.free.push(id.index);
-            m.update_pending = true;
             Ok(())
         })
     }
@@ -661,53 +736,199 @@ impl MemorySystem {
         if self.depth > 0 {
             return Ok(());
         }
-        let result = if self.update_pending {
-            self.update_pending = false;
-            self.update_topology()
-        } else {
-            Ok(())
+        let result = match std::mem::take(&mut self.stale) {
+            Stale::Nothing => Ok(()),
+            stale => self.update_topology(stale),
         };
         self.retired_mappings.clear();
         result
+    }
+
+    /// How many ranges of the "memory" view the last commit that changed something rendered
+    /// (a change re-renders only the windows it touched; see `Stale`).
+    pub fn last_commit_rendered_ranges(&self) -> usize {
+        self.rendered_last
     }
 
     pub fn transaction_depth(&self) -> u32 {
         self.depth
     }
 
-    fn update_topology(&mut self) -> Result<()> {
+    /// Records that `id` changed (call it with the region where it is placed, before a move
+    /// and again after): its extent in the view of the space it is under must be re-rendered.
+    fn touched(&mut self, id: RegionId) {
+        if matches!(self.stale, Stale::Everything) {
+            return;
+        }
+        let window = self.placement(id);
+        let stale = std::mem::take(&mut self.stale);
+        self.stale = match (stale, window) {
+            (Stale::Everything, _) | (_, Placement::Anywhere) => Stale::Everything,
+            (stale, Placement::Nowhere) => stale,
+            (Stale::Nothing, Placement::At(w)) => Stale::Windows(vec![w]),
+            (Stale::Windows(mut ws), Placement::At(w)) => {
+                ws.push(w);
+                if ws.len() > MAX_WINDOWS {
+                    Stale::Everything
+                } else {
+                    Stale::Windows(ws)
+                }
+            }
+        };
+    }
+
+    /// Where a change to `id` can show: the window of its extent in one space's view (the sum
+    /// of the addresses up to the space's root), nowhere (it hangs under no address space),
+    /// or anywhere (an alias shows it, or a view is rooted below the space's root).
+    fn placement(&self, id: RegionId) -> Placement {
+        let Some(size) = self.region(id).map(|r| r.size) else {
+            return Placement::Anywhere;
+        };
+        let mut start: u128 = 0;
+        let mut cur = id;
+        // A tree is acyclic (add_subregion refuses cycles); the bound guards corrupt arenas.
+        for _ in 0..4096 {
+            if self.alias_refs.contains_key(&cur) {
+                return Placement::Anywhere;
+            }
+            let Some(r) = self.region(cur) else {
+                return Placement::Anywhere;
+            };
+            let Some(parent) = r.parent else {
+                return match self.spaces.iter().position(|s| s.root == cur) {
+                    Some(i) if self.spaces[i].view_root == Some(cur) => {
+                        let end = (start + size).min(SPACE_END);
+                        Placement::At((i, start.min(end), end))
+                    }
+                    Some(_) => Placement::Anywhere,
+                    None => Placement::Nowhere,
+                };
+            };
+            start += u128::from(r.addr);
+            cur = parent;
+        }
+        Placement::Anywhere
+    }
+
+    fn update_topology(&mut self, stale: Stale) -> Result<()> {
         let mut result = Ok(());
         for i in 0..self.spaces.len() {
-            let view_root = flatview::flatview_root(self, self.spaces[i].root);
-            let new = flatview::render(self, view_root);
-            self.spaces[i].view_root = view_root;
-            let old = std::mem::replace(&mut self.spaces[i].view, new);
-            // Listeners (KVM) follow the "memory" address space only.
+            let root = self.spaces[i].root;
+            let view_root = flatview::flatview_root(self, root);
+            let windows = match &stale {
+                Stale::Windows(ws) if view_root == Some(root) => Some(coalesce(
+                    ws.iter()
+                        .filter(|w| w.0 == i)
+                        .map(|&(_, a, b)| (a, b))
+                        .collect(),
+                )),
+                _ => None,
+            };
+            let r = match windows {
+                Some(windows) => self.patch_space(i, &windows),
+                None => self.rerender_space(i, view_root),
+            };
             if i == 0 {
-                let new = &self.spaces[0].view;
-                let new_sections: Vec<MemorySection> =
-                    new.ranges.iter().map(|r| self.section(r)).collect();
-                let old_sections = std::mem::take(&mut self.memory_sections);
-                let (removed, added) = flatview::diff(&old, new);
-                let removed: Vec<MemorySection> = old
-                    .ranges
-                    .iter()
-                    .zip(old_sections)
-                    .filter(|(r, _)| flatview::sorted_contains(&removed, r))
-                    .map(|(_, s)| s)
-                    .collect();
-                let added: Vec<MemorySection> = new
-                    .ranges
-                    .iter()
-                    .zip(&new_sections)
-                    .filter(|(r, _)| flatview::sorted_contains(&added, r))
-                    .map(|(_, s)| s.clone())
-                    .collect();
-                self.memory_sections = new_sections;
-                result = self.notify(&removed, &added);
+                result = r;
             }
         }
         result
+    }
+
+    /// Re-renders space `i` whole and tells listeners (of "memory") what the diff with the
+    /// old view says.
+    fn rerender_space(&mut self, i: usize, view_root: Option<RegionId>) -> Result<()> {
+        let new = flatview::render(self, view_root);
+        self.spaces[i].view_root = view_root;
+        let old = std::mem::replace(&mut self.spaces[i].view, new);
+        // Listeners (KVM) follow the "memory" address space only.
+        if i != 0 {
+            return Ok(());
+        }
+        let new = &self.spaces[0].view;
+        self.rendered_last = new.ranges.len();
+        let new_sections: Vec<MemorySection> = new.ranges.iter().map(|r| self.section(r)).collect();
+        let old_sections = std::mem::take(&mut self.memory_sections);
+        let (removed, added) = flatview::diff(&old, new);
+        let removed: Vec<MemorySection> = old
+            .ranges
+            .iter()
+            .zip(old_sections)
+            .filter(|(r, _)| flatview::sorted_contains(&removed, r))
+            .map(|(_, s)| s)
+            .collect();
+        let added: Vec<MemorySection> = new
+            .ranges
+            .iter()
+            .zip(&new_sections)
+            .filter(|(r, _)| flatview::sorted_contains(&added, r))
+            .map(|(_, s)| s.clone())
+            .collect();
+        self.memory_sections = new_sections;
+        self.notify(&removed, &added)
+    }
+
+    /// Re-renders only `windows` of space `i`'s view (its root unchanged) and tells listeners
+    /// (of "memory") only of the ranges that changed there.
+    fn patch_space(&mut self, i: usize, windows: &[(u128, u128)]) -> Result<()> {
+        let root = self.spaces[i].root;
+        let mut view = std::mem::take(&mut self.spaces[i].view);
+        // Net changes over all windows: a range one window's patch added and a later one's
+        // removed (a neighbour merged twice) was never there for listeners.
+        let mut removed: Vec<(FlatRange, MemorySection)> = Vec::new();
+        let mut added: Vec<FlatRange> = Vec::new();
+        let mut rendered = 0;
+        for &w in windows {
+            let patch = flatview::patch_window(self, Some(root), &mut view, w);
+            if i != 0 {
+                continue;
+            }
+            rendered += patch.replaced_by;
+            let fresh = &view.ranges[patch.at.start..patch.at.start + patch.replaced_by];
+            let sections: Vec<MemorySection> = fresh.iter().map(|r| self.section(r)).collect();
+            let old: Vec<MemorySection> = self
+                .memory_sections
+                .splice(patch.at.clone(), sections)
+                .collect();
+            for s in old {
+                let Some(r) = patch.removed.iter().find(|r| r.addr == s.gpa) else {
+                    continue;
+                };
+                match added.iter().position(|a| a == r) {
+                    Some(k) => {
+                        added.remove(k);
+                    }
+                    None => removed.push((r.clone(), s)),
+                }
+            }
+            for r in patch.added {
+                match removed.iter().position(|(g, _)| *g == r) {
+                    Some(k) => {
+                        removed.remove(k);
+                    }
+                    None => added.push(r),
+                }
+            }
+        }
+        self.spaces[i].view = view;
+        if i == 0 {
+            self.rendered_last = rendered;
+        }
+        if i != 0 || (removed.is_empty() && added.is_empty()) {
+            return Ok(());
+        }
+        removed.sort_by_key(|(r, _)| r.addr);
+        added.sort_by_key(|r| r.addr);
+        let removed: Vec<MemorySection> = removed.into_iter().map(|(_, s)| s).collect();
+        let view = &self.spaces[0].view;
+        let added: Vec<MemorySection> = added
+            .iter()
+            .map(|r| {
+                let at = view.ranges.partition_point(|f| f.addr < r.addr);
+                self.memory_sections[at].clone()
+            })
+            .collect();
+        self.notify(&removed, &added)
     }
 
     /// What a listener sees of a flat range.
@@ -839,15 +1060,60 @@ impl MemorySystem {
 }
 
 /// A piece of guest-physical memory, as [`ram_chunks`] cuts a range.
-pub enum GuestChunk {
-    /// `len` bytes of RAM at `offset` of `mapping`.
-    Ram {
-        mapping: Arc<HostMapping>,
-        offset: u64,
-        len: u64,
-    },
-    /// `len` bytes without RAM (I/O, or nothing mapped).
-    Hole { len: u64 },
+pub struct GuestChunk {
+    /// Guest-physical start.
+    pub gpa: u64,
+    pub len: u64,
+    /// None: no RAM there (I/O, or nothing mapped).
+    pub ram: Option<ChunkRam>,
+}
+
+/// The RAM behind a [`GuestChunk`]: `offset` of `mapping`, which is RAMBlock `block` from
+/// `block_offset` on (for errors that name where guest memory failed).
+pub struct ChunkRam {
+    pub mapping: Arc<HostMapping>,
+    pub offset: u64,
+    pub block: String,
+    pub block_offset: u64,
+}
+
+impl GuestChunk {
+    /// Reads `buf.len()` bytes from `at` bytes into the chunk: zeros where there is no RAM,
+    /// volatile reads where there is (a vCPU may write meanwhile). A page the host cannot back
+    /// is an error naming the guest-physical address, the RAMBlock and the offset in it.
+    pub fn read(&self, guard: &Guard, at: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let Some(ram) = &self.ram else {
+            buf.fill(0);
+            return Ok(());
+        };
+        if at
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
+            return Err(Error::invalid(format!(
+                "0x{:x} bytes at 0x{:x} are outside guest memory 0x{:x}+0x{:x}",
+                buf.len(),
+                self.gpa.wrapping_add(at),
+                self.gpa,
+                self.len
+            )));
+        }
+        guard
+            .read(&Span::of(&ram.mapping), (ram.offset + at) as usize, buf)
+            .map_err(|e| {
+                let into = e.offset().saturating_sub(ram.offset);
+                Error::new(
+                    HmErrorClass::Host,
+                    format!(
+                        "reading guest-physical 0x{:x} (RAMBlock \"{}\" offset 0x{:x}) failed: {e}",
+                        self.gpa.wrapping_add(into),
+                        ram.block,
+                        ram.block_offset + into
+                    ),
+                )
+                .with_errno(libc::EFAULT)
+            })
+    }
 }
 
 /// `[addr, addr+size)` of the "memory" address space cut into RAM and holes, in address order:
@@ -856,33 +1122,42 @@ pub fn ram_chunks(mem: &MemorySystem, addr: u64, size: u64) -> Vec<GuestChunk> {
     let end = u128::from(addr) + u128::from(size);
     let mut at = u128::from(addr);
     let mut out = Vec::new();
+    let hole = |from: u128, to: u128| GuestChunk {
+        gpa: from as u64,
+        len: (to - from) as u64,
+        ram: None,
+    };
     for r in &mem.memory_view().ranges {
         if r.end() <= at || u128::from(r.addr) >= end {
             continue;
         }
         if u128::from(r.addr) > at {
-            out.push(GuestChunk::Hole {
-                len: (u128::from(r.addr) - at) as u64,
-            });
+            out.push(hole(at, u128::from(r.addr)));
             at = u128::from(r.addr);
         }
         let stop = r.end().min(end);
-        let len = (stop - at) as u64;
-        match mem.section(r).ram {
-            Some(ram) => out.push(GuestChunk::Ram {
-                offset: (ram.host_addr - ram.mapping.as_ptr() as usize) as u64
-                    + (at - u128::from(r.addr)) as u64,
-                mapping: ram.mapping,
-                len,
-            }),
-            None => out.push(GuestChunk::Hole { len }),
-        }
+        let into = (at - u128::from(r.addr)) as u64;
+        let section = mem.section(r);
+        let ram = section.ram.map(|ram| ChunkRam {
+            offset: (ram.host_addr - ram.mapping.as_ptr() as usize) as u64 + into,
+            block: mem
+                .ramblocks
+                .get(ram.block)
+                .map(|b| b.idstr.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or(section.region_name),
+            block_offset: ram.block_offset + into,
+            mapping: ram.mapping,
+        });
+        out.push(GuestChunk {
+            gpa: at as u64,
+            len: (stop - at) as u64,
+            ram,
+        });
         at = stop;
     }
     if at < end {
-        out.push(GuestChunk::Hole {
-            len: (end - at) as u64,
-        });
+        out.push(hole(at, end));
     }
     out
 }
@@ -1004,9 +1279,9 @@ mod tests {
         let chunks = ram_chunks(&m, 3 * MIB, 6 * MIB);
         let got: Vec<(bool, u64, u64)> = chunks
             .iter()
-            .map(|c| match c {
-                GuestChunk::Ram { offset, len, .. } => (true, *offset, *len),
-                GuestChunk::Hole { len } => (false, 0, *len),
+            .map(|c| match &c.ram {
+                Some(r) => (true, r.offset, c.len),
+                None => (false, 0, c.len),
             })
             .collect();
         // 1 MiB of RAM at 3 MiB, 4 MiB of nothing, then the alias's first MiB (RAM at 1 MiB).
@@ -1053,6 +1328,48 @@ mod tests {
         assert_eq!(
             log.take(),
             ["l begin", "l del pc.ram 0x10000000+0x400000", "l commit"]
+        );
+    }
+
+    #[test]
+    fn a_change_in_a_big_map_re_renders_and_announces_only_what_it_touches() {
+        let mut m = MemorySystem::new();
+        let log = recorder(&mut m, "l");
+        let sys = m.system_memory();
+        m.transaction_begin();
+        for i in 0..2000u64 {
+            let r = m.new_io("dev", 0x1000);
+            m.add_subregion(sys, i * 0x2000, r, None).unwrap();
+        }
+        m.transaction_commit().unwrap();
+        // One render for the whole batch (past MAX_WINDOWS changes).
+        assert_eq!(m.last_commit_rendered_ranges(), 2000);
+        log.take();
+        let extra = m.new_io("extra", 0x1000);
+        m.add_subregion(sys, 1001 * 0x2000 + 0x1000, extra, None)
+            .unwrap();
+        // The new range and its two neighbours (which it could have merged with).
+        assert_eq!(m.last_commit_rendered_ranges(), 3);
+        assert_eq!(
+            log.take(),
+            ["l begin", "l add extra 0x7d3000+0x1000", "l commit"]
+        );
+        m.del_subregion(sys, extra).unwrap();
+        assert_eq!(m.last_commit_rendered_ranges(), 2);
+        assert_eq!(
+            log.take(),
+            ["l begin", "l del extra 0x7d3000+0x1000", "l commit"]
+        );
+        // A region under an alias shows wherever the alias is: that change renders it all.
+        let c = m.new_container("c", 0x1000);
+        let a = m.new_alias("a", c, 0, 0x1000).unwrap();
+        m.add_subregion(sys, 0x1_0000_0000, a, None).unwrap();
+        let leaf = m.new_io("leaf", 0x1000);
+        m.add_subregion(c, 0, leaf, None).unwrap();
+        assert_eq!(m.last_commit_rendered_ranges(), 2001);
+        assert_eq!(
+            log.take(),
+            ["l begin", "l add leaf 0x100000000+0x1000", "l commit"]
         );
     }
 
@@ -1304,6 +1621,138 @@ mod tests {
         assert_eq!(m.ramblocks.len(), 2);
     }
 
+    /// (idstr, migratable) of every block, in `info ramblock` order.
+    fn registrations(m: &MemorySystem) -> Vec<(String, bool)> {
+        m.ramblocks
+            .ids()
+            .iter()
+            .map(|&b| {
+                let blk = m.ramblocks.get(b).unwrap();
+                (blk.idstr.clone(), blk.migratable)
+            })
+            .collect()
+    }
+
+    fn reg(list: &[(&str, bool)]) -> Vec<(String, bool)> {
+        list.iter().map(|&(n, b)| (n.to_string(), b)).collect()
+    }
+
+    #[test]
+    fn the_aliased_block_leaves_the_stream_and_its_name_goes_to_the_first_alias() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        assert_eq!(registrations(&m), reg(&[("s390.ram", true)]));
+        let lo = m.new_alias("s390.ram", whole, 0, 4 * MIB).unwrap();
+        let hi = m.new_alias("s390.ram.1", whole, 4 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(lo, None).unwrap();
+        m.vmstate_register_ram(hi, None).unwrap();
+        // info ramblock shows all three: the whole, unnamed, then the chunks.
+        assert_eq!(
+            registrations(&m),
+            reg(&[("", false), ("s390.ram", true), ("s390.ram.1", true)])
+        );
+        let hb = m.ramblocks.get(m.ram_block_of(hi).unwrap()).unwrap();
+        assert_eq!((hb.used_length, hb.max_length), (4 * MIB, 4 * MIB));
+        m.ramblocks.check_displaced_memory_migrates().unwrap();
+        // The whole cannot travel as well as its chunks.
+        let e = m.vmstate_register_ram(whole, None).unwrap_err();
+        assert_eq!(e.class(), HmErrorClass::InUse);
+        assert_eq!(
+            e.message(),
+            "the memory of RAMBlock \"s390.ram\" migrates through its aliases \"s390.ram\", \
+             \"s390.ram.1\"; unregister them before registering it"
+        );
+        // The last alias to go gives the whole its name back.
+        m.vmstate_unregister_ram(lo).unwrap();
+        assert_eq!(registrations(&m), reg(&[("", false), ("s390.ram.1", true)]));
+        m.destroy_region(hi).unwrap();
+        assert_eq!(registrations(&m), reg(&[("s390.ram", true)]));
+    }
+
+    #[test]
+    fn a_whole_unregistered_while_its_aliases_migrate_gets_nothing_back() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("mem", 2 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        let a = m.new_alias("chunk", whole, 0, 2 * MIB).unwrap();
+        m.vmstate_register_ram(a, None).unwrap();
+        m.vmstate_unregister_ram(whole).unwrap();
+        m.vmstate_unregister_ram(a).unwrap();
+        assert_eq!(registrations(&m), reg(&[("", false)]));
+        // A whole that never was registered stays so.
+        let other = m.new_ram_anonymous("other", MIB).unwrap();
+        let b = m.new_alias("other.0", other, 0, MIB).unwrap();
+        m.vmstate_register_ram(b, None).unwrap();
+        m.vmstate_unregister_ram(b).unwrap();
+        let ob = m.ramblocks.get(m.ram_block_of(other).unwrap()).unwrap();
+        assert_eq!(
+            (ob.idstr.as_str(), ob.migratable, &ob.displaced),
+            ("", false, &None)
+        );
+    }
+
+    #[test]
+    fn a_refused_alias_name_leaves_the_whole_in_the_stream() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 2 * MIB).unwrap();
+        m.vmstate_register_ram(whole, None).unwrap();
+        let taken = m.new_ram_anonymous("taken", MIB).unwrap();
+        m.vmstate_register_ram(taken, None).unwrap();
+        let a = m.new_alias("taken", whole, 0, 2 * MIB).unwrap();
+        let e = m.vmstate_register_ram(a, None).unwrap_err();
+        assert_eq!(e.message(), "RAMBlock \"taken\" already registered");
+        assert_eq!(m.ram_block_of(a), None);
+        assert_eq!(
+            registrations(&m),
+            reg(&[("s390.ram", true), ("taken", true)])
+        );
+    }
+
+    #[test]
+    fn memory_no_alias_carries_is_refused_when_a_migration_starts() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        let first = m.new_alias("s390.ram", whole, 0, 2 * MIB).unwrap();
+        let last = m.new_alias("s390.ram.2", whole, 6 * MIB, 2 * MIB).unwrap();
+        m.vmstate_register_ram(first, None).unwrap();
+        m.vmstate_register_ram(last, None).unwrap();
+        let e = m.ramblocks.check_displaced_memory_migrates().unwrap_err();
+        assert_eq!(
+            e.message(),
+            "bytes 0x200000-0x5fffff of the RAM the aliases \"s390.ram\", \"s390.ram.2\" \
+             migrate are in none of them: that memory would not migrate"
+        );
+        let mid = m.new_alias("s390.ram.1", whole, 2 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(mid, None).unwrap();
+        m.ramblocks.check_displaced_memory_migrates().unwrap();
+        m.vmstate_unregister_ram(last).unwrap();
+        assert!(m
+            .ramblocks
+            .check_displaced_memory_migrates()
+            .unwrap_err()
+            .message()
+            .starts_with("bytes 0x600000-0x7fffff of the RAM"));
+    }
+
+    #[test]
+    fn pages_written_through_the_whole_are_dirty_in_the_chunk_that_migrates_them() {
+        let mut m = MemorySystem::new();
+        let whole = m.new_ram_anonymous("s390.ram", 8 * MIB).unwrap();
+        let lo = m.new_alias("s390.ram", whole, 0, 4 * MIB).unwrap();
+        let hi = m.new_alias("s390.ram.1", whole, 4 * MIB, 4 * MIB).unwrap();
+        m.vmstate_register_ram(lo, None).unwrap();
+        m.vmstate_register_ram(hi, None).unwrap();
+        // KVM folds its log into the block of the flat range: the whole's.
+        let wb = m.ram_block_of(whole).unwrap();
+        m.ramblocks.set_dirty(wb, 4 * MIB - 4096, 2 * 4096);
+        let lb = m.ram_block_of(lo).unwrap();
+        let hb = m.ram_block_of(hi).unwrap();
+        assert_eq!(m.ramblocks.dirty_pages(lb), 1);
+        assert_eq!(m.ramblocks.take_dirty(lb)[15], 1 << 63);
+        assert_eq!(m.ramblocks.take_dirty(hb)[0], 1);
+    }
+
     #[test]
     fn destroy_unmaps_frees_the_block_and_detaches_children() {
         let mut m = MemorySystem::new();
@@ -1395,6 +1844,7 @@ mod tests {
         Enable(usize, bool),
         Move(usize, u8),
         AliasOffset(usize, u8),
+        Readonly(usize, bool),
         Destroy(usize),
         Begin,
         Commit,
@@ -1413,6 +1863,7 @@ mod tests {
             (any::<usize>(), any::<bool>()).prop_map(|(r, e)| Op::Enable(r, e)),
             (any::<usize>(), 0u8..16).prop_map(|(r, a)| Op::Move(r, a)),
             (any::<usize>(), 0u8..8).prop_map(|(r, o)| Op::AliasOffset(r, o)),
+            (any::<usize>(), prop::bool::weighted(0.3)).prop_map(|(r, ro)| Op::Readonly(r, ro)),
             any::<usize>().prop_map(Op::Destroy),
             Just(Op::Begin),
             Just(Op::Commit),
@@ -1432,7 +1883,7 @@ mod tests {
             let mut m = MemorySystem::new();
             let state = Arc::new(Mutex::new(Default::default()));
             m.add_listener(Box::new(Mirror(state.clone()))).unwrap();
-            let mut ids = vec![m.system_memory()];
+            let mut ids = vec![m.system_memory(), m.system_io()];
             let pick = |ids: &Vec<RegionId>, i: usize| ids[i % ids.len()];
             for op in ops {
                 let _ = match op {
@@ -1464,6 +1915,7 @@ mod tests {
                     Op::Enable(r, e) => m.set_enabled(pick(&ids, r), e),
                     Op::Move(r, a) => m.set_address(pick(&ids, r), u64::from(a) * P),
                     Op::AliasOffset(r, o) => m.set_alias_offset(pick(&ids, r), u64::from(o) * P),
+                    Op::Readonly(r, ro) => m.set_readonly(pick(&ids, r), ro),
                     Op::Destroy(r) => m.destroy_region(pick(&ids, r)),
                     Op::Begin => {
                         m.transaction_begin();
@@ -1479,9 +1931,12 @@ mod tests {
                         m.memory_view().ranges.iter().map(|r| m.section(r)).collect();
                     proptest::prop_assert_eq!(&held, &fresh);
                     proptest::prop_assert_eq!(&held, &m.current_sections());
-                    // The stored view is the one a fresh render gives.
-                    let fresh = flatview::render(&m, flatview::flatview_root(&m, m.system_memory()));
-                    proptest::prop_assert_eq!(&fresh, m.memory_view());
+                    // The stored views (patched where a change touched them) are the ones a
+                    // fresh render gives.
+                    for space in m.address_spaces() {
+                        let fresh = flatview::render(&m, flatview::flatview_root(&m, space.root));
+                        proptest::prop_assert_eq!(&fresh, &space.view, "{}", space.name);
+                    }
                 }
             }
         }

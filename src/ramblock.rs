@@ -62,7 +62,19 @@ pub struct RamBlock {
     pub mapping_offset: u64,
     /// Set for a RAMBlock that an alias owns: it points into this block's memory.
     pub alias_of: Option<RamBlockId>,
+    /// Set while alias blocks registered for migration carry this block's memory in the stream
+    /// instead of it (see [`RamBlockRegistry::register_alias`]): the registration it had, given
+    /// back when the last of them goes.
+    pub displaced: Option<Registration>,
     dirty: DirtyBitmap,
+}
+
+/// A block's place in the migration stream: its name and whether it is registered
+/// (`vmstate_register_ram`). An unnamed block never migrates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Registration {
+    pub idstr: String,
+    pub migratable: bool,
 }
 
 impl RamBlock {
@@ -176,6 +188,7 @@ impl RamBlockRegistry {
             mapping,
             mapping_offset,
             alias_of: None,
+            displaced: None,
             dirty: DirtyBitmap::default(),
         }))
     }
@@ -213,13 +226,19 @@ impl RamBlockRegistry {
             mapping,
             mapping_offset,
             alias_of: Some(root),
+            displaced: None,
             dirty: DirtyBitmap::default(),
         }))
     }
 
+    /// Removes a block. The last migratable alias block over a block's memory gives that block
+    /// its registration back.
     pub fn remove(&mut self, id: RamBlockId) {
-        if self.blocks.remove(&id.0).is_some() {
+        if let Some(b) = self.blocks.remove(&id.0) {
             self.order.retain(|&o| o != id);
+            if let Some(root) = b.alias_of {
+                self.restore_displaced(root);
+            }
         }
     }
 
@@ -298,6 +317,177 @@ impl RamBlockRegistry {
             b.idstr.clear();
             b.long_name = None;
         }
+    }
+
+    /// `vmstate_register_ram` of a block that owns its memory: named and migratable. Refused
+    /// while alias blocks carry its memory, which would then travel twice.
+    pub fn register(&mut self, id: RamBlockId, owner_path: Option<&str>, name: &str) -> Result<()> {
+        let block = self.get(id).ok_or_else(|| no_block(id))?;
+        if block.displaced.is_some() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!(
+                    "the memory of RAMBlock \"{name}\" migrates through its aliases {}; unregister \
+                     them before registering it",
+                    self.quoted_aliases(id)
+                ),
+            ));
+        }
+        self.set_idstr(id, owner_path, name)?;
+        self.set_migratable(id, true);
+        Ok(())
+    }
+
+    /// `vmstate_unregister_ram`: the block loses its name and leaves the stream. One whose
+    /// memory migrates through aliases gets nothing back when they go.
+    pub fn unregister(&mut self, id: RamBlockId) {
+        let Some(b) = self.blocks.get_mut(&id.0) else {
+            return;
+        };
+        if b.displaced.is_some() {
+            b.displaced = Some(Registration::default());
+        }
+        b.idstr.clear();
+        b.migratable = false;
+    }
+
+    /// `vmstate_register_ram` of an alias block (QEMU's proposal of 2019 for s390 guests larger
+    /// than a KVM slot): named and migratable, it carries its part of the aliased memory in the
+    /// stream, and the block that owns that memory leaves the stream. Its name is set aside
+    /// first, so the first alias may take it (s390's first chunk is called "s390.ram", like the
+    /// whole); the last alias block to go gives it back.
+    pub fn register_alias(
+        &mut self,
+        id: RamBlockId,
+        owner_path: Option<&str>,
+        name: &str,
+    ) -> Result<()> {
+        let block = self.get(id).ok_or_else(|| no_block(id))?;
+        let root = block
+            .alias_of
+            .ok_or_else(|| Error::invalid(format!("RAMBlock \"{name}\" is not an alias block")))?;
+        let root_block = self.blocks.get_mut(&root.0).ok_or_else(|| no_block(root))?;
+        let displaced_now = root_block.displaced.is_none();
+        if displaced_now {
+            root_block.displaced = Some(Registration {
+                idstr: std::mem::take(&mut root_block.idstr),
+                migratable: root_block.migratable,
+            });
+            root_block.migratable = false;
+        }
+        if let Err(e) = self.set_idstr(id, owner_path, name) {
+            if displaced_now {
+                self.restore_displaced(root);
+            }
+            return Err(e);
+        }
+        self.set_migratable(id, true);
+        Ok(())
+    }
+
+    /// The migratable alias blocks over `root`'s memory, in `info ramblock` order.
+    fn migratable_aliases(&self, root: RamBlockId) -> Vec<RamBlockId> {
+        self.order
+            .iter()
+            .copied()
+            .filter(|id| {
+                let b = &self.blocks[&id.0];
+                b.alias_of == Some(root) && b.migratable
+            })
+            .collect()
+    }
+
+    fn quoted_aliases(&self, root: RamBlockId) -> String {
+        let names: Vec<String> = self
+            .migratable_aliases(root)
+            .iter()
+            .map(|id| format!("\"{}\"", self.blocks[&id.0].idstr))
+            .collect();
+        names.join(", ")
+    }
+
+    /// Gives `root` its registration back once no migratable alias block carries its memory;
+    /// a name another block took meanwhile stays with that block, and `root` stays unnamed.
+    fn restore_displaced(&mut self, root: RamBlockId) {
+        if !self.migratable_aliases(root).is_empty() {
+            return;
+        }
+        let Some(d) = self
+            .blocks
+            .get_mut(&root.0)
+            .and_then(|b| b.displaced.take())
+        else {
+            return;
+        };
+        if d.idstr.is_empty() || self.find_by_idstr(&d.idstr).is_some() {
+            return;
+        }
+        if let Some(b) = self.blocks.get_mut(&root.0) {
+            b.idstr = d.idstr;
+            b.migratable = d.migratable;
+        }
+    }
+
+    /// Where `[offset, offset+len)` of block `id` migrates when the block left the stream for
+    /// its aliases: the alias block holding all of it, and the offset there.
+    pub fn migrating_alias(
+        &self,
+        id: RamBlockId,
+        offset: u64,
+        len: u64,
+    ) -> Option<(RamBlockId, u64)> {
+        let b = self.get(id)?;
+        b.displaced.as_ref()?;
+        self.migratable_aliases(id).into_iter().find_map(|a| {
+            let blk = &self.blocks[&a.0];
+            let at = blk.mapping_offset - b.mapping_offset;
+            (offset >= at && offset + len <= at + blk.used_length).then_some((a, offset - at))
+        })
+    }
+
+    /// Refuses a layout where memory that left the stream for its aliases is in none of them:
+    /// it would not migrate at all. Checked when a migration starts.
+    pub fn check_displaced_memory_migrates(&self) -> Result<()> {
+        for &root in &self.order {
+            let b = &self.blocks[&root.0];
+            if b.displaced.is_none() {
+                continue;
+            }
+            let mut covered: Vec<(u64, u64)> = self
+                .migratable_aliases(root)
+                .iter()
+                .map(|id| {
+                    let a = &self.blocks[&id.0];
+                    let at = a.mapping_offset - b.mapping_offset;
+                    (at, at + a.used_length)
+                })
+                .collect();
+            covered.sort_unstable();
+            let mut reached = 0;
+            for (start, end) in covered {
+                if start > reached {
+                    break;
+                }
+                reached = reached.max(end);
+            }
+            if reached < b.used_length {
+                let next = self
+                    .migratable_aliases(root)
+                    .iter()
+                    .map(|id| self.blocks[&id.0].mapping_offset - b.mapping_offset)
+                    .filter(|&at| at > reached)
+                    .min()
+                    .unwrap_or(b.used_length)
+                    .min(b.used_length);
+                return Err(Error::invalid(format!(
+                    "bytes 0x{reached:x}-0x{:x} of the RAM the aliases {} migrate are in none of \
+                     them: that memory would not migrate",
+                    next - 1,
+                    self.quoted_aliases(root)
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn set_migratable(&mut self, id: RamBlockId, migratable: bool) {

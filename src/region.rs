@@ -2,6 +2,8 @@
 //! object model, without the dispatch). The arena and every mutation live in
 //! [`crate::memory::MemorySystem`]; this file holds the data and the rules that need no arena.
 
+use std::collections::VecDeque;
+
 use crate::ramblock::RamBlockId;
 
 /// A handle to a region in one context's arena. The generation makes a stale handle (to a
@@ -58,8 +60,9 @@ pub struct Region {
     /// Canonical path of the owner ("/objects/mem0"), printed by `info mtree -o` and used as
     /// the RAMBlock idstr prefix by `vmstate_register_ram`.
     pub owner: Option<String>,
-    /// Children sorted as QEMU keeps them: by priority, newest first among equals.
-    pub subregions: Vec<RegionId>,
+    /// Children sorted as QEMU keeps them: by priority, newest first among equals. A deque:
+    /// the newest of equals goes in front, which a Vec would pay for with a move of them all.
+    pub subregions: VecDeque<RegionId>,
     /// Added with the non-overlapping form (`memory_region_add_subregion`): two such enabled
     /// siblings may not intersect.
     pub may_overlap: bool,
@@ -80,7 +83,7 @@ impl Region {
             enabled: true,
             readonly: false,
             owner: None,
-            subregions: Vec::new(),
+            subregions: VecDeque::new(),
             may_overlap: false,
             alias_block: None,
         }

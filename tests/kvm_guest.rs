@@ -246,6 +246,12 @@ fn dirty_offsets(bitmap: &[u64]) -> Vec<u64> {
 #[test]
 fn dirty_logging_reports_exactly_the_pages_the_guest_wrote() {
     let Some(kvm) = open_kvm(GIB) else { return };
+    // Every KVM since Linux 5.8 has manual protection: the syncs below then clear what they
+    // fetched with KVM_CLEAR_DIRTY_LOG, and a page seen once is not reported again.
+    assert!(
+        kvm.table().manual_protect(),
+        "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is not on"
+    );
     let mut pc = pc(6 * GIB, 3 * GIB);
     pc.attach(&kvm);
     let block = pc.mem.ram_block_of(pc.ram).unwrap();
@@ -481,8 +487,7 @@ fn s390_partitioned(ram_size: u64, chunk: u64) -> (Machine, Vec<RegionId>) {
     let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
     let ram = machine.config().unwrap().ram.unwrap();
     let mem = machine.memory_mut();
-    // The backend's block leaves the stream; its aliases carry the memory instead.
-    mem.vmstate_unregister_ram(ram).unwrap();
+    // Registering the aliases takes the backend's block out of the stream.
     let sys = mem.system_memory();
     let mut aliases = Vec::new();
     for (i, start) in (0..ram_size).step_by(chunk as usize).enumerate() {
@@ -739,4 +744,55 @@ fn a_dirtier_range_beyond_the_ram_ends_the_run_with_an_error_not_a_hang() {
             .contains("write to 0x4000000 reached no writable memslot"),
         "{e}"
     );
+}
+
+#[test]
+fn the_boards_slot_limit_and_the_users_give_the_lower_one() {
+    if !kvm_usable() {
+        return;
+    }
+    let board = hostmem::machine::BoardInfo {
+        name: "s390-ccw-virtio-4.1".into(),
+        alias: None,
+        default_ram_size: 128 * MIB,
+        default_ram_id: Some("s390.ram".into()),
+        numa_mem_supported: false,
+        numa_supported: false,
+        no_cpus_by_default: false,
+        is_default: false,
+        ..Default::default()
+    };
+    for (accel, board_limit, slot) in [
+        ("kvm", 256 * MIB, 256 * MIB),
+        ("kvm,max-slot-size=128M", 256 * MIB, 128 * MIB),
+        ("kvm,max-slot-size=512M", 256 * MIB, 256 * MIB),
+        ("kvm,max-slot-size=512M", 0, 512 * MIB),
+    ] {
+        let cmd =
+            hostmem::options::cmdline::Cmdline::parse(&["-m", "1G", "-accel", accel]).unwrap();
+        let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
+        let ram = machine.config().unwrap().ram.unwrap();
+        let mem = machine.memory_mut();
+        let sys = mem.system_memory();
+        mem.add_subregion(sys, 0, ram, None).unwrap();
+        machine.set_kvm_max_slot_size(board_limit).unwrap();
+        machine.finish_init().unwrap();
+        let sizes: Vec<u64> = machine
+            .kvm()
+            .unwrap()
+            .slots()
+            .iter()
+            .map(|s| s.size)
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![slot; (GIB / slot) as usize],
+            "{accel}, board {board_limit:#x}"
+        );
+        // Once the slots exist, the board is too late.
+        assert_eq!(
+            machine.set_kvm_max_slot_size(MIB).unwrap_err().message(),
+            "kvm_set_max_memslot_size: the KVM slots exist already; call it from the board's init"
+        );
+    }
 }

@@ -9,21 +9,31 @@
 mod kvm_support;
 
 use hostmem::backend::{Backend, BackendDefaults};
+use hostmem::kvm::cost::Preflight;
 use hostmem::memory::MemorySystem;
 use hostmem::testing::{GuestOp, GuestRun};
 use kvm_support::*;
 
 /// The guest size: 9 TiB where the host can afford KVM's bookkeeping for it, otherwise the
-/// smallest guest that still needs the split (8 TiB + 2 MiB). None: not enough memory.
+/// smallest guest that still needs the split (8 TiB + 2 MiB). None: not enough memory. The
+/// memslot preflight decides (the slots would be refused otherwise).
 fn guest_size() -> Option<u64> {
-    let margin = GIB / 2;
-    for size in [9 * TIB, 8 * TIB + 2 * MIB] {
-        if mem_available() >= kvm_slot_overhead(size) + margin {
+    let affordable = |size: u64| {
+        let limit = 8 * TIB - 4096;
+        Preflight::of_host()
+            .check(&[(limit, false), (size - limit, false)])
+            .is_ok()
+    };
+    let smallest = 8 * TIB + 2 * MIB;
+    for size in [9 * TIB, smallest] {
+        if affordable(size) {
             return Some(size);
         }
     }
-    let smallest = 8 * TIB + 2 * MIB;
-    wait_for_memory(kvm_slot_overhead(smallest) + margin, 60).then_some(smallest)
+    (0..60).find_map(|_| {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        affordable(smallest).then_some(smallest)
+    })
 }
 
 #[test]
@@ -39,11 +49,12 @@ fn a_guest_above_8_tib_is_split_at_the_limit_and_writes_land_in_its_one_mapping(
         return;
     }
     let Some(size) = guest_size() else {
+        let limit = 8 * TIB - 4096;
         let msg = format!(
-            "not enough host memory for KVM's bookkeeping of an 8 TiB slot ({} MiB available, \
-             {} MiB needed)",
-            mem_available() >> 20,
-            (kvm_slot_overhead(8 * TIB) + GIB / 2) >> 20
+            "not enough host memory for KVM's bookkeeping of an 8 TiB slot: {}",
+            Preflight::of_host()
+                .check(&[(limit, false), (2 * MIB + 4096, false)])
+                .unwrap_err()
         );
         if under_ci_pub() {
             panic!("{msg}");

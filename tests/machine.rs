@@ -277,6 +277,36 @@ fn mem_prealloc_is_a_default_for_every_backend() {
 }
 
 #[test]
+fn mem_prealloc_uses_the_hosts_cores_unless_a_backend_pins_a_count() {
+    let cores = hostmem::backend::prealloc::online_cpus().to_string();
+    let threads = |args: &[&str], id: &str| {
+        machine(&pc(), args)
+            .objects()
+            .get(id)
+            .unwrap()
+            .backend
+            .get("prealloc-threads")
+            .unwrap()
+    };
+    // QEMU would take the vCPU count: 1 here, 3 with -smp 3.
+    assert_eq!(threads(&["-m", "8M", "-mem-prealloc"], "pc.ram"), cores);
+    assert_eq!(
+        threads(&["-m", "8M", "-smp", "3", "-mem-prealloc"], "pc.ram"),
+        cores
+    );
+    let pinned = [
+        "-m",
+        "8M",
+        "-mem-prealloc",
+        "-object",
+        "memory-backend-ram,id=x,size=4M,prealloc-threads=1",
+    ];
+    assert_eq!(threads(&pinned, "x"), "1");
+    // Without -mem-prealloc a backend's default stays QEMU's: the vCPU count.
+    assert_eq!(threads(&["-m", "8M", "-smp", "3"], "pc.ram"), "3");
+}
+
+#[test]
 fn legacy_allocation_works_once_and_refuses_a_second_call() {
     let mut m = machine(&legacy_board(), &["-m", "16M"]);
     let r = m.allocate_system_memory("legacy.ram", 16 << 20).unwrap();
@@ -309,4 +339,48 @@ fn failed_configuration_leaves_no_backend_behind() {
         (m.objects().ids(), m.memory().ramblocks.ids().len()),
         (Vec::<String>::new(), 0)
     );
+}
+
+fn board_with_chunk_property() -> BoardInfo {
+    BoardInfo {
+        properties: vec![hostmem::machine::boards::BoardProperty {
+            name: "x-ram-chunk-size".into(),
+            kind: hostmem::machine::boards::PropertyKind::Size,
+        }],
+        ..pc()
+    }
+}
+
+#[test]
+fn a_boards_own_properties_take_sizes_and_others_are_refused() {
+    let board = board_with_chunk_property();
+    // Not given: the board applies its own default.
+    let m = machine(&board, &["-m", "64M"]);
+    assert_eq!(m.board_property("x-ram-chunk-size"), None);
+    let m = machine(&board, &["-m", "64M", "-machine", "x-ram-chunk-size=256M"]);
+    assert_eq!(m.board_property("x-ram-chunk-size"), Some(256 << 20));
+    assert_eq!(m.board_property("x-other"), None);
+    assert_eq!(
+        error(&board, "-machine x-ram-chunk-size=lots"),
+        "Parameter 'x-ram-chunk-size' expects size"
+    );
+    // Another board does not have it.
+    assert_eq!(
+        error(&pc(), "-machine x-ram-chunk-size=256M"),
+        "Property 'pc-i440fx-10.0-machine.x-ram-chunk-size' not found"
+    );
+}
+
+#[test]
+fn a_board_sets_a_kvm_slot_limit_before_the_accelerator_comes() {
+    let mut m = machine(&pc(), &["-m", "64M"]);
+    assert_eq!(
+        m.set_kvm_max_slot_size(4097).unwrap_err().message(),
+        "max-slot-size 0x1001 must be a multiple of the host page size 0x1000"
+    );
+    m.set_kvm_max_slot_size(4 << 40).unwrap();
+    assert_eq!(m.config().unwrap().board_max_slot_size, 4 << 40);
+    // 0 takes the limit away again (the kernel's applies).
+    m.set_kvm_max_slot_size(0).unwrap();
+    assert_eq!(m.config().unwrap().board_max_slot_size, 0);
 }

@@ -519,6 +519,38 @@ fn codec_pc_stream_with_all_six_blocks_loads_into_qemu72() {
 }
 
 #[test]
+fn without_configuration_qemu10_loads_a_stream_of_another_machine_type() {
+    let Some(cmd) = require(Peer::Qemu10) else {
+        return;
+    };
+    let ram = Ram::patterned(NONE_BLOCKS);
+    // QEMU's send-configuration=off on both sides: the machine type is not sent, so not
+    // checked; the RAM blocks alone decide.
+    let mut opts = SaveOptions::new("pc-i440fx-9.2");
+    opts.send_configuration = false;
+    let bytes = save_stream(Vec::new(), opts, &ram, &mut []).unwrap().0;
+    let path = write_scratch("no-configuration.mig", &bytes);
+    let machine = [
+        "-M",
+        "none",
+        "-m",
+        "16M",
+        "-global",
+        "migration.send-configuration=off",
+    ];
+    match run_incoming(&cmd, &machine, &incoming_uri(Peer::Qemu10, &path), "noconf") {
+        Incoming::Loaded(mut q, child) => {
+            assert!(
+                q.pmemsave(0, 16 * M) == ram.block("ram"),
+                "guest RAM differs"
+            );
+            assert_eq!(quit(q, child), [""; 0]);
+        }
+        Incoming::Failed { stderr } => panic!("QEMU 10 refused it: {stderr:?}"),
+    }
+}
+
+#[test]
 fn switchover_start_loads_into_qemu10_and_the_codec_but_not_qemu72() {
     let (Some(q10), Some(q72)) = (require(Peer::Qemu10), require(Peer::Qemu72)) else {
         return;

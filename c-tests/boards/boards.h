@@ -56,8 +56,13 @@ bool none_machine_register(Error **errp);
 bool sx1_machine_register(Error **errp);
 bool legacy_machine_register(Error **errp);
 bool microbit_machine_register(Error **errp);
+/* s390-ccw-qemu41.c: s390-ccw-virtio-4.1 and -4.0 with RAM as QEMU 4.1 allocated it. */
+bool s390_ccw_qemu41_machine_register(Error **errp);
 
-/* registry.c: registers every board above; the first failure is returned. */
+/*
+ * registry.c: registers every board above but the QEMU 4.1 one; the first failure is returned.
+ * registry-qemu41.c (vmm-qemu41): the QEMU 4.1 board and "none".
+ */
 bool boards_register_all(Error **errp);
 
 /*
@@ -110,6 +115,25 @@ void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t below_4g,
  * state goes to machine->opaque.
  */
 void pc_board_init(MachineState *machine, uint64_t below_4g, uint64_t pci_hole64_size);
+
+/*
+ * s390-ccw.c: what the s390 machine types and the board that plays QEMU 4.1 share.
+ * S390_RAM_CHUNK_MAX is QEMU 4.1's KVM_SLOT_MAX_BYTES: a KVM slot of 2^31 - 1 pages of
+ * 4 KiB, rounded down to a 1 MiB segment (8 TiB - 1 MiB), the most one chunk of its main RAM
+ * held.
+ */
+#define S390_RAM_CHUNK_MAX ((((1ULL << 31) - 1) * 4096) & ~(MiB - 1))
+#define S390_RAM_CHUNK_PROPERTY "x-ram-chunk-size"
+
+/* 4.2 and older: the RAM size rounded down to whole storage increments, with QEMU's message. */
+uint64_t s390_fixup_ram_size(uint64_t sz);
+
+/* The machine's x-ram-chunk-size (S390_RAM_CHUNK_MAX when not given), checked (a multiple of
+ * 1 MiB up to S390_RAM_CHUNK_MAX). */
+uint64_t s390_ram_chunk_size(MachineState *machine);
+
+/* Chunk @i of main RAM named @base: "@base" for the first, "@base.@i" for the others. */
+void s390_ram_chunk_name(char *buf, size_t len, const char *base, size_t i);
 
 /* Frees the machine (hm_machine_free runs board_cleanup first). NULL is ignored. */
 void board_machine_free(MachineState *ms);

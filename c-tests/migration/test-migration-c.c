@@ -305,6 +305,39 @@ int main(void)
     unlink(cut);
     unlink(path);
     rmdir(dir);
+
+    /*
+     * hm_migration_check: two command lines in, every break out as JSON; the machines it
+     * builds are gone afterwards, and the current machine (none here) is unchanged.
+     */
+    {
+        const char *src41[] = { "vmm", "-M", "s390-ccw-virtio-4.1,x-ram-chunk-size=256M",
+                                "-m", "512M", "-global", "migration.send-configuration=off" };
+        const char *dst10[] = { "vmm", "-M", "s390-ccw-virtio-10.0", "-m", "512M",
+                                "-global", "migration.send-configuration=off" };
+        const char *bad[] = { "vmm", "-m", "12x" };
+        char *json = hm_migration_check(7, src41, 7, src41, &err);
+
+        CHECK(json && strcmp(json, "{\"compatible\": true, \"breaks\": [], \"notes\": []}") == 0);
+        hm_free(json);
+        json = hm_migration_check(7, src41, 7, dst10, &err);
+        CHECK(json && strcmp(json,
+              "{\"compatible\": false, \"breaks\": ["
+              "{\"side\": \"destination\", \"message\": \"Size mismatch: s390.ram: "
+              "0x10000000 != 0x20000000: Invalid argument\"}, "
+              "{\"side\": \"destination\", \"message\": "
+              "\"Unknown ramblock \\\"s390.ram.1\\\", cannot accept migration\"}], "
+              "\"notes\": []}") == 0);
+        hm_free(json);
+        CHECK(hm_migration_check(3, bad, 7, dst10, &err) == NULL);
+        CHECK(err && strncmp(error_get_pretty(err), "source: -m 12x: ", 16) == 0);
+        error_free(err);
+        err = NULL;
+        CHECK(hm_migration_check(7, src41, 3, bad, &err) == NULL);
+        CHECK(err && strncmp(error_get_pretty(err), "destination: -m 12x: ", 21) == 0);
+        error_free(err);
+        err = NULL;
+    }
     if (!failures) {
         printf("C migration: ok (%ld truncations refused)\n", eof_end);
     }

@@ -77,15 +77,18 @@ pub fn fd_page_size(fd: &OwnedFd) -> usize {
     host_page_size()
 }
 
-fn fd_size(fd: &OwnedFd) -> u64 {
+/// The file's size as QEMU's `get_file_size` finds it: `lseek` to the end, since `st_size` is 0
+/// for special files where seeking works; a negative errno where it does not (a FIFO).
+fn fd_size(fd: &OwnedFd) -> i64 {
     use std::os::fd::AsRawFd;
-    // SAFETY: fstat writes one stat into the zeroed struct we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open; `st` is valid for writes.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0 {
-        st.st_size as u64
+    // SAFETY: lseek on an open fd we own; it moves only the file offset, which mmap ignores.
+    let size = unsafe { libc::lseek(fd.as_raw_fd(), 0, libc::SEEK_END) };
+    if size < 0 {
+        -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as i64)
     } else {
-        0
+        size
     }
 }
 
@@ -184,7 +187,8 @@ fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened>
 }
 
 /// Opens or creates the backing store, checks alignment, offset and size in QEMU's order and
-/// wording, sizes an empty file, and maps it. A file this call created is removed on failure.
+/// wording, sizes an empty file, and maps it. A file this call created is removed on failure;
+/// on success its path comes back, for the caller to remove if a later step fails.
 pub fn alloc(
     props: &FileProps,
     type_name: &str,
@@ -192,7 +196,7 @@ pub fn alloc(
     size: u64,
     share: bool,
     noreserve: bool,
-) -> Result<HostMapping> {
+) -> Result<(HostMapping, Option<CString>)> {
     props.check(share)?;
     let path = props.mem_path.as_deref().unwrap_or_default();
     let opened = open_backing(path, region_name, props.readonly)?;
@@ -206,12 +210,14 @@ pub fn alloc(
         noreserve,
     );
     match result {
-        Ok((p, len, page)) => Ok(
+        Ok((p, len, page)) => Ok((
             // SAFETY: map_file just mapped `p..p+len` for us alone.
             unsafe {
                 HostMapping::from_raw(p, len, page, Some(opened.fd), share, props.rom_effective())
-            },
-        ),
+            }
+            .with_file_offset(props.offset),
+            opened.created,
+        )),
         Err(e) => {
             if let Some(created) = opened.created {
                 // SAFETY: removing the file this call created; the path is NUL-terminated.
@@ -272,11 +278,13 @@ fn map_file(
         .ok_or(BackendError::OffsetTooLarge(props.offset))?;
     let file_size = fd_size(fd);
     // An empty file gets sized; anything else must already hold the range. A read-only empty
-    // file cannot be sized, so it is too small too (QEMU would map it and fault later).
-    if (file_size != 0 || props.readonly) && file_size < end {
+    // file cannot be sized, so it is too small too (QEMU would map it and fault later). A size
+    // that cannot be known is neither checked nor changed: mmap decides, as in QEMU (FIFOs and
+    // devices, where that happens in QEMU, are refused before open_backing opens them).
+    if file_size >= 0 && (file_size != 0 || props.readonly) && (file_size as u64) < end {
         return Err(BackendError::FileTooSmall {
             region: region_name.to_string(),
-            file_size,
+            file_size: file_size as u64,
             size,
             offset: props.offset,
         });
@@ -293,9 +301,12 @@ fn map_file(
     if file_size == 0 {
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
-            return Err(BackendError::last_os(format!(
-                "can't resize backing store for guest RAM '{region_name}'"
-            )));
+            // Not fatal, as in QEMU: a file that cannot be sized is mapped anyway, and the
+            // mapping says whether it can be used.
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            eprintln!("ftruncate: {}", crate::error::strerror(errno));
         }
     }
     let len = usize::try_from(size).map_err(|_| BackendError::host(MAP_FAILED, libc::ENOMEM))?;
@@ -353,7 +364,8 @@ mod tests {
             true,
             false,
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(m.len(), 1 << 20);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
         assert!(m.fd().is_some());
@@ -537,7 +549,9 @@ mod tests {
             offset: 4096,
             ..props(&path)
         };
-        let m = alloc(&p, "memory-backend-file", "m", 4096, false, false).unwrap();
+        let m = alloc(&p, "memory-backend-file", "m", 4096, false, false)
+            .unwrap()
+            .0;
         assert!(m.is_readonly());
         // SAFETY: reading the first byte of the mapping just made.
         assert_eq!(unsafe { m.as_ptr().read() }, 0x5a);
@@ -569,7 +583,9 @@ mod tests {
             pmem: true,
             ..props(&path)
         };
-        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false).unwrap();
+        let m = alloc(&p, "memory-backend-file", "m", 4096, true, false)
+            .unwrap()
+            .0;
         // SAFETY: writing inside the shared mapping just made.
         unsafe { m.as_ptr().write(1) };
         drop(m);

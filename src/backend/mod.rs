@@ -152,7 +152,6 @@ pub struct PreallocJob {
     mapping: Arc<HostMapping>,
     max_threads: u32,
     progress: Option<ProgressFn>,
-    remap: prealloc::Remap,
 }
 
 impl PreallocJob {
@@ -178,12 +177,10 @@ impl PreallocJob {
             m.tick(0, total);
         }
         let r = prealloc::prealloc(&prealloc::Request {
-            addr: self.mapping.as_ptr(),
-            len: self.mapping.len(),
-            page_size: self.mapping.page_size(),
+            span: crate::guarded::Span::of(&self.mapping),
             max_threads: self.max_threads,
             progress: observed.as_ref().or(self.progress.as_ref()),
-            remap: self.remap,
+            readonly: self.mapping.is_readonly(),
             method: None,
         });
         if let Some(m) = &meter {
@@ -231,6 +228,9 @@ pub struct Backend {
     pins: u32,
     state: State,
     mapping: Option<Arc<HostMapping>>,
+    /// The backing file this completion created, removed again if the completion fails (a
+    /// refused bind, a failed prealloc); kept once it succeeds.
+    created_file: Option<std::ffi::CString>,
     trace: Vec<Step>,
     progress: Option<ProgressFn>,
 }
@@ -276,6 +276,7 @@ impl Backend {
             pins: 0,
             state: State::New,
             mapping: None,
+            created_file: None,
             trace: Vec::new(),
             progress: None,
         }
@@ -497,14 +498,18 @@ impl Backend {
         let noreserve = !self.reserve;
         let mapping = match self.ty {
             BackendType::Ram => ram::alloc(&name, self.size, self.share, noreserve)?,
-            BackendType::File => file::alloc(
-                &self.file,
-                self.ty.name(),
-                &name,
-                self.size,
-                self.share,
-                noreserve,
-            )?,
+            BackendType::File => {
+                let (mapping, created) = file::alloc(
+                    &self.file,
+                    self.ty.name(),
+                    &name,
+                    self.size,
+                    self.share,
+                    noreserve,
+                )?;
+                self.created_file = created;
+                mapping
+            }
             BackendType::Memfd => memfd::alloc(
                 &self.memfd,
                 self.ty.name(),
@@ -532,7 +537,7 @@ impl Backend {
         if !self.host_nodes.is_empty() {
             let m = self.mapping.as_ref().expect("just set");
             if let Err(e) = numa::bind(m.as_ptr(), m.len(), self.policy, &self.host_nodes) {
-                self.mapping = None;
+                self.abort_complete();
                 return Err(e);
             }
             self.trace.push(Step::Bind {
@@ -561,6 +566,7 @@ impl Backend {
             }
         }
         self.state = State::Complete;
+        self.created_file = None;
         Ok(())
     }
 
@@ -569,6 +575,10 @@ impl Backend {
     pub fn abort_complete(&mut self) {
         self.mapping = None;
         self.state = State::New;
+        if let Some(path) = self.created_file.take() {
+            // SAFETY: removing the file this completion created; the path is NUL-terminated.
+            unsafe { libc::unlink(path.as_ptr()) };
+        }
     }
 
     /// `user_creatable_complete`: allocate → advise → bind → prealloc.
@@ -580,22 +590,11 @@ impl Backend {
 
     fn prealloc_job(&self) -> Option<PreallocJob> {
         let mapping = self.mapping.clone()?;
-        let remap = prealloc::Remap {
-            fd: mapping.fd(),
-            file_offset: if self.ty == BackendType::File {
-                self.file.offset
-            } else {
-                0
-            },
-            shared: mapping.is_shared(),
-            readonly: mapping.is_readonly(),
-        };
         Some(PreallocJob {
             id: self.id.clone(),
             mapping,
             max_threads: self.prealloc_threads,
             progress: self.progress.clone(),
-            remap,
         })
     }
 

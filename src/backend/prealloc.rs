@@ -6,23 +6,14 @@
 //! means the kernel lacks it). Without it, one byte per page is read and written back. A page
 //! that cannot be backed (hugetlbfs out of pages, a file hole past EOF) then raises SIGBUS.
 //!
-//! Why the touch path is sound without sigsetjmp: Rust cannot longjmp out of a signal handler
-//! over Rust frames. Instead the handler, when the fault lies in the range the *current thread*
-//! is touching (a thread-local set only around the touch loop), maps an anonymous page over the
-//! faulting page with MAP_FIXED (mmap is async-signal-safe) and records the address in an
-//! atomic; the faulting instruction then retries and succeeds, the loop sees the flag and stops
-//! with EFAULT. After the threads are joined, each replaced page of a file-backed mapping is
-//! mapped back from its file, so the backend is exactly as before (a later access faults as it
-//! would have without prealloc). SIGBUS outside the touched range, or on another thread, goes to
-//! the previous handler; if there was none the default action is restored so the access kills
-//! the process as it would have. The handler is installed under a mutex (one touch run at a
-//! time) and the previous one is always reinstalled.
+//! The touch path runs under a [`crate::guarded::Guard`]: a SIGBUS there replaces the page by a
+//! stand-in, the loop stops with EFAULT, and the page is mapped back from its file (the design
+//! is described in `guarded`).
 
-use std::cell::UnsafeCell;
-use std::mem::MaybeUninit;
-use std::os::fd::RawFd;
-use std::sync::atomic::{compiler_fence, AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
+
+use crate::guarded::{Guard, Span};
 
 use super::{BackendError, Result};
 
@@ -43,23 +34,13 @@ pub enum Method {
     Touch,
 }
 
-/// How to put back a page the SIGBUS path replaced: the mapping's file, if any.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Remap {
-    pub fd: Option<RawFd>,
-    /// File offset of the mapping's first byte.
-    pub file_offset: u64,
-    pub shared: bool,
-    pub readonly: bool,
-}
-
 pub struct Request<'a> {
-    pub addr: *mut u8,
-    pub len: usize,
-    pub page_size: usize,
+    /// The memory to preallocate, its page size and how to repair a page of it.
+    pub span: Span<'a>,
     pub max_threads: u32,
     pub progress: Option<&'a ProgressFn>,
-    pub remap: Remap,
+    /// Whether the mapping is read-only (populated for reading only).
+    pub readonly: bool,
     /// None: sense MADV_POPULATE_WRITE (POPULATE_READ for a read-only mapping); Some: force a
     /// method (tests).
     pub method: Option<Method>,
@@ -120,9 +101,9 @@ fn populate_works(addr: *mut u8, page: usize, readonly: bool) -> bool {
 
 /// Faults every page of the range in.
 pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
-    let page = req.page_size.max(1);
-    let pages = (req.len as u64).div_ceil(page as u64);
-    let total = req.len as u64;
+    let page = req.span.page_size();
+    let pages = (req.span.len() as u64).div_ceil(page as u64);
+    let total = req.span.len() as u64;
     if let Some(p) = req.progress {
         p(0, total);
     }
@@ -134,14 +115,14 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
     }
     let threads = thread_count(online_cpus(), req.max_threads, pages, total);
     let method = req.method.unwrap_or_else(|| {
-        if populate_works(req.addr, page, req.remap.readonly) {
+        if populate_works(req.span.as_ptr(), page, req.readonly) {
             Method::PopulateWrite
         } else {
             Method::Touch
         }
     });
-    let _handler = match method {
-        Method::Touch => Some(SigbusGuard::install()?),
+    let guard = match method {
+        Method::Touch => Some(Guard::acquire().map_err(|_| BackendError::SignalHandler(PREFIX))?),
         Method::PopulateWrite => None,
     };
     let counts = split_pages(pages, threads);
@@ -151,16 +132,17 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
         starts.push(next);
         next += c;
     }
-    let base = req.addr as usize;
-    let len = req.len;
+    let len = req.span.len();
     let (tx, rx) = mpsc::channel::<u64>();
-    let readonly = req.remap.readonly;
+    let span = &req.span;
+    let guard = guard.as_ref();
+    let readonly = req.readonly;
     let work = |first: u64, count: u64, done: &dyn Fn(u64)| {
-        let start = base + (first as usize) * page;
-        let end = (start + count as usize * page).min(base + len);
-        run_chunk(start, end, page, method, readonly, done)
+        let start = (first as usize) * page;
+        let end = (start + count as usize * page).min(len);
+        run_chunk(span, guard, start..end, readonly, done)
     };
-    let results: Vec<ChunkResult> = if threads == 1 {
+    let results: Vec<i32> = if threads == 1 {
         drop(tx);
         // One thread: no spawning; progress is reported directly as the work goes.
         let sum = std::cell::Cell::new(0u64);
@@ -188,10 +170,7 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
                         // Start together, once every thread exists, so that thread creation
                         // does not contend with page faults for the mm lock.
                         if !gate.wait() {
-                            return ChunkResult {
-                                errno: libc::EAGAIN,
-                                fault: None,
-                            };
+                            return libc::EAGAIN;
                         }
                         work(first, count, &|n| {
                             let _ = tx.send(n);
@@ -215,25 +194,11 @@ pub fn prealloc(req: &Request<'_>) -> Result<Outcome> {
             report(req.progress, &rx, total);
             Ok(handles
                 .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or(ChunkResult {
-                        errno: libc::EFAULT,
-                        fault: None,
-                    })
-                })
+                .map(|h| h.join().unwrap_or(libc::EFAULT))
                 .collect())
         })?
     };
-    let mut failed = None;
-    for r in &results {
-        if let Some(at) = r.fault {
-            restore_page(at, page, base, &req.remap);
-        }
-        if r.errno != 0 && failed.is_none() {
-            failed = Some(r.errno);
-        }
-    }
-    if let Some(errno) = failed {
+    if let Some(&errno) = results.iter().find(|&&e| e != 0) {
         return Err(BackendError::host(
             format!("{PREFIX}: preallocating memory failed"),
             errno,
@@ -281,244 +246,74 @@ fn report(progress: Option<&ProgressFn>, rx: &mpsc::Receiver<u64>, total: u64) {
     }
 }
 
-struct ChunkResult {
-    errno: i32,
-    fault: Option<usize>,
-}
-
 /// Pages per progress report (and per madvise call).
 fn step_bytes(page: usize) -> usize {
     (8usize << 20).max(page).next_multiple_of(page)
 }
 
+/// Preallocates `range` (offsets in the span): 0, or the errno that stopped it.
 fn run_chunk(
-    start: usize,
-    end: usize,
-    page: usize,
-    method: Method,
+    span: &Span<'_>,
+    guard: Option<&Guard>,
+    range: std::ops::Range<usize>,
     readonly: bool,
     done: &dyn Fn(u64),
-) -> ChunkResult {
+) -> i32 {
+    let page = span.page_size();
     let step = step_bytes(page);
-    let mut at = start;
-    if method == Method::Touch {
-        TOUCH.with(|t| {
-            t.start.store(start, Ordering::Relaxed);
-            t.end.store(end, Ordering::Relaxed);
-            t.page.store(page, Ordering::Relaxed);
-            t.fault.store(0, Ordering::Relaxed);
-        });
-        compiler_fence(Ordering::SeqCst);
-    }
-    let mut result = ChunkResult {
-        errno: 0,
-        fault: None,
-    };
-    while at < end {
-        let n = step.min(end - at);
-        match method {
-            Method::PopulateWrite => {
-                // SAFETY: [at, at+n) lies inside the caller's mapping.
-                let rc =
-                    unsafe { libc::madvise(at as *mut libc::c_void, n, populate_advice(readonly)) };
+    let mut at = range.start;
+    while at < range.end {
+        let n = step.min(range.end - at);
+        let errno = match guard {
+            None => {
+                let addr = span.as_ptr().wrapping_add(at);
+                // SAFETY: [addr, addr+n) lies inside the caller's mapping.
+                let rc = unsafe {
+                    libc::madvise(addr as *mut libc::c_void, n, populate_advice(readonly))
+                };
                 if rc != 0 {
-                    result.errno = crate::hostmap::errno();
-                    break;
+                    crate::hostmap::errno()
+                } else {
+                    0
                 }
             }
-            Method::Touch => {
-                let mut p = at;
-                while p < at + n {
-                    // SAFETY: p lies inside the caller's mapping (writable unless `readonly`);
-                    // reading a byte and writing the same value back leaves the content
-                    // unchanged. A SIGBUS here is repaired by the handler (see the module
-                    // comment).
-                    unsafe {
-                        let v = std::ptr::read_volatile(p as *const u8);
-                        if !readonly {
-                            std::ptr::write_volatile(p as *mut u8, v);
-                        }
-                    }
-                    compiler_fence(Ordering::SeqCst);
-                    let fault = TOUCH.with(|t| t.fault.load(Ordering::Relaxed));
-                    if fault != 0 {
-                        result.errno = libc::EFAULT;
-                        result.fault = Some(fault);
-                        break;
-                    }
-                    p += page;
-                }
-                if result.errno != 0 {
-                    break;
+            Some(guard) => {
+                match guard.run(span, at, n, |watch| touch(span, at, n, readonly, watch)) {
+                    Ok(()) => 0,
+                    Err(_) => libc::EFAULT,
                 }
             }
+        };
+        if errno != 0 {
+            return errno;
         }
         done(n as u64);
         at += n;
     }
-    if method == Method::Touch {
+    0
+}
+
+/// Reads one byte of every page of `[at, at+n)` and writes it back (unless read-only), stopping
+/// at the first page that faults.
+fn touch(span: &Span<'_>, at: usize, n: usize, readonly: bool, watch: &crate::guarded::Watch) {
+    let page = span.page_size();
+    let mut p = at;
+    while p < at + n {
+        let addr = span.as_ptr().wrapping_add(p);
+        // SAFETY: `addr` lies inside the span's mapping (writable unless `readonly`); reading a
+        // byte and writing the same value back leaves the content unchanged. A SIGBUS here is
+        // repaired by the guard, and the loop stops.
+        unsafe {
+            let v = std::ptr::read_volatile(addr as *const u8);
+            if !readonly {
+                std::ptr::write_volatile(addr, v);
+            }
+        }
         compiler_fence(Ordering::SeqCst);
-        TOUCH.with(|t| {
-            t.start.store(0, Ordering::Relaxed);
-            t.end.store(0, Ordering::Relaxed);
-        });
-    }
-    result
-}
-
-/// Puts a page that the SIGBUS handler replaced back to its file.
-fn restore_page(at: usize, page: usize, base: usize, remap: &Remap) {
-    let Some(fd) = remap.fd else { return };
-    let prot = if remap.readonly {
-        libc::PROT_READ
-    } else {
-        libc::PROT_READ | libc::PROT_WRITE
-    };
-    let flags = libc::MAP_FIXED
-        | if remap.shared {
-            libc::MAP_SHARED
-        } else {
-            libc::MAP_PRIVATE
-        };
-    // SAFETY: `at` is a page of the caller's mapping that the handler replaced; mapping the
-    // file back over it restores the original layout.
-    unsafe {
-        libc::mmap(
-            at as *mut libc::c_void,
-            page,
-            prot,
-            flags,
-            fd,
-            (remap.file_offset + (at - base) as u64) as libc::off_t,
-        );
-    }
-}
-
-/// The range the current thread is touching, read by the SIGBUS handler. Atomics so that the
-/// handler and the loop on the same thread agree without the compiler caching values.
-struct TouchState {
-    start: AtomicUsize,
-    end: AtomicUsize,
-    page: AtomicUsize,
-    fault: AtomicUsize,
-}
-
-thread_local! {
-    // const-initialised and without a destructor: accessing it from a signal handler is a plain
-    // TLS load, with no lazy initialisation or allocation.
-    static TOUCH: TouchState = const {
-        TouchState {
-            start: AtomicUsize::new(0),
-            end: AtomicUsize::new(0),
-            page: AtomicUsize::new(0),
-            fault: AtomicUsize::new(0),
+        if watch.faulted() {
+            return;
         }
-    };
-}
-
-/// The handler that was in place before ours, for forwarding.
-struct OldAction(UnsafeCell<MaybeUninit<libc::sigaction>>);
-// SAFETY: written only while HANDLER_LOCK is held and before our handler is installed; read by
-// the handler only while it is installed.
-unsafe impl Sync for OldAction {}
-static OLD_ACTION: OldAction = OldAction(UnsafeCell::new(MaybeUninit::uninit()));
-static HANDLER_LOCK: Mutex<()> = Mutex::new(());
-
-extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    let mine = TOUCH.with(|t| {
-        let (s, e, p) = (
-            t.start.load(Ordering::Relaxed),
-            t.end.load(Ordering::Relaxed),
-            t.page.load(Ordering::Relaxed),
-        );
-        if addr >= s && addr < e && p != 0 {
-            let pg = addr & !(p - 1);
-            // SAFETY: replacing one page of the range this thread is preallocating; mmap is
-            // async-signal-safe. The page is restored from its file after the run.
-            let r = unsafe {
-                libc::mmap(
-                    pg as *mut libc::c_void,
-                    p,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if r != libc::MAP_FAILED {
-                t.fault.store(pg, Ordering::Relaxed);
-                return true;
-            }
-        }
-        false
-    });
-    if mine {
-        return;
-    }
-    // SAFETY: OLD_ACTION was filled before this handler was installed (see OldAction).
-    let old = unsafe { (*OLD_ACTION.0.get()).assume_init_ref() };
-    if old.sa_sigaction == libc::SIG_DFL || old.sa_sigaction == libc::SIG_IGN {
-        // No one else wants it: fall back to the default action, so that returning re-runs the
-        // access and it ends the process as it would have without us.
-        // SAFETY: a zeroed sigaction with SIG_DFL is a valid argument.
-        unsafe {
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
-        }
-    } else if old.sa_flags & libc::SA_SIGINFO != 0 {
-        // SAFETY: with SA_SIGINFO the stored handler has this signature.
-        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            unsafe { std::mem::transmute(old.sa_sigaction) };
-        f(sig, info, ctx);
-    } else {
-        // SAFETY: without SA_SIGINFO the stored handler takes the signal number only.
-        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(old.sa_sigaction) };
-        f(sig);
-    }
-}
-
-/// Our SIGBUS handler, installed for one touch run; the previous one comes back on drop.
-struct SigbusGuard {
-    _lock: std::sync::MutexGuard<'static, ()>,
-}
-
-impl SigbusGuard {
-    fn install() -> Result<Self> {
-        let lock = HANDLER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: zeroed sigaction structs are valid; the old action is written to our own
-        // static while no handler of ours is installed (we hold the lock).
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_sigbus as *const () as usize;
-            act.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut act.sa_mask);
-            let old = (*OLD_ACTION.0.get()).as_mut_ptr();
-            if libc::sigaction(libc::SIGBUS, &act, old) != 0 {
-                return Err(BackendError::SignalHandler(PREFIX));
-            }
-        }
-        Ok(SigbusGuard { _lock: lock })
-    }
-}
-
-impl Drop for SigbusGuard {
-    fn drop(&mut self) {
-        // SAFETY: OLD_ACTION holds what sigaction returned at install; we still hold the lock.
-        let rc = unsafe {
-            libc::sigaction(
-                libc::SIGBUS,
-                (*OLD_ACTION.0.get()).as_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != 0 {
-            // QEMU treats this as fatal; a process left with our handler would misroute SIGBUS.
-            eprintln!("{PREFIX}: failed to reinstall signal handler");
-            std::process::abort();
-        }
+        p += page;
     }
 }
 
@@ -538,6 +333,7 @@ pub fn resident_pages(addr: *const u8, len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guarded::Remap;
 
     #[test]
     fn thread_count_rule() {
@@ -576,12 +372,10 @@ mod tests {
         let s2 = seen.clone();
         let cb: ProgressFn = Arc::new(move |d, t| s2.lock().unwrap().push((d, t)));
         let out = prealloc(&Request {
-            addr: m.as_ptr(),
-            len,
-            page_size: 4096,
+            span: Span::of(&m),
             max_threads: 2,
             progress: Some(&cb),
-            remap: Remap::default(),
+            readonly: false,
             method: None,
         })
         .unwrap();
@@ -613,12 +407,10 @@ mod tests {
                 .push((d, resident_pages(m2.as_ptr(), m2.len())));
         });
         prealloc(&Request {
-            addr: m.as_ptr(),
-            len,
-            page_size: 4096,
+            span: Span::of(&m),
             max_threads: 1,
             progress: Some(&cb),
-            remap: Remap::default(),
+            readonly: false,
             method: None,
         })
         .unwrap();
@@ -632,41 +424,23 @@ mod tests {
         );
     }
 
-    /// Tests that install SIGBUS handlers or use the touch method run one at a time: the
-    /// handler is process-wide.
-    static SIGNAL_TESTS: Mutex<()> = Mutex::new(());
-
     #[test]
     fn touch_method_makes_pages_resident_and_keeps_content() {
-        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let len = 4 << 20;
         let m = anon(len);
         // SAFETY: writing inside the mapping.
         unsafe { m.as_ptr().add(4096 * 3).write(0x42) };
         prealloc(&Request {
-            addr: m.as_ptr(),
-            len,
-            page_size: 4096,
+            span: Span::of(&m),
             max_threads: 4,
             progress: None,
-            remap: Remap::default(),
+            readonly: false,
             method: Some(Method::Touch),
         })
         .unwrap();
         assert_eq!(resident_pages(m.as_ptr(), len), len / 4096);
         // SAFETY: reading inside the mapping.
         assert_eq!(unsafe { m.as_ptr().add(4096 * 3).read() }, 0x42);
-    }
-
-    extern "C" fn marker_handler(_: libc::c_int) {}
-
-    fn current_sigbus() -> usize {
-        // SAFETY: querying the current action into a zeroed struct.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old);
-            old.sa_sigaction
-        }
     }
 
     /// A memfd mapping longer than its file: pages past EOF raise SIGBUS when touched.
@@ -694,29 +468,25 @@ mod tests {
         }
     }
 
+    /// (That the previous SIGBUS handler comes back is tested in tests/guarded.rs, a binary
+    /// of its own: the handler is process-wide.)
     #[test]
-    fn sigbus_while_touching_is_an_error_and_the_old_handler_returns() {
+    fn sigbus_while_touching_is_an_error_and_the_page_is_the_files_again() {
         use std::os::fd::AsRawFd;
-        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: installing a harmless handler to check it is restored.
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = marker_handler as *const () as usize;
-            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut());
-        }
         let (fd, p) = truncated_memfd(8, 4);
+        let remap = Remap {
+            fd: Some(fd.as_raw_fd()),
+            file_offset: 0,
+            shared: true,
+            readonly: false,
+        };
+        // SAFETY: `p` maps 8 pages of our memfd until the munmap below.
+        let span = unsafe { Span::from_raw(p, 8 * 4096, 4096, remap) };
         let e = prealloc(&Request {
-            addr: p,
-            len: 8 * 4096,
-            page_size: 4096,
+            span,
             max_threads: 1,
             progress: None,
-            remap: Remap {
-                fd: Some(fd.as_raw_fd()),
-                file_offset: 0,
-                shared: true,
-                readonly: false,
-            },
+            readonly: false,
             method: Some(Method::Touch),
         })
         .unwrap_err();
@@ -724,7 +494,6 @@ mod tests {
             e.to_string(),
             "qemu_prealloc_mem: preallocating memory failed: Bad address"
         );
-        assert_eq!(current_sigbus(), marker_handler as *const () as usize);
         // The replaced page is the file's again: growing the file makes it readable through
         // the original mapping, which an anonymous stand-in would not show.
         // SAFETY: growing our memfd and writing through the fd; then reading the mapping.
@@ -737,24 +506,20 @@ mod tests {
             );
             assert_eq!(p.add(4 * 4096).read_volatile(), 0x77);
             libc::munmap(p as *mut libc::c_void, 8 * 4096);
-            let mut dfl: libc::sigaction = std::mem::zeroed();
-            dfl.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
         }
     }
 
     #[test]
     fn populate_write_failure_uses_qemus_words() {
         // Kernels without MADV_POPULATE_WRITE take the touch path here.
-        let _serial = SIGNAL_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let (fd, p) = truncated_memfd(4, 1);
+        // SAFETY: `p` maps 4 pages of our memfd until the munmap below.
+        let span = unsafe { Span::from_raw(p, 4 * 4096, 4096, Remap::default()) };
         let e = prealloc(&Request {
-            addr: p,
-            len: 4 * 4096,
-            page_size: 4096,
+            span,
             max_threads: 1,
             progress: None,
-            remap: Remap::default(),
+            readonly: false,
             method: None,
         })
         .unwrap_err();

@@ -67,8 +67,10 @@ pub extern "C" fn hm_kvm_attach(max_slot_size: u64, errp: *mut *mut Error) -> bo
 /// numbers in `vmm_slots[0..n_vmm_slots]` are the VMM's and hostmem never uses them; later
 /// ones come from `hm_kvm_slot_reserve` / `hm_kvm_slot_alloc`. The VMM must not delete or
 /// change hostmem's slots (`hm_kvm_get_slots` lists them). `max_slot_size` as for
-/// `hm_kvm_attach`. Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or
-/// KVM is attached already.
+/// `hm_kvm_attach`. hostmem's dirty log expects the VM without
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (the default), and leaves that VM-wide setting alone.
+/// Fails if `vm_fd` is not a KVM VM, a number is out of the VM's budget, or KVM is attached
+/// already.
 ///
 /// # Safety
 /// `vmm_slots` points to `n_vmm_slots` numbers (or is NULL with 0); `errp` as usual.

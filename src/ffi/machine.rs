@@ -299,42 +299,49 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
                 "the command line asks for the list of machine types: use hm_machine_help_from_argv()",
             ));
         }
-        let (info, mc) = {
-            let boards = boards();
-            let (info, class) = boards.find(cmd.machine_type.as_deref())?;
-            (info.clone(), class.0)
-        };
-        // SAFETY: `mc` is a registered class (static, per the registration contract).
-        let class = unsafe { &*mc };
-        check_objects_as_read(&cmd)?;
-        // The class's hooks (RAM size fixup, property setters) run with no hostmem lock held.
-        let options = crate::machine::options::apply(&cmd, &info, &mut ClassHooks(class))?;
-        warn_if_deprecated(class, &info);
-        let mut env = BuildEnv {
-            host: &ThisHost,
-            warn: &mut warn,
-        };
-        let mut pending = PendingMachine::start_with(&cmd, &info, &options, &mut env)?;
-        let ms = new_machine_state(pending.id(), mc, &cmd)?;
-        // The board runs with no hostmem lock held, so it may call any hostmem function.
-        // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
-        if let Some(init) = unsafe { (*mc).init } {
-            // SAFETY: board init receives the machine it is building, as in QEMU.
-            unsafe { init(ms) };
-        }
-        // A board that misused the memory API (reported when it happened) fails the machine.
-        let finished = match take_pending_error(pending.id()) {
-            Some(e) => Err(e),
-            None => pending.finish_init(),
-        };
-        if let Err(e) = finished {
-            // SAFETY: `ms` is the live machine made above, not shared beyond the board.
-            unsafe { free_machine_state(ms) };
-            return Err(e);
-        }
-        pending.commit();
-        Ok(ms)
+        machine_from_cmdline(&cmd)
     })
+}
+
+/// Builds a machine from a read command line with the registered board it names: the
+/// options applied with the class's hooks, the generic code, the board's init, the
+/// accelerator. The machine is current afterwards.
+pub(crate) fn machine_from_cmdline(cmd: &Cmdline) -> Result<*mut MachineState> {
+    let (info, mc) = {
+        let boards = boards();
+        let (info, class) = boards.find(cmd.machine_type.as_deref())?;
+        (info.clone(), class.0)
+    };
+    // SAFETY: `mc` is a registered class (static, per the registration contract).
+    let class = unsafe { &*mc };
+    check_objects_as_read(cmd)?;
+    // The class's hooks (RAM size fixup, property setters) run with no hostmem lock held.
+    let options = crate::machine::options::apply(cmd, &info, &mut ClassHooks(class))?;
+    warn_if_deprecated(class, &info);
+    let mut env = BuildEnv {
+        host: &ThisHost,
+        warn: &mut warn,
+    };
+    let mut pending = PendingMachine::start_with(cmd, &info, &options, &mut env)?;
+    let ms = new_machine_state(pending.id(), mc, cmd)?;
+    // The board runs with no hostmem lock held, so it may call any hostmem function.
+    // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
+    if let Some(init) = unsafe { (*mc).init } {
+        // SAFETY: board init receives the machine it is building, as in QEMU.
+        unsafe { init(ms) };
+    }
+    // A board that misused the memory API (reported when it happened) fails the machine.
+    let finished = match take_pending_error(pending.id()) {
+        Some(e) => Err(e),
+        None => pending.finish_init(),
+    };
+    if let Err(e) = finished {
+        // SAFETY: `ms` is the live machine made above, not shared beyond the board.
+        unsafe { free_machine_state(ms) };
+        return Err(e);
+    }
+    pending.commit();
+    Ok(ms)
 }
 
 /// Prints one of QEMU's warnings as QEMU does: "<program>: " and the text (which says
@@ -424,7 +431,7 @@ pub unsafe extern "C" fn hm_machine_help_from_argv(
 ///
 /// # Safety
 /// `argv` holds `argc` NUL-terminated strings.
-unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
+pub(crate) unsafe fn argv_strings(argc: c_int, argv: *const *const c_char) -> Result<Vec<String>> {
     if argv.is_null() && argc > 0 {
         return Err(Error::invalid("Parameter 'argv' is missing"));
     }
@@ -566,14 +573,7 @@ pub unsafe extern "C" fn hm_machine_get_property(
     guard_report(false, || {
         // SAFETY: by contract.
         let (ms, name) = unsafe { (ref_arg(ms, "ms")?, str_arg(name, "name")?) };
-        let found = registry::with(ms.context, |m| {
-            Ok(m.config().and_then(|c| {
-                c.board_properties
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| *v)
-            }))
-        })?;
+        let found = registry::with(ms.context, |m| Ok(m.board_property(name)))?;
         match found {
             Some(v) => {
                 if !value.is_null() {
@@ -634,6 +634,19 @@ pub unsafe extern "C" fn hm_hmp(
 #[no_mangle]
 pub extern "C" fn hm_context_current() -> u32 {
     guard_report(0, || Ok(registry::current_id()))
+}
+
+/// QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
+/// current machine's KVM slots are cut at `max_slot_size` bytes at most, a whole number of
+/// host pages; a smaller `-accel kvm,max-slot-size` still wins. Misuse (after the slots
+/// exist, an unaligned size) is reported and fails the machine being built.
+#[no_mangle]
+pub extern "C" fn kvm_set_max_memslot_size(max_slot_size: u64) {
+    crate::ffi::memory::void_export(|ctx| {
+        let id = registry::current_id();
+        *ctx = Some(id);
+        registry::with(id, |m| m.set_kvm_max_slot_size(max_slot_size))
+    });
 }
 
 fn legacy_allocate(mr: *mut MemoryRegion, name: *const c_char, size: u64) -> Result<()> {

@@ -183,7 +183,7 @@ pub(crate) fn forget_machine(id: ContextId) {
 
 /// The frame of every `void` export: errors and panics are printed and remembered. `f` sets
 /// `ctx` as soon as it knows which context the call is about.
-fn void_export(f: impl FnOnce(&mut Option<ContextId>) -> Result<()>) {
+pub(crate) fn void_export(f: impl FnOnce(&mut Option<ContextId>) -> Result<()>) {
     let mut ctx = None;
     let mut failure = None;
     let ok = guard_report(false, || match f(&mut ctx) {

@@ -601,3 +601,80 @@ pub unsafe extern "C" fn hm_migration_wait_incoming(
         })))
     })
 }
+
+/// Builds the machine `argv` describes for the migration-compat check: as a VMM would, but
+/// with no accelerator, no `-incoming` and no `-mem-prealloc` (nothing runs, listens or
+/// touches guest memory). `side` names the command line in errors.
+///
+/// # Safety
+/// `argv` holds `argc` NUL-terminated strings (argv[0], the program name, is skipped).
+unsafe fn check_machine(
+    side: &str,
+    argc: c_int,
+    argv: *const *const c_char,
+) -> Result<*mut MachineState> {
+    // SAFETY: forwarded caller contract.
+    let args = unsafe { super::machine::argv_strings(argc, argv) }?;
+    let mut cmd = crate::options::cmdline::Cmdline::parse(&args)
+        .map_err(|e| Error::from(e).prepend(&format!("{side}: ")))?;
+    if cmd.machine_help {
+        return Err(Error::invalid(format!(
+            "{side}: -machine help builds no machine"
+        )));
+    }
+    cmd.accel = None;
+    cmd.accel_option = None;
+    cmd.accel_machine = None;
+    cmd.incoming = None;
+    cmd.mem_prealloc = false;
+    super::machine::machine_from_cmdline(&cmd).map_err(|e| e.prepend(&format!("{side}: ")))
+}
+
+/// Would a guest started with the command line `src_argv` migrate to a VMM started with
+/// `dst_argv`? Both machines are built (with the registered boards, see `check_machine`:
+/// no accelerator, no `-incoming`, no preallocation) and freed again; the current machine
+/// stays current. Returns a JSON object (release it with `hm_free`):
+///
+/// `{"compatible": BOOL, "breaks": [{"side": "source"|"destination", "message": STR}, ...],
+///   "notes": [STR, ...]}`
+///
+/// `breaks` lists every reason the migration fails, in the order a real migration meets them
+/// and in QEMU's words where QEMU has them (the first is what the destination's loader
+/// prints first); `notes` what loads but loses memory (a destination block the stream does
+/// not carry). NULL with `errp` set when a command line cannot be built into a machine.
+///
+/// # Safety
+/// `src_argv` / `dst_argv` hold `src_argc` / `dst_argc` NUL-terminated strings, each starting
+/// with a program name.
+#[no_mangle]
+pub unsafe extern "C" fn hm_migration_check(
+    src_argc: c_int,
+    src_argv: *const *const c_char,
+    dst_argc: c_int,
+    dst_argv: *const *const c_char,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    guard(errp, std::ptr::null_mut(), || {
+        let previous = registry::current_if_any();
+        // SAFETY: forwarded caller contract.
+        let built = unsafe { check_machine("source", src_argc, src_argv) }.and_then(|src| {
+            // SAFETY: forwarded caller contract.
+            let report =
+                unsafe { check_machine("destination", dst_argc, dst_argv) }.and_then(|dst| {
+                    // SAFETY: both are live machines built above.
+                    let ids = unsafe { ((*src).context, (*dst).context) };
+                    let report = registry::migrate::check_compat(ids.0, ids.1);
+                    // SAFETY: built above, freed once.
+                    unsafe { super::machine::hm_machine_free(dst) };
+                    report
+                });
+            // SAFETY: built above, freed once.
+            unsafe { super::machine::hm_machine_free(src) };
+            report
+        });
+        if let Some(prev) = previous {
+            registry::set_current(prev)?;
+        }
+        Ok(super::c_string(&built?.to_json()))
+    })
+}

@@ -199,7 +199,8 @@ mod dirtier {
     use super::super::machine::MachineState;
     use super::super::{guard, ref_arg};
     use crate::error::{Error, HmErrorClass, Result};
-    use crate::memory::{ram_chunks, GuestChunk, MemorySystem};
+    use crate::guarded::Guard;
+    use crate::memory::{ram_chunks, MemorySystem};
     use crate::registry::{self, MachineId};
     use crate::testing::guest::{check_dirtied_pages, DirtierLayout};
     use crate::testing::runner::DirtierRunner;
@@ -403,9 +404,10 @@ mod dirtier {
                 )));
             }
             let layout = DirtierLayout { start, end };
+            let guard = Guard::acquire().map_err(|e| Error::generic(e.to_string()))?;
             let (byte0, passes) = registry::with(id, |m| {
-                let byte0 = page_bytes(m.memory(), &layout);
-                let passes = read_u64(m.memory(), DirtierLayout::PASSES_GPA);
+                let byte0 = page_bytes(m.memory(), &guard, &layout)?;
+                let passes = read_u64(m.memory(), &guard, DirtierLayout::PASSES_GPA)?;
                 Ok((byte0, passes))
             })?;
             let c = check_dirtied_pages(layout.pages(), |i| byte0[i as usize]);
@@ -421,58 +423,30 @@ mod dirtier {
     }
 
     /// Byte 0 of every page of `layout`, through the flat view (0 where there is no RAM).
-    fn page_bytes(mem: &MemorySystem, layout: &DirtierLayout) -> Vec<u8> {
+    fn page_bytes(mem: &MemorySystem, guard: &Guard, layout: &DirtierLayout) -> Result<Vec<u8>> {
         let mut bytes = Vec::with_capacity(layout.pages() as usize);
-        let mut at = layout.start;
         for chunk in ram_chunks(mem, layout.start, layout.pages() * DirtierLayout::PAGE_SIZE) {
-            let len = match &chunk {
-                GuestChunk::Ram { len, .. } | GuestChunk::Hole { len } => *len,
-            };
             // Chunks may start mid-page: the next page's byte 0 is the first this one holds.
-            let mut gpa = at.next_multiple_of(DirtierLayout::PAGE_SIZE);
-            while gpa < at + len {
-                bytes.push(match &chunk {
-                    GuestChunk::Ram {
-                        mapping, offset, ..
-                    } => {
-                        let at_byte = (offset + (gpa - at)) as usize;
-                        // SAFETY: `at_byte` is inside the chunk, which lies inside `mapping`,
-                        // kept mapped by the Arc; a volatile read, as a vCPU may have written
-                        // it.
-                        unsafe { std::ptr::read_volatile(mapping.as_ptr().add(at_byte)) }
-                    }
-                    GuestChunk::Hole { .. } => 0,
-                });
+            let mut gpa = chunk.gpa.next_multiple_of(DirtierLayout::PAGE_SIZE);
+            while gpa < chunk.gpa + chunk.len {
+                let mut b = [0u8];
+                chunk.read(guard, gpa - chunk.gpa, &mut b)?;
+                bytes.push(b[0]);
                 gpa += DirtierLayout::PAGE_SIZE;
             }
-            at += len;
         }
         bytes.resize(layout.pages() as usize, 0);
-        bytes
+        Ok(bytes)
     }
 
-    fn read_u64(mem: &MemorySystem, gpa: u64) -> u64 {
+    fn read_u64(mem: &MemorySystem, guard: &Guard, gpa: u64) -> Result<u64> {
         let mut v = [0u8; 8];
         let mut at = 0usize;
         for chunk in ram_chunks(mem, gpa, 8) {
-            match chunk {
-                GuestChunk::Ram {
-                    mapping,
-                    offset,
-                    len,
-                } => {
-                    for i in 0..len as usize {
-                        // SAFETY: inside the chunk, inside `mapping`, kept mapped by the Arc.
-                        v[at + i] = unsafe {
-                            std::ptr::read_volatile(mapping.as_ptr().add(offset as usize + i))
-                        };
-                    }
-                    at += len as usize;
-                }
-                GuestChunk::Hole { len } => at += len as usize,
-            }
+            chunk.read(guard, 0, &mut v[at..at + chunk.len as usize])?;
+            at += chunk.len as usize;
         }
-        u64::from_le_bytes(v)
+        Ok(u64::from_le_bytes(v))
     }
 
     /// The longest state `hm_test_dirtier_save_state` writes.
@@ -480,4 +454,94 @@ mod dirtier {
     pub extern "C" fn hm_test_dirtier_state_size() -> usize {
         crate::testing::runner::state_len()
     }
+}
+
+/// What `hm_test_memory_checksum` found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HmMemoryChecksum {
+    /// A sum over the non-zero pages of a hash of each page's guest address and contents.
+    pub digest: u64,
+    /// 4 KiB pages holding a non-zero byte.
+    pub nonzero_pages: u64,
+    /// Pages read (those the kernel reported as possibly populated).
+    pub pages_read: u64,
+}
+
+/// Writes a pattern (non-zero words, a function of `seed` and each word's guest address) over
+/// the RAM of guest-physical `[gpa, gpa+size)` of `ms`, skipping holes and ROM; `*written` gets
+/// the bytes written. With the machine unlocked: the guest should be paused.
+///
+/// # Safety
+/// `ms` is a live machine; `written` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hm_test_memory_fill(
+    ms: *mut super::machine::MachineState,
+    gpa: u64,
+    size: u64,
+    seed: u64,
+    written: *mut u64,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let id = unsafe { super::ref_arg(ms, "ms") }?.context;
+        let n = registry::run_unlocked(
+            id,
+            |m| {
+                Ok(crate::testing::memory::GuestRange::of(
+                    m.memory(),
+                    gpa,
+                    size,
+                ))
+            },
+            |range| crate::testing::memory::fill(&range, seed),
+            |_, n| Ok(n),
+        )?;
+        // SAFETY: by contract, NULL or writable.
+        if let Some(w) = unsafe { written.as_mut() } {
+            *w = n;
+        }
+        Ok(true)
+    })
+}
+
+/// Sums guest-physical `[gpa, gpa+size)` of `ms` page by page into `*out`, reading only pages
+/// that may have been populated: equal sums for equal guest-physical memory, however it is cut
+/// into RAMBlocks (a never-touched page adds nothing, as a zero page does).
+///
+/// # Safety
+/// `ms` is a live machine; `out` points to a writable `HmMemoryChecksum`.
+#[no_mangle]
+pub unsafe extern "C" fn hm_test_memory_checksum(
+    ms: *mut super::machine::MachineState,
+    gpa: u64,
+    size: u64,
+    out: *mut HmMemoryChecksum,
+    errp: *mut *mut Error,
+) -> bool {
+    guard(errp, false, || {
+        // SAFETY: by contract.
+        let id = unsafe { super::ref_arg(ms, "ms") }?.context;
+        // SAFETY: by contract.
+        let out = unsafe { mut_arg(out, "out") }?;
+        let c = registry::run_unlocked(
+            id,
+            |m| {
+                Ok(crate::testing::memory::GuestRange::of(
+                    m.memory(),
+                    gpa,
+                    size,
+                ))
+            },
+            |range| crate::testing::memory::checksum(&range),
+            |_, c| c,
+        )?;
+        *out = HmMemoryChecksum {
+            digest: c.digest,
+            nonzero_pages: c.nonzero_pages,
+            pages_read: c.pages_read,
+        };
+        Ok(true)
+    })
 }

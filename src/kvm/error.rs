@@ -36,8 +36,20 @@ pub enum KvmError {
         size: u64,
         errno: i32,
     },
+    #[error("KVM_CLEAR_DIRTY_LOG failed, slot={slot}, start=0x{gpa:x}, pages={pages}: {}", strerror(*errno))]
+    ClearDirtyLog {
+        slot: u32,
+        gpa: u64,
+        pages: u32,
+        errno: i32,
+    },
     #[error("max-slot-size 0x{size:x} must be a multiple of the host page size 0x{host_page:x}")]
     SlotSizeNotPageMultiple { size: u64, host_page: u64 },
+    /// The preflight's estimate of the kernel memory new slots need exceeds what the host can
+    /// spare (see `cost`): refused before anything is registered.
+    /// The text names the estimate, the paging mode and what the host has.
+    #[error("{0}")]
+    SlotCost(String),
     /// The configured slot size cannot hold one page of a section's memory (hugetlbfs).
     #[error("memory region '{region}': max-slot-size 0x{configured:x} is smaller than the page size 0x{page:x} of the memory behind the section")]
     SlotSizeBelowPage {
@@ -55,6 +67,7 @@ impl KvmError {
             | KvmError::CreateVcpu { errno, .. }
             | KvmError::SetMemoryRegion { errno, .. }
             | KvmError::GetDirtyLog { errno, .. }
+            | KvmError::ClearDirtyLog { errno, .. }
             | KvmError::NotAVm { errno, .. } => Some(errno),
             _ => None,
         }
@@ -78,6 +91,12 @@ impl From<KvmError> for Error {
         let mut err = Error::new(class, e.to_string());
         if let Some(errno) = e.errno() {
             err = err.with_errno(errno);
+        }
+        if let KvmError::SlotCost(_) = e {
+            err = err.with_hint(
+                "-accel kvm,memslot-preflight=off registers them anyway, at the risk of the \
+                 host's OOM killer\n",
+            );
         }
         if let KvmError::NoFreeSlot { nr_slots } = e {
             err = err.with_hint(format!(

@@ -6,6 +6,7 @@
 //!   `kvm_max_slot_size` walk);
 //! - [`table`]: the slot table of one VM and the ioctls that keep the kernel in step;
 //! - [`listener`]: the [`crate::listener::MemoryListener`] that feeds the table from commits;
+//! - [`cost`]: what slots cost the host kernel, and the preflight that refuses them first;
 //! - [`error`]: what KVM refuses, in QEMU's words;
 //! - this file: [`KvmAccel`], the VM of one machine and its vCPUs.
 //!
@@ -19,8 +20,11 @@
 //!   slot's log first and keeps it for the next sync.
 //! - KVM's cost per slot is not only the slot: on hosts without the TDP MMU (nested or
 //!   paravirtual hosts such as this project's machines) x86 KVM allocates ~10 bytes of kernel
-//!   memory per 4 KiB page up front, ~20 GiB for an 8 TiB slot, whatever is backed.
+//!   memory per 4 KiB page up front, ~20 GiB for an 8 TiB slot, whatever is backed. The
+//!   preflight ([`cost`]) refuses slots whose estimate exceeds what the host can spare, before
+//!   the kernel is asked (QEMU lets the OOM killer decide).
 
+pub mod cost;
 pub mod error;
 pub mod listener;
 pub mod slots;
@@ -46,6 +50,9 @@ pub const LISTENER_NAME: &str = "kvm-memory";
 /// QEMU's slot budget when the kernel does not report `KVM_CAP_NR_MEMSLOTS`.
 const DEFAULT_NR_SLOTS: u32 = 32;
 
+/// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (bit 0 of its value: KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+
 /// The KVM VM of one machine: the VM fd, its vCPUs and the slot table the listener fills.
 ///
 /// Clones share the VM, so a vCPU can run with the machine unlocked (another thread may change
@@ -60,9 +67,18 @@ pub struct KvmAccel {
 }
 
 impl KvmAccel {
-    /// Opens `/dev/kvm` and creates a VM. `max_slot_size` 0 means the kernel's limit; otherwise
-    /// it must be a multiple of the host page size (QEMU's `kvm_set_max_memslot_size`).
+    /// Opens `/dev/kvm` and creates a VM whose slots pass this host's preflight. `max_slot_size`
+    /// 0 means the kernel's limit; otherwise it must be a multiple of the host page size
+    /// (QEMU's `kvm_set_max_memslot_size`).
     pub fn open(max_slot_size: u64) -> std::result::Result<Self, KvmError> {
+        Self::open_with(max_slot_size, Some(cost::Preflight::of_host()))
+    }
+
+    /// [`Self::open`] with the preflight given (None: slots are registered whatever they cost).
+    pub fn open_with(
+        max_slot_size: u64,
+        preflight: Option<cost::Preflight>,
+    ) -> std::result::Result<Self, KvmError> {
         let host_page = crate::hostmap::host_page_size() as u64;
         let max = slots::check_max_slot_size(max_slot_size, host_page)?;
         let kvm = Kvm::new().map_err(|e| KvmError::Open { errno: e.errno() })?;
@@ -73,14 +89,38 @@ impl KvmAccel {
             n if n > 0 => n as u32,
             _ => DEFAULT_NR_SLOTS,
         };
+        // Manual dirty-log protection (QEMU turns it on too): a sync re-protects only the 1 GiB
+        // chunks that hold dirty pages, one KVM_CLEAR_DIRTY_LOG each. Not INITIALLY_SET: the
+        // first sync after logging starts reports only pages written since, as before.
+        let manual = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)) & 1 != 0
+            && vm
+                .enable_cap(&kvm_bindings::kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [1, 0, 0, 0],
+                    ..Default::default()
+                })
+                .is_ok();
         let vm = Arc::new(vm);
-        let table = SlotTable::new(vm.clone(), nr, max, host_page);
+        let mut table = SlotTable::new(vm.clone(), nr, max, host_page);
+        table.set_manual_protect(manual);
+        table.set_preflight(preflight);
         Ok(KvmAccel {
             kvm: Arc::new(kvm),
             vm,
             table: Arc::new(Mutex::new(table)),
             vcpus: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// Refuses, before anything is registered, a layout whose slots the host cannot afford:
+    /// the whole of `sections` is estimated at once (a listener's replay registers one section
+    /// at a time). Nothing to do when the preflight is off.
+    pub fn preflight(&self, sections: &[crate::listener::MemorySection]) -> Result<()> {
+        let t = self.table();
+        if let Some(p) = t.preflight() {
+            p.check(&t.planned_slots(sections)?)?;
+        }
+        Ok(())
     }
 
     /// Adopts a VM the VMM created and configured itself (`vm_fd` is duplicated: the VMM keeps
@@ -121,6 +161,10 @@ impl KvmAccel {
         for &n in vmm_slots {
             table.reserve(n)?;
         }
+        table.set_preflight(Some(cost::Preflight::of_host()));
+        // Manual dirty-log protection stays as the VMM left it (off for hostmem's table): it
+        // is VM-wide, and switching it on would stop KVM_GET_DIRTY_LOG from clearing the
+        // VMM's own slots' logs.
         Ok(KvmAccel {
             kvm: Arc::new(kvm),
             vm,

@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::os::fd::AsRawFd;
+
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::error::KvmError;
@@ -15,9 +17,10 @@ type Result<T> = std::result::Result<T, KvmError>;
 use crate::listener::MemorySection;
 use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry};
 
+use super::cost::Preflight;
 use super::slots::{self, SlotRange};
 
-/// The two VM ioctls a slot table needs. Errors are errno values.
+/// The VM ioctls a slot table needs. Errors are errno values.
 pub trait SlotIoctls: Send + Sync {
     /// `KVM_SET_USER_MEMORY_REGION`; `size == 0` deletes the slot.
     fn set_user_memory_region(
@@ -28,9 +31,25 @@ pub trait SlotIoctls: Send + Sync {
         size: u64,
         hva: u64,
     ) -> std::result::Result<(), i32>;
-    /// `KVM_GET_DIRTY_LOG`: one bit per host page of the slot, and clears the kernel's log.
+    /// `KVM_GET_DIRTY_LOG`: one bit per host page of the slot; it also clears the kernel's log
+    /// (and write-protects the pages again) unless manual protection is on.
     fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32>;
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protection only): clears, and write-protects again, the
+    /// pages of `bitmap` (bit i = page `first_page + i`; `num_pages` of them).
+    fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> std::result::Result<(), i32>;
 }
+
+/// Pages one `KVM_CLEAR_DIRTY_LOG` covers: 1 GiB of 4 KiB pages, as QEMU's clear bitmap does
+/// by default. A chunk with no dirty bit costs nothing; the kernel holds its MMU lock for one
+/// chunk at a time, never for a whole 1 TiB slot.
+/// cbindgen:ignore
+pub const CLEAR_CHUNK_PAGES: u64 = 1 << 18;
 
 impl SlotIoctls for kvm_ioctls::VmFd {
     fn set_user_memory_region(
@@ -58,6 +77,35 @@ impl SlotIoctls for kvm_ioctls::VmFd {
 
     fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32> {
         kvm_ioctls::VmFd::get_dirty_log(self, slot, size as usize).map_err(|e| e.errno())
+    }
+
+    fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        bitmap: &[u64],
+    ) -> std::result::Result<(), i32> {
+        const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
+        if bitmap.len() as u64 * 64 < u64::from(num_pages) {
+            return Err(libc::EINVAL);
+        }
+        let mut log = kvm_bindings::kvm_clear_dirty_log {
+            slot,
+            num_pages,
+            first_page,
+            ..Default::default()
+        };
+        log.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut libc::c_void;
+        // SAFETY: the VM's fd and a kvm_clear_dirty_log whose bitmap holds at least num_pages
+        // bits (checked above) and outlives the call; the kernel only reads it.
+        let r = unsafe { libc::ioctl(self.as_raw_fd(), KVM_CLEAR_DIRTY_LOG, &mut log) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +166,11 @@ pub struct SlotTable {
     dirty_logging: bool,
     pending: Vec<PendingDirty>,
     last_dirty: Vec<u64>,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: fetching leaves the log as it is, and the
+    /// table clears what it fetched with KVM_CLEAR_DIRTY_LOG in chunks.
+    manual_protect: bool,
+    /// Refuses slots the host cannot afford before they are registered (None: off).
+    preflight: Option<Preflight>,
 }
 
 /// The dirty pages found by one sync, as guest-physical page addresses.
@@ -142,7 +195,39 @@ impl SlotTable {
             dirty_logging: false,
             pending: Vec::new(),
             last_dirty: Vec::new(),
+            manual_protect: false,
+            preflight: None,
         }
+    }
+
+    /// Says that the VM has manual dirty-log protection on (`KvmAccel::open` enabled it):
+    /// from now on every fetched log is cleared in [`CLEAR_CHUNK_PAGES`] chunks.
+    pub fn set_manual_protect(&mut self, on: bool) {
+        self.manual_protect = on;
+    }
+
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// Checks new slots (and dirty logging) against the host's memory from now on.
+    pub fn set_preflight(&mut self, preflight: Option<Preflight>) {
+        self.preflight = preflight;
+    }
+
+    pub fn preflight(&self) -> Option<&Preflight> {
+        self.preflight.as_ref()
+    }
+
+    /// The slots `sections` would add, as (size, logs dirty pages), for the preflight.
+    pub fn planned_slots(&self, sections: &[MemorySection]) -> Result<Vec<(u64, bool)>> {
+        let mut out = Vec::new();
+        for s in sections {
+            let Some(ram) = &s.ram else { continue };
+            let logging = self.flags_for(ram.readonly) & KVM_MEM_LOG_DIRTY_PAGES != 0;
+            out.extend(self.pieces(s)?.into_iter().map(|p| (p.size, logging)));
+        }
+        Ok(out)
     }
 
     pub fn nr_slots(&self) -> u32 {
@@ -307,6 +392,10 @@ impl SlotTable {
         };
         let pieces = self.pieces(section)?;
         let flags = self.flags_for(ram.readonly);
+        if let Some(p) = &self.preflight {
+            let logging = flags & KVM_MEM_LOG_DIRTY_PAGES != 0;
+            p.check(&pieces.iter().map(|p| (p.size, logging)).collect::<Vec<_>>())?;
+        }
         let mut added = Vec::new();
         for p in pieces {
             let res = self
@@ -378,15 +467,38 @@ impl SlotTable {
         Ok(())
     }
 
+    /// The slot's dirty log, cleared in the kernel (by the fetch itself, or chunk by chunk
+    /// where a chunk has a dirty bit when protection is manual).
     fn fetch_dirty(&self, s: &Slot) -> Result<Vec<u64>> {
-        self.ioctls
-            .get_dirty_log(s.slot, s.size)
-            .map_err(|errno| KvmError::GetDirtyLog {
-                slot: s.slot,
-                gpa: s.gpa,
-                size: s.size,
-                errno,
-            })
+        let bitmap =
+            self.ioctls
+                .get_dirty_log(s.slot, s.size)
+                .map_err(|errno| KvmError::GetDirtyLog {
+                    slot: s.slot,
+                    gpa: s.gpa,
+                    size: s.size,
+                    errno,
+                })?;
+        if self.manual_protect {
+            let pages = s.size / self.host_page;
+            let words = (CLEAR_CHUNK_PAGES / 64) as usize;
+            for (i, chunk) in bitmap.chunks(words).enumerate() {
+                if chunk.iter().all(|w| *w == 0) {
+                    continue;
+                }
+                let first = i as u64 * CLEAR_CHUNK_PAGES;
+                let n = CLEAR_CHUNK_PAGES.min(pages - first) as u32;
+                self.ioctls
+                    .clear_dirty_log(s.slot, first, n, chunk)
+                    .map_err(|errno| KvmError::ClearDirtyLog {
+                        slot: s.slot,
+                        gpa: s.gpa + first * self.host_page,
+                        pages: n,
+                        errno,
+                    })?;
+            }
+        }
+        Ok(bitmap)
     }
 
     fn stash_dirty(&mut self, s: &Slot) -> Result<()> {
@@ -434,6 +546,16 @@ impl SlotTable {
 
     /// Re-registers every slot with the flags that logging `on` asks for.
     fn set_logging(&mut self, on: bool) -> Result<()> {
+        if let (true, false, Some(p)) = (on, self.dirty_logging, &self.preflight) {
+            let sizes: Vec<u64> = self
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| !s.readonly)
+                .map(|s| s.size)
+                .collect();
+            p.check_logging(sizes.iter().sum(), &sizes)?;
+        }
         self.dirty_logging = on;
         for slot in self.slot_numbers() {
             let readonly = self.slots[slot as usize]
@@ -525,6 +647,9 @@ mod tests {
         calls: Mutex<Vec<(u32, u32, u64, u64)>>,
         fail_gpa: Mutex<Option<(u64, i32)>>,
         dirty: Mutex<BTreeMap<u32, Vec<u64>>>,
+        /// Manual protection: fetching keeps the log, clears are recorded (slot, first, n).
+        manual: std::sync::atomic::AtomicBool,
+        clears: Mutex<Vec<(u32, u64, u32)>>,
     }
 
     impl SlotIoctls for FakeVm {
@@ -552,9 +677,36 @@ mod tests {
         }
         fn get_dirty_log(&self, slot: u32, size: u64) -> std::result::Result<Vec<u64>, i32> {
             let words = (size / 4096).div_ceil(64) as usize;
-            let mut v = self.dirty.lock().unwrap().remove(&slot).unwrap_or_default();
+            let mut dirty = self.dirty.lock().unwrap();
+            let mut v = if self.manual.load(std::sync::atomic::Ordering::Relaxed) {
+                dirty.get(&slot).cloned().unwrap_or_default()
+            } else {
+                dirty.remove(&slot).unwrap_or_default()
+            };
             v.resize(words, 0);
             Ok(v)
+        }
+        fn clear_dirty_log(
+            &self,
+            slot: u32,
+            first_page: u64,
+            num_pages: u32,
+            bitmap: &[u64],
+        ) -> std::result::Result<(), i32> {
+            assert!(self.manual.load(std::sync::atomic::Ordering::Relaxed));
+            assert_eq!(first_page % 64, 0, "KVM wants 64-page aligned clears");
+            self.clears
+                .lock()
+                .unwrap()
+                .push((slot, first_page, num_pages));
+            if let Some(v) = self.dirty.lock().unwrap().get_mut(&slot) {
+                for (i, w) in bitmap.iter().enumerate() {
+                    if let Some(k) = v.get_mut(first_page as usize / 64 + i) {
+                        *k &= !w;
+                    }
+                }
+            }
+            Ok(())
         }
     }
 
@@ -787,6 +939,41 @@ mod tests {
             .log_sync_with(&mut |_, _, _| panic!("nothing is dirty"))
             .unwrap();
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn with_manual_protection_a_sync_clears_only_the_chunks_that_hold_dirty_pages() {
+        let (vm, mut t) = table(32, None);
+        vm.manual.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.set_manual_protect(true);
+        // 3.5 GiB: chunks of 1 GiB, the last one half.
+        t.add_section(&ram(0, 7 * GIB / 2, 0x1000_0000_0000, 1, 0))
+            .unwrap();
+        t.log_start().unwrap();
+        let words_per_chunk = (CLEAR_CHUNK_PAGES / 64) as usize;
+        let mut bm = vec![0u64; (7 * GIB / 2 / 4096 / 64) as usize];
+        bm[1] = 1; // page 64, chunk 0
+        bm[3 * words_per_chunk + 2] = 1 << 3; // the last, half chunk
+        vm.dirty.lock().unwrap().insert(0, bm);
+        let gpas = t.log_sync_with(&mut |_, _, _| {}).unwrap();
+        assert_eq!(gpas, vec![64 * 4096, 3 * GIB + (128 + 3) * 4096]);
+        assert_eq!(
+            *vm.clears.lock().unwrap(),
+            vec![
+                (0, 0, CLEAR_CHUNK_PAGES as u32),
+                (0, 3 * CLEAR_CHUNK_PAGES, (CLEAR_CHUNK_PAGES / 2) as u32)
+            ]
+        );
+        // What was cleared is not reported again.
+        let again = t
+            .log_sync_with(&mut |_, _, _| panic!("nothing is dirty"))
+            .unwrap();
+        assert!(again.is_empty());
+        assert_eq!(
+            vm.clears.lock().unwrap().len(),
+            2,
+            "no chunk without dirty bits"
+        );
     }
 
     #[test]

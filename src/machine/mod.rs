@@ -31,7 +31,7 @@ pub use run::{GuestControl, Run, RunState};
 
 use crate::backend::prealloc::Outcome;
 use crate::backend::{Backend, BackendDefaults, PreallocJob};
-use crate::error::{Error, Result};
+use crate::error::{Error, HmErrorClass, Result};
 use crate::kvm::{KvmAccel, KvmError};
 use crate::memory::MemorySystem;
 use crate::migration::section::SectionHandler;
@@ -54,6 +54,18 @@ pub fn sends_switchover_start(name: &str) -> bool {
     }
 }
 
+/// The lower of two slot size limits, 0 meaning "none".
+fn lower_limit(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+fn no_configuration() -> Error {
+    Error::generic("the machine has no configuration")
+}
+
 /// The machine as the generic code configured it from the command line.
 pub struct MachineConfig {
     pub board: BoardInfo,
@@ -71,6 +83,8 @@ pub struct MachineConfig {
     pub board_properties: Vec<(String, u64)>,
     /// The `-numa node,memdev=` backends in node-id order (the legacy allocation needs them).
     pub numa_memdevs: Vec<String>,
+    /// The KVM slot size limit the board set (QEMU's `kvm_set_max_memslot_size`); 0: none.
+    pub board_max_slot_size: u64,
     /// Set once a board called the legacy allocation; a second call is refused.
     legacy_allocation: Option<String>,
     /// Memory the legacy call allocated outside `/objects` (kept alive with the machine).
@@ -169,6 +183,7 @@ impl Machine {
         m.migration.send_switchover_start = cmd
             .send_switchover_start
             .unwrap_or_else(|| sends_switchover_start(&board.name));
+        m.migration.no_configuration = cmd.send_configuration == Some(false);
         Ok(m)
     }
 
@@ -179,15 +194,49 @@ impl Machine {
             .config
             .as_ref()
             .filter(|c| c.cmdline.accel == Some(Accel::Kvm))
-            .map(|c| c.cmdline.kvm_max_slot_size);
+            .map(|c| {
+                (
+                    lower_limit(c.cmdline.kvm_max_slot_size, c.board_max_slot_size),
+                    !c.cmdline.kvm_skip_memslot_preflight,
+                )
+            });
         match kvm {
-            Some(max_slot_size) => self.attach_kvm(max_slot_size),
+            Some((max_slot_size, preflight)) => self.attach_kvm_with(max_slot_size, preflight),
             None => Ok(()),
         }
     }
 
     pub fn config(&self) -> Option<&MachineConfig> {
         self.config.as_ref()
+    }
+
+    /// The value the command line gave the board's own property `name` (see
+    /// [`boards::BoardProperty`]), as a number (a boolean is 0 or 1); `None` when it was not
+    /// given (the board applies its default) or the machine is not configured.
+    pub fn board_property(&self, name: &str) -> Option<u64> {
+        self.config
+            .as_ref()?
+            .board_properties
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, v)| v)
+    }
+
+    /// QEMU's `kvm_set_max_memslot_size`, called by a board's init: KVM slots are cut at
+    /// `size` at most (a `-accel kvm,max-slot-size` below it still wins). Only before the
+    /// accelerator takes the layout, and a whole number of host pages.
+    pub fn set_kvm_max_slot_size(&mut self, size: u64) -> Result<()> {
+        let host_page = crate::hostmap::host_page_size() as u64;
+        if self.accel.is_some() {
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                "kvm_set_max_memslot_size: the KVM slots exist already; call it from the board's init",
+            ));
+        }
+        crate::kvm::slots::check_max_slot_size(size, host_page)?;
+        let config = self.config.as_mut().ok_or_else(no_configuration)?;
+        config.board_max_slot_size = size;
+        Ok(())
     }
 
     pub fn memory(&self) -> &MemorySystem {
@@ -220,12 +269,23 @@ impl Machine {
     }
 
     /// Attaches a new KVM VM: its listener joins the memory system and gets the current flat
-    /// view replayed as slots. A slot size of 0 means the kernel's limit.
+    /// view replayed as slots. A slot size of 0 means the kernel's limit. The memslot
+    /// preflight is on.
     pub fn attach_kvm(&mut self, max_slot_size: u64) -> Result<()> {
+        self.attach_kvm_with(max_slot_size, true)
+    }
+
+    /// [`Self::attach_kvm`]; with `preflight`, a layout whose slots would cost the host more
+    /// kernel memory than it can spare is refused before any slot is registered.
+    pub fn attach_kvm_with(&mut self, max_slot_size: u64, preflight: bool) -> Result<()> {
         if self.accel.is_some() {
             return Err(KvmError::AlreadyAttached.into());
         }
-        let accel = KvmAccel::open(max_slot_size)?;
+        let accel = KvmAccel::open_with(
+            max_slot_size,
+            preflight.then(crate::kvm::cost::Preflight::of_host),
+        )?;
+        accel.preflight(&self.memory.current_sections())?;
         self.memory.add_listener(Box::new(accel.listener()))?;
         self.accel = Some(accel);
         Ok(())

@@ -43,7 +43,14 @@ impl Machine {
             self.backend_defaults.dump = dump;
         }
         self.backend_defaults.prealloc = cmd.mem_prealloc;
-        self.backend_defaults.prealloc_threads = cmd.smp.as_ref().and_then(|s| s.cpus).unwrap_or(1);
+        // QEMU preallocates with the guest's vCPU count (1 without -smp); -mem-prealloc here
+        // uses the host's cores, since nothing pins a count (prealloc-threads on a backend
+        // still does). See DESIGN.md, "Where hostmem deliberately differs".
+        self.backend_defaults.prealloc_threads = if cmd.mem_prealloc {
+            u32::try_from(crate::backend::prealloc::online_cpus()).unwrap_or(u32::MAX)
+        } else {
+            cmd.smp.as_ref().and_then(|s| s.cpus).unwrap_or(1)
+        };
 
         for object in &cmd.objects {
             // What reading the option finds is reported at the option, as QEMU does; what
@@ -138,6 +145,7 @@ impl Machine {
             cmdline: cmd.clone(),
             cpu,
             board_properties: options.board_properties.clone(),
+            board_max_slot_size: 0,
             numa_memdevs,
             legacy_allocation: None,
             legacy_backends: Vec::new(),

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, HmErrorClass};
+use crate::guarded::{AccessError, Guard, Span};
 use crate::hostmap::HostMapping;
 use crate::populated::{Detector, PopulatedMap, Region};
 use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
@@ -44,8 +45,8 @@ impl SnapshotBlock {
             })
     }
 
-    /// Host address of byte `offset` of the block, for `len` bytes inside it.
-    fn host(&self, offset: u64, len: u64) -> Result<*mut u8, Error> {
+    /// Offset in the block's mapping of byte `offset` of the block, for `len` bytes inside it.
+    fn at(&self, offset: u64, len: u64) -> Result<usize, Error> {
         let end = offset.checked_add(len);
         if end.is_none_or(|e| e > self.max_length) {
             return Err(Error::new(
@@ -56,10 +57,31 @@ impl SnapshotBlock {
                 ),
             ));
         }
-        Ok(self
-            .mapping
-            .as_ptr()
-            .wrapping_add((self.mapping_offset + offset) as usize))
+        Ok((self.mapping_offset + offset) as usize)
+    }
+
+    /// A guarded access that failed, as an error naming the block, the offset in it and the
+    /// cause: "RAMBlock "pc.ram": reading the page at offset 0x1000 failed: SIGBUS: ...".
+    fn access_failed(&self, what: &str, e: AccessError) -> Error {
+        let offset = e.offset().saturating_sub(self.mapping_offset);
+        Error::new(
+            HmErrorClass::Host,
+            format!(
+                "RAMBlock \"{}\": {what} at offset 0x{offset:x} failed: {e}",
+                self.idstr
+            ),
+        )
+        .with_errno(libc::EFAULT)
+    }
+}
+
+/// The SIGBUS guard of a snapshot's accesses, held as long as the snapshot (one migration).
+fn guard(held: &Option<Arc<Guard>>) -> Result<Arc<Guard>, Error> {
+    match held {
+        Some(g) => Ok(g.clone()),
+        None => Guard::acquire()
+            .map(Arc::new)
+            .map_err(|e| Error::new(HmErrorClass::Host, e.to_string())),
     }
 }
 
@@ -67,6 +89,9 @@ impl SnapshotBlock {
 #[derive(Clone, Debug, Default)]
 pub struct RamSnapshot {
     blocks: Vec<SnapshotBlock>,
+    /// Makes a page the host cannot back (SIGBUS) an error of the access, not the process's
+    /// end; None only if the handler could not be installed (then each access tries again).
+    guard: Option<Arc<Guard>>,
 }
 
 impl RamSnapshot {
@@ -97,11 +122,19 @@ impl RamSnapshot {
                 })
             })
             .collect();
-        RamSnapshot { blocks }
+        RamSnapshot {
+            blocks,
+            guard: Guard::acquire().ok().map(Arc::new),
+        }
     }
 
     pub fn blocks(&self) -> &[SnapshotBlock] {
         &self.blocks
+    }
+
+    /// The blocks as a stream lists them (idstr and used length), in order.
+    pub fn blocks_info(&self) -> Vec<RamBlockInfo> {
+        RamSource::blocks(self)
     }
 
     /// Total bytes of the snapshot's blocks (their used lengths).
@@ -126,6 +159,7 @@ impl RamSnapshot {
     /// guest). Returns the bytes written; fresh anonymous memory costs nothing.
     pub fn clear_populated(&self, detector: &Detector) -> Result<u64, Error> {
         let mut cleared = 0;
+        let guard = guard(&self.guard)?;
         for b in self.blocks.iter().filter(|b| b.migratable) {
             if b.mapping.is_readonly() {
                 continue;
@@ -133,11 +167,11 @@ impl RamSnapshot {
             let map = detector.scan(&b.region()?, None)?.into_map();
             for run in map.runs() {
                 let len = run.end.min(b.used_length).saturating_sub(run.start);
-                let dst = b.host(run.start, len)?;
-                // SAFETY: `dst..dst+len` lies inside the block's writable mapping (checked by
-                // `host`), kept alive by the snapshot; the destination's guest does not run
-                // while it waits for the stream.
-                unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
+                let at = b.at(run.start, len)?;
+                // The destination's guest does not run while it waits for the stream.
+                guard
+                    .fill(&Span::of(&b.mapping), at, len as usize, 0)
+                    .map_err(|e| b.access_failed("zeroing the pages", e))?;
                 cleared += len;
             }
         }
@@ -181,30 +215,16 @@ impl RamSource for RamSnapshot {
             .collect()
     }
 
+    /// A live source's guest may write the page meanwhile: the guarded read is volatile, so
+    /// the copy is some snapshot of its bytes, and a page written during it is dirty and goes
+    /// again. A page the host cannot back fails the read (and the migration); the guest goes
+    /// on as before.
     fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let b = self.block(block)?;
-        let src = b.host(offset, buf.len() as u64)?;
-        copy_from_guest(src, buf);
-        Ok(())
-    }
-}
-
-/// Copies guest memory the guest may be writing at the same time (a live source): word by word
-/// with volatile reads, so the copy is a plain snapshot of whatever bytes are there and the
-/// compiler assumes nothing about them. A page written during the copy is dirty and goes again.
-fn copy_from_guest(src: *const u8, buf: &mut [u8]) {
-    let words = buf.len() / 8;
-    for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
-        // SAFETY: `src..src+buf.len()` lies inside a mapping the snapshot keeps alive
-        // (checked by SnapshotBlock::host); pages start 4 KiB aligned, so each word is
-        // aligned; a volatile read of a plain integer the guest may change concurrently yields
-        // some value of it.
-        let w = unsafe { std::ptr::read_volatile((src as *const u64).add(i)) };
-        chunk.copy_from_slice(&w.to_ne_bytes());
-    }
-    for (i, byte) in buf[words * 8..].iter_mut().enumerate() {
-        // SAFETY: as above, for the tail bytes.
-        *byte = unsafe { std::ptr::read_volatile(src.add(words * 8 + i)) };
+        let at = b.at(offset, buf.len() as u64)?;
+        guard(&self.guard)?
+            .read(&Span::of(&b.mapping), at, buf)
+            .map_err(|e| b.access_failed("reading the page", e))
     }
 }
 
@@ -233,25 +253,30 @@ impl RamLoadTarget for RamSnapshot {
         )))
     }
 
+    /// The destination's guest does not run while it loads; a page the host cannot back fails
+    /// the load, and a failed load never starts the guest.
     fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
         let b = self.block(handle)?;
-        let dst = b.host(offset, data.len() as u64)?;
-        // SAFETY: `dst..dst+len` lies inside the block's mapping, which the snapshot keeps
-        // alive; the destination's guest does not run while it loads, and `data` is a separate
-        // buffer of the loader's.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
-        Ok(())
+        let at = b.at(offset, data.len() as u64)?;
+        guard(&self.guard)?
+            .write(&Span::of(&b.mapping), at, data)
+            .map_err(|e| b.access_failed("writing the page", e))
     }
 
     fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error> {
         let b = self.block(handle)?;
-        let dst = b.host(offset, PAGE)?;
+        let at = b.at(offset, PAGE)?;
+        let guard = guard(&self.guard)?;
+        let span = Span::of(&b.mapping);
         let mut page = [0u8; TARGET_PAGE_SIZE];
-        copy_from_guest(dst, &mut page);
+        guard
+            .read(&span, at, &mut page)
+            .map_err(|e| b.access_failed("reading the page", e))?;
         // Writing zeros over zeros would allocate memory that was never touched.
         if !is_zero_page(&page) {
-            // SAFETY: as in write_page, for one page inside the block.
-            unsafe { std::ptr::write_bytes(dst, 0, TARGET_PAGE_SIZE) };
+            guard
+                .fill(&span, at, TARGET_PAGE_SIZE, 0)
+                .map_err(|e| b.access_failed("zeroing the page", e))?;
         }
         Ok(())
     }

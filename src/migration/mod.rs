@@ -14,6 +14,7 @@
 //! | [`ram`] | the `ram` section: setup, page records, zero test, loader checks, mapped-ram reader | `ram.c` (precopy half) |
 //! | [`stream`] | header, CONFIGURATION, framing, commands, EOF, VMDESCRIPTION; [`Saver`] and [`load`] | `savevm.c` |
 //! | [`rate`] | `max-bandwidth`: 100 ms slices of `rate / 10` bytes, live-adjustable | `migration_rate_set`, `migration_rate_exceeded` |
+//! | [`compat`] | would this source's stream load there: every break, in the loader's words | nothing: QEMU finds out by migrating |
 //! | [`transport`] | URIs (`tcp:`, `unix:`, `exec:`, `fd:`, `file:`) as channels; cancel | `migration.c` (URIs), `socket.c`, `exec.c`, `fd.c`, `file.c`, `qemu-sockets.c` |
 //!
 //! Shape, and why:
@@ -57,6 +58,8 @@
 pub mod blocks;
 /// cbindgen:ignore
 pub mod builtin;
+/// cbindgen:ignore
+pub mod compat;
 /// cbindgen:ignore
 pub mod error;
 #[cfg(test)]

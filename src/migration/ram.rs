@@ -513,8 +513,7 @@ impl RamLoader {
         Ok(())
     }
 
-    /// QEMU's `parse_ramblock` + `qemu_ram_resize`: migratable, and the aligned length equal to
-    /// used_length or, for a resizeable block, at most max_length (then the block is resized).
+    /// [`check_block_length`], then the resize it asks for.
     fn check_length(
         &mut self,
         target: &mut dyn RamLoadTarget,
@@ -522,33 +521,10 @@ impl RamLoader {
         length: u64,
     ) -> Result<(), MigrationError> {
         let kb = &self.known[b];
-        if !kb.local.migratable {
-            return Err(MigrationError::RamBlockNotMigratable {
-                idstr: kb.idstr.clone(),
-            });
-        }
-        if length == kb.local.used_length {
+        let host = target.host_page_size();
+        let Some(aligned) = check_block_length(&kb.idstr, &kb.local, length, host)? else {
             return Ok(());
-        }
-        let host = target.host_page_size().max(1);
-        let aligned = align_up(align_up(length, PAGE), host);
-        if aligned == kb.local.used_length {
-            return Ok(());
-        }
-        if !kb.local.resizeable {
-            return Err(MigrationError::RamSizeMismatch {
-                idstr: kb.idstr.clone(),
-                stream: aligned,
-                local: kb.local.used_length,
-            });
-        }
-        if aligned > kb.local.max_length {
-            return Err(MigrationError::RamSizeTooLarge {
-                idstr: kb.idstr.clone(),
-                stream: aligned,
-                max: kb.local.max_length,
-            });
-        }
+        };
         target.resize_block(kb.local.handle, aligned)?;
         let kb = &mut self.known[b];
         kb.local.used_length = aligned;
@@ -558,8 +534,6 @@ impl RamLoader {
         Ok(())
     }
 
-    /// A mapped-ram block: its header follows the length in the stream; its bitmap and pages
-    /// sit at the file offsets the header gives; the stream continues after its pages.
     fn load_mapped_ram_block(
         &mut self,
         target: &mut dyn RamLoadTarget,
@@ -615,6 +589,46 @@ impl RamLoader {
         }
         seek(r, header.pages_offset + length)
     }
+}
+
+/// QEMU's `parse_ramblock` + `qemu_ram_resize` for one block of a stream's list, named
+/// `idstr` with the stream's `length`, found locally as `local`: it must be migratable, and its
+/// length (aligned to the target page, then to `host_page_size`) equal to used_length or, for a
+/// resizeable block, at most max_length. `Some(new used_length)` when the block must be resized.
+/// The loader and the migration-compat checker both ask this, so they refuse with one message.
+pub fn check_block_length(
+    idstr: &str,
+    local: &LocalRamBlock,
+    length: u64,
+    host_page_size: u64,
+) -> Result<Option<u64>, MigrationError> {
+    if !local.migratable {
+        return Err(MigrationError::RamBlockNotMigratable {
+            idstr: idstr.to_string(),
+        });
+    }
+    if length == local.used_length {
+        return Ok(None);
+    }
+    let aligned = align_up(align_up(length, PAGE), host_page_size.max(1));
+    if aligned == local.used_length {
+        return Ok(None);
+    }
+    if !local.resizeable {
+        return Err(MigrationError::RamSizeMismatch {
+            idstr: idstr.to_string(),
+            stream: aligned,
+            local: local.used_length,
+        });
+    }
+    if aligned > local.max_length {
+        return Err(MigrationError::RamSizeTooLarge {
+            idstr: idstr.to_string(),
+            stream: aligned,
+            max: local.max_length,
+        });
+    }
+    Ok(Some(aligned))
 }
 
 fn seek(r: &mut QemuReader<dyn StreamRead + '_>, offset: u64) -> Result<(), MigrationError> {

@@ -558,6 +558,8 @@ pub struct MigrationState {
     pub incoming: Option<std::sync::Arc<Progress>>,
     /// `-global migration.send-switchover-start`: the machine type's default unless set.
     pub send_switchover_start: bool,
+    /// `-global migration.send-configuration=off`: no CONFIGURATION section either way.
+    pub no_configuration: bool,
 }
 
 impl MigrationState {

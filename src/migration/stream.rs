@@ -294,6 +294,9 @@ pub struct SaveOptions {
     pub send_switchover_start: bool,
     /// Write the VMDESCRIPTION trailer (QEMU's default; analyze-migration.py needs it).
     pub vmdesc: bool,
+    /// Write the CONFIGURATION section (QEMU's `send-configuration`, on by default): off, the
+    /// stream goes without it and a loader must not expect one.
+    pub send_configuration: bool,
     /// Send all-zero pages as ZERO records (QEMU's `zero-page-detection=legacy`); with
     /// `false` every page goes out in full.
     pub zero_page_detection: bool,
@@ -305,6 +308,7 @@ impl SaveOptions {
             configuration: Configuration::new(machine_type),
             send_switchover_start: false,
             vmdesc: true,
+            send_configuration: true,
             zero_page_detection: true,
         }
     }
@@ -413,6 +417,17 @@ impl<W: Write> Saver<W> {
         self.w.put_be32(id)
     }
 
+    /// The magic, the version and (unless it is off) the CONFIGURATION.
+    fn put_header(&mut self) -> Result<(), MigrationError> {
+        self.w.put_be32(FileHeader::MAGIC)?;
+        self.w.put_be32(FileHeader::VERSION)?;
+        if self.opts.send_configuration {
+            self.w.put_u8(SectionType::CONFIGURATION)?;
+            self.opts.configuration.write(&mut self.w)?;
+        }
+        Ok(())
+    }
+
     fn put_footer(&mut self, id: u32) -> Result<(), MigrationError> {
         self.w.put_u8(SectionType::FOOTER)?;
         self.w.put_be32(id)
@@ -425,10 +440,7 @@ impl<W: Write> Saver<W> {
         handlers: &mut [&mut dyn SectionHandler],
     ) -> Result<(), MigrationError> {
         self.expect(SaveState::New, "save_setup")?;
-        self.w.put_be32(FileHeader::MAGIC)?;
-        self.w.put_be32(FileHeader::VERSION)?;
-        self.w.put_u8(SectionType::CONFIGURATION)?;
-        self.opts.configuration.write(&mut self.w)?;
+        self.put_header()?;
         self.ram_section_id = self.new_section_id();
         let id = self.ram_section_id;
         self.put_start_full(
@@ -476,10 +488,7 @@ impl<W: Write> Saver<W> {
             caps.push(MappedRam::CAPABILITY.to_string());
         }
         self.mapped_ram = true;
-        self.w.put_be32(FileHeader::MAGIC)?;
-        self.w.put_be32(FileHeader::VERSION)?;
-        self.w.put_u8(SectionType::CONFIGURATION)?;
-        self.opts.configuration.write(&mut self.w)?;
+        self.put_header()?;
         self.ram_section_id = self.new_section_id();
         let id = self.ram_section_id;
         self.put_start_full(
@@ -622,7 +631,7 @@ impl<W: Write> Saver<W> {
 }
 
 /// A JSON string literal.
-fn json_string(s: &str) -> String {
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -1702,6 +1711,38 @@ mod tests {
         assert_eq!(s.commands, [Command::SWITCHOVER_START]);
         assert!(s.vmdesc.is_none());
         assert_eq!(*bytes.last().unwrap(), SectionType::EOF);
+    }
+
+    #[test]
+    fn without_configuration_both_sides_must_agree() {
+        let mut opts = SaveOptions::new("s390-ccw-virtio-4.1");
+        opts.send_configuration = false;
+        let (bytes, _) = save_stream(Vec::new(), opts, &sample_ram(), &mut []).unwrap();
+        assert_eq!(bytes[8], SectionType::START);
+        // QEMU's send-configuration=off: no machine type check, whatever the local type.
+        let mut off = LoadOptions::new("s390-ccw-virtio-10.0");
+        off.expect_configuration = false;
+        let s = load_with(bytes.clone(), &off, &mut sample_ram(), &mut []).unwrap();
+        assert!(s.configuration.is_none());
+        let on = LoadOptions::new("s390-ccw-virtio-4.1");
+        assert_eq!(
+            load_with(bytes, &on, &mut sample_ram(), &mut [])
+                .unwrap_err()
+                .error
+                .to_string(),
+            "Configuration section missing"
+        );
+        // A stream with one, into a loader that expects none: QEMU reads its marker as a
+        // section type.
+        let (bytes, _) =
+            save_stream(Vec::new(), SaveOptions::new("none"), &sample_ram(), &mut []).unwrap();
+        assert_eq!(
+            load_with(bytes, &off, &mut sample_ram(), &mut [])
+                .unwrap_err()
+                .error
+                .to_string(),
+            "Unknown savevm section type 7"
+        );
     }
 
     #[test]

@@ -432,7 +432,9 @@ pub fn hmp(machine: &Machine, cmdline: &str) -> Result<String> {
 }
 
 /// The text of hostmem's own HMP `info memslots`: a summary line, a column header and one row
-/// per slot. RAMBlock names come from `ramblocks` when given (unnamed blocks show the region).
+/// per slot. RAMBlock names come from `ramblocks` when given: a slot of memory that migrates
+/// through alias blocks (s390's chunks) names the alias block it lies in, an unnamed block
+/// shows its region.
 pub fn info_memslots(kvm: &KvmAccel, ramblocks: Option<&RamBlockRegistry>) -> String {
     format_memslots(
         &kvm.slots(),
@@ -440,22 +442,28 @@ pub fn info_memslots(kvm: &KvmAccel, ramblocks: Option<&RamBlockRegistry>) -> St
         kvm.effective_max_slot_size(),
         kvm.dirty_logging(),
         &|s: &Slot| {
+            let named = |id, offset| {
+                ramblocks
+                    .and_then(|r| r.get(id))
+                    .filter(|b| !b.idstr.is_empty())
+                    .map(|b| (b.idstr.clone(), offset))
+            };
             ramblocks
-                .and_then(|r| r.get(s.block))
-                .map(|b| b.idstr.clone())
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| s.region_name.clone())
+                .and_then(|r| r.migrating_alias(s.block, s.block_offset, s.size))
+                .and_then(|(alias, offset)| named(alias, offset))
+                .or_else(|| named(s.block, s.block_offset))
+                .unwrap_or_else(|| (s.region_name.clone(), s.block_offset))
         },
     )
 }
 
-/// The `info memslots` table of `slots`, each named by `name`.
+/// The `info memslots` table of `slots`, each named by `name` (a RAMBlock and the offset there).
 pub fn format_memslots(
     slots: &[Slot],
     nr_slots: u32,
     max_slot_size: u64,
     dirty_logging: bool,
-    name: &dyn Fn(&Slot) -> String,
+    name: &dyn Fn(&Slot) -> (String, u64),
 ) -> String {
     let mut out = format!(
         "KVM memslots: {} used of {nr_slots}, max slot size 0x{max_slot_size:x}, dirty logging {}\n",
@@ -475,16 +483,15 @@ pub fn format_memslots(
         } else {
             "rw"
         };
+        let (block, offset) = name(s);
         let _ = writeln!(
             out,
-            "{:>4} 0x{:016x}-0x{:016x} 0x{:016x} 0x{:016x} {flags:<6} {}@0x{:x}",
+            "{:>4} 0x{:016x}-0x{:016x} 0x{:016x} 0x{:016x} {flags:<6} {block}@0x{offset:x}",
             s.slot,
             s.gpa,
             s.gpa + (s.size - 1),
             s.size,
             s.hva,
-            name(s),
-            s.block_offset
         );
     }
     out
@@ -949,7 +956,7 @@ mod tests {
             32764,
             0x7ff_ffff_f000,
             true,
-            &|s| s.region_name.clone(),
+            &|s| (s.region_name.clone(), s.block_offset),
         );
         let expected = "\
 KVM memslots: 3 used of 32764, max slot size 0x7fffffff000, dirty logging on

@@ -186,6 +186,9 @@ pub struct Cmdline {
     pub accel_machine: Option<Accel>,
     /// `-accel kvm,max-slot-size=SIZE` (hostmem's own property; 0 = the kernel's limit).
     pub kvm_max_slot_size: u64,
+    /// `-accel kvm,memslot-preflight=off` (hostmem's own property): register memslots even
+    /// when their kernel-memory estimate exceeds what the host can spare.
+    pub kvm_skip_memslot_preflight: bool,
     pub start_paused: bool,
     /// `-monitor stdio` (`-monitor none` asks for no monitor).
     pub monitor_stdio: bool,
@@ -193,6 +196,9 @@ pub struct Cmdline {
     pub incoming: Option<String>,
     /// `-global migration.send-switchover-start=on|off` (the machine type's default if absent).
     pub send_switchover_start: Option<bool>,
+    /// `-global migration.send-configuration=on|off` (on if absent): off, streams go without
+    /// the CONFIGURATION section (so without the machine type check) and none is expected.
+    pub send_configuration: Option<bool>,
     /// `-machine help` (`-M help`, `-M ?`): QEMU lists the machine types and exits right there
     /// (with `machine_type` set by it or an earlier `-M`, it lists that type's properties
     /// instead). Parsing stops at that option; the ones after it were only checked for being
@@ -428,7 +434,8 @@ impl Cmdline {
         Ok(c)
     }
 
-    /// `-global DRIVER.PROP=VALUE`: the migration object's `send-switchover-start` is read;
+    /// `-global DRIVER.PROP=VALUE`: the migration object's `send-switchover-start` and
+    /// `send-configuration` are read;
     /// device properties mean nothing to hostmem and are accepted, as QEMU accepts unknown
     /// globals with a warning at most.
     fn read_global(&mut self, arg: &str) -> Result<()> {
@@ -436,11 +443,15 @@ impl Cmdline {
             name: "global".into(),
             value: arg.to_string(),
         })?;
-        if key == "migration.send-switchover-start" {
-            self.send_switchover_start = Some(crate::options::values::parse_bool_param(
-                "send-switchover-start",
-                value,
-            )?);
+        let parse = |name| crate::options::values::parse_bool_param(name, value);
+        match key {
+            "migration.send-switchover-start" => {
+                self.send_switchover_start = Some(parse("send-switchover-start")?)
+            }
+            "migration.send-configuration" => {
+                self.send_configuration = Some(parse("send-configuration")?)
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -467,12 +478,16 @@ impl Cmdline {
     fn read_accel(&mut self, arg: &str, warnings: &mut Vec<String>) -> Result<()> {
         let mut accel = None;
         let mut max_slot_size = 0;
+        let mut preflight = true;
         for (key, value) in parse_qemu_opts(arg, Some("accel"), warnings)? {
             match key.as_str() {
                 "accel" => accel = Some(parse_accel_name(&value)?),
                 "max-slot-size" if accel == Some(Accel::Kvm) => {
                     max_slot_size =
                         strtosz(&value).map_err(|_| expects("max-slot-size", "a size value"))?;
+                }
+                "memslot-preflight" if accel == Some(Accel::Kvm) => {
+                    preflight = crate::options::values::parse_bool_param(&key, &value)?;
                 }
                 _ => {
                     let class = match accel {
@@ -489,6 +504,7 @@ impl Cmdline {
         if self.accel_option.is_none() {
             self.accel_option = accel;
             self.kvm_max_slot_size = max_slot_size;
+            self.kvm_skip_memslot_preflight = !preflight;
         }
         Ok(())
     }
@@ -618,13 +634,7 @@ pub fn parse_memory(
                 };
                 m.size = (bytes != 0).then_some(bytes);
             }
-            "slots" => {
-                m.slots = Some(
-                    value
-                        .parse::<u64>()
-                        .map_err(|_| expects("slots", "a number"))?,
-                )
-            }
+            "slots" => m.slots = Some(crate::options::values::parse_opts_number("slots", &value)?),
             "maxmem" => {
                 m.maxmem = Some(strtosz(&value).map_err(|fault| {
                     if value.starts_with('-') || fault == SizeFault::Range {
@@ -1011,12 +1021,64 @@ mod tests {
     }
 
     #[test]
+    fn migration_globals_are_read_and_other_globals_accepted() {
+        let c = Cmdline::parse(&[
+            "-global",
+            "migration.send-configuration=off",
+            "-global",
+            "migration.send-switchover-start=on",
+            "-global",
+            "virtio-blk-device.scsi=off",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.send_configuration, c.send_switchover_start),
+            (Some(false), Some(true))
+        );
+        assert_eq!(
+            Cmdline::parse::<&str>(&[]).unwrap().send_configuration,
+            None
+        );
+        assert_eq!(
+            Cmdline::parse(&["-global", "migration.send-configuration=maybe"])
+                .unwrap_err()
+                .to_string(),
+            "-global migration.send-configuration=maybe: Parameter 'send-configuration' expects 'on' or 'off'"
+        );
+    }
+
+    #[test]
     fn kvm_max_slot_size_is_ours_and_only_for_kvm() {
         let c = parse("-accel kvm,max-slot-size=1G").unwrap();
         assert_eq!((c.accel, c.kvm_max_slot_size), (Some(Accel::Kvm), 1 << 30));
         assert_eq!(
             parse("-accel tcg,max-slot-size=1G").unwrap_err().message(),
             "-accel tcg,max-slot-size=1G: Property 'tcg-accel.max-slot-size' not found"
+        );
+    }
+
+    #[test]
+    fn memslot_preflight_is_ours_on_by_default_and_only_for_kvm() {
+        assert!(!parse("-accel kvm").unwrap().kvm_skip_memslot_preflight);
+        assert!(
+            !parse("-accel kvm,memslot-preflight=on")
+                .unwrap()
+                .kvm_skip_memslot_preflight
+        );
+        assert!(
+            parse("-accel kvm,memslot-preflight=off")
+                .unwrap()
+                .kvm_skip_memslot_preflight
+        );
+        assert_eq!(
+            parse("-accel kvm,memslot-preflight=maybe").unwrap_err().message(),
+            "-accel kvm,memslot-preflight=maybe: Parameter 'memslot-preflight' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            parse("-accel tcg,memslot-preflight=off")
+                .unwrap_err()
+                .message(),
+            "-accel tcg,memslot-preflight=off: Property 'tcg-accel.memslot-preflight' not found"
         );
     }
 

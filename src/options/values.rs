@@ -200,6 +200,18 @@ pub fn parse_u64_any(s: &str) -> Option<u64> {
     }
 }
 
+/// A number option as QemuOpts reads it (`qemu_strtou64`, strtoull's rules): a leading '-'
+/// negates modulo 2^64, so "-1" is 2^64 - 1. "Parameter 'NAME' expects a number" otherwise.
+pub fn parse_opts_number(name: &str, s: &str) -> Result<u64> {
+    let t = s.trim_start();
+    let (negative, digits) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let v = parse_u64_any(digits).ok_or_else(|| expects(name, "a number"))?;
+    Ok(if negative { v.wrapping_neg() } else { v })
+}
+
 /// A uint32 property: "Parameter 'NAME' expects a uint64 value" for non-numbers and
 /// "Parameter 'NAME' expects uint32_t" for numbers that do not fit, as QEMU 10 words them.
 pub fn parse_u32_param(name: &str, s: &str) -> Result<u32> {
@@ -407,6 +419,18 @@ fn split_options(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn opts_numbers_follow_strtoull() {
+        assert_eq!(parse_opts_number("slots", "16").unwrap(), 16);
+        assert_eq!(parse_opts_number("slots", "0x10").unwrap(), 16);
+        assert_eq!(parse_opts_number("slots", "-1").unwrap(), u64::MAX);
+        assert_eq!(
+            parse_opts_number("slots", "x").unwrap_err().to_string(),
+            "Parameter 'slots' expects a number"
+        );
+        assert!(parse_opts_number("slots", "--1").is_err());
+    }
 
     #[test]
     fn sizes_with_suffixes() {

@@ -222,8 +222,10 @@ pub fn cont(id: MachineId) -> Result<()> {
 
 /// `pmemsave ADDR SIZE FILE`: guest-physical memory to a file, through the flat view of
 /// "memory". Addresses without RAM read as zeros (QEMU's unassigned reads are not data
-/// either).
+/// either). The copy goes a bounded buffer at a time, whatever SIZE is, and a page the host
+/// cannot back is an error naming its RAMBlock and offset (the guest goes on).
 pub fn pmemsave(id: MachineId, addr: u64, size: u64, file: &str) -> Result<()> {
+    const BUF: u64 = 1 << 20;
     let mut out = std::fs::File::create(file).map_err(|e| {
         Error::host(
             format!("could not open '{file}'"),
@@ -233,34 +235,23 @@ pub fn pmemsave(id: MachineId, addr: u64, size: u64, file: &str) -> Result<()> {
     let chunks = with(id, |m| {
         Ok(crate::memory::ram_chunks(m.memory(), addr, size))
     })?;
+    let guard = crate::guarded::Guard::acquire().map_err(|e| Error::generic(e.to_string()))?;
+    let mut buf = vec![0u8; BUF as usize];
     for chunk in chunks {
-        let bytes = match chunk {
-            crate::memory::GuestChunk::Ram {
-                mapping,
-                offset,
-                len,
-            } => {
-                let mut buf = vec![0u8; len as usize];
-                // SAFETY: `offset..offset+len` lies inside `mapping` (ram_chunks clips every
-                // chunk to the RAM it found), and the Arc keeps it mapped; guest writes
-                // meanwhile are the usual race of reading a running guest's memory.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        mapping.as_ptr().add(offset as usize),
-                        buf.as_mut_ptr(),
-                        len as usize,
-                    )
-                };
-                buf
-            }
-            crate::memory::GuestChunk::Hole { len } => vec![0u8; len as usize],
-        };
-        out.write_all(&bytes).map_err(|e| {
-            Error::host(
-                format!("could not write '{file}'"),
-                e.raw_os_error().unwrap_or(0),
-            )
-        })?;
+        let mut done = 0;
+        while done < chunk.len {
+            let piece = &mut buf[..(chunk.len - done).min(BUF) as usize];
+            chunk
+                .read(&guard, done, piece)
+                .map_err(|e| e.prepend("pmemsave: "))?;
+            out.write_all(piece).map_err(|e| {
+                Error::host(
+                    format!("could not write '{file}'"),
+                    e.raw_os_error().unwrap_or(0),
+                )
+            })?;
+            done += piece.len() as u64;
+        }
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::{GuestControl, Machine, RunState, SharedSection};
 use crate::migration::blocks::RamSnapshot;
 use crate::migration::builtin::{GlobalState, Timer};
+use crate::migration::compat;
 use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
 use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
@@ -102,10 +103,49 @@ fn machine_name(m: &Machine) -> String {
         .unwrap_or_else(|| "none".to_string())
 }
 
+/// How machine `m` writes its streams: its machine type and its migration globals.
+pub fn save_options(m: &Machine) -> SaveOptions {
+    let mut opts = SaveOptions::new(&machine_name(m));
+    opts.send_switchover_start = m.migration().send_switchover_start;
+    opts.send_configuration = !m.migration().no_configuration;
+    opts
+}
+
+/// How machine `m` reads streams: its machine type and its migration globals.
+pub fn load_options(m: &Machine) -> LoadOptions {
+    let mut opts = LoadOptions::new(&machine_name(m));
+    opts.expect_configuration = !m.migration().no_configuration;
+    opts
+}
+
+/// Would a migration from machine `src` to machine `dst` load, and if not, every reason
+/// ([`crate::migration::compat`]): what `src` writes before its first page (its save options
+/// and migratable blocks, and the refusal of memory no migratable alias carries, as the
+/// migration's start has) against what `dst` loads with.
+pub fn check_compat(src: MachineId, dst: MachineId) -> Result<compat::CompatReport> {
+    let mut report = compat::CompatReport::default();
+    let out = with(src, |m| {
+        if let Err(e) = m.memory().ramblocks.check_displaced_memory_migrates() {
+            report.source_break(e.message());
+        }
+        let blocks = RamSnapshot::migratable(&m.memory().ramblocks).blocks_info();
+        Ok(compat::Outgoing::new(&save_options(m), blocks))
+    })?;
+    with(dst, |m| {
+        let mut target = RamSnapshot::all(&m.memory().ramblocks);
+        let local = RamSnapshot::migratable(&m.memory().ramblocks).blocks_info();
+        compat::check(&mut report, &out, &load_options(m), &mut target, &local);
+        Ok(())
+    })?;
+    Ok(report)
+}
+
 impl PrecopyHost for MachineHost {
     fn begin(&mut self) -> Result<RamSnapshot> {
         with(self.id, |m| {
             let mem = m.memory_mut();
+            // Memory that left the stream for migratable aliases must be in one of them.
+            mem.ramblocks.check_displaced_memory_migrates()?;
             mem.set_global_dirty_log(true)?;
             mem.log_sync()?;
             let snap = RamSnapshot::migratable(&mem.ramblocks);
@@ -252,8 +292,7 @@ pub fn start_outgoing(
         let progress = Arc::new(Progress::new(false));
         progress.observe();
         m.migration_mut().outgoing = Some(progress.clone());
-        let mut opts = SaveOptions::new(&machine_name(m));
-        opts.send_switchover_start = m.migration().send_switchover_start;
+        let opts = save_options(m);
         let host = MachineHost {
             id,
             control: m.run().control.clone(),
@@ -408,11 +447,7 @@ fn end_incoming(progress: &Progress, result: Result<()>) {
 /// state says.
 fn run_incoming(id: MachineId, channel: IncomingChannel, progress: &Progress) {
     let prepared = with(id, |m| {
-        Ok((
-            LoadOptions::new(&machine_name(m)),
-            m.sections(),
-            m.run().control.clone(),
-        ))
+        Ok((load_options(m), m.sections(), m.run().control.clone()))
     });
     let result = prepared.and_then(|(opts, sections, control)| {
         let source_state = incoming(id, channel, &opts, &sections, progress)?;

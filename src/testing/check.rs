@@ -4,6 +4,7 @@
 //! RAMBlock offset fails it.
 
 use crate::error::{Error, HmErrorClass, Result};
+use crate::guarded::{Guard, Span};
 use crate::kvm::{KvmAccel, Slot};
 use crate::ramblock::{RamBlockId, RamBlockRegistry};
 
@@ -90,15 +91,12 @@ impl GuestCheckRun {
             skipped,
         } = self;
         let mut bad = Vec::new();
+        let guard = Guard::acquire().map_err(|e| Error::generic(e.to_string()))?;
         for &(i, gpa) in &targets {
             let s = &slots[i];
             let offset = s.block_offset + (gpa - s.gpa);
-            let found = ramblock_u64(ramblocks, s.block, offset).map(|p| {
-                // SAFETY: ramblock_u64 returned a pointer to 8 bytes inside the RAMBlock's
-                // memory, which its mapping keeps mapped while `ramblocks` is borrowed; the
-                // vCPU has halted, so nothing writes it concurrently.
-                unsafe { std::ptr::read_unaligned(p as *const u64) }
-            });
+            // The vCPU has halted, so nothing writes the signature concurrently.
+            let found = ramblock_u64(ramblocks, &guard, s.block, offset)?;
             if found != Some(signature(gpa)) {
                 bad.push(match found {
                     Some(v) => format!(
@@ -141,16 +139,40 @@ pub fn guest_check(kvm: &KvmAccel, ramblocks: &RamBlockRegistry) -> Result<Guest
     GuestCheckRun::run(kvm)?.verify(ramblocks)
 }
 
-/// Where the 8 bytes at `offset` of RAMBlock `block` live in this process, if the block has
-/// them: the guest check's independent path to guest memory.
+/// The 8 bytes at `offset` of RAMBlock `block`, read through its host mapping under `guard`
+/// (the guest check's independent path to guest memory): None when the block has no such
+/// bytes, an error when the host cannot back the page.
 pub fn ramblock_u64(
     ramblocks: &RamBlockRegistry,
+    guard: &Guard,
     block: RamBlockId,
     offset: u64,
-) -> Option<*const u8> {
-    let b = ramblocks.get(block)?;
-    (offset.checked_add(8)? <= b.max_length)
-        .then(|| b.host_ptr().wrapping_add(offset as usize) as *const u8)
+) -> Result<Option<u64>> {
+    let Some(b) = ramblocks.get(block) else {
+        return Ok(None);
+    };
+    if offset.checked_add(8).is_none_or(|e| e > b.max_length) {
+        return Ok(None);
+    }
+    let mut v = [0u8; 8];
+    guard
+        .read(
+            &Span::of(&b.mapping),
+            (b.mapping_offset + offset) as usize,
+            &mut v,
+        )
+        .map_err(|e| {
+            Error::new(
+                HmErrorClass::Host,
+                format!(
+                    "guest check: reading RAMBlock \"{}\" at offset 0x{:x} failed: {e}",
+                    b.idstr,
+                    e.offset().saturating_sub(b.mapping_offset)
+                ),
+            )
+            .with_errno(libc::EFAULT)
+        })?;
+    Ok(Some(u64::from_le_bytes(v)))
 }
 
 #[cfg(test)]

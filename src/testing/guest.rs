@@ -371,7 +371,8 @@ mod vcpu {
     use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
     use super::*;
-    use crate::kvm::table::lock;
+    use crate::guarded::{AccessError, Guard, Span};
+    use crate::kvm::table::{lock, Slot};
 
     /// The assembled programs (build.rs), as bytes to copy into guest RAM.
     pub(super) mod image {
@@ -414,10 +415,13 @@ mod vcpu {
         }
     }
 
-    /// Host pointer for `len` bytes at `gpa`, which must lie in one slot.
-    fn host_ptr(table: &SlotTable, gpa: u64, len: u64) -> Result<*mut u8> {
+    /// The slot holding `len` bytes at `gpa`, and the offset of `gpa` in the slot's mapping.
+    fn slot_at(table: &SlotTable, gpa: u64, len: u64) -> Result<(&Slot, usize)> {
         match table.lookup(gpa) {
-            Some(s) if gpa - s.gpa + len <= s.size => Ok((s.hva + (gpa - s.gpa)) as *mut u8),
+            Some(s) if gpa - s.gpa + len <= s.size => Ok((
+                s,
+                s.hva as usize - s.mapping.as_ptr() as usize + (gpa - s.gpa) as usize,
+            )),
             _ => Err(Error::new(
                 HmErrorClass::Kvm,
                 format!(
@@ -428,7 +432,26 @@ mod vcpu {
         }
     }
 
+    /// A guarded access to guest RAM that failed: the host could not back the page.
+    fn access_failed(what: &str, slot: &Slot, at: u64, e: AccessError) -> Error {
+        Error::new(
+            HmErrorClass::Host,
+            format!(
+                "guest payload: {what} guest-physical 0x{at:x} (memory region '{}') failed: {e}",
+                slot.region_name
+            ),
+        )
+        .with_errno(libc::EFAULT)
+    }
+
+    fn guard() -> Result<Guard> {
+        Guard::acquire().map_err(|e| Error::generic(e.to_string()))
+    }
+
+    /// Copies `bytes` to guest-physical `gpa` through the slots' host memory (the vCPU is not
+    /// running); a page the host cannot back is an error, not the process's end.
     fn write_guest(table: &SlotTable, gpa: u64, bytes: &[u8]) -> Result<()> {
+        let guard = guard()?;
         let mut done = 0usize;
         while done < bytes.len() {
             let at = gpa + done as u64;
@@ -439,21 +462,26 @@ mod vcpu {
                 )
             })?;
             let room = (slot.gpa + slot.size - at).min((bytes.len() - done) as u64) as usize;
-            let dst = host_ptr(table, at, room as u64)?;
-            // SAFETY: `dst..dst+room` lies inside a registered slot's host memory (checked by
-            // host_ptr), which stays mapped while the table lock is held; the vCPU is not
-            // running.
-            unsafe { std::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), dst, room) };
+            let (slot, offset) = slot_at(table, at, room as u64)?;
+            let span = Span::of(&slot.mapping);
+            guard
+                .write(&span, offset, &bytes[done..done + room])
+                .map_err(|e| {
+                    let page_gpa = at + (e.offset() as usize).saturating_sub(offset) as u64;
+                    access_failed("writing", slot, page_gpa, e)
+                })?;
             done += room;
         }
         Ok(())
     }
 
     fn read_guest_u64(table: &SlotTable, gpa: u64) -> Result<u64> {
-        let p = host_ptr(table, gpa, 8)?;
-        // SAFETY: 8 bytes inside a registered slot's host memory (see write_guest); unaligned
-        // reads are allowed by read_unaligned.
-        Ok(unsafe { std::ptr::read_unaligned(p as *const u64) })
+        let (slot, offset) = slot_at(table, gpa, 8)?;
+        let mut v = [0u8; 8];
+        guard()?
+            .read(&Span::of(&slot.mapping), offset, &mut v)
+            .map_err(|e| access_failed("reading", slot, gpa, e))?;
+        Ok(u64::from_le_bytes(v))
     }
 
     /// Writes what every run needs: the GDT, a program's code and its page tables.

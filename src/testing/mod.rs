@@ -5,12 +5,15 @@
 //!
 //! - [`guest`]: the x86-64 programs (an op list; the dirtier) and their host side;
 //! - [`check`]: the guest check over every writable slot;
+//! - [`memory`]: guest memory filled with a pattern and summed from the host (for guests too
+//!   large to compare byte for byte);
 //! - `runner`: the dirtier as a running guest that pauses, saves and resumes (x86-64);
 //! - [`machines`]: `none` machines for tests and benchmarks without a C board.
 
 pub mod check;
 pub mod guest;
 pub mod machines;
+pub mod memory;
 #[cfg(target_arch = "x86_64")]
 pub mod runner;
 
