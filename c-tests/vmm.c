@@ -332,6 +332,36 @@ static bool monitor_handle(MachineState *ms, const char *line)
     return true;
 }
 
+/* QEMU's readline keeps at most this many bytes of a line; the rest is dropped. */
+#define READLINE_MAX 4095
+
+/*
+ * What QEMU's readline makes of the bytes of one line typed at the monitor, in place: bytes
+ * from 32 up are kept as they are (invalid UTF-8 too) up to READLINE_MAX, backspace (8, 127)
+ * and ^U edit, and the other control bytes (NUL among them) are dropped. Readline's keys that
+ * move the cursor, recall history or complete (^A ^E ^D ^W ^N ^P, tab, escape sequences,
+ * 0x9b) are dropped too rather than modelled: vmm reads lines from a pipe, not keystrokes.
+ * Returns the new length.
+ */
+static size_t monitor_readline_edit(char *line, size_t len)
+{
+    size_t in, out = 0;
+
+    for (in = 0; in < len; in++) {
+        unsigned char ch = (unsigned char)line[in];
+
+        if (ch == 8 || ch == 127) {
+            out -= out > 0;
+        } else if (ch == 21) {
+            out = 0;
+        } else if (ch >= 32 && out < READLINE_MAX) {
+            line[out++] = (char)ch;
+        }
+    }
+    line[out] = '\0';
+    return out;
+}
+
 static void monitor_run(MachineState *ms)
 {
     char *line = NULL;
@@ -346,6 +376,7 @@ static void monitor_run(MachineState *ms)
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) {
             line[--len] = '\0';
         }
+        monitor_readline_edit(line, (size_t)len);
         if (!monitor_handle(ms, line)) {
             break;
         }

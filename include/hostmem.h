@@ -145,6 +145,14 @@ typedef enum HmErrorClass {
   HM_ERROR_CLASS_HOST_RESOURCES = 9,
 } HmErrorClass;
 
+// The type of a board's machine property.
+typedef enum HmPropertyKind {
+  // A size ("2G"), as QEMU's size visitor reads it.
+  HM_PROPERTY_KIND_SIZE = 0,
+  // on/off (the value is 0 or 1).
+  HM_PROPERTY_KIND_BOOL = 1,
+} HmPropertyKind;
+
 // What an `HmProgress` is about.
 typedef enum HmProgressActivity {
   // A backend's preallocation (`prealloc=on`, `-mem-prealloc`); `subject` is its id.
@@ -258,14 +266,27 @@ typedef struct MachineState {
   bool accel_kvm;
   // -accel kvm,max-slot-size=SIZE (0: the kernel's limit)
   uint64_t kvm_max_slot_size;
+  // The board's first CPU (boards with an x86 `default_cpu_type`; NULL/0/false otherwise):
+  // QEMU's `machine->cpu_type`, e.g. "qemu64-x86_64-cpu" (static storage).
+  const char *cpu_type;
+  // Its physical address width, as QEMU 10 realizes it (40 by default for 64-bit models,
+  // the host's under KVM with host-phys-bits, 36 or 32 for 32-bit ones).
+  uint32_t cpu_phys_bits;
+  // Its vendor is "AuthenticAMD" (QEMU's IS_AMD_CPU; under KVM the host's vendor).
+  bool cpu_vendor_amd;
+  // It is 64-bit (long mode).
+  bool cpu_long_mode;
 } MachineState;
 
-// One of a board's own `-machine` properties: a size, as `-machine x-ram-chunk-size=256M`.
-typedef struct MachineSizeProperty {
+// A property a board adds to its machine type.
+typedef struct MachineProperty {
   const char *name;
-  // The value when the command line does not set it.
-  uint64_t default_value;
-} MachineSizeProperty;
+  enum HmPropertyKind kind;
+  // QEMU's property setter, for its checks and warnings: called when `-machine` sets the
+  // property, with the value read (0 or 1 for a boolean) and no hostmem lock held; returns
+  // false with `*errp` set (`hm_error_set`) to refuse the value. NULL accepts any value.
+  bool (*check)(const struct MachineClass *mc, const char *name, uint64_t value, struct Error **errp);
+} MachineProperty;
 
 // A board type, as board code declares it (the RAM-relevant part of QEMU's MachineClass).
 typedef struct MachineClass {
@@ -304,11 +325,17 @@ typedef struct MachineClass {
   // anything is created; it may print, as QEMU's do. Not applied to the size of a
   // `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
   uint64_t (*fixup_ram_size)(uint64_t ram_size);
-  // The board's own `-machine NAME=SIZE` properties (QEMU's class properties): an array
-  // ended by an entry whose name is NULL, or NULL for none. Any other property name is
-  // refused as QEMU refuses it; the board reads the values with
-  // `hm_machine_get_size_property`.
-  const struct MachineSizeProperty *size_properties;
+  // QEMU's `default_cpu_type`, e.g. "qemu64-x86_64-cpu". With an x86 type, `-cpu` is read
+  // against QEMU 10's x86 models and the board's first CPU is resolved before its init
+  // (`MachineState.cpu_*`); NULL: the board has no CPU model and `-cpu` is not read.
+  const char *default_cpu_type;
+  // The board's own machine properties (QEMU: properties of its machine class), an array
+  // ended by an entry whose name is NULL; NULL for none. `-machine NAME=VALUE` sets them
+  // with QEMU's generic ones; the board reads a value with `hm_machine_get_property`.
+  const struct MachineProperty *properties;
+  // The board's own per-class data (QEMU's TypeInfo.class_data), e.g. compat flags that
+  // differ between versions of one family. hostmem never reads it. May be NULL.
+  const void *class_data;
 } MachineClass;
 
 // QEMU passes `DEVICE(obj)` to `vmstate_register_ram`; here a device is just an `Object`.
@@ -440,7 +467,8 @@ struct HostMemoryBackend *hm_memory_backend_new(const char *type_,
 struct HostMemoryBackend *hm_memory_backend_find(const char *id);
 
 // `object-del`: deletes backend `id` of the current context; refused while mapped with
-// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+// "object '<id>' is in use, can not be deleted". Calls on its handle fail afterwards with
+// "memory backend no longer exists".
 //
 // # Safety
 // `id` is NULL or NUL-terminated; `errp` follows the Error convention.
@@ -610,6 +638,13 @@ enum HmErrorClass hm_error_get_class(const struct Error *err);
 // `err` is NULL or a live `Error *` from hostmem.
 const char *hm_error_get_hint(const struct Error *err);
 
+// Sets `*errp` to a new error with `message` (a C hook's way to refuse, e.g. a board's
+// property setter), following the `errp` conventions (`&error_fatal` prints and exits).
+//
+// # Safety
+// `errp` follows the Error convention; `message` is NULL or NUL-terminated.
+void hm_error_set(struct Error **errp, const char *message);
+
 // Frees an error. NULL is ignored.
 //
 // # Safety
@@ -747,6 +782,14 @@ char *hm_machine_help_from_argv(int argc, const char *const *argv, struct Error 
 // `ms` is NULL or a machine from `hm_machine_new_from_argv`, not freed yet.
 void hm_machine_free(struct MachineState *ms);
 
+// The value of the board's own machine property `name` (see `MachineClass.properties`), when
+// `-machine` set it: true with `*value` set (a size in bytes, a boolean as 0 or 1); false when
+// it was not given (the board applies its default). An unknown `ms` is false too.
+//
+// # Safety
+// `ms` is NULL or a live machine; `name` is NULL or NUL-terminated; `value` NULL or writable.
+bool hm_machine_get_property(const struct MachineState *ms, const char *name, uint64_t *value);
+
 // Makes `ms`'s context current, so QEMU-style globals (get_system_memory(), backends by id)
 // resolve to it. For VMMs running two machines in one process.
 //
@@ -755,6 +798,8 @@ void hm_machine_free(struct MachineState *ms);
 bool hm_machine_make_current(struct MachineState *ms, struct Error **errp);
 
 // Runs one HMP command on the machine and returns its output (release with hm_free).
+// `cmdline` is the line as typed, in any bytes: QEMU's monitor takes invalid UTF-8 too, so
+// such bytes are not refused but read as U+FFFD (and echoed so in an error message).
 //
 // # Safety
 // `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
@@ -762,16 +807,6 @@ char *hm_hmp(struct MachineState *ms, const char *cmdline, struct Error **errp);
 
 // The context id of the current machine (for C APIs keyed by context).
 uint32_t hm_context_current(void);
-
-// The value of the board's own property `name` on machine `ms` (the command line's, or the
-// default its class declares) into `*value`. A name the class does not declare is an error.
-//
-// # Safety
-// `ms` is NULL or a live machine; `name` NULL or NUL-terminated; `value` NULL or writable.
-bool hm_machine_get_size_property(const struct MachineState *ms,
-                                  const char *name,
-                                  uint64_t *value,
-                                  struct Error **errp);
 
 // QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
 // current machine's KVM slots are cut at `max_slot_size` bytes at most, a whole number of

@@ -6,7 +6,11 @@ A case is c-tests/cases/NAME.case, a list of "key: value" lines ('#' starts a co
   args: ...                      the command line, given word for word to QEMU and to vmm
   qemu-args: ...                 extra words for QEMU only: firmware QEMU needs to start a
                                  board whose devices vmm does not model (say why in a comment)
-  hmp: COMMAND                   one monitor command, fed on stdin (repeatable, in order)
+  hmp: COMMAND                   one monitor command, fed on stdin (repeatable, in order); the
+                                 transcript shows it as QEMU's readline keeps it (at most 4095
+                                 bytes, see readline_kept)
+  hmp-bytes: ESCAPED             the same with Python escapes (\x00, \xff) for bytes a text line
+                                 cannot hold
   stdin: BYTES                   raw bytes fed on stdin after the hmp commands, written with
                                  Python's escapes (\x00, \xff, \n); for input no command line
                                  can hold: NUL bytes, invalid UTF-8 (repeatable)
@@ -44,6 +48,7 @@ command, with QEMU's terminal escapes and echo replaced by the plain command, an
 of `info ramblock` masked. Stderr has QEMU's program name replaced by "vmm".
 """
 
+import codecs
 import os
 import re
 import shlex
@@ -66,6 +71,7 @@ class Case:
         self.args = []
         self.qemu_args = []
         self.hmp = []
+        self.hmp_bytes = []
         self.expect = "qemu"
         self.ignore = []
         self.differs = []
@@ -90,8 +96,12 @@ class Case:
                     self.args += shlex.split(value)
                 elif key == "qemu-args":
                     self.qemu_args += shlex.split(value)
-                elif key == "hmp":
-                    self.hmp.append(value)
+                elif key in ("hmp", "hmp-bytes"):
+                    raw = value.encode()
+                    if key == "hmp-bytes":
+                        raw = codecs.escape_decode(raw)[0]
+                    self.hmp.append(readline_kept(raw).decode(errors="replace"))
+                    self.hmp_bytes.append(raw)
                 elif key == "stdin":
                     self.stdin += _unescape(value)
                 elif key == "stdin-repeat":
@@ -135,7 +145,21 @@ class Case:
 
     def stdin_text(self):
         """What the monitor reads: the hmp commands, then the raw stdin bytes."""
-        return "".join(c + "\n" for c in self.hmp).encode() + self.stdin
+        return b"".join(c + b"\n" for c in self.hmp_bytes) + self.stdin
+
+
+def readline_kept(raw):
+    """What QEMU's readline keeps of a typed line: bytes below 32 dropped, backspace (8, 127)
+    and ^U applied, at most 4095 bytes (READLINE_CMD_BUF_SIZE)."""
+    out = bytearray()
+    for ch in raw:
+        if ch in (8, 127):
+            del out[-1:]
+        elif ch == 21:
+            out.clear()
+        elif ch >= 32 and len(out) < 4095:
+            out.append(ch)
+    return bytes(out)
 
 
 def _unescape(text):
@@ -177,7 +201,7 @@ def run(cmd, args, stdin_bytes, setup=()):
 
 # A row of `info ramblock`: name, page size, offset, used, total, HVA, RO.
 _RAMBLOCK_ROW = re.compile(
-    r"^(.{24} .{8}  0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}) 0x[0-9a-f]{16}(  ?r[ow])$")
+    r"^(.{24,} .{8}  0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}) 0x[0-9a-f]{16}(  ?r[ow])$")
 HVA_MASK = "0x" + "x" * 16
 
 

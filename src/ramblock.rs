@@ -17,7 +17,8 @@ pub const DIRTY_PAGE_SIZE: u64 = 4096;
 /// `BITS_PER_LONG << TARGET_PAGE_BITS` so that bitmap syncs take the word-aligned fast path).
 pub const RAM_OFFSET_ALIGN: u64 = 64 * DIRTY_PAGE_SIZE;
 
-/// QEMU keeps idstr in a 256-byte array; longer names were silently cut there.
+/// QEMU keeps idstr in a 256-byte array: a longer name is cut to its first 255 bytes (as QEMU
+/// cuts it), and the whole name is kept beside it for errors.
 pub const IDSTR_MAX: usize = 255;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,6 +48,8 @@ fn bitmap_words(length: u64) -> usize {
 pub struct RamBlock {
     /// "" until `vmstate_register_ram` names it (QEMU shows such blocks with an empty name).
     pub idstr: String,
+    /// The name asked for when it was longer than [`IDSTR_MAX`] (`idstr` holds its start).
+    pub long_name: Option<String>,
     /// ram_addr_t offset in the RAM address space.
     pub offset: u64,
     pub used_length: u64,
@@ -175,6 +178,7 @@ impl RamBlockRegistry {
         let page_size = mapping.page_size() as u64;
         Ok(self.insert(RamBlock {
             idstr: String::new(),
+            long_name: None,
             offset,
             used_length,
             max_length,
@@ -212,6 +216,7 @@ impl RamBlockRegistry {
         let ram_offset = self.find_offset(len)?;
         Ok(self.insert(RamBlock {
             idstr: String::new(),
+            long_name: None,
             offset: ram_offset,
             used_length: len,
             max_length: len,
@@ -262,7 +267,7 @@ impl RamBlockRegistry {
         };
         let block = self.get(id).ok_or_else(|| no_block(id))?;
         if !block.idstr.is_empty() {
-            if block.idstr == idstr {
+            if block.long_name.as_deref().unwrap_or(&block.idstr) == idstr {
                 return Ok(());
             }
             return Err(Error::new(
@@ -273,19 +278,36 @@ impl RamBlockRegistry {
                 ),
             ));
         }
-        if idstr.is_empty() || idstr.len() > IDSTR_MAX {
-            return Err(Error::invalid(format!(
-                "RAMBlock name \"{idstr}\" must be 1 to {IDSTR_MAX} bytes long"
-            )));
+        if idstr.is_empty() {
+            return Err(Error::invalid("RAMBlock name must not be empty"));
         }
-        if self.find_by_idstr(&idstr).is_some() {
-            return Err(Error::new(
-                HmErrorClass::Duplicate,
-                format!("RAMBlock \"{idstr}\" already registered"),
-            ));
+        let (cut, long_name) = if idstr.len() > IDSTR_MAX {
+            let mut end = IDSTR_MAX;
+            while !idstr.is_char_boundary(end) {
+                end -= 1;
+            }
+            (idstr[..end].to_string(), Some(idstr.clone()))
+        } else {
+            (idstr, None)
+        };
+        if let Some(other) = self.find_by_idstr(&cut) {
+            let other = &self.blocks[&other.0];
+            // QEMU would abort on a collision of cut names; say which two names became one.
+            let message = match (&long_name, &other.long_name) {
+                (Some(mine), theirs) => format!(
+                    "RAMBlock name \"{mine}\" cut to {IDSTR_MAX} bytes is \"{cut}\", the name of RAMBlock \"{}\" already registered",
+                    theirs.as_deref().unwrap_or(&cut)
+                ),
+                (None, Some(theirs)) => format!(
+                    "RAMBlock \"{cut}\" already registered (it is \"{theirs}\" cut to {IDSTR_MAX} bytes)"
+                ),
+                (None, None) => format!("RAMBlock \"{cut}\" already registered"),
+            };
+            return Err(Error::new(HmErrorClass::Duplicate, message));
         }
         if let Some(b) = self.blocks.get_mut(&id.0) {
-            b.idstr = idstr;
+            b.idstr = cut;
+            b.long_name = long_name;
         }
         Ok(())
     }
@@ -293,6 +315,7 @@ impl RamBlockRegistry {
     pub fn unset_idstr(&mut self, id: RamBlockId) {
         if let Some(b) = self.blocks.get_mut(&id.0) {
             b.idstr.clear();
+            b.long_name = None;
         }
     }
 
@@ -750,6 +773,41 @@ mod tests {
         r.unset_idstr(a);
         assert_eq!(r.find_by_idstr("pc.ram"), None);
         r.set_idstr(b, None, "x").unwrap_err();
+    }
+
+    #[test]
+    fn long_names_are_cut_as_qemu_cuts_them_and_a_collision_names_both() {
+        let mut r = RamBlockRegistry::new();
+        let (a, b, c) = (add(&mut r, MIB), add(&mut r, MIB), add(&mut r, MIB));
+        let long_a = "a".repeat(300);
+        let long_b = format!("{}b", "a".repeat(300));
+        let cut = "a".repeat(IDSTR_MAX);
+        r.set_idstr(a, None, &long_a).unwrap();
+        assert_eq!(r.get(a).unwrap().idstr, cut);
+        // Naming it again with the same long name is no rename.
+        r.set_idstr(a, None, &long_a).unwrap();
+        let e = r.set_idstr(b, None, &long_b).unwrap_err();
+        assert_eq!(e.class(), HmErrorClass::Duplicate);
+        assert_eq!(
+            e.message(),
+            format!(
+                "RAMBlock name \"{long_b}\" cut to 255 bytes is \"{cut}\", the name of \
+                 RAMBlock \"{long_a}\" already registered"
+            )
+        );
+        let e = r.set_idstr(c, None, &cut).unwrap_err();
+        assert_eq!(
+            e.message(),
+            format!("RAMBlock \"{cut}\" already registered (it is \"{long_a}\" cut to 255 bytes)")
+        );
+        // Cut on a character boundary: a 2-byte character straddling byte 255 goes whole.
+        let wide = format!("{}é", "x".repeat(254));
+        r.set_idstr(c, None, &wide).unwrap();
+        assert_eq!(r.get(c).unwrap().idstr, "x".repeat(254));
+        assert_eq!(
+            r.set_idstr(b, None, "").unwrap_err().message(),
+            "RAMBlock name must not be empty"
+        );
     }
 
     #[test]

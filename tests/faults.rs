@@ -28,8 +28,8 @@ fn none_board() -> BoardInfo {
         numa_mem_supported: false,
         numa_supported: false,
         no_cpus_by_default: true,
-        properties: Vec::new(),
         is_default: false,
+        ..Default::default()
     }
 }
 

@@ -144,8 +144,8 @@ fn machine(args: &[&str]) -> Machine {
         numa_mem_supported: false,
         numa_supported: false,
         no_cpus_by_default: true,
-        properties: Vec::new(),
         is_default: false,
+        ..Default::default()
     };
     let mut machine = Machine::from_cmdline(&Cmdline::parse(args).unwrap(), &board).unwrap();
     let ram = machine.config().unwrap().ram.unwrap();

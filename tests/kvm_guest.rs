@@ -480,7 +480,7 @@ fn s390_partitioned(ram_size: u64, chunk: u64) -> (Machine, Vec<RegionId>) {
         numa_supported: false,
         no_cpus_by_default: false,
         is_default: false,
-        properties: Vec::new(),
+        ..Default::default()
     };
     let size = format!("{}M", ram_size / MIB);
     let cmd = hostmem::options::cmdline::Cmdline::parse(&["-m", &size]).unwrap();
@@ -566,7 +566,7 @@ fn a_vm_clone_keeps_its_slots_memory_mapped_after_the_machine_is_gone() {
         numa_supported: false,
         no_cpus_by_default: true,
         is_default: false,
-        properties: Vec::new(),
+        ..Default::default()
     };
     let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
     let ram = machine.config().unwrap().ram.unwrap();
@@ -760,7 +760,7 @@ fn the_boards_slot_limit_and_the_users_give_the_lower_one() {
         numa_supported: false,
         no_cpus_by_default: false,
         is_default: false,
-        properties: Vec::new(),
+        ..Default::default()
     };
     for (accel, board_limit, slot) in [
         ("kvm", 256 * MIB, 256 * MIB),

@@ -42,6 +42,17 @@ void board_fatal(const char *fmt, ...)
     exit(1);
 }
 
+void board_warn(const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "%s: warning: ", program_invocation_short_name);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
 void *board_new0(size_t size)
 {
     void *p = calloc(1, size);

@@ -67,8 +67,8 @@ bool boards_register_all(Error **errp);
 
 /*
  * pc-common.c: the part of QEMU's hw/i386/pc.c both PC machines share: maps machine->ram through
- * "ram-below-4g" / "ram-above-4g" aliases split at @lowmem, under a 2^64 "pci" container at
- * priority -1 as QEMU has it.
+ * "ram-below-4g" / "ram-above-4g" aliases, under a 2^64 "pci" container at priority -1 as QEMU
+ * has it, after QEMU's checks of the CPU's address limit and of maxmem.
  */
 #define PAM_REGIONS 13
 
@@ -81,13 +81,40 @@ typedef struct PCMemoryState {
     MemoryRegion pam[PAM_REGIONS];
 } PCMemoryState;
 
-void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t lowmem);
+/* What differs between PC machine versions for the memory map (MachineClass.class_data). */
+typedef struct PCMachineCompat {
+    /*
+     * <= 8.1 (QEMU's broken_32bit_mem_addr_check): a 32-bit CPU's highest used address is
+     * taken to be its whole physical range, so the address check can never fail for it.
+     */
+    bool broken_32bit_mem_addr_check;
+} PCMachineCompat;
+
+extern const PCMachineCompat pc_compat_current;
+extern const PCMachineCompat pc_compat_8_1;
+
+/* QEMU's default CPU of both PC machines. */
+#define PC_DEFAULT_CPU_TYPE "qemu64-x86_64-cpu"
+
+/* The PC machines' own properties: max-ram-below-4g, with QEMU's setter checks. */
+extern const MachineProperty pc_machine_properties[];
+
+/* -machine max-ram-below-4g, or @dflt when it was not given or given as 0 (QEMU: "default"). */
+uint64_t pc_max_ram_below_4g(const MachineState *machine, uint64_t dflt);
+
+/*
+ * Maps machine->ram with @below_4g bytes below 4 GiB and the rest above (at 4 GiB, or at
+ * 1 TiB past the AMD HyperTransport range), the 64-bit PCI hole of @pci_hole64_size bytes
+ * counting towards the CPU's address limit.
+ */
+void pc_memory_init(MachineState *machine, PCMemoryState *s, uint64_t below_4g,
+                    uint64_t pci_hole64_size);
 
 /*
  * pc_memory_init plus the host bridge's legacy windows and QEMU's firmware ROMs; the board
  * state goes to machine->opaque.
  */
-void pc_board_init(MachineState *machine, uint64_t lowmem);
+void pc_board_init(MachineState *machine, uint64_t below_4g, uint64_t pci_hole64_size);
 
 /*
  * s390-ccw.c: what the s390 machine types and the board that plays QEMU 4.1 share.
@@ -101,7 +128,8 @@ void pc_board_init(MachineState *machine, uint64_t lowmem);
 /* 4.2 and older: the RAM size rounded down to whole storage increments, with QEMU's message. */
 uint64_t s390_fixup_ram_size(uint64_t sz);
 
-/* The machine's x-ram-chunk-size, checked (a multiple of 1 MiB up to S390_RAM_CHUNK_MAX). */
+/* The machine's x-ram-chunk-size (S390_RAM_CHUNK_MAX when not given), checked (a multiple of
+ * 1 MiB up to S390_RAM_CHUNK_MAX). */
 uint64_t s390_ram_chunk_size(MachineState *machine);
 
 /* Chunk @i of main RAM named @base: "@base" for the first, "@base.@i" for the others. */
@@ -118,6 +146,9 @@ void board_cleanup(MachineState *ms);
  * prints "<program>: <message>" on stderr.
  */
 void board_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+/* QEMU's warn_report(): prints "<program>: warning: <message>" on stderr. */
+void board_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* calloc that exits on failure, as g_new0 does. */
 void *board_new0(size_t size);

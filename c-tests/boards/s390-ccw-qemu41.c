@@ -49,8 +49,9 @@ static void s390_qemu41_memory_init(MachineState *machine)
     }
 }
 
-static const MachineSizeProperty s390_qemu41_properties[] = {
-    { .name = S390_RAM_CHUNK_PROPERTY, .default_value = S390_RAM_CHUNK_MAX },
+/* x-ram-chunk-size; s390_ram_chunk_size applies its default, QEMU 4.1's chunk size. */
+static const MachineProperty s390_qemu41_properties[] = {
+    { .name = S390_RAM_CHUNK_PROPERTY, .kind = HM_PROPERTY_KIND_SIZE },
     { .name = NULL },
 };
 
@@ -66,7 +67,7 @@ static const MachineSizeProperty s390_qemu41_properties[] = {
         .no_numa_support = true,                                                   \
         .deprecation_reason = MACHINE_VER_DEPRECATION(major, minor),               \
         .fixup_ram_size = s390_fixup_ram_size,                                     \
-        .size_properties = s390_qemu41_properties,                                 \
+        .properties = s390_qemu41_properties,                                      \
     }
 
 static const MachineClass s390_qemu41_machines[] = {

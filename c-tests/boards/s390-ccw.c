@@ -58,10 +58,10 @@ static void s390_memory_init(MachineState *machine)
 uint64_t s390_ram_chunk_size(MachineState *machine)
 {
     uint64_t chunk;
-    Error *err = NULL;
 
-    if (!hm_machine_get_size_property(machine, S390_RAM_CHUNK_PROPERTY, &chunk, &err)) {
-        board_fatal("%s", error_get_pretty(err));
+    /* Not given: QEMU 4.1's chunk size. */
+    if (!hm_machine_get_property(machine, S390_RAM_CHUNK_PROPERTY, &chunk)) {
+        chunk = S390_RAM_CHUNK_MAX;
     }
     if (chunk == 0 || chunk % MiB || chunk > S390_RAM_CHUNK_MAX) {
         board_fatal("%s 0x%" PRIx64 " must be a multiple of 1 MiB from 1 MiB to 0x%llx",
@@ -136,9 +136,10 @@ uint64_t s390_fixup_ram_size(uint64_t sz)
     return newsz;
 }
 
-/* The property of the chunked layout, with QEMU 4.1's chunk size as its default. */
-static const MachineSizeProperty s390_chunked_properties[] = {
-    { .name = S390_RAM_CHUNK_PROPERTY, .default_value = S390_RAM_CHUNK_MAX },
+/* The property of the chunked layout (its default, QEMU 4.1's chunk size, is applied by
+ * s390_ram_chunk_size). */
+static const MachineProperty s390_chunked_properties[] = {
+    { .name = S390_RAM_CHUNK_PROPERTY, .kind = HM_PROPERTY_KIND_SIZE },
     { .name = NULL },
 };
 
@@ -157,7 +158,7 @@ static const MachineSizeProperty s390_chunked_properties[] = {
         .no_numa_support = true,                                                   \
         .deprecation_reason = MACHINE_VER_DEPRECATION(major, minor),               \
         .fixup_ram_size = fixup_,                                                  \
-        .size_properties = props_,                                                 \
+        .properties = props_,                                                      \
     }
 
 static const MachineClass s390_ccw_machines[] = {

@@ -28,6 +28,7 @@ fn machine() -> &'static std::sync::Mutex<Machine> {
             no_cpus_by_default: true,
             properties: Vec::new(),
             is_default: false,
+            ..Default::default()
         };
         let cmd = Cmdline::parse(&["-m", "16M"]).unwrap();
         let mut m = Machine::from_cmdline(&cmd, &board).unwrap();

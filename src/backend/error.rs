@@ -64,6 +64,11 @@ pub enum BackendError {
         size: u64,
         offset: u64,
     },
+    /// mem-path names something that cannot be sized and mapped as guest RAM (a FIFO, a
+    /// character or block device, a socket). QEMU opens it anyway and fails later with an
+    /// unrelated errno, or for /dev/zero silently maps private memory.
+    #[error("can't use {path} as backing store for guest RAM: it is {kind}, not a regular file")]
+    NotARegularFile { path: String, kind: &'static str },
     /// The host refused: "WHAT: strerror(errno)", as QEMU's error_setg_errno prints it.
     #[error("{what}: {}", strerror(*errno))]
     Host { what: String, errno: i32 },

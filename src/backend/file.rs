@@ -98,12 +98,38 @@ struct Opened {
     created: Option<CString>,
 }
 
+/// What a mem-path that is neither a regular file nor a directory is, for the error.
+fn not_a_regular_file(meta: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() || t.is_dir() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a special file")
+    }
+}
+
 fn open_backing(path: &str, region_name: &str, readonly: bool) -> Result<Opened> {
     let cant =
         |e: i32| BackendError::host(format!("can't open backing store {path} for guest RAM"), e);
     let cpath = CString::new(path).map_err(|_| cant(libc::EINVAL))?;
-    let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
-    if is_dir {
+    let meta = std::fs::metadata(path).ok();
+    if let Some(kind) = meta.as_ref().and_then(not_a_regular_file) {
+        // Checked before open: opening a FIFO read-only would wait for a writer.
+        return Err(BackendError::NotARegularFile {
+            path: path.to_string(),
+            kind,
+        });
+    }
+    if meta.is_some_and(|m| m.is_dir()) {
         // A directory gets a private temporary file, unlinked at once so it vanishes with us.
         let template = format!(
             "{}/qemu_back_mem.{}.XXXXXX",
@@ -253,7 +279,8 @@ fn map_file(
     let file_size = fd_size(fd);
     // An empty file gets sized; anything else must already hold the range. A read-only empty
     // file cannot be sized, so it is too small too (QEMU would map it and fault later). A size
-    // that cannot be known (a FIFO) is neither checked nor changed: mmap decides, as in QEMU.
+    // that cannot be known is neither checked nor changed: mmap decides, as in QEMU (FIFOs and
+    // devices, where that happens in QEMU, are refused before open_backing opens them).
     if file_size >= 0 && (file_size != 0 || props.readonly) && (file_size as u64) < end {
         return Err(BackendError::FileTooSmall {
             region: region_name.to_string(),
@@ -274,8 +301,8 @@ fn map_file(
     if file_size == 0 {
         // SAFETY: fd is open for writing (not read-only, checked above).
         if unsafe { libc::ftruncate(fd.as_raw_fd(), end as libc::off_t) } != 0 {
-            // Not fatal, as in QEMU: a file that cannot be sized (/dev/zero, /dev/null) is
-            // mapped anyway, and the mapping says whether it can be used.
+            // Not fatal, as in QEMU: a file that cannot be sized is mapped anyway, and the
+            // mapping says whether it can be used.
             let errno = std::io::Error::last_os_error()
                 .raw_os_error()
                 .unwrap_or(libc::EIO);
@@ -360,6 +387,38 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         drop(m);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn fifo_and_devices_are_not_regular_files() {
+        let d = tmpdir("special");
+        let fifo = format!("{d}/fifo");
+        let c = CString::new(fifo.clone()).unwrap();
+        // SAFETY: c is a NUL-terminated path in our scratch directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let msg = |path: &str, readonly: bool| {
+            let p = FileProps {
+                readonly,
+                ..props(path)
+            };
+            alloc(&p, "memory-backend-file", "m", 1 << 20, true, false)
+                .unwrap_err()
+                .to_string()
+        };
+        // Read-only, a FIFO would block in open: the refusal comes first.
+        assert_eq!(
+            msg(&fifo, true),
+            format!(
+                "can't use {fifo} as backing store for guest RAM: it is a FIFO, not a regular file"
+            )
+        );
+        for dev in ["/dev/null", "/dev/zero"] {
+            assert_eq!(
+                msg(dev, false),
+                format!("can't use {dev} as backing store for guest RAM: it is a character device, not a regular file")
+            );
+        }
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -1,11 +1,11 @@
 //! `HostMemoryBackend` for C: QEMU's `-object memory-backend-*` objects, created from option
 //! strings or step by step, in the current context.
 //!
-//! Ownership: a `HostMemoryBackend *` is a handle hostmem owns. It stays valid until
-//! `hm_memory_backend_del` deletes the backend (or the process ends); the same backend always
-//! yields the same pointer. It embeds the `MemoryRegion` that `host_memory_backend_get_memory`
-//! returns. A handle whose backend was removed another way (its context destroyed, a failed
-//! machine setup) stays safe to pass: calls on it fail with an error instead of crashing.
+//! Ownership: a `HostMemoryBackend *` is a handle hostmem owns, kept until the process ends;
+//! the same backend always yields the same pointer. It embeds the `MemoryRegion` that
+//! `host_memory_backend_get_memory` returns. A handle whose backend is gone (deleted with
+//! `hm_memory_backend_del`, its context destroyed, a failed machine setup) stays safe to pass:
+//! calls on it fail with "memory backend no longer exists" instead of touching freed memory.
 //!
 //! Preallocation runs with no hostmem lock held, so a progress callback may call hostmem.
 
@@ -57,13 +57,16 @@ fn handle_for(context: ContextId, serial: u64) -> *mut HostMemoryBackend {
     &mut **b as *mut HostMemoryBackend
 }
 
-fn forget_handle(context: ContextId, serial: u64) {
-    let mut h = handles().lock().unwrap_or_else(|p| p.into_inner());
-    h.remove(&(context, serial));
-}
-
 fn gone() -> Error {
     Error::new(HmErrorClass::NotFound, "memory backend no longer exists")
+}
+
+/// Runs `f` on the machine of a handle's backend; a machine that is gone means the backend is.
+fn with_machine<R>(b: &HostMemoryBackend, f: impl FnOnce(&mut Machine) -> Result<R>) -> Result<R> {
+    if !registry::exists(b.context) {
+        return Err(gone());
+    }
+    registry::with(b.context, f)
 }
 
 /// Runs `f` on the backend a handle names (its machine locked), given by id.
@@ -71,7 +74,7 @@ fn with_entry<R>(
     b: &HostMemoryBackend,
     f: impl FnOnce(&mut Machine, &str) -> Result<R>,
 ) -> Result<R> {
-    registry::with(b.context, |m| {
+    with_machine(b, |m| {
         let id = backend_id(m, b.serial)?;
         f(m, &id)
     })
@@ -86,7 +89,7 @@ fn backend_id(m: &Machine, serial: u64) -> Result<String> {
 
 /// The id of the backend a handle names.
 fn id_of(b: &HostMemoryBackend) -> Result<String> {
-    registry::with(b.context, |m| backend_id(m, b.serial))
+    with_machine(b, |m| backend_id(m, b.serial))
 }
 
 fn serial_of(m: &Machine, id: &str) -> Result<u64> {
@@ -162,7 +165,8 @@ pub unsafe extern "C" fn hm_memory_backend_find(id: *const c_char) -> *mut HostM
 }
 
 /// `object-del`: deletes backend `id` of the current context; refused while mapped with
-/// "object '<id>' is in use, can not be deleted". Its handle is invalid afterwards.
+/// "object '<id>' is in use, can not be deleted". Calls on its handle fail afterwards with
+/// "memory backend no longer exists".
 ///
 /// # Safety
 /// `id` is NULL or NUL-terminated; `errp` follows the Error convention.
@@ -171,12 +175,11 @@ pub unsafe extern "C" fn hm_memory_backend_del(id: *const c_char, errp: *mut *mu
     guard(errp, false, || {
         // SAFETY: caller contract.
         let id = unsafe { str_arg(id, "id") }?;
-        registry::with_current(|cid, m| {
-            let serial = serial_of(m, id).map_err(|_| {
+        registry::with_current(|_, m| {
+            serial_of(m, id).map_err(|_| {
                 Error::new(HmErrorClass::NotFound, format!("object '{id}' not found"))
             })?;
             m.delete_backend(id)?;
-            forget_handle(cid, serial);
             Ok(true)
         })
     })
@@ -851,8 +854,32 @@ mod tests {
                 host_memory_backend_set_mapped(b, false);
                 assert!(hm_memory_backend_del(c"r".as_ptr(), &mut err));
                 assert!(hm_memory_backend_find(c"r".as_ptr()).is_null());
+                // The deleted backend's handle is still safe to pass, and says so.
+                assert!(hm_memory_backend_get(b, c"size".as_ptr(), &mut err).is_null());
+                assert_eq!(take_err(err), "memory backend no longer exists");
+                assert!(host_memory_backend_get_memory(b).is_null());
             }
         });
+    }
+
+    #[test]
+    fn a_handle_outliving_its_machine_says_the_backend_is_gone() {
+        // SAFETY: valid C strings and errp.
+        let b = with_fresh_context(|| unsafe {
+            hm_memory_backend_add(c"memory-backend-ram,id=r,size=2M".as_ptr(), null_mut())
+        });
+        assert!(!b.is_null());
+        let mut err = null_mut();
+        // SAFETY: b is a handle hostmem made; its machine was removed by with_fresh_context.
+        unsafe {
+            assert!(!hm_memory_backend_set(
+                b,
+                c"merge".as_ptr(),
+                c"on".as_ptr(),
+                &mut err
+            ));
+        }
+        assert_eq!(take_err(err), "memory backend no longer exists");
     }
 
     #[test]

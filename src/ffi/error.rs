@@ -28,9 +28,14 @@ pub(crate) fn program_name() -> String {
         .unwrap_or_else(|| "hostmem".to_string())
 }
 
-/// Prints "<program>: <message>" and the hint on stderr, as QEMU's error_report_err does.
+/// Prints "<program>: <message>" and the hint on stderr, as QEMU's error_report_err does. A
+/// message of several lines is several reports in QEMU, so each line gets the program name.
 pub(crate) fn report(err: &Error) {
-    let mut text = format!("{}: {}\n", program_name(), err.message());
+    let name = program_name();
+    let mut text = String::new();
+    for line in err.message().split('\n') {
+        text.push_str(&format!("{name}: {line}\n"));
+    }
     if let Some(h) = err.hint() {
         text.push_str(h);
     }
@@ -100,6 +105,25 @@ pub unsafe extern "C" fn hm_error_get_hint(err: *const Error) -> *const c_char {
         Some(e) if e.hint().is_some() => hint_cache(e),
         _ => std::ptr::null(),
     }
+}
+
+/// Sets `*errp` to a new error with `message` (a C hook's way to refuse, e.g. a board's
+/// property setter), following the `errp` conventions (`&error_fatal` prints and exits).
+///
+/// # Safety
+/// `errp` follows the Error convention; `message` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn hm_error_set(errp: *mut *mut Error, message: *const c_char) {
+    let text = if message.is_null() {
+        "(no message)".to_string()
+    } else {
+        // SAFETY: a non-NULL message is NUL-terminated by contract.
+        unsafe { std::ffi::CStr::from_ptr(message) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    // SAFETY: by contract.
+    unsafe { set_error(errp, Error::invalid(text)) };
 }
 
 /// Takes an error C code handed back (through a hook's `errp`) into Rust; NULL is `None`.

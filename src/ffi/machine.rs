@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 use crate::ffi::backend::{hm_memory_backend_find, HostMemoryBackend};
 use crate::ffi::memory::{forget_machine, take_pending_error, MemoryRegion, Object};
 use crate::ffi::{c_string, guard, guard_report, mut_arg, ref_arg, str_arg};
-use crate::machine::boards::BoardListing;
-use crate::machine::{BoardInfo, BoardProperty, BoardRegistry};
+use crate::machine::boards::{BoardListing, BoardProperty, PropertyKind};
+use crate::machine::cpu::ThisHost;
+use crate::machine::{BoardInfo, BoardRegistry, BuildEnv};
 use crate::options::cmdline::{Accel, Cmdline};
 use crate::registry::{self, MachineId, PendingMachine};
 
@@ -57,19 +58,45 @@ pub struct MachineClass {
     /// anything is created; it may print, as QEMU's do. Not applied to the size of a
     /// `memory-backend` given without -m. Called with no hostmem lock held. May be NULL.
     pub fixup_ram_size: Option<unsafe extern "C" fn(ram_size: u64) -> u64>,
-    /// The board's own `-machine NAME=SIZE` properties (QEMU's class properties): an array
-    /// ended by an entry whose name is NULL, or NULL for none. Any other property name is
-    /// refused as QEMU refuses it; the board reads the values with
-    /// `hm_machine_get_size_property`.
-    pub size_properties: *const MachineSizeProperty,
+    /// QEMU's `default_cpu_type`, e.g. "qemu64-x86_64-cpu". With an x86 type, `-cpu` is read
+    /// against QEMU 10's x86 models and the board's first CPU is resolved before its init
+    /// (`MachineState.cpu_*`); NULL: the board has no CPU model and `-cpu` is not read.
+    pub default_cpu_type: *const c_char,
+    /// The board's own machine properties (QEMU: properties of its machine class), an array
+    /// ended by an entry whose name is NULL; NULL for none. `-machine NAME=VALUE` sets them
+    /// with QEMU's generic ones; the board reads a value with `hm_machine_get_property`.
+    pub properties: *const MachineProperty,
+    /// The board's own per-class data (QEMU's TypeInfo.class_data), e.g. compat flags that
+    /// differ between versions of one family. hostmem never reads it. May be NULL.
+    pub class_data: *const c_void,
 }
 
-/// One of a board's own `-machine` properties: a size, as `-machine x-ram-chunk-size=256M`.
+/// The type of a board's machine property.
 #[repr(C)]
-pub struct MachineSizeProperty {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmPropertyKind {
+    /// A size ("2G"), as QEMU's size visitor reads it.
+    Size = 0,
+    /// on/off (the value is 0 or 1).
+    Bool = 1,
+}
+
+/// A property a board adds to its machine type.
+#[repr(C)]
+pub struct MachineProperty {
     pub name: *const c_char,
-    /// The value when the command line does not set it.
-    pub default_value: u64,
+    pub kind: HmPropertyKind,
+    /// QEMU's property setter, for its checks and warnings: called when `-machine` sets the
+    /// property, with the value read (0 or 1 for a boolean) and no hostmem lock held; returns
+    /// false with `*errp` set (`hm_error_set`) to refuse the value. NULL accepts any value.
+    pub check: Option<
+        unsafe extern "C" fn(
+            mc: *const MachineClass,
+            name: *const c_char,
+            value: u64,
+            errp: *mut *mut Error,
+        ) -> bool,
+    >,
 }
 
 /// One machine, as board code sees it (the RAM-relevant part of QEMU's MachineState), plus the
@@ -97,6 +124,16 @@ pub struct MachineState {
     pub accel_kvm: bool,
     /// -accel kvm,max-slot-size=SIZE (0: the kernel's limit)
     pub kvm_max_slot_size: u64,
+    /// The board's first CPU (boards with an x86 `default_cpu_type`; NULL/0/false otherwise):
+    /// QEMU's `machine->cpu_type`, e.g. "qemu64-x86_64-cpu" (static storage).
+    pub cpu_type: *const c_char,
+    /// Its physical address width, as QEMU 10 realizes it (40 by default for 64-bit models,
+    /// the host's under KVM with host-phys-bits, 36 or 32 for 32-bit ones).
+    pub cpu_phys_bits: u32,
+    /// Its vendor is "AuthenticAMD" (QEMU's IS_AMD_CPU; under KVM the host's vendor).
+    pub cpu_vendor_amd: bool,
+    /// It is 64-bit (long mode).
+    pub cpu_long_mode: bool,
 }
 
 struct ClassPtr(*const MachineClass);
@@ -128,31 +165,71 @@ fn board_info(mc: &MachineClass) -> BoardInfo {
             numa_supported: !mc.no_numa_support,
             no_cpus_by_default: mc.no_cpus_by_default,
             is_default: mc.is_default,
-            properties: size_properties(mc.size_properties),
+            default_cpu_type: opt_str(mc.default_cpu_type),
+            properties: class_properties(mc)
+                .map(|(name, p)| BoardProperty {
+                    name,
+                    kind: match p.kind {
+                        HmPropertyKind::Size => PropertyKind::Size,
+                        HmPropertyKind::Bool => PropertyKind::Bool,
+                    },
+                })
+                .collect(),
         }
     }
 }
 
-/// The board properties of a class, up to the entry without a name.
-///
-/// # Safety
-/// `p` is NULL or an array of static entries ended by one whose name is NULL.
-unsafe fn size_properties(mut p: *const MachineSizeProperty) -> Vec<BoardProperty> {
-    let mut out = Vec::new();
-    // SAFETY: by the caller's contract every entry up to the terminator is readable.
-    while let Some(entry) = unsafe { p.as_ref() } {
-        // SAFETY: names are static NUL-terminated strings (registration contract).
-        let Some(name) = (unsafe { opt_str(entry.name) }) else {
-            break;
-        };
-        out.push(BoardProperty {
-            name,
-            default: entry.default_value,
-        });
-        // SAFETY: the entry was not the terminator, so the array goes on.
-        p = unsafe { p.add(1) };
+/// The class's properties with their names.
+fn class_properties(mc: &MachineClass) -> impl Iterator<Item = (String, &MachineProperty)> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if mc.properties.is_null() {
+            return None;
+        }
+        // SAFETY: `properties` is a static array ended by a NULL name (registration contract),
+        // and `i` never passes that end.
+        let p = unsafe { &*mc.properties.add(i) };
+        // SAFETY: property names are static NUL-terminated strings (same contract).
+        let name = unsafe { opt_str(p.name) }?;
+        i += 1;
+        Some((name, p))
+    })
+}
+
+/// The class's C hooks, as the generic machine code calls them.
+struct ClassHooks<'a>(&'a MachineClass);
+
+impl crate::machine::BoardHooks for ClassHooks<'_> {
+    fn fixup_ram_size(&mut self, size: u64) -> u64 {
+        match self.0.fixup_ram_size {
+            // SAFETY: the board's hook takes and returns a size; no hostmem lock is held.
+            Some(fixup) => unsafe { fixup(size) },
+            None => size,
+        }
     }
-    out
+
+    fn check_property(&mut self, name: &str, value: u64) -> Result<()> {
+        let Some((_, prop)) = class_properties(self.0).find(|(n, _)| n == name) else {
+            return Ok(());
+        };
+        let Some(check) = prop.check else {
+            return Ok(());
+        };
+        let mut err: *mut Error = null_mut();
+        // SAFETY: the board's setter gets its class, the property's static name, the value and
+        // an errp it may set; no hostmem lock is held.
+        let ok = unsafe { check(self.0, prop.name, value, &mut err) };
+        // SAFETY: `err` is NULL or an error hostmem made for the hook; C does not use it again.
+        let taken = unsafe { crate::ffi::error::take_error(err) };
+        match (ok, taken) {
+            (true, None) => Ok(()),
+            (true, Some(_)) => Ok(()),
+            (false, Some(e)) => Err(e),
+            (false, None) => Err(Error::invalid(format!(
+                "Property '{name}' refused its value without saying why"
+            ))),
+        }
+    }
 }
 
 fn board_listing(mc: &MachineClass) -> BoardListing {
@@ -184,11 +261,13 @@ pub unsafe extern "C" fn hm_machine_class_register(
     })
 }
 
-/// Storage C boards point into: `machine->ram`. Boxed so its address is stable.
+/// Storage C boards point into: `machine->ram`, `machine->cpu_type`. Boxed so its address
+/// is stable.
 #[repr(C)]
 struct MachineBox {
     state: MachineState,
     ram: MemoryRegion,
+    cpu_type: Option<std::ffi::CString>,
 }
 
 /// Builds a machine from a QEMU command line (`argv[0]` is the program name): parses the
@@ -208,31 +287,43 @@ pub unsafe extern "C" fn hm_machine_new_from_argv(
 ) -> *mut MachineState {
     guard(errp, null_mut(), || {
         // SAFETY: forwarded caller contract.
-        let cmd = Cmdline::parse(&unsafe { argv_strings(argc, argv) }?)?;
+        let args = unsafe { argv_strings(argc, argv) }?;
+        let mut read_warnings = Vec::new();
+        let read = Cmdline::read(&args, &mut read_warnings);
+        for w in read_warnings {
+            warn(w);
+        }
+        let cmd = read?;
         if cmd.machine_help {
             return Err(Error::invalid(
                 "the command line asks for the list of machine types: use hm_machine_help_from_argv()",
             ));
         }
-        machine_from_cmdline(cmd)
+        machine_from_cmdline(&cmd)
     })
 }
 
-/// Builds a machine from a parsed command line with the registered board it names: the
-/// generic code, the board's init, the accelerator. The machine is current afterwards.
-pub(crate) fn machine_from_cmdline(mut cmd: Cmdline) -> Result<*mut MachineState> {
-    let (mut info, mc) = {
+/// Builds a machine from a read command line with the registered board it names: the
+/// options applied with the class's hooks, the generic code, the board's init, the
+/// accelerator. The machine is current afterwards.
+pub(crate) fn machine_from_cmdline(cmd: &Cmdline) -> Result<*mut MachineState> {
+    let (info, mc) = {
         let boards = boards();
         let (info, class) = boards.find(cmd.machine_type.as_deref())?;
         (info.clone(), class.0)
     };
     // SAFETY: `mc` is a registered class (static, per the registration contract).
     let class = unsafe { &*mc };
-    check_objects_as_read(&cmd)?;
-    fixup_ram_size(class, &mut cmd, &mut info);
-    warn_if_deprecated(class, &cmd, &info)?;
-    let mut pending = PendingMachine::start(&cmd, &info)?;
-    let ms = new_machine_state(pending.id(), mc, &cmd)?;
+    check_objects_as_read(cmd)?;
+    // The class's hooks (RAM size fixup, property setters) run with no hostmem lock held.
+    let options = crate::machine::options::apply(cmd, &info, &mut ClassHooks(class))?;
+    warn_if_deprecated(class, &info);
+    let mut env = BuildEnv {
+        host: &ThisHost,
+        warn: &mut warn,
+    };
+    let mut pending = PendingMachine::start_with(cmd, &info, &options, &mut env)?;
+    let ms = new_machine_state(pending.id(), mc, cmd)?;
     // The board runs with no hostmem lock held, so it may call any hostmem function.
     // SAFETY: `mc` is a registered static class; `ms` is a live MachineState we own.
     if let Some(init) = unsafe { (*mc).init } {
@@ -253,29 +344,15 @@ pub(crate) fn machine_from_cmdline(mut cmd: Cmdline) -> Result<*mut MachineState
     Ok(ms)
 }
 
-/// The class's `fixup_ram_size`, where QEMU's machine_set_mem calls it: on the size -m gives
-/// (or the board's default without -m), rounded up to 8 KiB first. A size that overflows the
-/// rounding is left for the generic code to refuse.
-fn fixup_ram_size(class: &MachineClass, cmd: &mut Cmdline, info: &mut BoardInfo) {
-    let Some(fixup) = class.fixup_ram_size else {
-        return;
-    };
-    const ALIGN: u64 = 8192;
-    let size = cmd.memory.size.unwrap_or(info.default_ram_size);
-    let Some(aligned) = size.checked_add(ALIGN - 1).map(|s| s & !(ALIGN - 1)) else {
-        return;
-    };
-    // SAFETY: the board's hook takes and returns a size; it runs with no hostmem lock held.
-    let fixed = unsafe { fixup(aligned) };
-    match cmd.memory.size {
-        Some(_) => cmd.memory.size = Some(fixed),
-        None => info.default_ram_size = fixed,
-    }
+/// Prints one of QEMU's warnings as QEMU does: "<program>: " and the text (which says
+/// "warning: " itself, after its location if it has one).
+fn warn(text: String) {
+    eprintln!("{}: {text}", crate::ffi::error::program_name());
 }
 
 /// What QEMU refuses while it reads each `-object` (type, id, members, value syntax): those
 /// errors come before anything the machine checks, as in QEMU. Creating the objects comes
-/// later ([`PendingMachine::start`]), which reads them again.
+/// later ([`PendingMachine::start_with`]), which reads them again.
 fn check_objects_as_read(cmd: &Cmdline) -> Result<()> {
     let objects = crate::objects::ObjectRegistry::default();
     for object in &cmd.objects {
@@ -286,22 +363,17 @@ fn check_objects_as_read(cmd: &Cmdline) -> Result<()> {
     Ok(())
 }
 
-/// QEMU's warning for a deprecated machine type, printed where QEMU prints it: after the
-/// `-object` syntax and the RAM size were checked (a bad one fails without the warning),
-/// before any backend is created. (QEMU also checks the `-machine` properties first; hostmem
-/// checks them while configuring, after this warning.)
-fn warn_if_deprecated(class: &MachineClass, cmd: &Cmdline, info: &BoardInfo) -> Result<()> {
+/// QEMU's warning for a deprecated machine type, printed where QEMU prints it: once the
+/// machine's options are applied and the accelerator chosen (a bad one fails without the
+/// warning), before any backend is created.
+fn warn_if_deprecated(class: &MachineClass, info: &BoardInfo) {
     // SAFETY: class strings are static NUL-terminated strings (registration contract).
-    let Some(reason) = (unsafe { opt_str(class.deprecation_reason) }) else {
-        return Ok(());
-    };
-    crate::machine::resolve_ram_size(cmd, info)?;
-    eprintln!(
-        "{}: warning: Machine type '{}' is deprecated: {reason}",
-        crate::ffi::error::program_name(),
-        info.name
-    );
-    Ok(())
+    if let Some(reason) = unsafe { opt_str(class.deprecation_reason) } {
+        warn(format!(
+            "warning: Machine type '{}' is deprecated: {reason}",
+            info.name
+        ));
+    }
 }
 
 /// What QEMU prints for `-machine help` on this command line, or `None` when it asks for no
@@ -309,7 +381,7 @@ fn warn_if_deprecated(class: &MachineClass, cmd: &Cmdline, info: &BoardInfo) -> 
 /// them too (QEMU checks their syntax while reading). A type named with the help request
 /// means its property list in QEMU, which hostmem does not have.
 fn machine_help(args: &[String]) -> Result<Option<String>> {
-    let cmd = Cmdline::parse(args)?;
+    let cmd = Cmdline::read(args, &mut Vec::new())?;
     if !cmd.machine_help {
         return Ok(None);
     }
@@ -379,7 +451,7 @@ fn new_machine_state(
     mc: *const MachineClass,
     cmd: &Cmdline,
 ) -> Result<*mut MachineState> {
-    let (ram, ram_size, maxram_size, ram_slots, memdev) = registry::with(id, |m| {
+    let (ram, ram_size, maxram_size, ram_slots, memdev, cpu) = registry::with(id, |m| {
         let c = m
             .config()
             .ok_or_else(|| Error::generic("the machine has no configuration"))?;
@@ -389,6 +461,7 @@ fn new_machine_state(
             c.maxram_size,
             c.ram_slots,
             c.memdev.clone(),
+            c.cpu.clone(),
         ))
     })?;
     let memdev = match memdev.map(std::ffi::CString::new) {
@@ -410,9 +483,17 @@ fn new_machine_state(
             monitor_stdio: cmd.monitor_stdio,
             accel_kvm: cmd.accel == Some(Accel::Kvm),
             kvm_max_slot_size: cmd.kvm_max_slot_size,
+            cpu_type: std::ptr::null(),
+            cpu_phys_bits: cpu.as_ref().map_or(0, |c| c.phys_bits),
+            cpu_vendor_amd: cpu.as_ref().is_some_and(|c| c.is_amd()),
+            cpu_long_mode: cpu.as_ref().is_some_and(|c| c.long_mode),
         },
         ram: MemoryRegion::default(),
+        cpu_type: cpu.and_then(|c| std::ffi::CString::new(c.type_name).ok()),
     });
+    if let Some(t) = &boxed.cpu_type {
+        boxed.state.cpu_type = t.as_ptr();
+    }
     if let Some(r) = ram {
         boxed.ram = MemoryRegion::new(id, r);
         boxed.state.ram = &mut boxed.ram;
@@ -477,6 +558,35 @@ pub unsafe extern "C" fn hm_machine_free(ms: *mut MachineState) {
     })
 }
 
+/// The value of the board's own machine property `name` (see `MachineClass.properties`), when
+/// `-machine` set it: true with `*value` set (a size in bytes, a boolean as 0 or 1); false when
+/// it was not given (the board applies its default). An unknown `ms` is false too.
+///
+/// # Safety
+/// `ms` is NULL or a live machine; `name` is NULL or NUL-terminated; `value` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn hm_machine_get_property(
+    ms: *const MachineState,
+    name: *const c_char,
+    value: *mut u64,
+) -> bool {
+    guard_report(false, || {
+        // SAFETY: by contract.
+        let (ms, name) = unsafe { (ref_arg(ms, "ms")?, str_arg(name, "name")?) };
+        let found = registry::with(ms.context, |m| Ok(m.board_property(name)))?;
+        match found {
+            Some(v) => {
+                if !value.is_null() {
+                    // SAFETY: a non-NULL `value` is writable by contract.
+                    unsafe { *value = v };
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    })
+}
+
 /// Makes `ms`'s context current, so QEMU-style globals (get_system_memory(), backends by id)
 /// resolve to it. For VMMs running two machines in one process.
 ///
@@ -496,6 +606,8 @@ pub unsafe extern "C" fn hm_machine_make_current(
 }
 
 /// Runs one HMP command on the machine and returns its output (release with hm_free).
+/// `cmdline` is the line as typed, in any bytes: QEMU's monitor takes invalid UTF-8 too, so
+/// such bytes are not refused but read as U+FFFD (and echoed so in an error message).
 ///
 /// # Safety
 /// `ms` is NULL or a live machine; `cmdline` is NULL or NUL-terminated.
@@ -508,9 +620,12 @@ pub unsafe extern "C" fn hm_hmp(
     guard(errp, null_mut(), || {
         // SAFETY: by contract.
         let ms = unsafe { ref_arg(ms, "ms") }?;
-        // SAFETY: by contract.
-        let cmd = unsafe { str_arg(cmdline, "cmdline") }?;
-        let out = registry::hmp::hmp(ms.context, cmd, &registry::transports::HostTransports)?;
+        if cmdline.is_null() {
+            return Err(Error::invalid("Parameter 'cmdline' is missing"));
+        }
+        // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+        let cmd = unsafe { CStr::from_ptr(cmdline) }.to_string_lossy();
+        let out = registry::hmp::hmp(ms.context, &cmd, &registry::transports::HostTransports)?;
         Ok(c_string(&out))
     })
 }
@@ -519,30 +634,6 @@ pub unsafe extern "C" fn hm_hmp(
 #[no_mangle]
 pub extern "C" fn hm_context_current() -> u32 {
     guard_report(0, || Ok(registry::current_id()))
-}
-
-/// The value of the board's own property `name` on machine `ms` (the command line's, or the
-/// default its class declares) into `*value`. A name the class does not declare is an error.
-///
-/// # Safety
-/// `ms` is NULL or a live machine; `name` NULL or NUL-terminated; `value` NULL or writable.
-#[no_mangle]
-pub unsafe extern "C" fn hm_machine_get_size_property(
-    ms: *const MachineState,
-    name: *const c_char,
-    value: *mut u64,
-    errp: *mut *mut Error,
-) -> bool {
-    guard(errp, false, || {
-        // SAFETY: by contract.
-        let ms = unsafe { ref_arg(ms, "ms") }?;
-        // SAFETY: by contract.
-        let name = unsafe { str_arg(name, "name") }?;
-        // SAFETY: by contract.
-        let value = unsafe { mut_arg(value, "value") }?;
-        *value = registry::with(ms.context, |m| m.board_property(name))?;
-        Ok(true)
-    })
 }
 
 /// QEMU's `kvm_set_max_memslot_size`, for a board's init (QEMU's s390 code calls it): the
@@ -619,6 +710,34 @@ mod tests {
         size & !((2 << 20) - 1)
     }
 
+    /// A size setter that refuses more than 4 GiB.
+    unsafe extern "C" fn at_most_4g(
+        _mc: *const MachineClass,
+        _name: *const c_char,
+        value: u64,
+        errp: *mut *mut Error,
+    ) -> bool {
+        if value > 4 << 30 {
+            // SAFETY: a valid errp and a NUL-terminated message.
+            unsafe { crate::ffi::error::hm_error_set(errp, c"too big".as_ptr()) };
+            return false;
+        }
+        true
+    }
+
+    const PROPS: [MachineProperty; 2] = [
+        MachineProperty {
+            name: c"max-ram-below-4g".as_ptr(),
+            kind: HmPropertyKind::Size,
+            check: Some(at_most_4g),
+        },
+        MachineProperty {
+            name: std::ptr::null(),
+            kind: HmPropertyKind::Size,
+            check: None,
+        },
+    ];
+
     fn class(fixup: Option<unsafe extern "C" fn(u64) -> u64>) -> MachineClass {
         MachineClass {
             name: c"s390-ccw-virtio-4.2".as_ptr(),
@@ -635,17 +754,21 @@ mod tests {
             family: std::ptr::null(),
             deprecation_reason: std::ptr::null(),
             fixup_ram_size: fixup,
-            size_properties: std::ptr::null(),
+            default_cpu_type: std::ptr::null(),
+            properties: PROPS.as_ptr(),
+            class_data: std::ptr::null(),
         }
     }
 
-    /// (the -m size, the board's default) after the class's fixup for `args`.
-    fn fixed(fixup: Option<unsafe extern "C" fn(u64) -> u64>, args: &[&str]) -> (Option<u64>, u64) {
+    /// (the RAM size, the properties) once the class's hooks ran on `args`.
+    fn applied(
+        fixup: Option<unsafe extern "C" fn(u64) -> u64>,
+        args: &[&str],
+    ) -> Result<(u64, Vec<(String, u64)>)> {
         let class = class(fixup);
-        let mut cmd = Cmdline::parse(args).unwrap();
-        let mut info = board_info(&class);
-        fixup_ram_size(&class, &mut cmd, &mut info);
-        (cmd.memory.size, info.default_ram_size)
+        let cmd = Cmdline::parse(args).unwrap();
+        let o = crate::machine::options::apply(&cmd, &board_info(&class), &mut ClassHooks(&class))?;
+        Ok((o.ram_size, o.board_properties))
     }
 
     #[test]
@@ -653,29 +776,35 @@ mod tests {
         // 4 MiB - 1 byte is rounded up to 8 KiB first (4 MiB), so rounding down to 2 MiB keeps
         // 4 MiB; without the first step it would be 2 MiB.
         assert_eq!(
-            fixed(Some(round_to_2m), &["-m", "4194303B"]),
-            (Some(4 << 20), 129 << 20)
+            applied(Some(round_to_2m), &["-m", "4194303B"]).unwrap().0,
+            4 << 20
         );
         assert_eq!(
-            fixed(Some(round_to_2m), &["-m", "2001M"]),
-            (Some(2000 << 20), 129 << 20)
+            applied(Some(round_to_2m), &["-m", "2001M"]).unwrap().0,
+            2000 << 20
         );
     }
 
     #[test]
     fn without_m_the_fixup_gets_the_default_size() {
-        assert_eq!(fixed(Some(round_to_2m), &[]), (None, 128 << 20));
-        assert_eq!(fixed(Some(round_to_2m), &["-m", "0"]), (None, 128 << 20));
+        assert_eq!(applied(Some(round_to_2m), &[]).unwrap().0, 128 << 20);
+        assert_eq!(
+            applied(Some(round_to_2m), &["-m", "0"]).unwrap().0,
+            128 << 20
+        );
+        assert_eq!(applied(None, &["-m", "2001M"]).unwrap().0, 2001 << 20);
     }
 
     #[test]
-    fn without_a_fixup_nothing_changes_and_a_backend_size_is_never_fixed() {
-        assert_eq!(fixed(None, &["-m", "2001M"]), (Some(2001 << 20), 129 << 20));
-        // memory-backend= without -m: the default is fixed, but the backend's size replaces
-        // it later (Machine::configure), untouched, as in QEMU.
+    fn board_properties_reach_the_class_setter() {
+        let (_, props) = applied(None, &["-M", "max-ram-below-4g=2G"]).unwrap();
+        assert_eq!(props, [("max-ram-below-4g".to_string(), 2 << 30)]);
+        let e = applied(None, &["-M", "max-ram-below-4g=5G"]).unwrap_err();
+        assert_eq!(e.message(), "too big");
+        let e = applied(None, &["-M", "bogus=1"]).unwrap_err();
         assert_eq!(
-            fixed(Some(round_to_2m), &["-M", "memory-backend=m0"]),
-            (None, 128 << 20)
+            e.message(),
+            "Property 's390-ccw-virtio-4.2-machine.bogus' not found"
         );
     }
 }

@@ -627,7 +627,7 @@ unsafe fn check_machine(
     cmd.accel_machine = None;
     cmd.incoming = None;
     cmd.mem_prealloc = false;
-    super::machine::machine_from_cmdline(cmd).map_err(|e| e.prepend(&format!("{side}: ")))
+    super::machine::machine_from_cmdline(&cmd).map_err(|e| e.prepend(&format!("{side}: ")))
 }
 
 /// Would a guest started with the command line `src_argv` migrate to a VMM started with

@@ -10,8 +10,25 @@ use std::cmp::Ordering;
 
 use crate::error::{Error, HmErrorClass, Result};
 
-/// What the generic code needs to know of a board.
+/// The type of a board's own machine property.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PropertyKind {
+    /// A size ("2G"), as QEMU's size visitor reads it.
+    Size,
+    /// on/off.
+    Bool,
+}
+
+/// A property a board adds to its machine type, e.g. the PC's `max-ram-below-4g` (QEMU: a
+/// class property of the board's machine class).
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoardProperty {
+    pub name: String,
+    pub kind: PropertyKind,
+}
+
+/// What the generic code needs to know of a board.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BoardInfo {
     /// Full type name, e.g. "pc-i440fx-10.0" (the name the migration stream carries).
     pub name: String,
@@ -29,17 +46,11 @@ pub struct BoardInfo {
     pub no_cpus_by_default: bool,
     /// The board `-M` defaults to.
     pub is_default: bool,
-    /// The board's own `-machine` properties (QEMU's class properties), each a size with its
-    /// default; any other name is refused.
+    /// QEMU's `default_cpu_type`, e.g. "qemu64-x86_64-cpu": `-cpu` is read against the x86
+    /// models for a board with an x86 type, and not read at all for a board without one.
+    pub default_cpu_type: Option<String>,
+    /// The board's own machine properties.
     pub properties: Vec<BoardProperty>,
-}
-
-/// A board's own `-machine NAME=SIZE` property, as s390's `x-ram-chunk-size`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BoardProperty {
-    pub name: String,
-    /// The value when the command line does not set it.
-    pub default: u64,
 }
 
 impl BoardInfo {
@@ -201,7 +212,7 @@ mod tests {
             numa_supported: true,
             no_cpus_by_default: false,
             is_default,
-            properties: Vec::new(),
+            ..BoardInfo::default()
         }
     }
 

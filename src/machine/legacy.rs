@@ -1,7 +1,7 @@
 //! The legacy `memory_region_allocate_system_memory(mr, owner, name, size)` of QEMU before
 //! 5.0, for boards not converted to `machine->ram` yet.
 
-use super::ram::{legacy_options_backend, numa_memdevs, size_mismatch};
+use super::ram::{legacy_options_backend, size_mismatch};
 use super::Machine;
 use crate::error::{Error, HmErrorClass, Result};
 use crate::region::RegionId;
@@ -25,7 +25,7 @@ impl Machine {
         }
         let cmd = config.cmdline.clone();
         let consumed = config.ram;
-        let memdevs = numa_memdevs(&cmd);
+        let memdevs = config.numa_memdevs.clone();
 
         let region = if !memdevs.is_empty() {
             self.numa_container(name, size, &memdevs)?

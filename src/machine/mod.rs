@@ -7,16 +7,26 @@
 //! caller), then [`Machine::finish_init`] (the accelerator takes the finished layout).
 //!
 //! - [`boards`]: board types and the registry `-M` looks names up in;
-//! - `ram`: the RAM rules (`-m`, memory-backend, the implicit backend, NUMA memdevs);
+//! - [`options`]: applying `-machine`, `-m` and `-smp` (before QEMU's deprecation warning);
+//! - `ram`: the RAM rules (memory-backend, the implicit backend, NUMA memdevs);
+//! - [`numa`]: NUMA nodes, CPUs and distances, QEMU's checks;
+//! - [`cpu`]: the x86 CPU's vendor and physical address width (`-cpu`);
 //! - `legacy`: `memory_region_allocate_system_memory()` for unconverted boards.
 
 pub mod boards;
+pub mod cpu;
+mod cpu_model;
 mod legacy;
+pub mod numa;
+pub mod options;
 mod ram;
 pub mod run;
+#[rustfmt::skip]
+mod x86_cpu_data;
 
-pub use boards::{BoardInfo, BoardProperty, BoardRegistry};
-pub use ram::resolve_ram_size;
+pub use boards::{BoardInfo, BoardRegistry};
+pub use options::{resolve_ram_size, BoardHooks, MachineOptions, NoHooks};
+pub use ram::BuildEnv;
 pub use run::{GuestControl, Run, RunState};
 
 use crate::backend::prealloc::Outcome;
@@ -67,8 +77,12 @@ pub struct MachineConfig {
     /// Id of the backend behind `machine->ram` (explicit or implicit).
     pub memdev: Option<String>,
     pub cmdline: Cmdline,
-    /// The board's own properties, each with its value (the command line's, or the default).
+    /// The board's first CPU, for boards with an x86 CPU type.
+    pub cpu: Option<cpu::X86Cpu>,
+    /// The board's own machine properties that were given.
     pub board_properties: Vec<(String, u64)>,
+    /// The `-numa node,memdev=` backends in node-id order (the legacy allocation needs them).
+    pub numa_memdevs: Vec<String>,
     /// The KVM slot size limit the board set (QEMU's `kvm_set_max_memslot_size`); 0: none.
     pub board_max_slot_size: u64,
     /// Set once a board called the legacy allocation; a second call is refused.
@@ -125,20 +139,39 @@ impl Machine {
         }
     }
 
-    /// The generic half of building a machine from its command line: one "cpu-memory-N" space
-    /// per CPU, then [`Machine::configure`]. The board's init runs next, then
-    /// [`Machine::finish_init`].
+    /// The generic half of building a machine from its command line, for callers without a
+    /// board's hooks: the options applied ([`options::apply`]), then
+    /// [`Machine::from_options`] on this host, QEMU's warnings dropped.
     pub fn from_cmdline(cmd: &Cmdline, board: &BoardInfo) -> Result<Machine> {
+        let options = options::apply(cmd, board, &mut NoHooks)?;
+        let mut env = BuildEnv {
+            host: &cpu::ThisHost,
+            warn: &mut |_| {},
+        };
+        Machine::from_options(cmd, board, &options, &mut env)
+    }
+
+    /// The generic half of building a machine once its options are applied: one
+    /// "cpu-memory-N" space per CPU, then [`Machine::configure`]. The board's init runs next,
+    /// then [`Machine::finish_init`].
+    pub fn from_options(
+        cmd: &Cmdline,
+        board: &BoardInfo,
+        options: &MachineOptions,
+        env: &mut BuildEnv,
+    ) -> Result<Machine> {
         if let Some(uri) = &cmd.incoming {
             // QEMU parses the URI while reading its options; it listens once the machine is up.
             IncomingUri::parse(uri)
                 .map_err(|e| Error::from(e).prepend(&format!("-incoming {uri}: ")))?;
         }
         let mut m = Machine::new();
-        m.cpu_address_spaces = cmd
-            .smp_cpus
-            .unwrap_or(if board.no_cpus_by_default { 0 } else { 1 });
-        m.configure(cmd, board)?;
+        m.cpu_address_spaces = match &cmd.smp {
+            Some(_) => cmd.topology().cpus,
+            None if board.no_cpus_by_default => 0,
+            None => 1,
+        };
+        m.configure(cmd, board, options, env)?;
         m.run.state = if cmd.incoming.is_some() {
             RunState::InMigrate
         } else if cmd.start_paused {
@@ -177,20 +210,16 @@ impl Machine {
         self.config.as_ref()
     }
 
-    /// The value of the board's own property `name` (see [`BoardProperty`]).
-    pub fn board_property(&self, name: &str) -> Result<u64> {
-        let config = self.configured()?;
-        config
+    /// The value the command line gave the board's own property `name` (see
+    /// [`boards::BoardProperty`]), as a number (a boolean is 0 or 1); `None` when it was not
+    /// given (the board applies its default) or the machine is not configured.
+    pub fn board_property(&self, name: &str) -> Option<u64> {
+        self.config
+            .as_ref()?
             .board_properties
             .iter()
             .find(|(n, _)| n == name)
             .map(|&(_, v)| v)
-            .ok_or_else(|| {
-                Error::new(
-                    HmErrorClass::NotFound,
-                    format!("Property '{}-machine.{name}' not found", config.board.name),
-                )
-            })
     }
 
     /// QEMU's `kvm_set_max_memslot_size`, called by a board's init: KVM slots are cut at
@@ -208,10 +237,6 @@ impl Machine {
         let config = self.config.as_mut().ok_or_else(no_configuration)?;
         config.board_max_slot_size = size;
         Ok(())
-    }
-
-    fn configured(&self) -> Result<&MachineConfig> {
-        self.config.as_ref().ok_or_else(no_configuration)
     }
 
     pub fn memory(&self) -> &MemorySystem {

@@ -295,7 +295,7 @@ pub fn info_memdev(list: &[MemdevInfo]) -> String {
 }
 
 /// The `info` subcommands hostmem answers, as QEMU's `info` lists them.
-const INFO_HELP: &str = "info memdev  -- show memory backends\n\
+pub(crate) const INFO_HELP: &str = "info memdev  -- show memory backends\n\
 info memslots  -- show KVM memory slots (hostmem)\n\
 info migrate  -- show migration status\n\
 info migrate_capabilities  -- show current migration capabilities\n\

@@ -50,8 +50,12 @@ pub enum OptionError {
     RequiresArgument(String),
     #[error("{0}: hostmem's vmm takes no disk image")]
     DiskImage(String),
-    #[error("'{0}' is not a valid char driver")]
+    /// `-monitor` with a backend hostmem lacks: QEMU reports it twice, the second time as a
+    /// parse error of the option (both lines located).
+    #[error("'{0}' is not a valid char driver\n-monitor {0}: parse error: {0}")]
     NotACharDriver(String),
+    #[error("cannot use stdio by multiple character devices")]
+    StdioInUse,
     #[error("invalid accelerator {0}")]
     InvalidAccelerator(String),
     #[error("The -accel and \"-machine accel=\" options are incompatible")]
@@ -60,12 +64,18 @@ pub enum OptionError {
     /// without the option's location.
     #[error("Parameter 'memory.size' expects size")]
     MemorySizeReparse,
-    #[error("Parameter 'smp.cpus' expects integer")]
-    SmpCpusNotInteger,
+    /// A `-smp` member that is no number, named as QEMU's machine property visitor names it.
+    #[error("Parameter 'smp.{0}' expects integer")]
+    SmpNotInteger(String),
+    #[error("Parameter 'smp.{0}' is unexpected")]
+    SmpUnexpected(String),
+    #[error("-cpu option cannot be empty")]
+    CpuOptionEmpty,
+    /// `-cpu ...,tsc-freq=X` that is no frequency.
+    #[error("bad numerical value {0}")]
+    BadNumericalValue(String),
     #[error("Invalid CPU topology: CPU topology parameters must be greater than zero")]
     ZeroTopology,
-    #[error("numa configuration should use either mem= or memdev=,mixing both is not allowed")]
-    NumaMemAndMemdev,
     /// An error found while reading one option, with that option as QEMU's location prefix.
     #[error("{option} {arg}: {error}")]
     At {
@@ -91,8 +101,11 @@ impl OptionError {
         !matches!(
             self,
             OptionError::MemorySizeReparse
-                | OptionError::SmpCpusNotInteger
+                | OptionError::SmpNotInteger(_)
+                | OptionError::SmpUnexpected(_)
                 | OptionError::ZeroTopology
+                | OptionError::CpuOptionEmpty
+                | OptionError::BadNumericalValue(_)
         )
     }
 
@@ -107,9 +120,7 @@ impl OptionError {
 
     fn class(&self) -> HmErrorClass {
         match self {
-            OptionError::MemorySizeReparse | OptionError::SmpCpusNotInteger => {
-                HmErrorClass::Generic
-            }
+            OptionError::MemorySizeReparse | OptionError::SmpNotInteger(_) => HmErrorClass::Generic,
             OptionError::DuplicateId(_) => HmErrorClass::Duplicate,
             OptionError::At { error, .. } => error.class(),
             _ => HmErrorClass::InvalidParameter,

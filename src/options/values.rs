@@ -10,19 +10,20 @@ use super::error::OptionError;
 /// What the value parsers return.
 pub type Result<T> = std::result::Result<T, OptionError>;
 
-/// Multiplier of a size suffix letter; `None` if the character is not a suffix.
-fn suffix_mul(c: u8) -> Option<u64> {
-    let shift = match c.to_ascii_uppercase() {
+/// Multiplier of a size suffix letter in units of `unit` (1024, or 1000 for QEMU's metric
+/// sizes); `None` if the character is not a suffix.
+fn suffix_mul(c: u8, unit: u64) -> Option<u64> {
+    let power = match c.to_ascii_uppercase() {
         b'B' => 0,
-        b'K' => 10,
-        b'M' => 20,
-        b'G' => 30,
-        b'T' => 40,
-        b'P' => 50,
-        b'E' => 60,
+        b'K' => 1,
+        b'M' => 2,
+        b'G' => 3,
+        b'T' => 4,
+        b'P' => 5,
+        b'E' => 6,
         _ => return None,
     };
-    Some(1u64 << shift)
+    Some(unit.pow(power))
 }
 
 /// Why a size did not parse; callers word the message.
@@ -38,6 +39,15 @@ pub enum SizeFault {
 /// "1.k" is 1024); an optional single-letter suffix B/K/M/G/T/P/E in either case (`e` is the
 /// exabyte suffix, never an exponent); the result rounds half up and must fit in 64 bits.
 pub fn strtosz(s: &str) -> std::result::Result<u64, SizeFault> {
+    strtosz_unit(s, 1024)
+}
+
+/// [`strtosz`] with metric suffixes (k = 1000), as QEMU reads frequencies.
+pub fn strtosz_metric(s: &str) -> std::result::Result<u64, SizeFault> {
+    strtosz_unit(s, 1000)
+}
+
+fn strtosz_unit(s: &str, unit: u64) -> std::result::Result<u64, SizeFault> {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() && (b[i] == b' ' || (b'\t'..=b'\r').contains(&b[i])) {
@@ -96,7 +106,7 @@ pub fn strtosz(s: &str) -> std::result::Result<u64, SizeFault> {
     }
     let mut mul = 1u64;
     if i < b.len() {
-        match suffix_mul(b[i]) {
+        match suffix_mul(b[i], unit) {
             Some(m) if i + 1 == b.len() => mul = m,
             _ => return Err(SizeFault::Invalid),
         }
@@ -159,8 +169,23 @@ pub fn expects(name: &str, expected: &'static str) -> OptionError {
     }
 }
 
+/// A signed number as QEMU's visitors read one: decimal, `0x` hex or `0` octal, with a sign.
+pub fn parse_i64_any(s: &str) -> Option<i64> {
+    let t = s.trim_start();
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, t),
+    };
+    let v = parse_u64_any(digits)?;
+    if neg {
+        0i64.checked_sub_unsigned(v)
+    } else {
+        i64::try_from(v).ok()
+    }
+}
+
 /// An unsigned number as QEMU's keyval visitor reads it: decimal, `0x` hex or `0` octal.
-fn parse_u64_any(s: &str) -> Option<u64> {
+pub fn parse_u64_any(s: &str) -> Option<u64> {
     let t = s.trim_start();
     if t.starts_with('-') || t.is_empty() {
         return None;
@@ -298,6 +323,41 @@ pub fn size_to_str(bytes: u64) -> String {
 /// without '=' is QEMU's (deprecated) short-form boolean "key" = "on"; an empty trailing element
 /// is ignored.
 pub fn parse_keyval(s: &str, implied_key: Option<&str>) -> Result<Vec<(String, String)>> {
+    split_options(s, implied_key, Flags::On)
+}
+
+/// [`parse_keyval`] for the options QEMU reads with QemuOpts (`-m`, `-numa`, `-accel`): a
+/// short-form boolean is accepted with QEMU's deprecation warning, whose text (without the
+/// location and "warning: " prefix; its second line included) is appended to `warnings`.
+pub fn parse_qemu_opts(
+    s: &str,
+    implied_key: Option<&str>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, String)>> {
+    split_options(s, implied_key, Flags::OnWithWarning(warnings))
+}
+
+/// [`parse_keyval`] as QEMU's keyval parser reads `-machine` and `-smp`: an element without
+/// '=' other than the implied first one is refused ("Expected '=' after parameter 'x'").
+pub fn parse_keyval_strict(s: &str, implied_key: Option<&str>) -> Result<Vec<(String, String)>> {
+    split_options(s, implied_key, Flags::Refused)
+}
+
+/// What a later element without '=' means.
+enum Flags<'a> {
+    /// "key" = "on", silently.
+    On,
+    /// "key" = "on", with QEMU's deprecation warning.
+    OnWithWarning(&'a mut Vec<String>),
+    /// An error.
+    Refused,
+}
+
+fn split_options(
+    s: &str,
+    implied_key: Option<&str>,
+    mut flags: Flags,
+) -> Result<Vec<(String, String)>> {
     // Split on single commas, turning ",," into a literal comma.
     let mut elements = Vec::new();
     let mut cur = String::new();
@@ -340,6 +400,13 @@ pub fn parse_keyval(s: &str, implied_key: Option<&str>) -> Result<Vec<(String, S
             None => {
                 if el.is_empty() {
                     return Err(OptionError::InvalidParameter(String::new()));
+                }
+                match &mut flags {
+                    Flags::Refused => return Err(OptionError::ExpectedEquals(el)),
+                    Flags::OnWithWarning(w) => w.push(format!(
+                        "short-form boolean option '{el}' deprecated\nPlease use {el}=on instead"
+                    )),
+                    Flags::On => {}
                 }
                 out.push((el, "on".to_string()));
             }
@@ -525,6 +592,22 @@ mod tests {
         assert!(parse_keyval("x", None).is_err());
         assert!(parse_keyval("=1", None).is_err());
         assert_eq!(parse_keyval("a=1,", None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn short_form_booleans_per_parser() {
+        let mut warnings = Vec::new();
+        let kv = parse_qemu_opts("1G,foo", Some("size"), &mut warnings).unwrap();
+        assert_eq!(kv[1], ("foo".to_string(), "on".to_string()));
+        assert_eq!(
+            warnings,
+            ["short-form boolean option 'foo' deprecated\nPlease use foo=on instead"]
+        );
+        assert_eq!(
+            parse_keyval_strict("pc,foo", Some("type")).unwrap_err(),
+            OptionError::ExpectedEquals("foo".into())
+        );
+        assert_eq!(parse_keyval_strict("pc", Some("type")).unwrap().len(), 1);
     }
 
     proptest! {

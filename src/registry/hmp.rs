@@ -1,7 +1,7 @@
 //! HMP commands that act on a machine — migration (`migrate`, `migrate_incoming`,
 //! `migrate_cancel`, `migrate_set_parameter`, `migrate_set_capability`), `stop`, `cont` and
-//! `pmemsave` — and the dispatch of everything else to the monitor's read-only text. A command
-//! that waits (`migrate` without `-d`) waits with the machine unlocked.
+//! `pmemsave` — `help`, and the dispatch of everything else to the monitor's read-only text. A
+//! command that waits (`migrate` without `-d`) waits with the machine unlocked.
 
 use std::io::Write;
 
@@ -20,10 +20,73 @@ fn cmd_and_rest(line: &str) -> (&str, &str) {
     (&line[..end], &line[end..])
 }
 
+/// QEMU 10's `help` lines for the commands a hostmem VMM answers, in QEMU's (alphabetical)
+/// order: those [`hmp`] runs, and `quit`, which the VMM itself handles (it ends the VMM's
+/// monitor loop). Each entry: the names the command answers to, then its line.
+const COMMANDS: &[(&[&str], &str)] = &[
+    (&["cont", "c"], "cont|c  -- resume emulation"),
+    (&["help", "?"], "help|? [cmd] -- show the help"),
+    (
+        &["info"],
+        "info [subcommand] -- show various information about the system state",
+    ),
+    (
+        &["migrate"],
+        "migrate [-d] [-r] uri -- migrate to URI (using -d to not wait for completion)",
+    ),
+    (
+        &["migrate_cancel"],
+        "migrate_cancel  -- cancel the current VM migration",
+    ),
+    (
+        &["migrate_incoming"],
+        "migrate_incoming uri -- Continue an incoming migration from an -incoming defer",
+    ),
+    (
+        &["migrate_set_capability"],
+        "migrate_set_capability capability state -- Enable/Disable the usage of a capability for migration",
+    ),
+    (
+        &["migrate_set_parameter"],
+        "migrate_set_parameter parameter value -- Set the parameter for migration",
+    ),
+    (
+        &["pmemsave"],
+        "pmemsave addr size file -- save to disk physical memory dump starting at 'addr' of size 'size'",
+    ),
+    (&["quit", "q"], "quit|q  -- quit the emulator"),
+    (&["stop", "s"], "stop|s  -- stop emulation"),
+];
+
+/// `help [CMD]` / `? [CMD]` as QEMU's monitor answers it: every command's line; the line of
+/// CMD; for `help info [SUB]` the info lines (all, or SUB's). Words after the one looked up
+/// are ignored, as QEMU ignores them. An unknown name is QEMU's "unknown command".
+fn help(rest: &str) -> Result<String> {
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let unknown =
+        |name: String| Error::new(HmErrorClass::NotFound, format!("unknown command: '{name}'"));
+    let lines = |it: &mut dyn Iterator<Item = &str>| it.map(|l| format!("{l}\n")).collect();
+    match words.as_slice() {
+        [] => Ok(lines(&mut COMMANDS.iter().map(|(_, line)| *line))),
+        ["info"] => Ok(crate::monitor::INFO_HELP.to_string()),
+        ["info", sub, ..] => crate::monitor::INFO_HELP
+            .lines()
+            .find(|l| l.strip_prefix("info ").and_then(|l| l.split(' ').next()) == Some(sub))
+            .map(|l| format!("{l}\n"))
+            .ok_or_else(|| unknown(format!("info {sub}"))),
+        [name, ..] => COMMANDS
+            .iter()
+            .find(|(names, _)| names.contains(name))
+            .map(|(_, line)| format!("{line}\n"))
+            .ok_or_else(|| unknown(name.to_string())),
+    }
+}
+
 /// Runs one HMP command line on machine `id`.
 pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<String> {
     let (cmd, rest) = cmd_and_rest(line);
     match cmd {
+        "help" | "?" => help(rest),
         "migrate" => {
             let a = args::parse(cmd, "detach:-d,resume:-r,uri:s", rest)?;
             let uri = a.str("uri").unwrap_or_default();
@@ -191,4 +254,37 @@ pub fn pmemsave(id: MachineId, addr: u64, size: u64, file: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lists_every_command_in_qemus_order_and_looks_names_up() {
+        let all = help("").unwrap();
+        assert!(all.starts_with("cont|c  -- resume emulation\n"));
+        assert!(all.ends_with("stop|s  -- stop emulation\n"));
+        let names: Vec<&str> = all
+            .lines()
+            .map(|l| l.split([' ', '|']).next().unwrap())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "QEMU lists its commands sorted");
+        assert_eq!(help("q").unwrap(), "quit|q  -- quit the emulator\n");
+        assert_eq!(
+            help("quit extra").unwrap(),
+            "quit|q  -- quit the emulator\n"
+        );
+        assert_eq!(help("info").unwrap(), crate::monitor::INFO_HELP);
+        assert!(help("info mtree")
+            .unwrap()
+            .starts_with("info mtree [-f][-d][-o][-D] -- show memory tree"));
+        assert_eq!(help("foo").unwrap_err().message(), "unknown command: 'foo'");
+        assert_eq!(
+            help("info foo").unwrap_err().message(),
+            "unknown command: 'info foo'"
+        );
+    }
 }

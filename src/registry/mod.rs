@@ -15,7 +15,7 @@ pub mod transports;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::error::{Error, HmErrorClass, Result};
-use crate::machine::{BoardInfo, Machine};
+use crate::machine::{BoardInfo, BuildEnv, Machine, MachineOptions};
 use crate::options::cmdline::Cmdline;
 
 /// A machine's number in this process; never reused, so a handle kept past the machine's end
@@ -235,10 +235,25 @@ pub struct PendingMachine {
 }
 
 impl PendingMachine {
-    /// Configures a machine for `board` from `cmd` ([`Machine::from_cmdline`]), registers it
-    /// and makes it current, so the board's init may use QEMU-style globals.
+    /// Configures a machine for `board` from `cmd` ([`Machine::from_cmdline`]: no board hooks,
+    /// QEMU's warnings dropped), registers it and makes it current, so the board's init may
+    /// use QEMU-style globals.
     pub fn start(cmd: &Cmdline, board: &BoardInfo) -> Result<PendingMachine> {
-        let machine = Machine::from_cmdline(cmd, board)?;
+        PendingMachine::register(Machine::from_cmdline(cmd, board)?)
+    }
+
+    /// [`PendingMachine::start`] for a C board: `cmd` with its `options` applied through the
+    /// board's hooks, warnings printed through `env` ([`Machine::from_options`]).
+    pub fn start_with(
+        cmd: &Cmdline,
+        board: &BoardInfo,
+        options: &MachineOptions,
+        env: &mut BuildEnv,
+    ) -> Result<PendingMachine> {
+        PendingMachine::register(Machine::from_options(cmd, board, options, env)?)
+    }
+
+    fn register(machine: Machine) -> Result<PendingMachine> {
         let previous = current_if_any();
         let id = insert(machine);
         let pending = PendingMachine {
@@ -246,6 +261,7 @@ impl PendingMachine {
             previous,
             committed: false,
         };
+        // Dropping `pending` on failure removes the machine again.
         set_current(id)?;
         Ok(pending)
     }

@@ -17,7 +17,7 @@ pub fn none_board() -> BoardInfo {
         numa_supported: false,
         no_cpus_by_default: true,
         is_default: false,
-        properties: Vec::new(),
+        ..Default::default()
     }
 }
 
