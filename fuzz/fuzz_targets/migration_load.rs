@@ -26,7 +26,6 @@ fn machine() -> &'static std::sync::Mutex<Machine> {
             numa_mem_supported: false,
             numa_supported: false,
             no_cpus_by_default: true,
-            properties: Vec::new(),
             is_default: false,
             ..Default::default()
         };
