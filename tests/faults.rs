@@ -12,40 +12,16 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hostmem::machine::{BoardInfo, GuestControl, RunState};
-use hostmem::options::cmdline::Cmdline;
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
+use hostmem::machine::{GuestControl, RunState};
+use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
+use hostmem::testing::machines::none_machine;
 use hostmem::Result;
 
 const MIB: u64 = 1 << 20;
 
-fn none_board() -> BoardInfo {
-    BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-        ..Default::default()
-    }
-}
-
 /// A `-M none` machine built from `args`, its RAM mapped at 0 as the board does.
 fn machine(args: &[&str]) -> MachineId {
-    let cmd = Cmdline::parse(args).unwrap();
-    let mut p = PendingMachine::start(&cmd, &none_board()).unwrap();
-    registry::with(p.id(), |m| {
-        let ram = m.config().unwrap().ram.unwrap();
-        let mem = m.memory_mut();
-        let sys = mem.system_memory();
-        mem.add_subregion(sys, 0, ram, None)
-    })
-    .unwrap();
-    p.finish_init().unwrap();
-    p.commit()
+    none_machine(args).unwrap()
 }
 
 /// A machine whose RAM is `size` bytes of a shared file at `path`.

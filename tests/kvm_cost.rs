@@ -11,6 +11,7 @@ use hostmem::kvm::LISTENER_NAME;
 use hostmem::machine::Machine;
 use hostmem::memory::MemorySystem;
 use hostmem::options::cmdline::Cmdline;
+use hostmem::testing::machines::none_board;
 use kvm_support::*;
 use std::sync::Mutex;
 
@@ -136,18 +137,7 @@ fn the_estimate_is_within_20_percent_of_what_kvm_takes() {
 /// A machine whose RAM (`-m`, or the backend given) sits at guest-physical 0, in one
 /// section, as the board's init would map it.
 fn machine(args: &[&str]) -> Machine {
-    let board = hostmem::machine::BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-        ..Default::default()
-    };
-    let mut machine = Machine::from_cmdline(&Cmdline::parse(args).unwrap(), &board).unwrap();
+    let mut machine = Machine::from_cmdline(&Cmdline::parse(args).unwrap(), &none_board()).unwrap();
     let ram = machine.config().unwrap().ram.unwrap();
     let mem = machine.memory_mut();
     let sys = mem.system_memory();
