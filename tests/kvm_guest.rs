@@ -468,20 +468,20 @@ fn the_payload_vcpu_leaves_vcpu_0_to_the_vmm() {
     unsafe { libc::close(vcpu0) };
 }
 
+/// QEMU 4.1's s390-ccw-virtio board as far as RAM goes: 128 MiB by default, main RAM "s390.ram".
+fn s390_41_board() -> hostmem::machine::BoardInfo {
+    hostmem::machine::BoardInfo {
+        name: "s390-ccw-virtio-4.1".into(),
+        default_ram_size: 128 * MIB,
+        default_ram_id: Some("s390.ram".into()),
+        ..Default::default()
+    }
+}
+
 /// An s390-shaped board that migrates main RAM as two alias blocks ("s390.ram" and
 /// "s390.ram.1", 1 GiB each) instead of the backend's own block, as the s390 partition does.
 fn s390_partitioned(ram_size: u64, chunk: u64) -> (Machine, Vec<RegionId>) {
-    let board = hostmem::machine::BoardInfo {
-        name: "s390-ccw-virtio-4.1".into(),
-        alias: None,
-        default_ram_size: 128 * MIB,
-        default_ram_id: Some("s390.ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: false,
-        is_default: false,
-        ..Default::default()
-    };
+    let board = s390_41_board();
     let size = format!("{}M", ram_size / MIB);
     let cmd = hostmem::options::cmdline::Cmdline::parse(&["-m", &size]).unwrap();
     let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
@@ -557,17 +557,7 @@ fn a_vm_clone_keeps_its_slots_memory_mapped_after_the_machine_is_gone() {
         return;
     }
     let cmd = hostmem::options::cmdline::Cmdline::parse(&["-m", "64M"]).unwrap();
-    let board = hostmem::machine::BoardInfo {
-        name: "none".into(),
-        alias: None,
-        default_ram_size: 0,
-        default_ram_id: Some("ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: true,
-        is_default: false,
-        ..Default::default()
-    };
+    let board = hostmem::testing::machines::none_board();
     let mut machine = Machine::from_cmdline(&cmd, &board).unwrap();
     let ram = machine.config().unwrap().ram.unwrap();
     let mem = machine.memory_mut();
@@ -751,17 +741,7 @@ fn the_boards_slot_limit_and_the_users_give_the_lower_one() {
     if !kvm_usable() {
         return;
     }
-    let board = hostmem::machine::BoardInfo {
-        name: "s390-ccw-virtio-4.1".into(),
-        alias: None,
-        default_ram_size: 128 * MIB,
-        default_ram_id: Some("s390.ram".into()),
-        numa_mem_supported: false,
-        numa_supported: false,
-        no_cpus_by_default: false,
-        is_default: false,
-        ..Default::default()
-    };
+    let board = s390_41_board();
     for (accel, board_limit, slot) in [
         ("kvm", 256 * MIB, 256 * MIB),
         ("kvm,max-slot-size=128M", 256 * MIB, 128 * MIB),
