@@ -468,6 +468,28 @@ pub struct HmMemoryChecksum {
     pub pages_read: u64,
 }
 
+/// Runs `work` on `[gpa, gpa+size)` of machine `id`'s guest memory with the machine unlocked
+/// (filling or summing gigabytes must not hold up the monitor).
+fn on_guest_range<T>(
+    id: registry::MachineId,
+    gpa: u64,
+    size: u64,
+    work: impl FnOnce(&crate::testing::memory::GuestRange) -> T,
+) -> crate::Result<T> {
+    registry::run_unlocked(
+        id,
+        |m| {
+            Ok(crate::testing::memory::GuestRange::of(
+                m.memory(),
+                gpa,
+                size,
+            ))
+        },
+        |range| work(&range),
+        |_, r| Ok(r),
+    )
+}
+
 /// Writes a pattern (non-zero words, a function of `seed` and each word's guest address) over
 /// the RAM of guest-physical `[gpa, gpa+size)` of `ms`, skipping holes and ROM; `*written` gets
 /// the bytes written. With the machine unlocked: the guest should be paused.
@@ -486,18 +508,9 @@ pub unsafe extern "C" fn hm_test_memory_fill(
     guard(errp, false, || {
         // SAFETY: by contract.
         let id = unsafe { super::ref_arg(ms, "ms") }?.context;
-        let n = registry::run_unlocked(
-            id,
-            |m| {
-                Ok(crate::testing::memory::GuestRange::of(
-                    m.memory(),
-                    gpa,
-                    size,
-                ))
-            },
-            |range| crate::testing::memory::fill(&range, seed),
-            |_, n| Ok(n),
-        )?;
+        let n = on_guest_range(id, gpa, size, |range| {
+            crate::testing::memory::fill(range, seed)
+        })?;
         // SAFETY: by contract, NULL or writable.
         if let Some(w) = unsafe { written.as_mut() } {
             *w = n;
@@ -525,18 +538,7 @@ pub unsafe extern "C" fn hm_test_memory_checksum(
         let id = unsafe { super::ref_arg(ms, "ms") }?.context;
         // SAFETY: by contract.
         let out = unsafe { mut_arg(out, "out") }?;
-        let c = registry::run_unlocked(
-            id,
-            |m| {
-                Ok(crate::testing::memory::GuestRange::of(
-                    m.memory(),
-                    gpa,
-                    size,
-                ))
-            },
-            |range| crate::testing::memory::checksum(&range),
-            |_, c| c,
-        )?;
+        let c = on_guest_range(id, gpa, size, crate::testing::memory::checksum)??;
         *out = HmMemoryChecksum {
             digest: c.digest,
             nonzero_pages: c.nonzero_pages,
