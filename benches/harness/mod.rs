@@ -67,3 +67,39 @@ pub fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
     let v = f();
     (t.elapsed(), v)
 }
+
+/// A measured quantity that is not a time (a stream's size in bytes, a count of records):
+/// the report prints it and checks it against its target, if it has one.
+pub fn quantity(group: &str, name: &str, value: f64, unit: &str) {
+    println!(
+        "QUANTITY {{\"group\":{},\"name\":{},\"value\":{},\"unit\":{}}}",
+        json_str(group),
+        json_str(name),
+        value,
+        json_str(unit)
+    );
+}
+
+/// Waits until the host has taken back the memory freed lately (free page reporting's
+/// `reported_kib` has not moved for three polls, at most 30 s), as `scripts/bench` does before
+/// each run: memory freed by one run and not yet reported would make the next run's first
+/// touches warm, and runs would interfere. Nothing to wait for without page reporting.
+pub fn wait_reported() {
+    const REPORTED: &str = "/sys/module/page_reporting/parameters/reported_kib";
+    let read = || {
+        std::fs::read_to_string(REPORTED)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    let Some(mut last) = read() else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut still = 0;
+    while Instant::now() < deadline && still < 3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = read();
+        still = if now == Some(last) { still + 1 } else { 0 };
+        last = now.unwrap_or(last);
+    }
+}
