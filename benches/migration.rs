@@ -825,14 +825,23 @@ fn sparse(dir: &Path, limits: &mut LimitBuffers) {
     }
 }
 
+/// The streams' directory, removed however the bench ends (its files are GiBs).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("hostmem-bench-mig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir =
+        Scratch(std::env::temp_dir().join(format!("hostmem-bench-mig-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
     let mut limits = LimitBuffers::new();
-    dense(&dir, &mut limits);
-    sparse(&dir, &mut limits);
-    let _ = std::fs::remove_dir_all(&dir);
+    dense(&dir.0, &mut limits);
+    sparse(&dir.0, &mut limits);
 }
