@@ -188,7 +188,13 @@ fn dense(kvm: &KvmAccel, size: u64) {
     harness::report("dirty log", &case, "hostmem", None, &collect);
     harness::report("dirty log", &case, "one read of the bitmap", None, &read);
     harness::report("dirty log", &case, "KVM_GET_DIRTY_LOG alone", None, &get);
-    harness::report("dirty log", &case, "KVM_CLEAR_DIRTY_LOG alone", None, &clear);
+    harness::report(
+        "dirty log",
+        &case,
+        "KVM_CLEAR_DIRTY_LOG alone",
+        None,
+        &clear,
+    );
     // What hostmem adds to the kernel's two ioctls, against the same read of the bitmap.
     let own = format!("fold {label}, 10 % dirtied (hostmem's part, no ioctl)");
     harness::report("dirty log", &own, "hostmem", None, &folding);
