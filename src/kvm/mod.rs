@@ -225,11 +225,8 @@ impl KvmAccel {
     }
 
     /// Fetches the kernel's dirty logs, folds them into the RAMBlocks' dirty bitmaps and returns
-    /// the guest-physical pages found dirty since the previous sync.
-    pub fn log_sync(
-        &self,
-        ramblocks: &mut RamBlockRegistry,
-    ) -> std::result::Result<Vec<u64>, KvmError> {
+    /// how many pages were found dirty since the previous sync ([`Self::last_dirty`] lists them).
+    pub fn log_sync(&self, ramblocks: &mut RamBlockRegistry) -> std::result::Result<u64, KvmError> {
         self.table().log_sync(ramblocks)
     }
 
@@ -243,7 +240,7 @@ impl KvmAccel {
 
     /// The guest-physical pages the latest sync found dirty.
     pub fn last_dirty(&self) -> Vec<u64> {
-        self.table().last_dirty().to_vec()
+        self.table().last_dirty()
     }
 
     /// vCPU `id` of this VM, created on first use with `setup` (e.g. CPUID) run once on it.

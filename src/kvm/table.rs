@@ -15,7 +15,7 @@ use crate::hostmap::HostMapping;
 
 type Result<T> = std::result::Result<T, KvmError>;
 use crate::listener::MemorySection;
-use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry};
+use crate::ramblock::{for_each_set_run, RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
 
 use super::cost::Preflight;
 use super::slots::{self, SlotRange};
@@ -143,8 +143,9 @@ impl Slot {
     }
 }
 
-/// Dirty bits fetched from a slot that went away (removed, or logging switched off) before the
-/// next sync could fold them: kept so that no write is lost.
+/// Dirty bits fetched from a slot: from one that went away (removed, or logging switched off)
+/// before the next sync could fold them, kept so that no write is lost; or by the latest sync,
+/// kept for [`SlotTable::last_dirty`].
 #[derive(Debug)]
 struct PendingDirty {
     block: RamBlockId,
@@ -165,7 +166,8 @@ pub struct SlotTable {
     reserved: std::collections::BTreeSet<u32>,
     dirty_logging: bool,
     pending: Vec<PendingDirty>,
-    last_dirty: Vec<u64>,
+    /// The bitmaps the latest sync fetched, for [`SlotTable::last_dirty`].
+    last_sync: Vec<PendingDirty>,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: fetching leaves the log as it is, and the
     /// table clears what it fetched with KVM_CLEAR_DIRTY_LOG in chunks.
     manual_protect: bool,
@@ -194,7 +196,7 @@ impl SlotTable {
             reserved: Default::default(),
             dirty_logging: false,
             pending: Vec::new(),
-            last_dirty: Vec::new(),
+            last_sync: Vec::new(),
             manual_protect: false,
             preflight: None,
         }
@@ -567,17 +569,43 @@ impl SlotTable {
     }
 
     /// Fetches every logging slot's dirty log (which clears it in the kernel) and folds it into
-    /// the RAMBlocks' dirty bitmaps. Returns the guest-physical addresses of the dirty host pages.
-    pub fn log_sync(&mut self, ramblocks: &mut RamBlockRegistry) -> Result<DirtyGpas> {
-        self.log_sync_with(&mut |block, offset, len| ramblocks.set_dirty(block, offset, len))
+    /// the RAMBlocks' dirty bitmaps a word at a time (zero words cost a test each). Returns the
+    /// number of dirty host pages found; [`Self::last_dirty`] lists them when asked.
+    pub fn log_sync(&mut self, ramblocks: &mut RamBlockRegistry) -> Result<u64> {
+        let batches = self.fetch_all()?;
+        let page = self.host_page;
+        for b in &batches {
+            if page == DIRTY_PAGE_SIZE && b.block_offset % page == 0 {
+                ramblocks.merge_dirty_bitmap(b.block, b.block_offset / page, &b.bitmap);
+            } else {
+                for_each_set_run(&b.bitmap, |first, count| {
+                    ramblocks.set_dirty(b.block, b.block_offset + first * page, count * page)
+                });
+            }
+        }
+        Ok(self.keep_last(batches))
     }
 
-    /// [`Self::log_sync`] with the folding step given by the caller (`mark(block, offset, len)`).
+    /// [`Self::log_sync`] with the folding step given by the caller (`mark(block, offset, len)`
+    /// for each run of dirty pages). Returns the guest-physical addresses of the dirty pages.
     pub fn log_sync_with(
         &mut self,
         mark: &mut dyn FnMut(RamBlockId, u64, u64),
     ) -> Result<DirtyGpas> {
-        let mut gpas = Vec::new();
+        let batches = self.fetch_all()?;
+        let page = self.host_page;
+        for b in &batches {
+            for_each_set_run(&b.bitmap, |first, count| {
+                mark(b.block, b.block_offset + first * page, count * page);
+            });
+        }
+        self.keep_last(batches);
+        Ok(self.last_dirty())
+    }
+
+    /// The dirty logs of every logging slot, and those kept from slots that changed since the
+    /// previous sync. On an error nothing is lost: what was fetched waits for the next sync.
+    fn fetch_all(&mut self) -> Result<Vec<PendingDirty>> {
         let mut batches = std::mem::take(&mut self.pending);
         for s in self.slots.iter().flatten() {
             if s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0 {
@@ -589,30 +617,41 @@ impl SlotTable {
                         bitmap,
                     }),
                     Err(e) => {
-                        // Fold nothing rather than half: keep what was fetched for next time.
                         self.pending = batches;
                         return Err(e);
                     }
                 }
             }
         }
+        Ok(batches)
+    }
+
+    /// Keeps a sync's bitmaps for [`Self::last_dirty`] (the list of pages is built only when
+    /// asked for) and returns how many pages they mark.
+    fn keep_last(&mut self, mut batches: Vec<PendingDirty>) -> u64 {
+        // A clean 1 TiB slot's bitmap is 32 MiB: keep only those with a dirty page.
+        batches.retain(|b| b.bitmap.iter().any(|w| *w != 0));
+        self.last_sync = batches;
+        self.last_sync
+            .iter()
+            .flat_map(|b| &b.bitmap)
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// The guest-physical pages the latest sync found dirty (dirtied between the two latest
+    /// syncs), sorted.
+    pub fn last_dirty(&self) -> DirtyGpas {
         let page = self.host_page;
-        for b in &batches {
+        let mut gpas = Vec::new();
+        for b in &self.last_sync {
             for_each_set_run(&b.bitmap, |first, count| {
-                mark(b.block, b.block_offset + first * page, count * page);
                 gpas.extend((first..first + count).map(|i| b.gpa + i * page));
             });
         }
         gpas.sort_unstable();
         gpas.dedup();
-        self.last_dirty = gpas.clone();
-        Ok(gpas)
-    }
-
-    /// The guest-physical pages the latest sync found dirty (dirtied between the two latest
-    /// syncs), sorted.
-    pub fn last_dirty(&self) -> &[u64] {
-        &self.last_dirty
+        gpas
     }
 }
 
@@ -906,6 +945,40 @@ mod tests {
         assert_eq!(vm.regions.lock().unwrap()[&1].0, KVM_MEM_LOG_DIRTY_PAGES);
         t.log_stop().unwrap();
         assert!(vm.regions.lock().unwrap().values().all(|r| r.0 == 0));
+    }
+
+    /// The real sync folds the kernel's words straight into the RAMBlock bitmap: the pages it
+    /// marks, the count it returns and last_dirty must be those of the bits, at their offsets.
+    #[test]
+    fn sync_merges_bitmap_words_into_the_block_at_the_slot_offset() {
+        let mut blocks = RamBlockRegistry::new();
+        let mapping = crate::ramblock::map_anonymous("t", 8 * GIB).unwrap();
+        let block = blocks.add(mapping, 0, 8 * GIB, 8 * GIB, false).unwrap();
+        let (vm, mut t) = table(32, Some(GIB));
+        // Two slots: gpa 4 GiB at block offset 3 GiB (slot 0), gpa 5 GiB at 4 GiB (slot 1).
+        t.add_section(&ram(4 * GIB, 2 * GIB, 0x1000_0000_0000, block.0, 3 * GIB))
+            .unwrap();
+        t.log_start().unwrap();
+        let words = (GIB / 4096 / 64) as usize;
+        let (mut first, mut second) = (vec![0u64; words], vec![0u64; words]);
+        first[words - 1] = 1 << 63;
+        second[0] = 0b101;
+        second[3] = !0;
+        vm.dirty.lock().unwrap().insert(0, first);
+        vm.dirty.lock().unwrap().insert(1, second);
+        assert_eq!(t.log_sync(&mut blocks).unwrap(), 1 + 2 + 64);
+        let page = |gib: u64, p: u64| (gib * GIB) / 4096 + p;
+        let mut want = vec![page(4, 0) - 1, page(4, 0), page(4, 2)];
+        want.extend((0..64).map(|i| page(4, 192 + i)));
+        let bitmap = blocks.take_dirty(block);
+        let mut got = Vec::new();
+        for_each_set_run(&bitmap, |s, n| got.extend(s..s + n));
+        assert_eq!(got, want);
+        let gpas: Vec<u64> = want.iter().map(|p| (p * 4096) + GIB).collect();
+        assert_eq!(t.last_dirty(), gpas);
+        // Cleared by the fetch: the next sync finds nothing, and last_dirty says so.
+        assert_eq!(t.log_sync(&mut blocks).unwrap(), 0);
+        assert!(t.last_dirty().is_empty());
     }
 
     #[test]
