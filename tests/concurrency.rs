@@ -216,10 +216,16 @@ fn worker(round: usize, index: usize) -> Vec<MachineId> {
     vec![src, dst]
 }
 
-/// Accessible mappings of 4 MiB or more: guest RAM (every backend here is at least 4 MiB)
+/// Accessible mappings of 4 MiB to 256 MiB: guest RAM (every backend here is 4 or 32 MiB)
 /// and nothing of the allocator's, whose arenas come and go per thread (their heaps start
-/// at 132 KiB, their 64 MiB reservations are inaccessible).
+/// at 132 KiB, their 64 MiB reservations are inaccessible). Under ThreadSanitizer
+/// (`HOSTMEM_TSAN`, set by scripts/tsan) its shadow of each guest's RAM stays mapped after the
+/// guest goes, so there the count is 0 and only the fds are compared (the plain run in
+/// `cargo test` compares both).
 fn big_mappings() -> usize {
+    if std::env::var_os("HOSTMEM_TSAN").is_some() {
+        return 0;
+    }
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
@@ -229,7 +235,7 @@ fn big_mappings() -> usize {
             let perms = f.next().unwrap();
             let (a, b) = range.split_once('-').unwrap();
             let size = u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap();
-            !perms.starts_with("---") && size >= 4 << 20
+            !perms.starts_with("---") && (4 << 20..=256 << 20).contains(&size)
         })
         .count()
 }
@@ -244,7 +250,9 @@ fn machines_preallocate_migrate_and_change_layout_at_once() {
     // back.
     let idle = big_mappings();
     let probe = machine("probe", false);
-    assert!(big_mappings() > idle, "a machine's RAM is not counted");
+    if std::env::var_os("HOSTMEM_TSAN").is_none() {
+        assert!(big_mappings() > idle, "a machine's RAM is not counted");
+    }
     registry::remove(probe).unwrap();
     assert_eq!(big_mappings(), idle);
     let mut baseline = None;
@@ -278,7 +286,7 @@ fn machines_preallocate_migrate_and_change_layout_at_once() {
             Some(b) => assert_eq!(now, b, "round {round}: (fds, mappings) leaked"),
         }
         eprintln!(
-            "round {round}: {} machines, {} fds, {} mappings of 4 MiB or more",
+            "round {round}: {} machines, {} fds, {} mappings of 4-256 MiB",
             made.len(),
             now.0,
             now.1
