@@ -219,6 +219,14 @@ impl ObjectRegistry {
                 format!("object '{id}' is in use, can not be deleted"),
             ));
         }
+        if entry.backend.is_completing() {
+            // Its preallocation runs with the machine unlocked; deleting it now would let the
+            // completion's second half find another object of the same id, or none.
+            return Err(Error::new(
+                HmErrorClass::InUse,
+                format!("object '{id}' is in use, can not be deleted: it is being preallocated"),
+            ));
+        }
         if entry.backend.pins() > 0 {
             // QEMU has no such reference: a VMM's own use of the memory (its KVM slots, DMA)
             // is invisible to it, and object-del unmaps memory still in use.
@@ -425,6 +433,29 @@ mod tests {
             o.delete("m", &mut mem).unwrap_err().message(),
             "object 'm' not found"
         );
+    }
+
+    #[test]
+    fn delete_refused_while_its_preallocation_runs_unlocked() {
+        let (mut o, mut mem, d) = setup();
+        let (id, backend) = o
+            .build_from_opts("memory-backend-ram,id=p,size=4M,prealloc=on", &d)
+            .unwrap();
+        o.insert(backend).unwrap();
+        let job = o
+            .begin_complete(&id)
+            .unwrap()
+            .expect("prealloc=on gives a job");
+        let e = o.delete("p", &mut mem).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "object 'p' is in use, can not be deleted: it is being preallocated"
+        );
+        assert_eq!(e.class(), HmErrorClass::InUse);
+        let outcome = job.run();
+        o.finish_complete("p", &mut mem, Some(outcome)).unwrap();
+        assert!(o.get("p").unwrap().backend.is_complete());
+        o.delete("p", &mut mem).unwrap();
     }
 
     #[test]

@@ -650,6 +650,11 @@ impl Backend {
         self.state == State::Complete
     }
 
+    /// Between the two halves of completion: its preallocation runs on another thread.
+    pub fn is_completing(&self) -> bool {
+        self.state == State::Completing
+    }
+
     pub fn mapping(&self) -> Option<Arc<HostMapping>> {
         self.mapping.clone()
     }
