@@ -147,6 +147,12 @@ class Case:
         """What the monitor reads: the hmp commands, then the raw stdin bytes."""
         return b"".join(c + b"\n" for c in self.hmp_bytes) + self.stdin
 
+    def typed_lines(self):
+        """Every line the monitor reads, as readline keeps it: the hmp commands, then the
+        complete lines of the raw stdin bytes."""
+        raw_lines = self.stdin.split(b"\n")[:-1]
+        return self.hmp + [readline_kept(r).decode(errors="replace") for r in raw_lines]
+
 
 def readline_kept(raw):
     """What QEMU's readline keeps of a typed line: bytes below 32 dropped, backspace (8, 127)
