@@ -144,8 +144,17 @@ fn render_region(
         render_region(arena, out, target, tbase, clip, readonly, depth + 1);
         return;
     }
-    for &child in &r.subregions {
-        render_region(arena, out, child, start, clip, readonly, depth + 1);
+    // Children outside the window render nothing: visit only the ones reaching into it
+    // (all of them, in order, when the window is the whole region).
+    let (rel_lo, rel_hi) = ((lo - start) as u128, (hi - start) as u128);
+    if rel_lo == 0 && rel_hi >= r.size {
+        for &child in &r.subregions {
+            render_region(arena, out, child, start, clip, readonly, depth + 1);
+        }
+    } else {
+        for child in r.subregions.overlapping(rel_lo, rel_hi) {
+            render_region(arena, out, child, start, clip, readonly, depth + 1);
+        }
     }
     if !r.terminates() {
         return;
@@ -206,6 +215,8 @@ pub struct WindowPatch {
     /// Where in the old view the replaced ranges were, and how many ranges replaced them.
     pub at: std::ops::Range<usize>,
     pub replaced_by: usize,
+    /// The addresses of the replaced ranges, in order (those in `at` of the old view).
+    pub replaced_addrs: Vec<u64>,
 }
 
 /// Re-renders only `window` of `view` (whose tree changed nowhere else since `view` was
@@ -260,12 +271,14 @@ pub fn patch_window(
         .cloned()
         .collect();
     let replaced_by = fresh.ranges.len();
+    let replaced_addrs = old.iter().map(|f| f.addr).collect();
     view.ranges.splice(first..last, fresh.ranges);
     WindowPatch {
         removed,
         added,
         at: first..last,
         replaced_by,
+        replaced_addrs,
     }
 }
 
@@ -376,12 +389,10 @@ mod tests {
             c.addr = addr;
             c.priority = prio;
             c.parent = Some(parent);
-            let pos = self.0[parent.index as usize]
+            let size = c.size;
+            self.0[parent.index as usize]
                 .subregions
-                .iter()
-                .position(|s| prio >= self.0[s.index as usize].priority)
-                .unwrap_or(self.0[parent.index as usize].subregions.len());
-            self.0[parent.index as usize].subregions.insert(pos, child);
+                .insert(child, addr, size, prio);
         }
         fn r(&mut self, i: RegionId) -> &mut Region {
             &mut self.0[i.index as usize]

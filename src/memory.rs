@@ -4,7 +4,7 @@
 //! Every mutation wraps itself in a transaction, as QEMU's memory API does, so a caller that
 //! opened one sees a single flat-view update at its outermost commit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::error::{Error, HmErrorClass, Result};
@@ -53,8 +53,9 @@ pub struct MemorySystem {
     global_dirty_log: bool,
     /// What listeners were told of the "memory" view, one section per range of
     /// `spaces[0].view`: a del must describe a section as it was added, even when its region
-    /// has been destroyed since.
-    memory_sections: Vec<MemorySection>,
+    /// has been destroyed since. Keyed by address: a change among 100 000 sections replaces
+    /// a few without moving the others.
+    memory_sections: BTreeMap<u64, MemorySection>,
     /// Memory of destroyed RAM regions, kept mapped until the outermost commit has told the
     /// listeners that it is gone.
     retired_mappings: Vec<Arc<HostMapping>>,
@@ -142,7 +143,7 @@ impl MemorySystem {
             rendered_last: 0,
             listeners: Vec::new(),
             global_dirty_log: false,
-            memory_sections: Vec::new(),
+            memory_sections: BTreeMap::new(),
             retired_mappings: Vec::new(),
         };
         m.system = m.new_container("system", 1u128 << 64);
@@ -362,9 +363,9 @@ impl MemorySystem {
         let start = u128::from(addr);
         let end = start + c.size;
         if priority.is_none() && c.enabled {
-            for &s in &p.subregions {
+            for s in p.subregions.overlapping(start, end) {
                 let o = self.get(s)?;
-                if !o.may_overlap && o.enabled && start < o.end() && u128::from(o.addr) < end {
+                if !o.may_overlap && o.enabled {
                     return Err(Error::invalid(format!(
                         "memory region '{}' at 0x{addr:x} overlaps '{}' at 0x{:x} in '{}'; use \
                          memory_region_add_subregion_overlap to layer regions",
@@ -387,15 +388,11 @@ impl MemorySystem {
     /// Inserts `child` among `parent`'s subregions before the first sibling of equal or lower
     /// priority, so the newest of equals comes first, and marks the view stale.
     fn link(&mut self, parent: RegionId, child: RegionId) -> Result<()> {
-        let prio = self.get(child)?.priority;
-        let pos = {
-            let p = self.get(parent)?;
-            p.subregions
-                .iter()
-                .position(|&s| self.region(s).is_some_and(|o| prio >= o.priority))
-                .unwrap_or(p.subregions.len())
-        };
-        self.get_mut(parent)?.subregions.insert(pos, child);
+        let c = self.get(child)?;
+        let (addr, size, prio) = (c.addr, c.size, c.priority);
+        self.get_mut(parent)?
+            .subregions
+            .insert(child, addr, size, prio);
         self.get_mut(child)?.parent = Some(parent);
         self.touched(child);
         Ok(())
@@ -405,7 +402,7 @@ impl MemorySystem {
         if let Some(parent) = self.get(child)?.parent {
             self.touched(child);
             if let Ok(p) = self.get_mut(parent) {
-                p.subregions.retain(|&s| s != child);
+                p.subregions.remove(child);
             }
             self.get_mut(child)?.parent = None;
         }
@@ -683,7 +680,7 @@ impl MemorySystem {
         }
         self.in_transaction(|m| {
             m.unlink(id)?;
-            let children = m.get(id)?.subregions.clone();
+            let children = m.get(id)?.subregions.to_vec();
             for c in children {
                 m.unlink(c)?;
             }
@@ -853,7 +850,7 @@ impl MemorySystem {
         let removed: Vec<MemorySection> = old
             .ranges
             .iter()
-            .zip(old_sections)
+            .zip(old_sections.into_values())
             .filter(|(r, _)| flatview::sorted_contains(&removed, r))
             .map(|(_, s)| s)
             .collect();
@@ -864,7 +861,7 @@ impl MemorySystem {
             .filter(|(r, _)| flatview::sorted_contains(&added, r))
             .map(|(_, s)| s.clone())
             .collect();
-        self.memory_sections = new_sections;
+        self.memory_sections = new_sections.into_iter().map(|s| (s.gpa, s)).collect();
         self.notify(&removed, &added)
     }
 
@@ -886,10 +883,13 @@ impl MemorySystem {
             rendered += patch.replaced_by;
             let fresh = &view.ranges[patch.at.start..patch.at.start + patch.replaced_by];
             let sections: Vec<MemorySection> = fresh.iter().map(|r| self.section(r)).collect();
-            let old: Vec<MemorySection> = self
-                .memory_sections
-                .splice(patch.at.clone(), sections)
+            let old: Vec<MemorySection> = patch
+                .replaced_addrs
+                .iter()
+                .filter_map(|gpa| self.memory_sections.remove(gpa))
                 .collect();
+            self.memory_sections
+                .extend(sections.into_iter().map(|s| (s.gpa, s)));
             for s in old {
                 let Some(r) = patch.removed.iter().find(|r| r.addr == s.gpa) else {
                     continue;
@@ -920,13 +920,9 @@ impl MemorySystem {
         removed.sort_by_key(|(r, _)| r.addr);
         added.sort_by_key(|r| r.addr);
         let removed: Vec<MemorySection> = removed.into_iter().map(|(_, s)| s).collect();
-        let view = &self.spaces[0].view;
         let added: Vec<MemorySection> = added
             .iter()
-            .map(|r| {
-                let at = view.ranges.partition_point(|f| f.addr < r.addr);
-                self.memory_sections[at].clone()
-            })
+            .map(|r| self.memory_sections[&r.addr].clone())
             .collect();
         self.notify(&removed, &added)
     }
@@ -982,7 +978,7 @@ impl MemorySystem {
 
     /// The sections of the "memory" view, as listeners were told them.
     pub fn current_sections(&self) -> Vec<MemorySection> {
-        self.memory_sections.clone()
+        self.memory_sections.values().cloned().collect()
     }
 
     /// Registers a listener and replays the current flat view to it as `region_add`s. If the
@@ -1547,12 +1543,12 @@ mod tests {
         m.add_subregion(sys, 0, a, Some(0)).unwrap();
         m.add_subregion(sys, 0, b, Some(0)).unwrap();
         m.add_subregion(sys, 0, c, Some(-1)).unwrap();
-        assert_eq!(m.get(sys).unwrap().subregions, [b, a, c]);
+        assert_eq!(m.get(sys).unwrap().subregions.to_vec(), [b, a, c]);
         assert_eq!(m.memory_view().lookup(0).unwrap().region, b);
         // Moving re-inserts: a becomes the newest of its priority.
         m.set_address(a, 0x1000).unwrap();
         m.set_address(a, 0).unwrap();
-        assert_eq!(m.get(sys).unwrap().subregions, [a, b, c]);
+        assert_eq!(m.get(sys).unwrap().subregions.to_vec(), [a, b, c]);
     }
 
     #[test]

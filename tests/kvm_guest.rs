@@ -210,7 +210,7 @@ fn shrinking_an_alias_removes_the_slot_beyond_its_new_end() {
         .new_alias("ram-below-2g", pc.ram, 0, 2 * GIB)
         .unwrap();
     pc.mem.transaction_begin();
-    let lo = pc.mem.get(sys).unwrap().subregions.clone();
+    let lo = pc.mem.get(sys).unwrap().subregions.to_vec();
     for r in lo {
         if pc.mem.region_name(r).unwrap() == "ram-below-4g" {
             pc.mem.del_subregion(sys, r).unwrap();

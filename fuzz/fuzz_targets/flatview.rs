@@ -41,12 +41,10 @@ impl Arena {
         c.addr = addr;
         c.priority = prio;
         c.parent = Some(parent);
-        let siblings = &self.0[parent.index as usize].subregions;
-        let pos = siblings
-            .iter()
-            .position(|s| prio >= self.0[s.index as usize].priority)
-            .unwrap_or(siblings.len());
-        self.0[parent.index as usize].subregions.insert(pos, child);
+        let size = c.size;
+        self.0[parent.index as usize]
+            .subregions
+            .insert(child, addr, size, prio);
     }
 
     fn reaches(&self, from: RegionId, to: RegionId) -> bool {
