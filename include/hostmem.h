@@ -467,7 +467,8 @@ struct HostMemoryBackend *hm_memory_backend_new(const char *type_,
 struct HostMemoryBackend *hm_memory_backend_find(const char *id);
 
 // `object-del`: deletes backend `id` of the current context; refused while mapped with
-// "object '<id>' is in use, can not be deleted". Calls on its handle fail afterwards with
+// "object '<id>' is in use, can not be deleted" (and while another thread's completion is
+// preallocating it, "... it is being preallocated"). Calls on its handle fail afterwards with
 // "memory backend no longer exists".
 //
 // # Safety

@@ -165,7 +165,8 @@ pub unsafe extern "C" fn hm_memory_backend_find(id: *const c_char) -> *mut HostM
 }
 
 /// `object-del`: deletes backend `id` of the current context; refused while mapped with
-/// "object '<id>' is in use, can not be deleted". Calls on its handle fail afterwards with
+/// "object '<id>' is in use, can not be deleted" (and while another thread's completion is
+/// preallocating it, "... it is being preallocated"). Calls on its handle fail afterwards with
 /// "memory backend no longer exists".
 ///
 /// # Safety
