@@ -94,6 +94,9 @@ pub fn wait_reported() {
     let Some(mut last) = read() else {
         return;
     };
+    // The kernel reports freed memory in a pass that starts 2 s after the memory is freed
+    // (PAGE_REPORTING_DELAY): a counter that has not moved yet has not started.
+    std::thread::sleep(Duration::from_millis(2500));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut still = 0;
     while Instant::now() < deadline && still < 3 {
