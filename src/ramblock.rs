@@ -530,27 +530,35 @@ impl RamBlockRegistry {
         if len == 0 || offset >= end {
             return;
         }
-        // Where the range lies in the memory of the block that owns it.
-        let root = b.alias_of.unwrap_or(id);
-        let Some(root_start) = self.blocks.get(&root.0).map(|r| r.mapping_offset) else {
-            mark_dirty(
-                self.blocks.get_mut(&id.0).expect("looked up above"),
-                offset,
-                end,
-            );
-            return;
-        };
-        let base = b.mapping_offset - root_start;
+        let (base, shown) = self.blocks_showing(id);
         let (start, end) = (base + offset, base + end);
-        for (key, blk) in self.blocks.iter_mut() {
-            if *key != root.0 && blk.alias_of != Some(root) {
-                continue;
-            }
-            let at = blk.mapping_offset - root_start;
+        for (key, at) in shown {
+            let blk = self.blocks.get_mut(&key).expect("listed by blocks_showing");
             let (s, e) = (start.max(at), end.min(at + blk.max_length));
             if s < e {
                 mark_dirty(blk, s - at, e - at);
             }
+        }
+    }
+
+    /// Where block `id` starts in the memory of the block that owns it, and every block
+    /// showing that memory (the owner and its aliases) with where each starts; just `id` at 0
+    /// when the owner is unknown.
+    fn blocks_showing(&self, id: RamBlockId) -> (u64, Vec<(u32, u64)>) {
+        let Some(b) = self.blocks.get(&id.0) else {
+            return (0, Vec::new());
+        };
+        let root = b.alias_of.unwrap_or(id);
+        match self.blocks.get(&root.0).map(|r| r.mapping_offset) {
+            None => (0, vec![(id.0, 0)]),
+            Some(root_start) => (
+                b.mapping_offset - root_start,
+                self.blocks
+                    .iter()
+                    .filter(|(k, blk)| **k == root.0 || blk.alias_of == Some(root))
+                    .map(|(k, blk)| (*k, blk.mapping_offset - root_start))
+                    .collect(),
+            ),
         }
     }
 
@@ -566,20 +574,8 @@ impl RamBlockRegistry {
         if bitmap.iter().all(|w| *w == 0) {
             return;
         }
-        // Every block showing this memory (as in set_dirty), as (key, page of the root's memory
-        // where it starts); just the block itself when its root is unknown.
-        let root = b.alias_of.unwrap_or(id);
-        let pages_of = |bytes: u64| bytes.div_ceil(DIRTY_PAGE_SIZE) as i64;
-        let block_pages = pages_of(b.max_length);
-        let shown: Vec<(u32, u64)> = match self.blocks.get(&root.0).map(|r| r.mapping_offset) {
-            None => vec![(id.0, 0)],
-            Some(rs) => self
-                .blocks
-                .iter()
-                .filter(|(k, blk)| **k == root.0 || blk.alias_of == Some(root))
-                .map(|(k, blk)| (*k, blk.mapping_offset - rs))
-                .collect(),
-        };
+        let block_pages = b.max_length.div_ceil(DIRTY_PAGE_SIZE) as i64;
+        let (base, shown) = self.blocks_showing(id);
         if shown.iter().any(|(_, at)| at % DIRTY_PAGE_SIZE != 0) {
             return for_each_set_run(bitmap, |first, count| {
                 self.set_dirty(
@@ -589,18 +585,11 @@ impl RamBlockRegistry {
                 )
             });
         }
-        let at_of = |key: u32| {
-            shown
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, at)| (at / DIRTY_PAGE_SIZE) as i64)
-        };
-        let block_at = at_of(id.0).expect("the block shows its own memory");
+        let block_at = (base / DIRTY_PAGE_SIZE) as i64;
         let src_at = block_at + first_page as i64;
-        for (key, blk) in self.blocks.iter_mut() {
-            let Some(at) = at_of(*key) else {
-                continue;
-            };
+        for (key, at) in shown {
+            let at = (at / DIRTY_PAGE_SIZE) as i64;
+            let blk = self.blocks.get_mut(&key).expect("listed by blocks_showing");
             let pages = blk.max_length.div_ceil(DIRTY_PAGE_SIZE) as i64;
             // In this block's pages: the pages the source block covers, within this block.
             let lo = (block_at - at).max(0);
