@@ -10,28 +10,17 @@
 
 use std::sync::Barrier;
 
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
+use hostmem::registry::{self, MachineId};
 use hostmem::testing::machines::{main_ram, none_machine};
-use hostmem::Result;
+
+mod stress_support;
+use stress_support::{fds, ram_checksum as checksum, rounds, run};
 
 const WORKERS: usize = 4;
 const RAM_MIB: u64 = 32;
 
-fn rounds() -> usize {
-    std::env::var("HOSTMEM_CONCURRENCY_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-}
-
-fn run(id: MachineId, line: &str) -> Result<String> {
-    hmp::hmp(id, line, &HostTransports)
-}
-
 fn scratch(name: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("hostmem-conc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name).display().to_string()
+    stress_support::scratch("conc", name)
 }
 
 /// A machine whose RAM is a preallocated backend named after its worker.
@@ -57,15 +46,6 @@ fn fill(id: MachineId, seed: u64) {
         // worker touches it and no migration runs yet.
         unsafe { *(p.add(at as usize) as *mut u64) = seed ^ page.wrapping_mul(0x9e37_79b9) };
     }
-}
-
-fn checksum(id: MachineId) -> u64 {
-    let (p, size) = main_ram(id).unwrap();
-    // SAFETY: the machine's whole RAM, alive while the machine is; nothing writes it now.
-    let words = unsafe { std::slice::from_raw_parts(p as *const u64, (size / 8) as usize) };
-    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
-        (h ^ w).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn status_is(id: MachineId, status: &str) -> bool {
@@ -240,10 +220,6 @@ fn big_mappings() -> usize {
         .count()
 }
 
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[test]
 fn machines_preallocate_migrate_and_change_layout_at_once() {
     // The mapping count sees a guest's RAM: one machine adds to it, and its removal takes it
@@ -256,7 +232,7 @@ fn machines_preallocate_migrate_and_change_layout_at_once() {
     registry::remove(probe).unwrap();
     assert_eq!(big_mappings(), idle);
     let mut baseline = None;
-    let rounds = rounds();
+    let rounds = rounds(8);
     for round in 0..rounds {
         let start = Barrier::new(WORKERS);
         let made: Vec<MachineId> = std::thread::scope(|s| {

@@ -22,9 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
+use hostmem::registry::{self, MachineId};
 use hostmem::testing::machines::{main_ram, none_machine};
-use hostmem::Result;
+
+mod stress_support;
+use stress_support::{fds, ram_checksum, run};
 
 const MIB: u64 = 1 << 20;
 const WORKERS: usize = 4;
@@ -32,20 +34,11 @@ const WORKERS: usize = 4;
 const RAM_MIB: u64 = 32;
 
 fn iterations() -> usize {
-    std::env::var("HOSTMEM_CONCURRENCY_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
-fn run(id: MachineId, line: &str) -> Result<String> {
-    hmp::hmp(id, line, &HostTransports)
+    stress_support::rounds(4)
 }
 
 fn scratch(name: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("hostmem-races-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name).display().to_string()
+    stress_support::scratch("races", name)
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -81,19 +74,6 @@ fn fill(id: MachineId, seed: u64) {
             };
         }
     }
-}
-
-fn digest(id: MachineId) -> u64 {
-    let (p, size) = main_ram(id).unwrap();
-    // SAFETY: the machine's whole RAM, alive while the machine is (the worker owns both).
-    let ram = unsafe { std::slice::from_raw_parts(p, size as usize) };
-    ram.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-        (h ^ u64::from_le_bytes(w.try_into().unwrap())).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 /// Mappings of memfd backends' memory: every machine here has only those.
@@ -218,7 +198,7 @@ fn preallocate_against_a_deleter(live: &Live, tag: &str, stats: &Stats) {
 fn migrate_while_the_layout_changes(live: &Live, tag: &str, seed: u64, stats: &Stats) {
     let src = machine(live, tag, &argv(&memfd_ram_args(tag, &[])));
     fill(src, seed);
-    let want = digest(src);
+    let want = ram_checksum(src);
     let dst = machine(
         live,
         tag,
@@ -258,8 +238,12 @@ fn migrate_while_the_layout_changes(live: &Live, tag: &str, seed: u64, stats: &S
     wait_for("the destination to load", || {
         migration_status(dst) == "completed"
     });
-    assert_eq!(digest(dst), want, "{tag}: the destination's RAM differs");
-    assert_eq!(digest(src), want, "{tag}: the source's RAM changed");
+    assert_eq!(
+        ram_checksum(dst),
+        want,
+        "{tag}: the destination's RAM differs"
+    );
+    assert_eq!(ram_checksum(src), want, "{tag}: the source's RAM changed");
     let blocks = run(dst, "info ramblock").unwrap();
     assert!(blocks.contains(&format!("{tag}-ram")), "{blocks}");
     assert_eq!(run(dst, "info status").unwrap(), "VM status: running\n");
