@@ -335,6 +335,36 @@ impl Guard {
         Ok(())
     }
 
+    /// Tests `zero.len()` consecutive pieces of `piece` bytes from `at` of `span` for zero
+    /// bytes, in place: `zero[i]` says whether piece `i` is all zero. One guarded access for
+    /// the whole range (the per-access bookkeeping would cost as much as testing a page), which
+    /// stops at the first piece that faulted; a fault is the error, as for [`Self::read`].
+    pub fn zero_test(
+        &self,
+        span: &Span<'_>,
+        at: usize,
+        piece: usize,
+        zero: &mut [bool],
+    ) -> Result<(), AccessError> {
+        let len = piece.checked_mul(zero.len()).ok_or(AccessError::OutOfRange {
+            at,
+            len: usize::MAX,
+            span: span.len,
+        })?;
+        self.run(span, at, len, |watch| {
+            for (i, z) in zero.iter_mut().enumerate() {
+                // SAFETY: piece `i` lies inside `at..at+len`, inside the span (checked by
+                // `pieces`), which its borrow keeps mapped; the reads are volatile, so bytes a
+                // vCPU writes meanwhile give some value of them; a SIGBUS is repaired (module
+                // comment) and ends the loop below.
+                *z = unsafe { is_zero_volatile((span.base + at + i * piece) as *const u8, piece) };
+                if watch.faulted() {
+                    break;
+                }
+            }
+        })
+    }
+
     /// Sets `len` bytes at `at` of `span` to `value`.
     pub fn fill(
         &self,
@@ -428,6 +458,64 @@ unsafe fn copy_volatile(src: *const u8, dst: &mut [u8]) {
         dst[i] = unsafe { std::ptr::read_volatile(src.add(i)) };
         i += 1;
     }
+}
+
+/// Whether `len` bytes at `p` are all zero, read with volatile loads (guest RAM a vCPU may be
+/// writing). The first 8 bytes are tested alone (most non-zero pages differ there), then
+/// 256-byte stretches are OR-folded, 16 bytes per load on x86-64.
+///
+/// # Safety
+/// `p..p+len` must be mapped and readable.
+unsafe fn is_zero_volatile(p: *const u8, len: usize) -> bool {
+    const STRETCH: usize = 256;
+    let aligned = (p as usize).is_multiple_of(16) && len.is_multiple_of(STRETCH);
+    if !aligned {
+        // SAFETY: the caller's range.
+        return (0..len).all(|i| unsafe { std::ptr::read_volatile(p.add(i)) } == 0);
+    }
+    // SAFETY: 16-aligned and inside the caller's range.
+    if unsafe { std::ptr::read_volatile(p as *const u64) } != 0 {
+        return false;
+    }
+    let mut at = 0;
+    while at < len {
+        // SAFETY: `at..at+STRETCH` is inside the caller's range, 16-aligned.
+        if unsafe { !stretch_is_zero(p.add(at)) } {
+            return false;
+        }
+        at += STRETCH;
+    }
+    true
+}
+
+/// One 256-byte stretch, 16-aligned.
+///
+/// # Safety
+/// `p..p+256` must be mapped and readable, `p` 16-aligned.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stretch_is_zero(p: *const u8) -> bool {
+    use std::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128};
+    let v = p as *const __m128i;
+    // SAFETY: SSE2 is part of the x86-64 baseline; the 16 loads are inside the caller's
+    // 16-aligned range.
+    unsafe {
+        let mut acc = std::ptr::read_volatile(v);
+        for i in 1..16 {
+            acc = _mm_or_si128(acc, std::ptr::read_volatile(v.add(i)));
+        }
+        _mm_movemask_epi8(_mm_cmpeq_epi8(acc, _mm_setzero_si128())) == 0xffff
+    }
+}
+
+/// One 256-byte stretch, 8 bytes per load.
+///
+/// # Safety
+/// `p..p+256` must be mapped and readable, `p` 16-aligned.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn stretch_is_zero(p: *const u8) -> bool {
+    let v = p as *const u64;
+    // SAFETY: the 32 loads are inside the caller's aligned range.
+    (0..32).fold(0u64, |acc, i| acc | unsafe { std::ptr::read_volatile(v.add(i)) }) == 0
 }
 
 /// Maps the file back over a page the handler replaced; an anonymous mapping keeps the

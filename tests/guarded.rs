@@ -350,3 +350,32 @@ fn huge_pages_fault_and_are_repaired_a_whole_huge_page_at_a_time() {
     unsafe { t.addr.add(2 * HUGE + 3).write_volatile(0x33) };
     assert_eq!(t.file_byte(2 * HUGE + 3), 0x33);
 }
+
+#[test]
+fn zero_test_tells_each_page_and_stops_at_the_first_that_faults() {
+    let _s = serial();
+    let t = Truncated::new(8, 5);
+    let g = Guard::acquire().unwrap();
+    // A single set byte anywhere makes a page non-zero: first word, middle, last byte.
+    for (page, at) in [(1, 0), (2, 1000), (4, PAGE - 1)] {
+        // SAFETY: writing through the mapping inside the file (5 pages).
+        unsafe { t.addr.add(page * PAGE + at).write_volatile(1) };
+    }
+    let mut zero = [false; 5];
+    g.zero_test(&t.span(), 0, PAGE, &mut zero).unwrap();
+    assert_eq!(zero, [true, false, false, true, false]);
+    // Unaligned pieces take the byte-wise path and agree.
+    let mut zero = [false; 2];
+    g.zero_test(&t.span(), PAGE + 1, PAGE, &mut zero).unwrap();
+    assert_eq!(zero, [true, false], "piece 1 holds page 2's byte at 1000");
+
+    // Pages 5.. are past the file: the test stops there with the fault's offset.
+    let mut zero = [false; 6];
+    let e = g.zero_test(&t.span(), 2 * PAGE, PAGE, &mut zero).unwrap_err();
+    assert_eq!(fault_offset(e), 5 * PAGE as u64);
+    assert_eq!(&zero[..3], &[false, true, false]);
+    // The range is checked before anything is touched.
+    let mut zero = [false; 9];
+    let e = g.zero_test(&t.span(), 0, PAGE, &mut zero).unwrap_err();
+    assert!(matches!(e, AccessError::OutOfRange { .. }), "{e:?}");
+}

@@ -26,6 +26,7 @@ use hostmem::migration::transport::{
     Cancel, Incoming, IncomingChannel, IncomingUri, MigrationUri, OutgoingChannel, SocketAddress,
     TransportError,
 };
+use hostmem::migration::ram::{is_zero_page, InPlace};
 use hostmem::migration::{
     load, load_file, save_mapped_ram_file, save_stream, BufferSection, LoadOptions, LoadSummary,
     LocalRamBlock, RamBlockInfo, RamLoadTarget, RamSource, SaveOptions, SectionHandler,
@@ -160,11 +161,17 @@ fn parse(uri: &str) -> MigrationUri {
 /// One RAMBlock `ram` (what `-M none -m 16M` has) over a Vec, as saver source and load target.
 struct Ram {
     data: Vec<u8>,
+    /// Offer pages in place (as a machine's RAM does), so channels send them with gathering
+    /// writes; otherwise the saver copies each page.
+    in_place: bool,
 }
 
 impl Ram {
     fn zeroed(len: usize) -> Ram {
-        Ram { data: vec![0; len] }
+        Ram {
+            data: vec![0; len],
+            in_place: true,
+        }
     }
 
     /// Every third page zero, the others pseudo-random (so nothing compresses into a small
@@ -195,6 +202,23 @@ impl RamSource for Ram {
         let o = offset as usize;
         buf.copy_from_slice(&self.data[o..o + buf.len()]);
         Ok(())
+    }
+    fn zero_test_in_place(
+        &self,
+        _block: usize,
+        offset: u64,
+        zero: &mut [bool],
+    ) -> Option<Result<InPlace<'_>, Error>> {
+        if !self.in_place {
+            return None;
+        }
+        let run = &self.data[offset as usize..offset as usize + zero.len() * PAGE];
+        for (z, page) in zero.iter_mut().zip(run.chunks(PAGE)) {
+            *z = is_zero_page(page);
+        }
+        // SAFETY: `run` is borrowed from `self.data`, which nothing changes while the source
+        // is borrowed.
+        Some(Ok(unsafe { InPlace::new(run.as_ptr(), zero.len()) }))
     }
 }
 
@@ -260,9 +284,15 @@ fn receive(mut inc: Incoming, len: usize) -> (Ram, LoadSummary, IncomingChannel)
     (ram, s, ch)
 }
 
-/// hostmem to hostmem over `out_uri` into `inc`: every byte arrives.
+/// hostmem to hostmem over `out_uri` into `inc`: every byte arrives, pages sent in place by
+/// gathering writes.
 fn round_trip(inc: Incoming, out_uri: MigrationUri) {
-    let ram = Ram::patterned(4 * M, 7);
+    round_trip_with(inc, out_uri, true);
+}
+
+fn round_trip_with(inc: Incoming, out_uri: MigrationUri, in_place: bool) {
+    let mut ram = Ram::patterned(4 * M, 7);
+    ram.in_place = in_place;
     let expect = ram.data.clone();
     let receiver = std::thread::spawn(move || receive(inc, 4 * M));
     let sent = within(30, "send", move || send(&out_uri, &ram, &Cancel::new()))
@@ -356,6 +386,32 @@ fn fd_carries_a_stream_over_a_socketpair_and_a_pipe() {
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let inc = Incoming::open(&MigrationUri::Fd(fds[0])).unwrap();
     round_trip(inc, MigrationUri::Fd(fds[1]));
+}
+
+#[test]
+fn pages_sent_in_place_and_copied_give_the_same_stream() {
+    let streams: Vec<Vec<u8>> = [true, false]
+        .into_iter()
+        .map(|in_place| {
+            let path = scratch(&format!("in-place-{in_place}.mig"));
+            let mut ram = Ram::patterned(4 * M, 9);
+            ram.in_place = in_place;
+            let uri = MigrationUri::File {
+                path: path.to_path_buf(),
+                offset: 0,
+            };
+            send(&uri, &ram, &Cancel::new()).unwrap();
+            std::fs::read(&*path).unwrap()
+        })
+        .collect();
+    assert!(streams[0].len() > 2 * M);
+    assert!(streams[0] == streams[1], "the streams differ");
+    // The copying path still carries a stream over a pipe (the in-place one: above).
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a live array of two ints for pipe2 to fill.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let inc = Incoming::open(&MigrationUri::Fd(fds[0])).unwrap();
+    round_trip_with(inc, MigrationUri::Fd(fds[1]), false);
 }
 
 #[test]

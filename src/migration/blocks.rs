@@ -16,7 +16,9 @@ use crate::populated::{Detector, PopulatedMap, Region};
 use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
 
 use super::format::TARGET_PAGE_SIZE;
-use super::ram::{is_zero_page, LocalRamBlock, PageRef, RamBlockInfo, RamLoadTarget, RamSource};
+use super::ram::{
+    is_zero_page, InPlace, LocalRamBlock, PageRef, RamBlockInfo, RamLoadTarget, RamSource,
+};
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
 
@@ -225,6 +227,27 @@ impl RamSource for RamSnapshot {
         guard(&self.guard)?
             .read(&Span::of(&b.mapping), at, buf)
             .map_err(|e| b.access_failed("reading the page", e))
+    }
+
+    fn zero_test_in_place(
+        &self,
+        block: usize,
+        offset: u64,
+        zero: &mut [bool],
+    ) -> Option<Result<InPlace<'_>, Error>> {
+        let mut test = || {
+            let b = self.block(block)?;
+            let at = b.at(offset, (zero.len() * TARGET_PAGE_SIZE) as u64)?;
+            let span = Span::of(&b.mapping);
+            guard(&self.guard)?
+                .zero_test(&span, at, TARGET_PAGE_SIZE, zero)
+                .map_err(|e| b.access_failed("testing the page for zero", e))?;
+            // SAFETY: `at..at + zero.len() pages` lies in the block's mapping (checked by `at`
+            // and again by the zero test), which the snapshot holds for as long as it is
+            // borrowed, and which is mapped readable (guest RAM always is).
+            Ok(unsafe { InPlace::new(span.as_ptr().add(at), zero.len()) })
+        };
+        Some(test())
     }
 }
 

@@ -9,7 +9,7 @@
 //! unlocked. Bandwidth is limited as QEMU limits it (see [`super::rate`]): at most
 //! `max-bandwidth / 10` bytes per 100 ms slice, charged a chunk at a time.
 
-use std::io::Write;
+use super::qemu_file::StreamWrite;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, HmErrorClass};
@@ -99,7 +99,7 @@ fn cancelled() -> Error {
     Error::new(HmErrorClass::Generic, "migration cancelled")
 }
 
-struct Sender<'a, W: Write> {
+struct Sender<'a, W: StreamWrite> {
     saver: Saver<W>,
     snap: &'a RamSnapshot,
     progress: &'a Progress,
@@ -109,7 +109,7 @@ struct Sender<'a, W: Write> {
     pages_sent: u64,
 }
 
-impl<W: Write> Sender<'_, W> {
+impl<W: StreamWrite> Sender<'_, W> {
     /// Sends `pages` as PART sections of at most a chunk each, rate-limited.
     fn send(&mut self, pages: impl IntoIterator<Item = PageRef>) -> Result<(), Error> {
         let mut pages = pages.into_iter().peekable();
@@ -159,7 +159,7 @@ impl<W: Write> Sender<'_, W> {
 /// The guest keeps running on the source until the switchover and stays paused after success;
 /// on failure or cancellation it runs again. `progress` gets the status and statistics.
 #[allow(clippy::too_many_arguments)]
-pub fn run_outgoing<W: Write>(
+pub fn run_outgoing<W: StreamWrite>(
     host: &mut dyn PrecopyHost,
     out: W,
     opts: SaveOptions,
@@ -203,7 +203,7 @@ pub fn run_outgoing<W: Write>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn outgoing_rounds<W: Write>(
+fn outgoing_rounds<W: StreamWrite>(
     host: &mut dyn PrecopyHost,
     snap: &RamSnapshot,
     out: W,
@@ -548,7 +548,8 @@ mod tests {
     #[test]
     fn a_writer_that_breaks_fails_the_migration_and_the_guest_runs_on() {
         struct Broken;
-        impl Write for Broken {
+        impl StreamWrite for Broken {}
+        impl std::io::Write for Broken {
             fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
                 Err(std::io::Error::from_raw_os_error(libc::EPIPE))
             }

@@ -15,6 +15,63 @@ use std::io::{self, BufRead, Write};
 
 use super::error::MigrationError;
 
+/// A stream that can also send bytes it does not own, straight from where they lie: guest RAM,
+/// which a vCPU may write at any time and so can never be borrowed as a slice. A channel to a
+/// file descriptor hands such bytes to the kernel in a `writev` (QEMU's iovecs into guest RAM),
+/// saving the two copies a page buffer and a stream buffer would cost.
+///
+/// Writers that cannot (buffers in memory, rate limiters, test doubles) keep the defaults, and
+/// the RAM saver then copies each page under its SIGBUS guard and writes the copy.
+pub trait StreamWrite: Write {
+    /// Whether [`Self::write_unowned`] takes bytes; asked once per round of pages.
+    fn takes_unowned(&self) -> bool {
+        false
+    }
+
+    /// Queues `len` bytes at `ptr` to go out after everything written before them. They are
+    /// read by the kernel, at the latest when the stream is next flushed: whatever they hold
+    /// then is what is sent.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped and readable until this stream's next `flush` returns
+    /// (or until the stream is dropped, which abandons what is queued).
+    unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        let _ = (ptr, len);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this stream cannot send bytes from guest RAM in place",
+        ))
+    }
+}
+
+impl StreamWrite for Vec<u8> {}
+impl StreamWrite for std::fs::File {}
+impl StreamWrite for io::Sink {}
+impl StreamWrite for std::os::unix::net::UnixStream {}
+impl StreamWrite for std::net::TcpStream {}
+impl StreamWrite for std::process::ChildStdin {}
+impl<T> StreamWrite for io::Cursor<T> where io::Cursor<T>: Write {}
+impl<W: StreamWrite + ?Sized> StreamWrite for &mut W {
+    fn takes_unowned(&self) -> bool {
+        (**self).takes_unowned()
+    }
+
+    unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { (**self).write_unowned(ptr, len) }
+    }
+}
+impl<W: StreamWrite + ?Sized> StreamWrite for Box<W> {
+    fn takes_unowned(&self) -> bool {
+        (**self).takes_unowned()
+    }
+
+    unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { (**self).write_unowned(ptr, len) }
+    }
+}
+
 /// The reading half: counts every byte consumed.
 pub struct QemuReader<R: ?Sized> {
     pos: u64,
@@ -202,6 +259,19 @@ impl<W: Write + ?Sized> QemuWriter<W> {
 
     pub fn flush(&mut self) -> Result<(), MigrationError> {
         self.inner.flush()?;
+        Ok(())
+    }
+}
+
+impl<W: StreamWrite + ?Sized> QemuWriter<W> {
+    /// [`StreamWrite::write_unowned`], counted.
+    ///
+    /// # Safety
+    /// As [`StreamWrite::write_unowned`]: the bytes stay mapped until the next flush.
+    pub unsafe fn put_unowned(&mut self, ptr: *const u8, len: usize) -> Result<(), MigrationError> {
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { self.inner.write_unowned(ptr, len)? };
+        self.pos += len as u64;
         Ok(())
     }
 }

@@ -24,10 +24,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::marker::PhantomData;
 
 use super::error::MigrationError;
 use super::format::{MappedRam, RamFlag, RAM_FLAGS_MASK, TARGET_PAGE_SIZE};
-use super::qemu_file::{QemuReader, QemuWriter};
+use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
 use super::section::StreamRead;
 use crate::error::Error;
 
@@ -53,17 +54,63 @@ impl RamBlockInfo {
 ///
 /// The source never hands out `&[u8]` of guest memory: a running guest may write any page at
 /// any time (that is what the dirty log is for), and a Rust slice promises that its bytes do
-/// not change while it lives, so a slice over live guest RAM would be undefined behaviour, and
-/// the zero test and the bytes sent could disagree. Instead the source copies a page into the
-/// saver's buffer (with whatever access it uses for memory shared with vCPUs), and the saver
-/// tests and sends that stable copy. A page torn by a concurrent write is dirty again and goes
-/// out in a later round.
+/// not change while it lives, so a slice over live guest RAM would be undefined behaviour.
+/// There are two ways to a page's bytes instead:
+/// * [`Self::read_page`] copies a page into the saver's buffer (with whatever access the source
+///   uses for memory shared with vCPUs), and the saver tests and sends that stable copy;
+/// * [`Self::zero_test_in_place`], where the source has the pages mapped, tests a run of them
+///   for zero where they lie and says where they are, and a stream that can
+///   ([`StreamWrite::takes_unowned`]) hands the non-zero ones to the kernel from there, as
+///   QEMU's iovecs do: one read pass and the kernel's copy, instead of three copies.
+///
+/// Either way a page torn by a concurrent write is dirty again and goes out in a later round;
+/// in place, a page found zero and written before it is sent goes out as ZERO and again later,
+/// and one found non-zero goes out with whatever it holds when the kernel reads it.
 pub trait RamSource {
     /// The migratable blocks, in ram_list order (largest max_length first, as QEMU sorts
     /// them). Block indices in [`PageRef`] and [`Self::read_page`] index this list.
     fn blocks(&self) -> Vec<RamBlockInfo>;
     /// Copies the `TARGET_PAGE_SIZE` bytes at `offset` of block `block` into `buf`.
     fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error>;
+    /// Tests the `zero.len()` pages from `offset` of block `block` for zero where they lie
+    /// (`zero[i]` for page `i`), and returns where they are. `None`: this source has no
+    /// mapping to offer, and the saver copies with [`Self::read_page`].
+    fn zero_test_in_place(
+        &self,
+        block: usize,
+        offset: u64,
+        zero: &mut [bool],
+    ) -> Option<Result<InPlace<'_>, Error>> {
+        let _ = (block, offset, zero);
+        None
+    }
+}
+
+/// Where a run of consecutive pages of a [`RamSource`] lies in the host's address space, for as
+/// long as the source is borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct InPlace<'a> {
+    base: *const u8,
+    pages: usize,
+    _source: PhantomData<&'a ()>,
+}
+
+impl<'a> InPlace<'a> {
+    /// # Safety
+    /// `base..base + pages * TARGET_PAGE_SIZE` must stay mapped and readable for `'a`.
+    pub unsafe fn new(base: *const u8, pages: usize) -> InPlace<'a> {
+        InPlace {
+            base,
+            pages,
+            _source: PhantomData,
+        }
+    }
+
+    /// The host address of page `i` of the run.
+    fn page(&self, i: usize) -> *const u8 {
+        assert!(i < self.pages, "page {i} of a run of {}", self.pages);
+        self.base.wrapping_add(i * TARGET_PAGE_SIZE)
+    }
 }
 
 /// One page to send: a block index into [`RamSource::blocks`] and a page-aligned offset.
@@ -240,29 +287,80 @@ impl RamSaver {
     }
 
     /// One round's payload: a record for each page, then EOS. Returns what this round wrote.
-    pub fn write_round<W: Write + ?Sized>(
+    ///
+    /// When both the source and the stream can, pages are tested and sent in place, a run of
+    /// consecutive pages at a time ([`RamSource::zero_test_in_place`]); the stream is then
+    /// flushed before this returns, so the kernel has read every page while `source` is still
+    /// borrowed.
+    pub fn write_round<W: StreamWrite + ?Sized>(
         &mut self,
         w: &mut QemuWriter<W>,
         source: &dyn RamSource,
         pages: impl IntoIterator<Item = PageRef>,
     ) -> Result<RamSaveStats, MigrationError> {
         let before = self.stats;
-        for p in pages {
-            self.write_page(w, source, p)?;
+        let mut pages = pages.into_iter().peekable();
+        let mut in_place = self.zero_page_detection && w.get_mut().takes_unowned();
+        let mut sent_in_place = false;
+        let mut zero = [false; IN_PLACE_RUN];
+        while let Some(first) = pages.next() {
+            self.check_page(first)?;
+            if !in_place {
+                self.write_page(w, source, first)?;
+                continue;
+            }
+            let mut n = 1;
+            while n < IN_PLACE_RUN {
+                match pages.peek() {
+                    Some(p)
+                        if p.block == first.block
+                            && p.offset == first.offset + n as u64 * PAGE =>
+                    {
+                        self.check_page(*p)?;
+                        pages.next();
+                        n += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let Some(found) = source.zero_test_in_place(first.block, first.offset, &mut zero[..n])
+            else {
+                // This source copies; so does the rest of the round.
+                in_place = false;
+                for i in 0..n {
+                    let offset = first.offset + i as u64 * PAGE;
+                    self.write_page(w, source, PageRef { offset, ..first })?;
+                }
+                continue;
+            };
+            let run = found?;
+            for (i, &z) in zero[..n].iter().enumerate() {
+                let offset = first.offset + i as u64 * PAGE;
+                self.put_header(w, PageRef { offset, ..first }, z)?;
+                if z {
+                    w.put_u8(0)?;
+                    self.stats.zero_pages += 1;
+                } else {
+                    // SAFETY: the page lies in `run`, mapped while `source` is borrowed, and
+                    // the stream is flushed below, before this function returns.
+                    unsafe { w.put_unowned(run.page(i), TARGET_PAGE_SIZE)? };
+                    self.stats.normal_pages += 1;
+                    sent_in_place = true;
+                }
+            }
         }
         w.put_be64(RamFlag::EOS)?;
+        if sent_in_place {
+            w.flush()?;
+        }
         Ok(RamSaveStats {
             normal_pages: self.stats.normal_pages - before.normal_pages,
             zero_pages: self.stats.zero_pages - before.zero_pages,
         })
     }
 
-    fn write_page<W: Write + ?Sized>(
-        &mut self,
-        w: &mut QemuWriter<W>,
-        source: &dyn RamSource,
-        p: PageRef,
-    ) -> Result<(), MigrationError> {
+    /// Refuses a page the source does not list.
+    fn check_page(&self, p: PageRef) -> Result<(), MigrationError> {
         let Some(block) = self.blocks.get(p.block) else {
             return Err(MigrationError::Usage(format!(
                 "page of RAM block index {} requested; the source lists {} blocks",
@@ -273,18 +371,19 @@ impl RamSaver {
         if !p.offset.is_multiple_of(PAGE) || p.offset >= block.used_length {
             return Err(MigrationError::IllegalRamOffset { offset: p.offset });
         }
+        Ok(())
+    }
+
+    /// A checked page's record: the block's page, copied, tested and written.
+    fn write_page<W: Write + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+        p: PageRef,
+    ) -> Result<(), MigrationError> {
         source.read_page(p.block, p.offset, &mut self.page)?;
         let zero = self.zero_page_detection && is_zero_page(&self.page);
-        let mut header = p.offset | if zero { RamFlag::ZERO } else { RamFlag::PAGE };
-        let same = self.last_block == Some(p.block);
-        if same {
-            header |= RamFlag::CONTINUE;
-        }
-        w.put_be64(header)?;
-        if !same {
-            w.put_counted_string(&block.idstr)?;
-            self.last_block = Some(p.block);
-        }
+        self.put_header(w, p, zero)?;
         if zero {
             w.put_u8(0)?;
             self.stats.zero_pages += 1;
@@ -294,7 +393,30 @@ impl RamSaver {
         }
         Ok(())
     }
+
+    /// The record's header: offset and flags, and the block's idstr unless CONTINUE.
+    fn put_header<W: Write + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        p: PageRef,
+        zero: bool,
+    ) -> Result<(), MigrationError> {
+        let mut header = p.offset | if zero { RamFlag::ZERO } else { RamFlag::PAGE };
+        let same = self.last_block == Some(p.block);
+        if same {
+            header |= RamFlag::CONTINUE;
+        }
+        w.put_be64(header)?;
+        if !same {
+            w.put_counted_string(&self.blocks[p.block].idstr)?;
+            self.last_block = Some(p.block);
+        }
+        Ok(())
+    }
 }
+
+/// Pages tested in place at a time: one guarded access per run (256 KiB).
+const IN_PLACE_RUN: usize = 64;
 
 /// What a load target knows of one of its RAMBlocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -991,6 +1113,147 @@ pub(crate) mod tests {
         }
         assert!(is_zero_page(&[0u8; 13]));
         assert!(!is_zero_page(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    /// A VecRam offering its pages in place, failing a run that reaches `fault_at`.
+    struct InPlaceRam {
+        ram: VecRam,
+        fault_at: Option<u64>,
+        runs: RefCell<Vec<(usize, u64, usize)>>,
+    }
+
+    impl RamSource for InPlaceRam {
+        fn blocks(&self) -> Vec<RamBlockInfo> {
+            self.ram.blocks()
+        }
+        fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+            self.ram.read_page(block, offset, buf)
+        }
+        fn zero_test_in_place(
+            &self,
+            block: usize,
+            offset: u64,
+            zero: &mut [bool],
+        ) -> Option<Result<InPlace<'_>, Error>> {
+            self.runs.borrow_mut().push((block, offset, zero.len()));
+            let end = offset + (zero.len() * TARGET_PAGE_SIZE) as u64;
+            if self.fault_at.is_some_and(|f| (offset..end).contains(&f)) {
+                return Some(Err(Error::invalid("SIGBUS: test fault")));
+            }
+            let data = &self.ram.blocks[block].1[offset as usize..end as usize];
+            for (z, page) in zero.iter_mut().zip(data.chunks(TARGET_PAGE_SIZE)) {
+                *z = is_zero_page(page);
+            }
+            // SAFETY: `data` is borrowed from the source, unchanged while it is borrowed.
+            Some(Ok(unsafe { InPlace::new(data.as_ptr(), zero.len()) }))
+        }
+    }
+
+    /// Takes unowned bytes and reads them only when flushed, as a gathering write does; a
+    /// pending queue at drop would be bytes read after the saver let go of its source.
+    #[derive(Default)]
+    struct DeferringWriter {
+        out: Vec<u8>,
+        queue: Vec<Result<Vec<u8>, (usize, usize)>>,
+        unowned: usize,
+        flushes: usize,
+    }
+
+    impl Write for DeferringWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.queue.push(Ok(buf.to_vec()));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            for q in self.queue.drain(..) {
+                match q {
+                    Ok(bytes) => self.out.extend_from_slice(&bytes),
+                    Err((addr, len)) => {
+                        // SAFETY: write_unowned's contract: mapped until this flush returns.
+                        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                        self.out.extend_from_slice(bytes);
+                    }
+                }
+            }
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    impl StreamWrite for DeferringWriter {
+        fn takes_unowned(&self) -> bool {
+            true
+        }
+        unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> std::io::Result<()> {
+            self.queue.push(Err((ptr as usize, len)));
+            self.unowned += 1;
+            Ok(())
+        }
+    }
+
+    fn copied_round(src: &VecRam, pages: &[PageRef]) -> Vec<u8> {
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(Vec::new());
+        s.write_round(&mut w, src, pages.iter().copied()).unwrap();
+        w.into_inner()
+    }
+
+    #[test]
+    fn pages_sent_in_place_make_the_copied_stream_and_are_read_before_the_round_ends() {
+        let mut ram = VecRam::new(&[("pc.ram", 200 * PAGE), ("vga", 2 * PAGE)]);
+        for n in [0, 3, 64, 65, 130, 199] {
+            ram.fill(0, n * PAGE, n as u8 + 1);
+        }
+        ram.blocks[1].1[4095] = 9;
+        // Runs break at block changes, gaps, and every 64 pages.
+        let mut pages: Vec<PageRef> = all_pages(&ram.blocks()).collect();
+        pages.retain(|p| p.offset != 100 * PAGE);
+        pages.swap(0, 1);
+        let expect = copied_round(&ram, &pages);
+        let src = InPlaceRam {
+            ram,
+            fault_at: None,
+            runs: RefCell::new(Vec::new()),
+        };
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        let st = s.write_round(&mut w, &src, pages.iter().copied()).unwrap();
+        assert_eq!(st, RamSaveStats { normal_pages: 7, zero_pages: 194 });
+        let w = w.into_inner();
+        assert!(w.queue.is_empty(), "bytes left unread after the round");
+        assert_eq!((w.unowned, w.flushes), (7, 1));
+        assert!(w.out == expect, "the in-place stream differs from the copied one");
+        let runs = src.runs.borrow();
+        assert_eq!(runs[..3], [(0, PAGE, 1), (0, 0, 1), (0, 2 * PAGE, 64)]);
+        assert!(runs.iter().all(|r| r.2 <= IN_PLACE_RUN));
+        assert!(runs.contains(&(1, 0, 2)));
+        assert_eq!(runs.iter().map(|r| r.2).sum::<usize>(), 201);
+
+        // Zero-page detection off sends every page copied in full, never in place.
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        s.set_zero_page_detection(false);
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        s.write_round(&mut w, &src, pages.iter().copied()).unwrap();
+        assert_eq!(w.get_mut().unowned, 0);
+    }
+
+    #[test]
+    fn a_fault_in_place_fails_the_round_and_pages_outside_the_list_are_refused() {
+        let mut ram = VecRam::new(&[("pc.ram", 8 * PAGE)]);
+        ram.fill(0, 0, 1);
+        let src = InPlaceRam {
+            ram,
+            fault_at: Some(5 * PAGE),
+            runs: RefCell::new(Vec::new()),
+        };
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        let e = s.write_round(&mut w, &src, all_pages(&src.blocks())).unwrap_err();
+        assert!(e.to_string().contains("SIGBUS: test fault"), "{e}");
+        for bad in [PageRef { block: 1, offset: 0 }, PageRef { block: 0, offset: 8 * PAGE }] {
+            let mut w = QemuWriter::new(DeferringWriter::default());
+            assert!(s.write_round(&mut w, &src, [PageRef { block: 0, offset: 0 }, bad]).is_err());
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::format::{
     Command, ConfigurationNames, FileHeader, MappedRam, RamSectionId, SectionType,
     TARGET_PAGE_BITS, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES,
 };
-use super::qemu_file::{QemuReader, QemuWriter};
+use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
 use super::ram::{PageRef, RamBlockInfo, RamLoadStats, RamLoadTarget, RamLoader, RamSaveStats};
 use super::ram::{RamSaver, RamSource};
 use super::section::{SectionHandler, SectionPhase, Seekable, Sequential, StreamRead};
@@ -335,7 +335,7 @@ pub struct SaveSummary {
 /// Writes one stream. The round structure is the one a precopy loop drives:
 /// [`Saver::save_setup`] once, [`Saver::save_pages`] (and [`Saver::save_iterate`] for other
 /// iterative handlers) any number of times, then [`Saver::save_complete`].
-pub struct Saver<W: Write> {
+pub struct Saver<W: StreamWrite> {
     w: QemuWriter<W>,
     opts: SaveOptions,
     ram: RamSaver,
@@ -349,7 +349,7 @@ pub struct Saver<W: Write> {
     mapped_ram: bool,
 }
 
-impl<W: Write> Saver<W> {
+impl<W: StreamWrite> Saver<W> {
     /// `ram_blocks`: the migratable blocks in ram_list order (see [`RamSource::blocks`]).
     pub fn new(
         out: W,
@@ -648,7 +648,7 @@ pub(crate) fn json_string(s: &str) -> String {
 
 /// A whole non-live stream in one call: setup, one round with every page, completion with no
 /// further pages and the FULL sections of `handlers`.
-pub fn save_stream<W: Write>(
+pub fn save_stream<W: StreamWrite>(
     out: W,
     opts: SaveOptions,
     source: &dyn RamSource,
@@ -663,7 +663,7 @@ pub fn save_stream<W: Write>(
 }
 
 /// A whole mapped-ram file in one call (QEMU 10's `file:` + `mapped-ram`, non-live).
-pub fn save_mapped_ram_file<W: Write + Seek>(
+pub fn save_mapped_ram_file<W: StreamWrite + Seek>(
     out: W,
     opts: SaveOptions,
     source: &dyn RamSource,

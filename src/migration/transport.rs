@@ -952,8 +952,22 @@ fn is_fifo(fd: RawFd) -> bool {
 /// `write(2)` to a pipe with SIGPIPE blocked for the call, and a SIGPIPE it raised consumed,
 /// so a reader that went away gives EPIPE and never kills the process.
 fn write_pipe(fd: RawFd, buf: &[u8]) -> isize {
-    // SAFETY: every pointer is to a live local or to `buf`, which is valid for `buf.len()`
-    // bytes; the signal calls only change this thread's mask and pending set.
+    // SAFETY: `buf` is valid for `buf.len()` bytes.
+    without_sigpipe(|| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })
+}
+
+/// `writev(2)` to a pipe, as [`write_pipe`].
+fn writev_pipe(fd: RawFd, iov: &[libc::iovec]) -> isize {
+    // SAFETY: `iov` is valid for `iov.len()` entries; the caller vouches for what they point
+    // at ([`RawIo::writev`]).
+    without_sigpipe(|| unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) })
+}
+
+/// Runs `write` (one write call to a pipe) with SIGPIPE blocked, consuming a SIGPIPE it raised;
+/// errno is `write`'s afterwards.
+fn without_sigpipe(write: impl FnOnce() -> isize) -> isize {
+    // SAFETY: every pointer is to a live local; the signal calls only change this thread's
+    // mask and pending set.
     unsafe {
         let mut pipe_set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
@@ -963,7 +977,7 @@ fn write_pipe(fd: RawFd, buf: &[u8]) -> isize {
         libc::pthread_sigmask(libc::SIG_BLOCK, &pipe_set, &mut old);
         libc::sigpending(&mut pending);
         let was_pending = libc::sigismember(&pending, libc::SIGPIPE) == 1;
-        let n = libc::write(fd, buf.as_ptr().cast(), buf.len());
+        let n = write();
         let e = *libc::__errno_location();
         if n < 0 && e == libc::EPIPE && !was_pending {
             let zero = libc::timespec {
@@ -1084,6 +1098,47 @@ impl RawIo {
             buf = &buf[n..];
         }
         Ok(())
+    }
+
+    /// One gathering write of `iov` (at most `IOV_MAX` entries), as [`Self::write`]: waits
+    /// while a socket or pipe is full, fails on a cancel. Returns the bytes written.
+    ///
+    /// # Safety
+    /// Every entry must point at `iov_len` readable bytes for the call.
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        loop {
+            self.check()?;
+            let n = match self.kind {
+                FdKind::Socket => {
+                    // SAFETY: an all-zero msghdr is a valid empty one.
+                    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                    msg.msg_iovlen = iov.len();
+                    // SAFETY: `msg` names only `iov`, whose entries the caller vouches for.
+                    unsafe {
+                        libc::sendmsg(
+                            self.raw(),
+                            &msg,
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    }
+                }
+                FdKind::Pipe => writev_pipe(self.raw(), iov),
+                // SAFETY: as for the socket.
+                FdKind::File => unsafe {
+                    libc::writev(self.raw(), iov.as_ptr(), iov.len() as libc::c_int)
+                },
+            };
+            if n > 0 {
+                return Ok(n as usize);
+            }
+            let e = if n == 0 { libc::EIO } else { errno() };
+            match e {
+                libc::EINTR => continue,
+                libc::EAGAIN => self.wait(libc::POLLOUT)?,
+                e => return Err(self.fail(IoOp::Write, e)),
+            }
+        }
     }
 
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -1873,10 +1928,27 @@ pub struct OutgoingChannel {
     uri: MigrationUri,
     io: Option<RawIo>,
     buf: Vec<u8>,
+    /// What the next write sends, in order, once bytes the channel does not own are queued
+    /// ([`StreamWrite::write_unowned`]): ranges of `buf` and those bytes. Empty while only
+    /// `buf` is queued.
+    queue: Vec<Queued>,
     bytes: u64,
     child: Option<Arc<ChildSlot>>,
     warnings: Vec<String>,
 }
+
+/// One piece of a gathering write.
+#[derive(Clone, Copy, Debug)]
+enum Queued {
+    /// `buf[start..start + len]`.
+    Owned { start: usize, len: usize },
+    /// Bytes at an address the writer promised stay mapped until the next flush (an address,
+    /// not a pointer, so that the channel stays `Send`).
+    Unowned { addr: usize, len: usize },
+}
+
+/// Pieces per gathering write: Linux's `IOV_MAX`.
+const MAX_IOV: usize = 1024;
 
 impl OutgoingChannel {
     /// Connects to a `tcp:`/`unix:` destination, spawns an `exec:` command, creates a `file:`
@@ -1908,6 +1980,7 @@ impl OutgoingChannel {
             uri: uri.clone(),
             io: Some(io),
             buf: Vec::with_capacity(OUT_BUF),
+            queue: Vec::new(),
             bytes: 0,
             child,
             warnings,
@@ -1953,10 +2026,60 @@ impl OutgoingChannel {
     }
 
     fn flush_buf(&mut self) -> io::Result<()> {
+        if !self.queue.is_empty() {
+            return self.flush_queue();
+        }
         if !self.buf.is_empty() {
             self.io()?.write_all(&self.buf)?;
             self.buf.clear();
         }
+        Ok(())
+    }
+
+    /// Writes the queue with gathering writes, resuming a partial write mid-piece.
+    fn flush_queue(&mut self) -> io::Result<()> {
+        let base = self.buf.as_ptr() as usize;
+        let mut iov: Vec<libc::iovec> = self
+            .queue
+            .iter()
+            .map(|q| {
+                let (addr, len) = match *q {
+                    Queued::Owned { start, len } => (base + start, len),
+                    Queued::Unowned { addr, len } => (addr, len),
+                };
+                libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: len,
+                }
+            })
+            .collect();
+        let io = self.io.as_ref().ok_or_else(|| -> io::Error {
+            TransportError::Usage("migration channel already finished".into()).into()
+        })?;
+        let mut first = 0;
+        while first < iov.len() {
+            let end = iov.len().min(first + MAX_IOV);
+            // SAFETY: owned pieces are ranges of `buf`, which is neither changed nor moved
+            // until the queue is written; unowned ones are mapped until this flush returns
+            // (`write_unowned`'s contract).
+            let mut n = unsafe { io.writev(&iov[first..end])? };
+            while n > 0 {
+                let piece = &mut iov[first];
+                if n >= piece.iov_len {
+                    n -= piece.iov_len;
+                    first += 1;
+                } else {
+                    piece.iov_base = (piece.iov_base as usize + n) as *mut libc::c_void;
+                    piece.iov_len -= n;
+                    n = 0;
+                }
+            }
+            while first < iov.len() && iov[first].iov_len == 0 {
+                first += 1;
+            }
+        }
+        self.queue.clear();
+        self.buf.clear();
         Ok(())
     }
 
@@ -2019,13 +2142,22 @@ fn open_outgoing_file(path: &Path, offset: u64) -> Result<RawIo, TransportError>
 
 impl Write for OutgoingChannel {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.len() + data.len() > OUT_BUF {
+        if self.buf.len() + data.len() > OUT_BUF || self.queue.len() >= MAX_IOV {
             self.flush_buf()?;
         }
         if data.len() >= OUT_BUF {
             self.io()?.write_all(data)?;
         } else {
+            let start = self.buf.len();
             self.buf.extend_from_slice(data);
+            match self.queue.last_mut() {
+                None => {}
+                Some(Queued::Owned { start: s, len }) if *s + *len == start => *len += data.len(),
+                Some(_) => self.queue.push(Queued::Owned {
+                    start,
+                    len: data.len(),
+                }),
+            }
         }
         self.bytes += data.len() as u64;
         Ok(data.len())
@@ -2034,6 +2166,33 @@ impl Write for OutgoingChannel {
     /// Hands what is buffered to the kernel (no fsync, as QEMU).
     fn flush(&mut self) -> io::Result<()> {
         self.flush_buf()
+    }
+}
+
+impl OutgoingChannel {
+    /// Queues `len` bytes at `ptr` after what was written before; they go out in the next
+    /// gathering write (at the latest when the channel is flushed): bytes of guest RAM, sent
+    /// without a copy of them being made first.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped and readable until the next [`Write::flush`] (or
+    /// [`Self::finish`]) returns; dropping the channel abandons them unread.
+    pub unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        if self.queue.len() >= MAX_IOV {
+            self.flush_buf()?;
+        }
+        if self.queue.is_empty() && !self.buf.is_empty() {
+            self.queue.push(Queued::Owned {
+                start: 0,
+                len: self.buf.len(),
+            });
+        }
+        self.queue.push(Queued::Unowned {
+            addr: ptr as usize,
+            len,
+        });
+        self.bytes += len as u64;
+        Ok(())
     }
 }
 

@@ -3,13 +3,14 @@
 //! run state, the RAMBlock list at setup); pages move with the machine unlocked, so the monitor
 //! answers and the guest runs meanwhile.
 
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use super::{with, MachineId};
 use crate::error::{Error, HmErrorClass, Result};
 use crate::machine::{GuestControl, Machine, RunState, SharedSection};
 use crate::migration::blocks::RamSnapshot;
+use crate::migration::qemu_file::StreamWrite;
 use crate::migration::builtin::{GlobalState, Timer};
 use crate::migration::compat;
 use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
@@ -31,7 +32,7 @@ pub trait Transports {
 
 /// The sending end of a migration channel, connected.
 pub struct OutgoingChannel {
-    pub writer: Box<dyn Write + Send>,
+    pub writer: Box<dyn StreamWrite + Send>,
     /// Runs after the last byte: closes the channel and reports what the peer's end made of
     /// it (an exec child's exit status).
     pub finish: Box<dyn FnOnce() -> Result<()> + Send>,

@@ -9,6 +9,7 @@ use super::migrate::{
     IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
 };
 use crate::error::{Error, Result};
+use crate::migration::qemu_file::StreamWrite;
 use crate::migration::transport::{self, Cancel, Incoming, MigrationUri};
 
 /// QEMU's URI schemes, over the host's files, sockets and processes.
@@ -50,6 +51,29 @@ impl Write for ChannelWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.with(|c| c.flush())
+    }
+}
+
+impl StreamWrite for ChannelWriter {
+    fn takes_unowned(&self) -> bool {
+        true
+    }
+
+    unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: the caller's promise (mapped until the next flush), passed on unchanged.
+        self.with(|c| unsafe { c.write_unowned(ptr, len) })
+    }
+}
+
+/// A channel to a descriptor sends guest pages with gathering writes.
+impl StreamWrite for transport::OutgoingChannel {
+    fn takes_unowned(&self) -> bool {
+        true
+    }
+
+    unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: the caller's promise (mapped until the next flush), passed on unchanged.
+        unsafe { transport::OutgoingChannel::write_unowned(self, ptr, len) }
     }
 }
 
