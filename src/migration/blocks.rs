@@ -241,7 +241,7 @@ impl RamSource for RamSnapshot {
             let span = Span::of(&b.mapping);
             guard(&self.guard)?
                 .zero_test(&span, at, TARGET_PAGE_SIZE, zero)
-                .map_err(|e| b.access_failed("testing the page for zero", e))?;
+                .map_err(|e| b.access_failed("reading the page", e))?;
             // SAFETY: `at..at + zero.len() pages` lies in the block's mapping (checked by `at`
             // and again by the zero test), which the snapshot holds for as long as it is
             // borrowed, and which is mapped readable (guest RAM always is).
