@@ -4,8 +4,8 @@
 //!
 //! * A guest half zero pages, half random (alternating 2 MiB stretches; 4 GiB, 256 MiB in the
 //!   short form), every page populated on both sides (`-mem-prealloc`, so no side can skip a
-//!   page it never touched). Saves to a sink that copies nothing (`exec:cat > /dev/null`),
-//!   onto an existing file, over a unix socket whose reader discards, and to a new file:
+//!   page it never touched). Saves to a sink that copies nothing (`fd:` on /dev/null, a
+//!   descriptor of its own for every save), onto an existing file, over a unix socket whose reader discards, and to a new file:
 //!   hostmem vs QEMU 10 plain precopy, QEMU 10 multifd (2 channels; for `file:` with
 //!   mapped-ram, with and without direct-io) and the limits (one read pass testing every page
 //!   for zero; one memcpy of the non-zero bytes; a new-file write of them). Loads from a file
@@ -107,13 +107,26 @@ struct Qemu {
     stdin: ChildStdin,
     out: mpsc::Receiver<String>,
     pending: String,
+    /// A second HMP monitor, on a unix socket: `getfd` takes descriptors from it.
+    fd_monitor: (UnixStream, PathBuf),
+    /// Descriptors handed over so far (their names).
+    handed: u32,
 }
 
 impl Qemu {
     fn start(args: &[String]) -> Qemu {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let socket = std::env::temp_dir().join(format!(
+            "hm-bench-qemu-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&socket);
         let mut child = Command::new("qemu-system-x86_64")
             .args(args)
             .args(["-nodefaults", "-display", "none", "-monitor", "stdio"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -139,9 +152,53 @@ impl Qemu {
             stdin,
             out,
             pending: String::new(),
+            fd_monitor: (UnixStream::pair().unwrap().0, socket.clone()),
+            handed: 0,
         };
         q.until_prompt();
+        // The socket monitor exists once the stdio one answers.
+        let mut fd_monitor = UnixStream::connect(&socket).unwrap();
+        read_to_prompt(&mut fd_monitor);
+        q.fd_monitor.0 = fd_monitor;
         q
+    }
+
+    /// Hands QEMU a new descriptor on /dev/null (`getfd` with the descriptor in the message's
+    /// SCM_RIGHTS); returns its name for `fd:`.
+    fn hand_null_fd(&mut self) -> String {
+        use std::os::fd::AsRawFd;
+        self.handed += 1;
+        let name = format!("null{}", self.handed);
+        let null = File::options().write(true).open("/dev/null").unwrap();
+        let line = format!("getfd {name}\n");
+        let fd = null.as_raw_fd();
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+        let mut control = vec![0u8; space];
+        let mut iov = libc::iovec {
+            iov_base: line.as_ptr() as *mut libc::c_void,
+            iov_len: line.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid empty one; it then names only the locals
+        // `iov` (over `line`) and `control`, which outlive the sendmsg; CMSG_FIRSTHDR of a
+        // control buffer of CMSG_SPACE(4) bytes is a header with room for one descriptor.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
+            libc::sendmsg(self.fd_monitor.0.as_raw_fd(), &msg, 0)
+        };
+        assert_eq!(sent, line.len() as isize, "{}", std::io::Error::last_os_error());
+        let answer = read_to_prompt(&mut self.fd_monitor.0);
+        assert!(!answer.contains("Error"), "getfd: {answer}");
+        name
     }
 
     fn until_prompt(&mut self) -> String {
@@ -192,11 +249,21 @@ impl Qemu {
         }
     }
 
-    /// One save in `mode` to `uri`: QEMU's own "total time".
+    /// One save in `mode` to `uri` (`fd:null`: the next descriptor on /dev/null): QEMU's own
+    /// "total time".
     fn save(&mut self, mode: Mode, uri: &str) -> (Duration, String) {
         self.mode(mode);
         self.cmd("cont");
-        self.set(&format!("migrate -d {uri}"));
+        if uri == NULL_URI {
+            // A descriptor belongs to the monitor that took it: migrate from that one.
+            let name = self.hand_null_fd();
+            let line = format!("migrate -d fd:{name}\n");
+            self.fd_monitor.0.write_all(line.as_bytes()).unwrap();
+            let answer = read_to_prompt(&mut self.fd_monitor.0);
+            assert!(!answer.contains("Error"), "QEMU refused '{line}': {answer}");
+        } else {
+            self.set(&format!("migrate -d {uri}"));
+        }
         let info = wait_completed(|| self.cmd("info migrate"));
         (Duration::from_millis(field(&info, "total time: ")), info)
     }
@@ -212,7 +279,20 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.fd_monitor.1);
     }
+}
+
+/// Reads a socket monitor's output up to its next prompt.
+fn read_to_prompt(s: &mut UnixStream) -> String {
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !text.ends_with(b"(qemu) ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "QEMU's socket monitor closed");
+        text.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// QEMU's migration modes measured here.
@@ -390,7 +470,7 @@ enum Save {
 /// Where a save goes.
 #[derive(Clone, Copy)]
 enum Sink {
-    /// `exec:cat > /dev/null`.
+    /// `fd:` on /dev/null.
     Null,
     ExistingFile,
     /// A unix socket whose reader discards.
@@ -411,9 +491,18 @@ enum Load {
     Memcpy,
 }
 
+/// Stands for a sink that copies nothing: `fd:` on a new descriptor on /dev/null.
+const NULL_URI: &str = "fd:null";
+
 /// hostmem saves machine `id` to `uri`: its own "total time" (`cont` first: a machine that
-/// migrated stays paused).
+/// migrated stays paused). `fd:` takes the descriptor over and closes it.
 fn hostmem_save(id: MachineId, uri: &str) -> Duration {
+    let uri = if uri == NULL_URI {
+        let null = File::options().write(true).open("/dev/null").unwrap();
+        format!("fd:{}", std::os::fd::IntoRawFd::into_raw_fd(null))
+    } else {
+        uri.to_string()
+    };
     run(id, "cont");
     run(id, &format!("migrate -d {uri}"));
     let info = wait_completed(|| run(id, "info migrate"));
@@ -473,7 +562,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
     let cases = [
         (
             Sink::Null,
-            format!("save to a sink that copies nothing, {label} (exec:cat > /dev/null)"),
+            format!("save to a sink that copies nothing, {label} (fd: on /dev/null)"),
             vec![Save::Qemu(Mode::Plain), Save::ZeroScan],
         ),
         (
@@ -508,7 +597,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
     ];
     for (sink, case, others) in cases {
         let uri = match sink {
-            Sink::Null => "\"exec:cat > /dev/null\"".to_string(),
+            Sink::Null => NULL_URI.to_string(),
             Sink::ExistingFile => format!("file:{}", existing.display()),
             Sink::Unix => format!("unix:{}", socket.display()),
             Sink::NewFile => format!("file:{}", new.display()),
