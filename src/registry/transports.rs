@@ -6,7 +6,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::migrate::{
-    IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
+    ChannelOptions, IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing,
+    Transports,
 };
 use crate::error::{Error, Result};
 use crate::migration::transport::{self, Cancel, Incoming, MigrationUri};
@@ -70,7 +71,7 @@ fn interrupt(cancel: &Cancel) -> Box<dyn Fn() + Send> {
 }
 
 impl Transports for HostTransports {
-    fn outgoing(&self, uri: &str) -> Result<PendingOutgoing> {
+    fn outgoing(&self, uri: &str, options: &ChannelOptions) -> Result<PendingOutgoing> {
         let uri = MigrationUri::parse(uri)?;
         let cancel = Cancel::new();
         if let MigrationUri::Tcp(_) | MigrationUri::Unix(_) = uri {
@@ -83,7 +84,7 @@ impl Transports for HostTransports {
                 warnings: Vec::new(),
             });
         }
-        let channel = transport::OutgoingChannel::connect(&uri, &cancel)?;
+        let channel = transport::OutgoingChannel::connect_with(&uri, &cancel, options)?;
         let warnings = channel.warnings().to_vec();
         Ok(PendingOutgoing {
             warnings,
