@@ -262,7 +262,11 @@ impl Files {
     }
 }
 
-fn writer_thread(files: Arc<Files>, jobs: Receiver<Job>, done: Sender<(AlignedBuf, io::Result<()>)>) {
+fn writer_thread(
+    files: Arc<Files>,
+    jobs: Receiver<Job>,
+    done: Sender<(AlignedBuf, io::Result<()>)>,
+) {
     for job in jobs {
         let r = if files.abandoned.load(Ordering::Relaxed) || job.head == job.len {
             Ok(())
@@ -641,7 +645,8 @@ mod tests {
     }
 
     fn fdinfo_flags(fd: BorrowedFd<'_>) -> u32 {
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
         let line = info.lines().find(|l| l.starts_with("flags:")).unwrap();
         u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
     }
@@ -814,7 +819,10 @@ mod tests {
         let e = w.flush().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         // The stream has a hole from here on: every later call says so.
-        assert_eq!(w.write(b"x").unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(
+            w.write(b"x").unwrap_err().raw_os_error(),
+            Some(libc::ENOSPC)
+        );
         assert_eq!(w.flush().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
     }
 
@@ -839,7 +847,9 @@ mod tests {
         let mut w = s.writer(0, STAGE_BYTES);
         w.fail_next_direct_write(libc::EIO);
         // The error surfaces when the writer's answer is back: at the latest at the flush.
-        let r = w.write(&bytes(14, 2 * STAGE_BYTES)).and_then(|()| w.flush());
+        let r = w
+            .write(&bytes(14, 2 * STAGE_BYTES))
+            .and_then(|()| w.flush());
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
     }
 

@@ -157,7 +157,8 @@ impl Parameters {
     /// `direct-io`: an outgoing `file:` writes whole pages with O_DIRECT (hostmem honours it for
     /// every `file:` stream; QEMU 10 only with multifd and mapped-ram).
     pub fn direct_io(&self) -> bool {
-        self.index("direct-io").is_some_and(|i| self.values[i] == "on")
+        self.index("direct-io")
+            .is_some_and(|i| self.values[i] == "on")
     }
 
     /// `migrate_set_parameter NAME VALUE`, with QEMU's checks and words.

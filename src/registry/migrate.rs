@@ -16,8 +16,8 @@ use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
 use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
 use crate::migration::state::{MigrationStatus, Progress};
-pub use crate::migration::transport::ChannelOptions;
 use crate::migration::stream::{load, load_file, LoadOptions, SaveOptions};
+pub use crate::migration::transport::ChannelOptions;
 use crate::populated::{Detector, PopulatedMap};
 
 /// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).

@@ -6,8 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::migrate::{
-    ChannelOptions, IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing,
-    Transports,
+    ChannelOptions, IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
 };
 use crate::error::{Error, Result};
 use crate::migration::transport::{self, Cancel, Incoming, MigrationUri};
