@@ -44,8 +44,9 @@ use std::thread::JoinHandle;
 /// The unit of O_DIRECT offsets, lengths and buffer addresses: the page size, which is at
 /// least the logical block size of every disk Linux runs on.
 pub const DIRECT_ALIGN: usize = 4096;
-/// One staging buffer: what a single O_DIRECT `pwrite` carries at most.
-pub const STAGE_BYTES: usize = 4 << 20;
+/// One staging buffer: what a single O_DIRECT `pwrite` carries at most. 1 MiB saved a 4 GiB
+/// half-random guest a little faster than 4 MiB here (the writer starts sooner).
+pub const STAGE_BYTES: usize = 1 << 20;
 /// Staging buffers per writer: one being filled while the others are on their way to disk.
 pub const STAGE_BUFFERS: usize = 2;
 
