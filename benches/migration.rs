@@ -8,7 +8,8 @@
 //!   descriptor of its own for every save), onto an existing file, over a unix socket whose reader discards, and to a new file:
 //!   hostmem vs QEMU 10 plain precopy, QEMU 10 multifd (2 channels; for `file:` with
 //!   mapped-ram, with and without direct-io) and the limits (one read pass testing every page
-//!   for zero; one memcpy of the non-zero bytes; a new-file write of them). Loads from a file
+//!   for zero; one memcpy of the non-zero bytes; a new-file write of them); to a new file also
+//!   hostmem with direct-io on. Loads from a file
 //!   into a preallocated and into a fresh destination, and over a unix socket fed by a writer
 //!   replaying the recorded stream: hostmem vs QEMU plain (and multifd + mapped-ram for the
 //!   fresh file load) and one memcpy. The saving QEMU and hostmem machine are each one
@@ -458,6 +459,8 @@ fn feed_socket(socket: PathBuf, stream: PathBuf) -> std::thread::JoinHandle<()> 
 /// A side of a save case.
 enum Save {
     Hostmem,
+    /// hostmem with `direct-io on` (whole pages by O_DIRECT, for every `file:` stream).
+    HostmemDirect,
     Qemu(Mode),
     /// One read pass testing every page of the guest for zero.
     ZeroScan,
@@ -507,6 +510,14 @@ fn hostmem_save(id: MachineId, uri: &str) -> Duration {
     run(id, &format!("migrate -d {uri}"));
     let info = wait_completed(|| run(id, "info migrate"));
     Duration::from_millis(field(&info, "total time: "))
+}
+
+/// [`hostmem_save`] with `direct-io on` for this save only.
+fn hostmem_save_direct_io(id: MachineId, uri: &str) -> Duration {
+    run(id, "migrate_set_parameter direct-io on");
+    let t = hostmem_save(id, uri);
+    run(id, "migrate_set_parameter direct-io off");
+    t
 }
 
 fn dense(dir: &Path, limits: &mut LimitBuffers) {
@@ -588,6 +599,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
             Sink::NewFile,
             format!("save to a new file, {label}"),
             vec![
+                Save::HostmemDirect,
                 Save::Qemu(Mode::Plain),
                 Save::Qemu(Mode::MappedRam),
                 Save::Qemu(Mode::MappedRamDirect),
@@ -609,6 +621,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
                 Save::ZeroScan => zero_scan_side.into(),
                 Save::Memcpy => memcpy_side.into(),
                 Save::NewFileWrite => "limit: new-file write of the non-zero bytes".into(),
+                Save::HostmemDirect => "hostmem, direct-io on".into(),
                 Save::Hostmem => unreachable!(),
             };
             sides.push((name, s));
@@ -619,6 +632,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
             }
             match side {
                 Save::Hostmem => hostmem_save(src, &uri),
+                Save::HostmemDirect => hostmem_save_direct_io(src, &uri),
                 Save::Qemu(mode) => q.save(*mode, &uri).0,
                 Save::ZeroScan => zero_scan(mem),
                 Save::Memcpy => limits.memcpy(nonzero),

@@ -159,6 +159,69 @@ fn a_machine_migrates_through_a_file_into_another_with_its_sections() {
     registry::remove(dst).unwrap();
 }
 
+/// Pages of the file at `path` that are in the page cache, and all its pages.
+fn cached_pages(path: &str) -> (usize, usize) {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh read-only shared mapping of the whole file, unmapped below; nothing
+    // reads through it (mincore only asks the kernel about it).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `p` maps `len` bytes; `vec` has a byte per page of them.
+    assert_eq!(unsafe { libc::mincore(p, len, vec.as_mut_ptr()) }, 0);
+    // SAFETY: the mapping made above, unmapped once.
+    unsafe { libc::munmap(p, len) };
+    (vec.iter().filter(|v| *v & 1 != 0).count(), vec.len())
+}
+
+#[test]
+fn direct_io_on_writes_a_file_stream_past_the_page_cache_byte_for_byte_the_same() {
+    let [plain, direct] = ["plain.mig", "direct.mig"].map(scratch);
+    let mut sources = Vec::new();
+    for (path, on) in [(&plain, "off"), (&direct, "on")] {
+        let src = machine(&["-m", "32M"]);
+        fill(src);
+        run(src, &format!("migrate_set_parameter direct-io {on}")).unwrap();
+        assert_eq!(run(src, &format!("migrate file:{path}")).unwrap(), "");
+        let info = run(src, "info migrate").unwrap();
+        assert!(info.contains("\nMigration status: completed\n"), "{info}");
+        sources.push(src);
+    }
+    // Whole pages went by O_DIRECT, so the page cache holds next to none of them.
+    let (cached, pages) = cached_pages(&direct);
+    assert!(cached * 10 < pages, "{cached} of {pages} pages cached");
+    assert!(std::fs::read(&plain).unwrap() == std::fs::read(&direct).unwrap());
+
+    let dst = machine(&["-m", "32M", "-incoming", "defer"]);
+    run(dst, &format!("migrate_incoming file:{direct}")).unwrap();
+    let progress = loop {
+        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let done = progress.wait();
+    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
+    assert!(
+        bytes(dst) == bytes(sources[1]),
+        "the destination's RAM differs"
+    );
+    for id in sources.into_iter().chain([dst]) {
+        registry::remove(id).unwrap();
+    }
+}
+
 #[test]
 fn a_stream_for_a_bigger_machine_is_refused_and_the_destination_never_starts() {
     let src = machine(&["-m", "32M"]);

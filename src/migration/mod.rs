@@ -15,6 +15,7 @@
 //! | [`stream`] | header, CONFIGURATION, framing, commands, EOF, VMDESCRIPTION; [`Saver`] and [`load`] | `savevm.c` |
 //! | [`rate`] | `max-bandwidth`: 100 ms slices of `rate / 10` bytes, live-adjustable | `migration_rate_set`, `migration_rate_exceeded` |
 //! | [`compat`] | would this source's stream load there: every break, in the loader's words | nothing: QEMU finds out by migrating |
+//! | [`direct_file`] | `direct-io`: a `file:` stream staged in aligned buffers, whole pages written with O_DIRECT by a writer thread | `multifd`'s O_DIRECT channels of `file.c` (hostmem: every `file:` stream) |
 //! | [`transport`] | URIs (`tcp:`, `unix:`, `exec:`, `fd:`, `file:`) as channels; cancel | `migration.c` (URIs), `socket.c`, `exec.c`, `fd.c`, `file.c`, `qemu-sockets.c` |
 //!
 //! Shape, and why:
@@ -60,6 +61,8 @@ pub mod blocks;
 pub mod builtin;
 /// cbindgen:ignore
 pub mod compat;
+/// cbindgen:ignore
+pub mod direct_file;
 /// cbindgen:ignore
 pub mod error;
 #[cfg(test)]

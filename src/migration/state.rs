@@ -154,6 +154,13 @@ impl Parameters {
             .is_some_and(|i| self.values[i] != "none")
     }
 
+    /// `direct-io`: an outgoing `file:` writes whole pages with O_DIRECT (hostmem honours it for
+    /// every `file:` stream; QEMU 10 only with multifd and mapped-ram).
+    pub fn direct_io(&self) -> bool {
+        self.index("direct-io")
+            .is_some_and(|i| self.values[i] == "on")
+    }
+
     /// `migrate_set_parameter NAME VALUE`, with QEMU's checks and words.
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
         let i = self.index(name).ok_or_else(|| invalid_parameter(name))?;

@@ -90,6 +90,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use super::direct_file::{reopen_direct, DirectFile, DirectStats};
 use crate::error::{strerror, Error, HmErrorClass};
 use crate::options::values::{strtosz, SizeFault};
 
@@ -1921,12 +1922,25 @@ pub struct Finished {
     pub exit_status: Option<ExitStatus>,
 }
 
+/// How an outgoing channel writes: what the migration parameters say about it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// `direct-io`: a `file:` channel writes whole pages with O_DIRECT through a
+    /// [`DirectFile`], on any filesystem that takes it (others silently get the page cache).
+    /// QEMU 10 honours it only with multifd and mapped-ram; hostmem for every `file:` stream.
+    /// The other schemes ignore it, as QEMU does.
+    pub direct_io: bool,
+}
+
 /// The sending end of a migration: connected (or opened, or spawned) per its URI, buffered
 /// like QEMU's `QEMUFile` (32 KiB), counting bytes. Dropping it abandons the stream: nothing
 /// buffered is written, an `exec:` command is terminated. [`Self::finish`] ends it cleanly.
 pub struct OutgoingChannel {
     uri: MigrationUri,
     io: Option<RawIo>,
+    /// `direct-io` on a `file:`: every byte goes through this instead of `buf` and `io`'s own
+    /// writes (which would land at the descriptor's position, not the stream's).
+    direct: Option<DirectFile>,
     buf: Vec<u8>,
     /// What the next write sends, in order, once bytes the channel does not own are queued
     /// ([`StreamWrite::write_unowned`]): ranges of `buf` and those bytes. Empty while only
@@ -1954,11 +1968,21 @@ impl OutgoingChannel {
     /// Connects to a `tcp:`/`unix:` destination, spawns an `exec:` command, creates a `file:`
     /// or takes over an `fd:`. `cancel` also interrupts the connect.
     pub fn connect(uri: &MigrationUri, cancel: &Cancel) -> Result<OutgoingChannel, TransportError> {
+        Self::connect_with(uri, cancel, &ChannelOptions::default())
+    }
+
+    /// [`Self::connect`], writing as `options` say.
+    pub fn connect_with(
+        uri: &MigrationUri,
+        cancel: &Cancel,
+        options: &ChannelOptions,
+    ) -> Result<OutgoingChannel, TransportError> {
         if cancel.is_cancelled() {
             return Err(TransportError::Cancelled);
         }
         let mut child = None;
         let mut warnings = Vec::new();
+        let mut direct = None;
         let mut io = match uri {
             MigrationUri::Tcp(a) => RawIo::new(inet_connect(a, cancel)?, FdKind::Socket, "socket"),
             MigrationUri::Unix(p) => RawIo::new(unix_connect(p, cancel)?, FdKind::Socket, "socket"),
@@ -1973,12 +1997,19 @@ impl OutgoingChannel {
                 warnings = w;
                 io
             }
-            MigrationUri::File { path, offset } => open_outgoing_file(path, *offset)?,
+            MigrationUri::File { path, offset } => {
+                let io = open_outgoing_file(path, *offset)?;
+                if options.direct_io {
+                    direct = Some(open_direct_writer(&io, path, *offset)?);
+                }
+                io
+            }
         };
         io.attach(cancel);
         Ok(OutgoingChannel {
             uri: uri.clone(),
             io: Some(io),
+            direct,
             buf: Vec::with_capacity(OUT_BUF),
             queue: Vec::new(),
             bytes: 0,
@@ -2025,7 +2056,24 @@ impl OutgoingChannel {
         })
     }
 
+    /// What the `direct-io` writer sent each way, if this channel has one.
+    pub fn direct_stats(&self) -> Option<DirectStats> {
+        self.direct.as_ref().map(DirectFile::stats)
+    }
+
+    /// A write error of the `direct-io` writer, in the words of the buffered path's.
+    fn direct_failed(&self, e: io::Error) -> io::Error {
+        match (self.io.as_ref(), e.raw_os_error()) {
+            (Some(io), Some(errno)) => io.fail(IoOp::Write, errno),
+            _ => e,
+        }
+    }
+
     fn flush_buf(&mut self) -> io::Result<()> {
+        if let Some(d) = self.direct.as_mut() {
+            let r = d.flush();
+            return r.map_err(|e| self.direct_failed(e));
+        }
         if !self.queue.is_empty() {
             return self.flush_queue();
         }
@@ -2089,6 +2137,7 @@ impl OutgoingChannel {
     /// wait.
     pub fn finish(mut self) -> Result<Finished, TransportError> {
         self.flush_buf().map_err(io_to_transport)?;
+        self.direct = None;
         let io = self.io.take().expect("a channel is finished once");
         if io.kind == FdKind::Socket {
             // SAFETY: shutdown on our socket; no memory is passed.
@@ -2140,8 +2189,33 @@ fn open_outgoing_file(path: &Path, offset: u64) -> Result<RawIo, TransportError>
     Ok(io)
 }
 
+/// The `direct-io` writer of a `file:` channel: a second, O_DIRECT descriptor of the file
+/// beside the buffered one (refused by the filesystem: buffered alone, silently).
+fn open_direct_writer(io: &RawIo, path: &Path, offset: u64) -> Result<DirectFile, TransportError> {
+    use std::os::fd::AsFd;
+    let errno_of = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+    let direct = reopen_direct(io.fd.as_fd(), path).map_err(|e| TransportError::FileOpen {
+        path: path.to_path_buf(),
+        errno: errno_of(e),
+    })?;
+    let buffered = io.fd.try_clone().map_err(|e| TransportError::FileOpen {
+        path: path.to_path_buf(),
+        errno: errno_of(e),
+    })?;
+    DirectFile::new(buffered, direct, offset)
+        .map_err(|e| TransportError::os("Unable to start the direct-io writer", errno_of(e)))
+}
+
 impl Write for OutgoingChannel {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(d) = self.direct.as_mut() {
+            self.io.as_ref().map_or(Ok(()), RawIo::check)?;
+            if let Err(e) = d.write(data) {
+                return Err(self.direct_failed(e));
+            }
+            self.bytes += data.len() as u64;
+            return Ok(data.len());
+        }
         if self.buf.len() + data.len() > OUT_BUF || self.queue.len() >= MAX_IOV {
             self.flush_buf()?;
         }
@@ -2170,6 +2244,12 @@ impl Write for OutgoingChannel {
 }
 
 impl OutgoingChannel {
+    /// Whether [`Self::write_unowned`] may be used: not with direct-io, whose writer stages
+    /// every byte in its aligned buffers.
+    pub fn takes_unowned(&self) -> bool {
+        self.direct.is_none()
+    }
+
     /// Queues `len` bytes at `ptr` after what was written before; they go out in the next
     /// gathering write (at the latest when the channel is flushed): bytes of guest RAM, sent
     /// without a copy of them being made first.
@@ -2178,6 +2258,12 @@ impl OutgoingChannel {
     /// `ptr..ptr+len` must stay mapped and readable until the next [`Write::flush`] (or
     /// [`Self::finish`]) returns; dropping the channel abandons them unread.
     pub unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
+        if !self.takes_unowned() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a direct-io channel stages every byte it sends",
+            ));
+        }
         if self.queue.len() >= MAX_IOV {
             self.flush_buf()?;
         }
@@ -2201,6 +2287,24 @@ impl Seek for OutgoingChannel {
     /// [`TransportError::MappedRamOffset`].
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         match &self.uri {
+            MigrationUri::File { offset: 0, .. } if self.direct.is_some() => {
+                let d = self.direct.as_mut().expect("checked");
+                let to = match pos {
+                    SeekFrom::Start(n) => Some(n),
+                    SeekFrom::Current(n) => d.position().checked_add_signed(n),
+                    SeekFrom::End(n) => match d.file_len() {
+                        Ok(len) => len.checked_add_signed(n),
+                        Err(e) => return Err(self.direct_failed(e)),
+                    },
+                };
+                let Some(to) = to else {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                };
+                match d.seek(to) {
+                    Ok(()) => Ok(to),
+                    Err(e) => Err(self.direct_failed(e)),
+                }
+            }
             MigrationUri::File { offset: 0, .. } => {
                 self.flush_buf()?;
                 self.io()?.seek(pos)

@@ -97,7 +97,12 @@ pub fn hmp(id: MachineId, line: &str, transports: &dyn Transports) -> Result<Str
                 ));
             }
             migrate::check_outgoing(id)?;
-            let channel = transports.outgoing(uri)?;
+            let options = with(id, |m| {
+                Ok(migrate::ChannelOptions {
+                    direct_io: m.migration().parameters().direct_io(),
+                })
+            })?;
+            let channel = transports.outgoing(uri, &options)?;
             let mut out = String::new();
             for w in &channel.warnings {
                 out.push_str(&format!("warning: {w}\n"));

@@ -18,6 +18,7 @@ use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
 use crate::migration::state::{MigrationStatus, Progress};
 use crate::migration::stream::{load, load_file, LoadOptions, SaveOptions};
+pub use crate::migration::transport::ChannelOptions;
 use crate::populated::{Detector, PopulatedMap};
 
 /// Opens migration channels from QEMU's URIs (`file:`, `unix:`, `tcp:`, `exec:`, `fd:`).
@@ -25,7 +26,9 @@ pub trait Transports {
     /// Parses `uri` and does at once what QEMU does at once (creating a `file:`, spawning an
     /// `exec:` command, taking an `fd:` over); a socket connects later, on the migration
     /// thread, as QEMU's connects in the background.
-    fn outgoing(&self, uri: &str) -> Result<PendingOutgoing>;
+    /// `options` carry the machine's migration parameters that change how a channel writes
+    /// (`direct-io`).
+    fn outgoing(&self, uri: &str, options: &ChannelOptions) -> Result<PendingOutgoing>;
     /// Starts listening (or opens the file) at once; the peer is waited for on a thread.
     fn incoming(&self, uri: &str) -> Result<PendingIncoming>;
 }

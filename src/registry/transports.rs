@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::migrate::{
-    IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
+    ChannelOptions, IncomingChannel, OutgoingChannel, PendingIncoming, PendingOutgoing, Transports,
 };
 use crate::error::{Error, Result};
 use crate::migration::qemu_file::StreamWrite;
@@ -56,7 +56,7 @@ impl Write for ChannelWriter {
 
 impl StreamWrite for ChannelWriter {
     fn takes_unowned(&self) -> bool {
-        true
+        self.with(|c| Ok(c.takes_unowned())).unwrap_or(false)
     }
 
     unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
@@ -68,7 +68,7 @@ impl StreamWrite for ChannelWriter {
 /// A channel to a descriptor sends guest pages with gathering writes.
 impl StreamWrite for transport::OutgoingChannel {
     fn takes_unowned(&self) -> bool {
-        true
+        transport::OutgoingChannel::takes_unowned(self)
     }
 
     unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> io::Result<()> {
@@ -94,7 +94,7 @@ fn interrupt(cancel: &Cancel) -> Box<dyn Fn() + Send> {
 }
 
 impl Transports for HostTransports {
-    fn outgoing(&self, uri: &str) -> Result<PendingOutgoing> {
+    fn outgoing(&self, uri: &str, options: &ChannelOptions) -> Result<PendingOutgoing> {
         let uri = MigrationUri::parse(uri)?;
         let cancel = Cancel::new();
         if let MigrationUri::Tcp(_) | MigrationUri::Unix(_) = uri {
@@ -107,7 +107,7 @@ impl Transports for HostTransports {
                 warnings: Vec::new(),
             });
         }
-        let channel = transport::OutgoingChannel::connect(&uri, &cancel)?;
+        let channel = transport::OutgoingChannel::connect_with(&uri, &cancel, options)?;
         let warnings = channel.warnings().to_vec();
         Ok(PendingOutgoing {
             warnings,
