@@ -196,7 +196,12 @@ impl Qemu {
             std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
             libc::sendmsg(self.fd_monitor.0.as_raw_fd(), &msg, 0)
         };
-        assert_eq!(sent, line.len() as isize, "{}", std::io::Error::last_os_error());
+        assert_eq!(
+            sent,
+            line.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
         let answer = read_to_prompt(&mut self.fd_monitor.0);
         assert!(!answer.contains("Error"), "getfd: {answer}");
         name

@@ -346,11 +346,13 @@ impl Guard {
         piece: usize,
         zero: &mut [bool],
     ) -> Result<(), AccessError> {
-        let len = piece.checked_mul(zero.len()).ok_or(AccessError::OutOfRange {
-            at,
-            len: usize::MAX,
-            span: span.len,
-        })?;
+        let len = piece
+            .checked_mul(zero.len())
+            .ok_or(AccessError::OutOfRange {
+                at,
+                len: usize::MAX,
+                span: span.len,
+            })?;
         self.run(span, at, len, |watch| {
             for (i, z) in zero.iter_mut().enumerate() {
                 // SAFETY: piece `i` lies inside `at..at+len`, inside the span (checked by
@@ -494,7 +496,9 @@ unsafe fn is_zero_volatile(p: *const u8, len: usize) -> bool {
 /// `p..p+256` must be mapped and readable, `p` 16-aligned.
 #[cfg(target_arch = "x86_64")]
 unsafe fn stretch_is_zero(p: *const u8) -> bool {
-    use std::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128};
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128,
+    };
     let v = p as *const __m128i;
     // SAFETY: SSE2 is part of the x86-64 baseline; the 16 loads are inside the caller's
     // 16-aligned range.
@@ -515,7 +519,9 @@ unsafe fn stretch_is_zero(p: *const u8) -> bool {
 unsafe fn stretch_is_zero(p: *const u8) -> bool {
     let v = p as *const u64;
     // SAFETY: the 32 loads are inside the caller's aligned range.
-    (0..32).fold(0u64, |acc, i| acc | unsafe { std::ptr::read_volatile(v.add(i)) }) == 0
+    (0..32).fold(0u64, |acc, i| {
+        acc | unsafe { std::ptr::read_volatile(v.add(i)) }
+    }) == 0
 }
 
 /// Maps the file back over a page the handler replaced; an anonymous mapping keeps the

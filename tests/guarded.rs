@@ -371,7 +371,9 @@ fn zero_test_tells_each_page_and_stops_at_the_first_that_faults() {
 
     // Pages 5.. are past the file: the test stops there with the fault's offset.
     let mut zero = [false; 6];
-    let e = g.zero_test(&t.span(), 2 * PAGE, PAGE, &mut zero).unwrap_err();
+    let e = g
+        .zero_test(&t.span(), 2 * PAGE, PAGE, &mut zero)
+        .unwrap_err();
     assert_eq!(fault_offset(e), 5 * PAGE as u64);
     assert_eq!(&zero[..3], &[false, true, false]);
     // The range is checked before anything is touched.

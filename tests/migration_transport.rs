@@ -21,12 +21,12 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hostmem::migration::format::TARGET_PAGE_SIZE;
+use hostmem::migration::ram::{is_zero_page, InPlace};
 use hostmem::migration::rate::{RateLimit, RateLimited};
 use hostmem::migration::transport::{
     Cancel, ChannelOptions, Incoming, IncomingChannel, IncomingUri, MigrationUri, OutgoingChannel,
     SocketAddress, TransportError,
 };
-use hostmem::migration::ram::{is_zero_page, InPlace};
 use hostmem::migration::{
     load, load_file, save_mapped_ram_file, save_stream, BufferSection, LoadOptions, LoadSummary,
     LocalRamBlock, RamBlockInfo, RamLoadTarget, RamSource, SaveOptions, SectionHandler,

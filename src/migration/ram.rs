@@ -313,8 +313,7 @@ impl RamSaver {
             while n < IN_PLACE_RUN {
                 match pages.peek() {
                     Some(p)
-                        if p.block == first.block
-                            && p.offset == first.offset + n as u64 * PAGE =>
+                        if p.block == first.block && p.offset == first.offset + n as u64 * PAGE =>
                     {
                         self.check_page(*p)?;
                         pages.next();
@@ -1218,11 +1217,20 @@ pub(crate) mod tests {
         let mut s = RamSaver::new(src.blocks()).unwrap();
         let mut w = QemuWriter::new(DeferringWriter::default());
         let st = s.write_round(&mut w, &src, pages.iter().copied()).unwrap();
-        assert_eq!(st, RamSaveStats { normal_pages: 7, zero_pages: 194 });
+        assert_eq!(
+            st,
+            RamSaveStats {
+                normal_pages: 7,
+                zero_pages: 194
+            }
+        );
         let w = w.into_inner();
         assert!(w.queue.is_empty(), "bytes left unread after the round");
         assert_eq!((w.unowned, w.flushes), (7, 1));
-        assert!(w.out == expect, "the in-place stream differs from the copied one");
+        assert!(
+            w.out == expect,
+            "the in-place stream differs from the copied one"
+        );
         let runs = src.runs.borrow();
         assert_eq!(runs[..3], [(0, PAGE, 1), (0, 0, 1), (0, 2 * PAGE, 64)]);
         assert!(runs.iter().all(|r| r.2 <= IN_PLACE_RUN));
@@ -1248,11 +1256,34 @@ pub(crate) mod tests {
         };
         let mut s = RamSaver::new(src.blocks()).unwrap();
         let mut w = QemuWriter::new(DeferringWriter::default());
-        let e = s.write_round(&mut w, &src, all_pages(&src.blocks())).unwrap_err();
+        let e = s
+            .write_round(&mut w, &src, all_pages(&src.blocks()))
+            .unwrap_err();
         assert!(e.to_string().contains("SIGBUS: test fault"), "{e}");
-        for bad in [PageRef { block: 1, offset: 0 }, PageRef { block: 0, offset: 8 * PAGE }] {
+        for bad in [
+            PageRef {
+                block: 1,
+                offset: 0,
+            },
+            PageRef {
+                block: 0,
+                offset: 8 * PAGE,
+            },
+        ] {
             let mut w = QemuWriter::new(DeferringWriter::default());
-            assert!(s.write_round(&mut w, &src, [PageRef { block: 0, offset: 0 }, bad]).is_err());
+            assert!(s
+                .write_round(
+                    &mut w,
+                    &src,
+                    [
+                        PageRef {
+                            block: 0,
+                            offset: 0
+                        },
+                        bad
+                    ]
+                )
+                .is_err());
         }
     }
 

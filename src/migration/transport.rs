@@ -1117,11 +1117,7 @@ impl RawIo {
                     msg.msg_iovlen = iov.len();
                     // SAFETY: `msg` names only `iov`, whose entries the caller vouches for.
                     unsafe {
-                        libc::sendmsg(
-                            self.raw(),
-                            &msg,
-                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                        )
+                        libc::sendmsg(self.raw(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
                     }
                 }
                 FdKind::Pipe => writev_pipe(self.raw(), iov),
