@@ -950,14 +950,8 @@ fn is_fifo(fd: RawFd) -> bool {
     unsafe { libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO }
 }
 
-/// `write(2)` to a pipe with SIGPIPE blocked for the call, and a SIGPIPE it raised consumed,
+/// `writev(2)` to a pipe with SIGPIPE blocked for the call, and a SIGPIPE it raised consumed,
 /// so a reader that went away gives EPIPE and never kills the process.
-fn write_pipe(fd: RawFd, buf: &[u8]) -> isize {
-    // SAFETY: `buf` is valid for `buf.len()` bytes.
-    without_sigpipe(|| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })
-}
-
-/// `writev(2)` to a pipe, as [`write_pipe`].
 fn writev_pipe(fd: RawFd, iov: &[libc::iovec]) -> isize {
     // SAFETY: `iov` is valid for `iov.len()` entries; the caller vouches for what they point
     // at ([`RawIo::writev`]).
@@ -1064,33 +1058,18 @@ impl RawIo {
         }
     }
 
+    /// One write of `buf`: a gathering write of one piece.
     fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        loop {
+        if buf.is_empty() {
             self.check()?;
-            let n = match self.kind {
-                // SAFETY: `buf` is valid for `buf.len()` bytes for the call.
-                FdKind::Socket => unsafe {
-                    libc::send(
-                        self.raw(),
-                        buf.as_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                },
-                FdKind::Pipe => write_pipe(self.raw(), buf),
-                // SAFETY: as above.
-                FdKind::File => unsafe { libc::write(self.raw(), buf.as_ptr().cast(), buf.len()) },
-            };
-            if n > 0 || (n == 0 && buf.is_empty()) {
-                return Ok(n as usize);
-            }
-            let e = if n == 0 { libc::EIO } else { errno() };
-            match e {
-                libc::EINTR => continue,
-                libc::EAGAIN => self.wait(libc::POLLOUT)?,
-                e => return Err(self.fail(IoOp::Write, e)),
-            }
+            return Ok(0);
         }
+        let iov = [libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the one entry points at `buf`, readable for its length during the call.
+        unsafe { self.writev(&iov) }
     }
 
     fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
