@@ -234,18 +234,22 @@ fn a_source_whose_ram_faults_fails_its_migration_and_runs_on() {
     nothing_left(&before);
 }
 
-fn a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed() {
+/// `size` bytes of RAM whose file is cut to `cut`: with a cut past the first 16 MiB of page
+/// records, the loader writes pages from its writer threads on a host of more than 2 cores
+/// (`ram::default_writer_threads`), and must report the same first failing page.
+fn a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed(size: u64, cut: u64) {
     let before = fds();
-    let src = machine(&["-m", "16M"]);
-    fill(src, 16 * MIB);
+    let m = format!("{}M", size / MIB);
+    let src = machine(&["-m", &m]);
+    fill(src, size);
     let stream = scratch("dst.mig");
     run(src, &format!("migrate file:{stream}")).unwrap();
     registry::remove(src).unwrap();
 
     let backing = scratch("dst.ram");
-    let dst = file_machine(&backing, 16 * MIB, true);
+    let dst = file_machine(&backing, size, true);
     let vcpus = watch_vcpus(dst);
-    truncate(&backing, 4 * MIB);
+    truncate(&backing, cut);
     run(dst, &format!("migrate_incoming file:{stream}")).unwrap();
     let (status, error) = incoming_result(dst);
     assert_eq!(status, "failed");
@@ -253,7 +257,7 @@ fn a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed() {
         error.as_deref(),
         Some(
             format!(
-                "RAMBlock \"ram\": writing the page at offset 0x400000 failed: {CAUSE}\n\
+                "RAMBlock \"ram\": writing the page at offset {cut:#x} failed: {CAUSE}\n\
                  error while loading state section id 1(ram)\n\
                  load of migration failed: Bad address"
             )
@@ -416,7 +420,8 @@ fn a_peer_that_stalls_leaves_the_source_running_until_cancelled_and_the_destinat
 fn faults_fail_cleanly_and_leave_nothing_behind() {
     warm_up();
     a_source_whose_ram_faults_fails_its_migration_and_runs_on();
-    a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed();
+    a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed(16 * MIB, 4 * MIB);
+    a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed(64 * MIB, 40 * MIB);
     a_peer_that_disconnects_midway_fails_both_sides_and_the_source_runs_on();
     a_peer_that_stalls_leaves_the_source_running_until_cancelled_and_the_destination_waiting();
 }

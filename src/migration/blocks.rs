@@ -18,6 +18,7 @@ use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
 use super::format::TARGET_PAGE_SIZE;
 use super::ram::{
     is_zero_page, InPlace, LocalRamBlock, PageRef, RamBlockInfo, RamLoadTarget, RamSource,
+    SharedRamTarget,
 };
 
 const PAGE: u64 = TARGET_PAGE_SIZE as u64;
@@ -276,9 +277,24 @@ impl RamLoadTarget for RamSnapshot {
         )))
     }
 
+    fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
+        SharedRamTarget::write_page(self, handle, offset, data)
+    }
+
+    fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error> {
+        SharedRamTarget::zero_page(self, handle, offset)
+    }
+
+    /// A copy of the snapshot: the same mappings (kept mapped by their `Arc`s) and guard.
+    fn shared(&self) -> Option<Arc<dyn SharedRamTarget>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+impl SharedRamTarget for RamSnapshot {
     /// The destination's guest does not run while it loads; a page the host cannot back fails
     /// the load, and a failed load never starts the guest.
-    fn write_page(&mut self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
+    fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
         let b = self.block(handle)?;
         let at = b.at(offset, data.len() as u64)?;
         guard(&self.guard)?
@@ -286,7 +302,7 @@ impl RamLoadTarget for RamSnapshot {
             .map_err(|e| b.access_failed("writing the page", e))
     }
 
-    fn zero_page(&mut self, handle: usize, offset: u64) -> Result<(), Error> {
+    fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error> {
         let b = self.block(handle)?;
         let at = b.at(offset, PAGE)?;
         let guard = guard(&self.guard)?;

@@ -60,6 +60,8 @@ pub mod blocks;
 /// cbindgen:ignore
 pub mod builtin;
 /// cbindgen:ignore
+pub mod chunked;
+/// cbindgen:ignore
 pub mod compat;
 /// cbindgen:ignore
 pub mod direct_file;
@@ -69,6 +71,8 @@ pub mod error;
 mod fixtures;
 /// cbindgen:ignore
 pub mod format;
+/// cbindgen:ignore
+pub mod parallel;
 /// cbindgen:ignore
 pub mod precopy;
 /// cbindgen:ignore

@@ -23,11 +23,13 @@
 //! resets it at setup, as QEMU does, so the first page record always names its block.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{self, Write};
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use super::error::MigrationError;
 use super::format::{MappedRam, RamFlag, RAM_FLAGS_MASK, TARGET_PAGE_SIZE};
+use super::parallel::{PageJob, PageWriters};
 use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
 use super::section::StreamRead;
 use crate::error::Error;
@@ -450,6 +452,22 @@ pub trait RamLoadTarget {
     fn host_page_size(&self) -> u64 {
         host_page_size()
     }
+    /// A handle through which other threads may write pages of the blocks as they are now,
+    /// for a loader that spreads pages over threads; `None` (the default): the loader writes
+    /// every page itself through `self`.
+    fn shared(&self) -> Option<Arc<dyn SharedRamTarget>> {
+        None
+    }
+}
+
+/// [`RamLoadTarget`]'s page writes, from any thread. The loader sends every record for one
+/// page through the same thread, in stream order; records for different pages may be applied
+/// in any order and at once.
+pub trait SharedRamTarget: Send + Sync {
+    /// As [`RamLoadTarget::write_page`].
+    fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// As [`RamLoadTarget::zero_page`].
+    fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error>;
 }
 
 /// This host's page size.
@@ -476,6 +494,8 @@ pub struct RamLoadStats {
     pub resized: Vec<RamBlockInfo>,
     /// `ram` sections read (START, PART and END).
     pub sections: u64,
+    /// Threads other than the parsing one that wrote pages (0: the parser wrote them all).
+    pub writer_threads: u64,
 }
 
 struct KnownBlock {
@@ -491,6 +511,30 @@ pub struct RamLoader {
     last_block: Option<usize>,
     page: Vec<u8>,
     stats: RamLoadStats,
+    /// Page writer threads to start (below 2: none).
+    threads: usize,
+    /// Page records to apply before starting them (a short stream is not worth threads).
+    parallel_after: u64,
+    /// Page records (ZERO and PAGE) seen so far.
+    records: u64,
+    writers: Option<PageWriters>,
+    /// The target or the reader cannot take pages from other threads, or none started.
+    sequential: bool,
+}
+
+/// Page records a loader applies itself before it starts writer threads: 16 MiB of pages.
+pub const PARALLEL_AFTER: u64 = 4096;
+
+/// Writer threads a loader starts: none on a host of at most 2 cores, else one per core but
+/// the parser's, at most 8. Measured on a 2-vCPU VM (4 GiB, half zero pages, file in the page
+/// cache), 2 writers made loads slower, not faster: 0.84 s against 0.58 s into a preallocated
+/// destination and 2.0 s against 0.86 s into a fresh one, the pages crossing cores and the
+/// faults not overlapping. Hosts with more cores are not measured.
+pub fn default_writer_threads() -> usize {
+    match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        0..=2 => 0,
+        n => (n - 1).min(8),
+    }
 }
 
 impl RamLoader {
@@ -503,7 +547,21 @@ impl RamLoader {
             last_block: None,
             page: vec![0; TARGET_PAGE_SIZE],
             stats: RamLoadStats::default(),
+            threads: default_writer_threads(),
+            parallel_after: PARALLEL_AFTER,
+            records: 0,
+            writers: None,
+            sequential: false,
         }
+    }
+
+    /// Writes pages from `threads` threads (0 or 1: from the parsing thread only) once
+    /// `after` page records have been applied, when the target ([`RamLoadTarget::shared`])
+    /// and the reader ([`StreamRead::share`]) allow it. The default is
+    /// [`default_writer_threads`] after [`PARALLEL_AFTER`].
+    pub fn set_parallel(&mut self, threads: usize, after: u64) {
+        self.threads = threads;
+        self.parallel_after = after;
     }
 
     pub fn stats(&self) -> &RamLoadStats {
@@ -527,6 +585,21 @@ impl RamLoader {
             });
         }
         self.stats.sections += 1;
+        let parsed = self.load_records(target, r);
+        // Everything handed to a writer came before what the parser stopped at: a writer's
+        // failure is the one a single-threaded load would have met first.
+        let written = self.writers.as_mut().map_or(Ok(()), |w| w.sync());
+        if let Some(w) = &self.writers {
+            self.stats.writer_threads = self.stats.writer_threads.max(w.threads_that_ran() as u64);
+        }
+        written.and(parsed)
+    }
+
+    fn load_records(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+    ) -> Result<(), MigrationError> {
         let invalid = if self.mapped_ram {
             RamFlag::HOOK | RamFlag::MULTIFD_FLUSH | RamFlag::PAGE | RamFlag::XBZRLE | RamFlag::ZERO
         } else {
@@ -549,23 +622,117 @@ impl RamLoader {
                 }
                 block = Some(b);
             }
+            let at = r.position() - 8;
             match (flags & !RamFlag::CONTINUE, block) {
-                (RamFlag::MEM_SIZE, _) => self.parse_blocks(target, r, addr)?,
+                (RamFlag::MEM_SIZE, _) => {
+                    // The writers see the blocks as they were when they started.
+                    self.stop_writers()?;
+                    self.parse_blocks(target, r, addr)?
+                }
                 (RamFlag::ZERO, Some(b)) => {
                     let fill = r.get_u8("a zero page's fill byte")?;
                     if fill != 0 {
                         return Err(MigrationError::NonZeroFill { value: fill });
                     }
-                    target.zero_page(self.known[b].local.handle, addr)?;
+                    let handle = self.known[b].local.handle;
+                    match self.writers_for(target, r) {
+                        Some(w) => w.push(PageJob::Zero {
+                            handle,
+                            offset: addr,
+                            at,
+                        })?,
+                        None => target.zero_page(handle, addr)?,
+                    }
                     self.stats.zero_pages += 1;
                 }
                 (RamFlag::PAGE, Some(b)) => {
-                    r.read_exact(&mut self.page, "a RAM page")?;
-                    target.write_page(self.known[b].local.handle, addr, &self.page)?;
+                    let handle = self.known[b].local.handle;
+                    self.load_page(target, r, handle, addr, at)?;
                     self.stats.normal_pages += 1;
                 }
                 (RamFlag::EOS, _) => return Ok(()),
                 _ => return Err(MigrationError::UnknownRamFlags { flags }),
+            }
+        }
+    }
+
+    /// The writer threads for the next record, started once enough records went by; `None`:
+    /// this thread writes it.
+    fn writers_for(
+        &mut self,
+        target: &dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+    ) -> Option<&mut PageWriters> {
+        self.records += 1;
+        if self.writers.is_none() && !self.sequential && self.records > self.parallel_after {
+            self.writers = (self.threads >= 2 && r.get_mut().can_share())
+                .then(|| target.shared())
+                .flatten()
+                .and_then(|t| PageWriters::spawn(t, self.threads));
+            self.sequential = self.writers.is_none();
+        }
+        self.writers.as_mut()
+    }
+
+    /// Applies everything handed to the writers and ends them (the next record starts them
+    /// again with the target as it is then).
+    fn stop_writers(&mut self) -> Result<(), MigrationError> {
+        let Some(mut w) = self.writers.take() else {
+            return Ok(());
+        };
+        let synced = w.sync();
+        self.stats.writer_threads = self.stats.writer_threads.max(w.threads_that_ran() as u64);
+        synced
+    }
+
+    /// A PAGE record's bytes, from the stream's buffer to the block with one copy: handed to
+    /// a writer thread, or copied by this one when the page lies whole in the buffer (nearly
+    /// always), else through the loader's page buffer.
+    fn load_page(
+        &mut self,
+        target: &mut dyn RamLoadTarget,
+        r: &mut QemuReader<dyn StreamRead + '_>,
+        handle: usize,
+        offset: u64,
+        at: u64,
+    ) -> Result<(), MigrationError> {
+        const WHAT: &str = "a RAM page";
+        if self.writers_for(target, r).is_some() {
+            if let Some(data) = r.get_mut().share(TARGET_PAGE_SIZE)? {
+                r.set_position(r.position() + PAGE);
+                let w = self.writers.as_mut().expect("writers started above");
+                return w.push(PageJob::Page {
+                    handle,
+                    offset,
+                    data,
+                    at,
+                });
+            }
+            // The stream ends inside the page: this read reports where. Should it get the
+            // page after all, the writers finish first so that it lands after their records.
+            r.read_exact(&mut self.page, WHAT)?;
+            self.writers.as_mut().map_or(Ok(()), |w| w.sync())?;
+            return Ok(target.write_page(handle, offset, &self.page)?);
+        }
+        let whole = loop {
+            match r.get_mut().contiguous(TARGET_PAGE_SIZE) {
+                Ok(buf) if buf.len() >= TARGET_PAGE_SIZE => {
+                    break Some(target.write_page(handle, offset, &buf[..TARGET_PAGE_SIZE]))
+                }
+                Ok(_) => break None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MigrationError::Io(e)),
+            }
+        };
+        match whole {
+            Some(written) => {
+                r.get_mut().consume(TARGET_PAGE_SIZE);
+                r.set_position(r.position() + PAGE);
+                Ok(written?)
+            }
+            None => {
+                r.read_exact(&mut self.page, WHAT)?;
+                Ok(target.write_page(handle, offset, &self.page)?)
             }
         }
     }
@@ -1313,6 +1480,240 @@ pub(crate) mod tests {
                 RamBlockInfo::new("pc.ram", 8 * PAGE),
                 RamBlockInfo::new("vga", 2 * PAGE)
             ]
+        );
+    }
+
+    /// RAM that writer threads can share, one lock per block; writing the page at `fail_at`
+    /// (block 0) fails, as a page the host cannot back does.
+    #[derive(Clone)]
+    struct SharedVecRam {
+        blocks: Arc<Vec<(String, std::sync::Mutex<Vec<u8>>)>>,
+        fail_at: Option<u64>,
+    }
+
+    impl SharedVecRam {
+        fn new(blocks: &[(&str, u64)], fail_at: Option<u64>) -> Self {
+            SharedVecRam {
+                blocks: Arc::new(
+                    blocks
+                        .iter()
+                        .map(|(n, l)| {
+                            (
+                                n.to_string(),
+                                std::sync::Mutex::new(vec![0xee; *l as usize]),
+                            )
+                        })
+                        .collect(),
+                ),
+                fail_at,
+            }
+        }
+
+        fn bytes(&self) -> Vec<Vec<u8>> {
+            self.blocks
+                .iter()
+                .map(|(_, b)| b.lock().unwrap().clone())
+                .collect()
+        }
+    }
+
+    impl SharedRamTarget for SharedVecRam {
+        fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
+            if handle == 0 && self.fail_at == Some(offset) {
+                return Err(Error::invalid(format!(
+                    "cannot back the page at 0x{offset:x}"
+                )));
+            }
+            let o = offset as usize;
+            self.blocks[handle].1.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error> {
+            let o = offset as usize;
+            self.blocks[handle].1.lock().unwrap()[o..o + TARGET_PAGE_SIZE].fill(0);
+            Ok(())
+        }
+    }
+
+    impl RamLoadTarget for SharedVecRam {
+        fn find_block(&mut self, idstr: &str) -> Option<LocalRamBlock> {
+            let i = self.blocks.iter().position(|(n, _)| n == idstr)?;
+            let len = self.blocks[i].1.lock().unwrap().len() as u64;
+            Some(LocalRamBlock {
+                handle: i,
+                used_length: len,
+                max_length: len,
+                resizeable: false,
+                migratable: true,
+            })
+        }
+        fn resize_block(&mut self, _: usize, _: u64) -> Result<(), Error> {
+            Err(Error::invalid("not resizeable"))
+        }
+        fn write_page(&mut self, h: usize, o: u64, d: &[u8]) -> Result<(), Error> {
+            SharedRamTarget::write_page(self, h, o, d)
+        }
+        fn zero_page(&mut self, h: usize, o: u64) -> Result<(), Error> {
+            SharedRamTarget::zero_page(self, h, o)
+        }
+        fn host_page_size(&self) -> u64 {
+            4096
+        }
+        fn shared(&self) -> Option<Arc<dyn SharedRamTarget>> {
+            Some(Arc::new(self.clone()))
+        }
+    }
+
+    /// Loads `sections` through the loader's own buffer, with `threads` writers from the
+    /// first record on (0: the parser writes every page).
+    fn load_shared(
+        target: &mut SharedVecRam,
+        sections: &[Vec<u8>],
+        threads: usize,
+    ) -> Result<RamLoadStats, MigrationError> {
+        use crate::migration::chunked::ChunkReader;
+        let mut l = RamLoader::new(false);
+        l.set_parallel(threads, 0);
+        let stream: Vec<u8> = sections.concat();
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(stream)));
+        for _ in sections {
+            l.load_section(target, &mut r, 4)?;
+        }
+        Ok(l.into_stats())
+    }
+
+    /// Rounds of records over two blocks, as live migration sends them: a bulk round of every
+    /// page, then rounds resending some pages with new bytes and zeroing others that held
+    /// data; a page's later record must win wherever it went.
+    fn dirty_rounds() -> Vec<Vec<u8>> {
+        let blocks = [("ram", 8 * M), ("vga", M)];
+        let mut sections = vec![setup_bytes(&blocks)];
+        let page = |n: u64, round: u64| -> Vec<u8> {
+            (0..TARGET_PAGE_SIZE as u64)
+                .map(|i| (n * 31 + round * 7 + i) as u8)
+                .collect()
+        };
+        for round in 0..4u64 {
+            let mut recs = Vec::new();
+            for (b, (id, len)) in blocks.iter().enumerate() {
+                let mut first = true;
+                for n in 0..len / PAGE {
+                    // Round 0 sends everything; later rounds a shifting subset.
+                    if round > 0 && !(n * 7 + round * 3 + b as u64).is_multiple_of(5) {
+                        continue;
+                    }
+                    let zero = (n + round) % 3 == 0;
+                    let mut h = (n * PAGE) | if zero { RamFlag::ZERO } else { RamFlag::PAGE };
+                    let named = std::mem::take(&mut first).then_some(*id);
+                    if named.is_none() {
+                        h |= RamFlag::CONTINUE;
+                    }
+                    let body = if zero {
+                        vec![0]
+                    } else {
+                        page(n + b as u64 * 1000, round)
+                    };
+                    recs.push((h, named, body));
+                }
+            }
+            sections.push(records(&recs));
+        }
+        sections
+    }
+
+    #[test]
+    fn parallel_load_gives_the_bytes_of_a_sequential_one() {
+        let sections = dirty_rounds();
+        let blocks = [("ram", 8 * M), ("vga", M)];
+        let mut seq = SharedVecRam::new(&blocks, None);
+        let st_seq = load_shared(&mut seq, &sections, 0).unwrap();
+        assert_eq!(st_seq.writer_threads, 0);
+        let mut par = SharedVecRam::new(&blocks, None);
+        let st_par = load_shared(&mut par, &sections, 3).unwrap();
+        assert!(st_par.writer_threads >= 2, "{st_par:?}");
+        assert_eq!(
+            (st_par.normal_pages, st_par.zero_pages),
+            (st_seq.normal_pages, st_seq.zero_pages)
+        );
+        assert!(
+            seq.bytes() == par.bytes(),
+            "the RAM loaded in parallel differs"
+        );
+        // And both are the later records: the bulk round's bytes are gone where later rounds
+        // wrote, and a page zeroed after holding data is zero.
+        let mut reference = VecRam::new(&blocks);
+        load(&mut reference, &sections).unwrap();
+        let want: Vec<Vec<u8>> = reference.blocks.iter().map(|(_, b)| b.clone()).collect();
+        assert!(par.bytes() == want);
+    }
+
+    #[test]
+    fn a_writer_failure_is_the_error_a_sequential_load_gives() {
+        let sections = dirty_rounds();
+        let blocks = [("ram", 8 * M), ("vga", M)];
+        // A page of the bulk round (sent as PAGE: (n + 0) % 3 != 0), mid-stream.
+        let bad = 301 * PAGE;
+        let mut seq = SharedVecRam::new(&blocks, Some(bad));
+        let e_seq = load_shared(&mut seq, &sections, 0).unwrap_err();
+        let mut par = SharedVecRam::new(&blocks, Some(bad));
+        let e_par = load_shared(&mut par, &sections, 2).unwrap_err();
+        assert_eq!(e_par.to_string(), e_seq.to_string());
+        assert_eq!(e_par.qemu_lines(), e_seq.qemu_lines());
+        assert!(e_par.to_string().contains("0x12d000"), "{e_par}");
+    }
+
+    #[test]
+    fn a_writer_failure_before_a_truncation_wins_as_it_would_sequentially() {
+        let mut sections = dirty_rounds();
+        let blocks = [("ram", 8 * M), ("vga", M)];
+        let last = sections.last_mut().unwrap();
+        last.truncate(last.len() - 100);
+        for bad in [None, Some(5 * PAGE)] {
+            let mut seq = SharedVecRam::new(&blocks, bad);
+            let e_seq = load_shared(&mut seq, &sections, 0).unwrap_err();
+            let mut par = SharedVecRam::new(&blocks, bad);
+            let e_par = load_shared(&mut par, &sections, 2).unwrap_err();
+            assert_eq!(
+                format!("{e_par:?}"),
+                format!("{e_seq:?}"),
+                "failing page {bad:?}"
+            );
+            if bad.is_none() {
+                assert!(
+                    matches!(
+                        e_par,
+                        MigrationError::Truncated {
+                            what: "a RAM page",
+                            ..
+                        }
+                    ),
+                    "{e_par:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_that_cannot_share_loads_without_threads() {
+        let sections = dirty_rounds();
+        let blocks = [("ram", 8 * M), ("vga", M)];
+        let mut t = SharedVecRam::new(&blocks, None);
+        let mut l = RamLoader::new(false);
+        l.set_parallel(4, 0);
+        for s in &sections {
+            let mut r = QemuReader::new(Sequential(Cursor::new(s.clone())));
+            l.load_section(&mut t, &mut r, 4).unwrap();
+        }
+        assert_eq!(l.stats().writer_threads, 0);
+        let mut reference = VecRam::new(&blocks);
+        load(&mut reference, &sections).unwrap();
+        assert!(
+            t.bytes()
+                == reference
+                    .blocks
+                    .iter()
+                    .map(|(_, b)| b.clone())
+                    .collect::<Vec<_>>()
         );
     }
 

@@ -21,8 +21,9 @@
 //! PART/END sections and footers must then use.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{BufRead, Read, Seek, Write};
 
+use super::chunked::ChunkReader;
 use super::error::{LoadError, MigrationError, SectionContext};
 use super::format::{
     Command, ConfigurationNames, FileHeader, MappedRam, RamSectionId, SectionType,
@@ -31,7 +32,7 @@ use super::format::{
 use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
 use super::ram::{PageRef, RamBlockInfo, RamLoadStats, RamLoadTarget, RamLoader, RamSaveStats};
 use super::ram::{RamSaver, RamSource};
-use super::section::{SectionHandler, SectionPhase, Seekable, Sequential, StreamRead};
+use super::section::{SectionHandler, SectionPhase, StreamRead};
 
 /// Every capability name QEMU 10.0 knows (`MigrationCapability`); a CONFIGURATION naming any
 /// other is refused, as QEMU refuses it.
@@ -708,7 +709,7 @@ pub fn load<R: Read>(
     ram: Option<&mut dyn RamLoadTarget>,
     handlers: &mut [&mut dyn SectionHandler],
 ) -> Result<LoadSummary, LoadError> {
-    let mut r = QemuReader::new(Sequential(BufReader::with_capacity(1 << 18, input)));
+    let mut r = QemuReader::new(ChunkReader::sequential(input));
     load_from(&mut r, opts, ram, handlers)
 }
 
@@ -719,7 +720,7 @@ pub fn load_file<R: Read + Seek>(
     ram: Option<&mut dyn RamLoadTarget>,
     handlers: &mut [&mut dyn SectionHandler],
 ) -> Result<LoadSummary, LoadError> {
-    let mut r = QemuReader::new(Seekable(BufReader::with_capacity(1 << 18, input)));
+    let mut r = QemuReader::new(ChunkReader::seekable(input));
     load_from(&mut r, opts, ram, handlers)
 }
 
