@@ -182,6 +182,20 @@ class Differences(unittest.TestCase):
                                 b"", case.setup)
         self.assertEqual((status, out), (0, "QEVM@TMPDIR@\n"))
 
+    def test_a_case_of_the_other_vendor_is_for_another_host(self):
+        here = vc.host_cpu_vendor()
+        for req, vendor in vc.HOST_VENDORS.items():
+            reason = self.case(f"requires: kvm {req}\n").other_host()
+            if vendor == here:
+                self.assertIsNone(reason)
+            else:
+                self.assertIn(vendor, reason)
+        self.assertIsNone(self.case("requires: kvm\n").other_host())
+
+    def test_an_unknown_requirement_is_refused(self):
+        with self.assertRaises(ValueError):
+            self.case("requires: amd\n")
+
     def test_qemu_differs_needs_an_arrow(self):
         with self.assertRaises(ValueError):
             self.case("qemu-differs: (default)\n")
@@ -196,6 +210,16 @@ class Cases(unittest.TestCase):
                 # What vmm must print: QEMU's words, after the case's stated differences.
                 err = vc.apply_differences(err, case.differs)
                 self.assertTrue(err.startswith("vmm: "), case.name)
+
+    def test_every_vendor_bound_case_has_a_twin_for_the_other_vendor(self):
+        # A case that only one vendor's host can run must not leave the other's behaviour
+        # untested: its twin has the same name with the vendor swapped.
+        names = {c.name for c in vc.all_cases()}
+        for case in vc.all_cases():
+            if "amd-host" in case.requires:
+                self.assertIn(case.name.replace("amd-host", "intel-host"), names, case.name)
+            if "intel-host" in case.requires:
+                self.assertIn(case.name.replace("intel-host", "amd-host"), names, case.name)
 
     def test_xfail_marks_name_what_is_missing(self):
         for case in vc.all_cases():
