@@ -1,7 +1,8 @@
-//! The loader's one read buffer: [`ChunkReader`] reads the stream into large chunks and can
-//! hand a run of its bytes to another thread as a [`SharedBytes`] without copying them, so a
-//! RAM page goes from the kernel's copy into this buffer straight to guest RAM (one copy in
-//! user space), whichever thread writes it.
+//! The loader's read side: [`StreamRead`], what every loader and section handler reads a
+//! stream through, and the loader's one read buffer, [`ChunkReader`], which reads the stream
+//! into large chunks and can hand a run of its bytes to another thread as a [`SharedBytes`]
+//! without copying them, so a RAM page goes from the kernel's copy into this buffer straight
+//! to guest RAM (one copy in user space), whichever thread writes it.
 //!
 //! A chunk is written only past its filled end and only by the reader; what it hands out lies
 //! below that end and is never written again while anything holds it. A chunk nobody holds
@@ -16,7 +17,32 @@ use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use super::error::MigrationError;
-use super::section::StreamRead;
+
+/// The stream a loader reads: buffered, and seekable when the transport is a file (mapped-ram
+/// needs to read pages at fixed file offsets). Handlers only ever need the `BufRead` half.
+pub trait StreamRead: BufRead {
+    /// Moves to an absolute offset of the underlying file.
+    fn seek_to(&mut self, offset: u64) -> Result<(), MigrationError>;
+
+    /// The buffered bytes, at least `len` of them unless the stream ends first, where the
+    /// reader can arrange that (a [`ChunkReader`]); otherwise whatever `fill_buf` gives. A
+    /// loader takes a page from here when it is whole, and copies it out otherwise.
+    fn contiguous(&mut self, _len: usize) -> std::io::Result<&[u8]> {
+        self.fill_buf()
+    }
+
+    /// Whether [`Self::share`] gives bytes.
+    fn can_share(&self) -> bool {
+        false
+    }
+
+    /// Consumes the next `len` bytes and returns them as a handle another thread may read,
+    /// without copying; `None` when the reader cannot (see [`Self::can_share`]) or the
+    /// stream ends first (nothing is consumed then).
+    fn share(&mut self, _len: usize) -> std::io::Result<Option<SharedBytes>> {
+        Ok(None)
+    }
+}
 
 /// Bytes per chunk.
 pub const CHUNK_SIZE: usize = 1 << 20;

@@ -22,7 +22,17 @@ use std::thread::JoinHandle;
 
 use super::chunked::SharedBytes;
 use super::error::MigrationError;
-use super::ram::SharedRamTarget;
+use crate::error::Error;
+
+/// A RAM load target's page writes (those of `ram::RamLoadTarget`), from any thread: what the
+/// writers write through. The loader sends every record for one page through the same thread,
+/// in stream order; records for different pages may be applied in any order and at once.
+pub trait SharedRamTarget: Send + Sync {
+    /// As `RamLoadTarget::write_page`.
+    fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error>;
+    /// As `RamLoadTarget::zero_page`.
+    fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error>;
+}
 
 /// Records per hand-over.
 const BATCH: usize = 512;

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use super::error::MigrationError;
 use super::format::{MappedRam, RamFlag, RAM_FLAGS_MASK, TARGET_PAGE_SIZE};
+pub use super::parallel::SharedRamTarget;
 use super::parallel::{PageJob, PageWriters};
 use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
 use super::section::StreamRead;
@@ -458,16 +459,6 @@ pub trait RamLoadTarget {
     fn shared(&self) -> Option<Arc<dyn SharedRamTarget>> {
         None
     }
-}
-
-/// [`RamLoadTarget`]'s page writes, from any thread. The loader sends every record for one
-/// page through the same thread, in stream order; records for different pages may be applied
-/// in any order and at once.
-pub trait SharedRamTarget: Send + Sync {
-    /// As [`RamLoadTarget::write_page`].
-    fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error>;
-    /// As [`RamLoadTarget::zero_page`].
-    fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error>;
 }
 
 /// This host's page size.

@@ -9,9 +9,7 @@
 
 use std::io::{BufRead, Seek, SeekFrom, Write};
 
-#[cfg(doc)]
-use super::chunked::ChunkReader;
-use super::chunked::SharedBytes;
+pub use super::chunked::StreamRead;
 use super::error::MigrationError;
 use super::qemu_file::{QemuReader, QemuWriter};
 
@@ -26,32 +24,6 @@ pub enum SectionPhase {
     End,
     /// SECTION_FULL: a non-iterative handler's whole state.
     Full,
-}
-
-/// The stream a loader reads: buffered, and seekable when the transport is a file (mapped-ram
-/// needs to read pages at fixed file offsets). Handlers only ever need the `BufRead` half.
-pub trait StreamRead: BufRead {
-    /// Moves to an absolute offset of the underlying file.
-    fn seek_to(&mut self, offset: u64) -> Result<(), MigrationError>;
-
-    /// The buffered bytes, at least `len` of them unless the stream ends first, where the
-    /// reader can arrange that (a [`ChunkReader`]); otherwise whatever `fill_buf` gives. A
-    /// loader takes a page from here when it is whole, and copies it out otherwise.
-    fn contiguous(&mut self, _len: usize) -> std::io::Result<&[u8]> {
-        self.fill_buf()
-    }
-
-    /// Whether [`Self::share`] gives bytes.
-    fn can_share(&self) -> bool {
-        false
-    }
-
-    /// Consumes the next `len` bytes and returns them as a handle another thread may read,
-    /// without copying; `None` when the reader cannot (see [`Self::can_share`]) or the
-    /// stream ends first (nothing is consumed then).
-    fn share(&mut self, _len: usize) -> std::io::Result<Option<SharedBytes>> {
-        Ok(None)
-    }
 }
 
 /// A transport that can only be read front to back (a pipe, a socket, `exec:`).
