@@ -130,7 +130,7 @@ impl SectionHandler for Timer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::section::Sequential;
+    use crate::migration::chunked::ChunkReader;
     use std::io::Cursor;
 
     #[test]
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(&bytes[..4], &8u32.to_be_bytes());
         assert_eq!(&bytes[4..11], b"running");
         let mut g = GlobalState::new(Arc::new(Mutex::new(String::new())));
-        let mut r = QemuReader::new(Sequential(Cursor::new(bytes)));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(bytes)));
         g.load(SectionPhase::Full, 1, &mut r).unwrap();
         assert_eq!(g.received.as_deref(), Some("running"));
     }
@@ -165,12 +165,12 @@ mod tests {
         t.load(
             SectionPhase::Full,
             2,
-            &mut QemuReader::new(Sequential(Cursor::new(bytes.clone()))),
+            &mut QemuReader::new(ChunkReader::sequential(Cursor::new(bytes.clone()))),
         )
         .unwrap();
         assert_eq!((t.cpu_ticks_offset, t.cpu_clock_offset), (5, -7));
         let mut t = Timer::default();
-        let mut r = QemuReader::new(Sequential(Cursor::new(bytes[..16].to_vec())));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(bytes[..16].to_vec())));
         t.load(SectionPhase::Full, 1, &mut r).unwrap();
         assert_eq!((t.cpu_ticks_offset, t.cpu_clock_offset), (5, 0));
     }

@@ -579,11 +579,7 @@ impl RamLoader {
         let parsed = self.load_records(target, r);
         // Everything handed to a writer came before what the parser stopped at: a writer's
         // failure is the one a single-threaded load would have met first.
-        let written = self.writers.as_mut().map_or(Ok(()), |w| w.sync());
-        if let Some(w) = &self.writers {
-            self.stats.writer_threads = self.stats.writer_threads.max(w.threads_that_ran() as u64);
-        }
-        written.and(parsed)
+        self.sync_writers().and(parsed)
     }
 
     fn load_records(
@@ -665,14 +661,21 @@ impl RamLoader {
         self.writers.as_mut()
     }
 
-    /// Applies everything handed to the writers and ends them (the next record starts them
-    /// again with the target as it is then).
-    fn stop_writers(&mut self) -> Result<(), MigrationError> {
-        let Some(mut w) = self.writers.take() else {
+    /// Waits until the writers applied everything handed to them; their earliest error.
+    fn sync_writers(&mut self) -> Result<(), MigrationError> {
+        let Some(w) = self.writers.as_mut() else {
             return Ok(());
         };
         let synced = w.sync();
         self.stats.writer_threads = self.stats.writer_threads.max(w.threads_that_ran() as u64);
+        synced
+    }
+
+    /// Applies everything handed to the writers and ends them (the next record starts them
+    /// again with the target as it is then).
+    fn stop_writers(&mut self) -> Result<(), MigrationError> {
+        let synced = self.sync_writers();
+        self.writers = None;
         synced
     }
 
@@ -702,7 +705,7 @@ impl RamLoader {
             // The stream ends inside the page: this read reports where. Should it get the
             // page after all, the writers finish first so that it lands after their records.
             r.read_exact(&mut self.page, WHAT)?;
-            self.writers.as_mut().map_or(Ok(()), |w| w.sync())?;
+            self.sync_writers()?;
             return Ok(target.write_page(handle, offset, &self.page)?);
         }
         let whole = loop {
@@ -953,7 +956,7 @@ impl MappedRamHeader {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::migration::section::Sequential;
+    use crate::migration::chunked::ChunkReader;
     use std::cell::RefCell;
     use std::io::Cursor;
 
@@ -1055,7 +1058,7 @@ pub(crate) mod tests {
     fn load(target: &mut VecRam, sections: &[Vec<u8>]) -> Result<RamLoadStats, MigrationError> {
         let mut l = RamLoader::new(false);
         for s in sections {
-            let mut r = QemuReader::new(Sequential(Cursor::new(s.clone())));
+            let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(s.clone())));
             l.load_section(target, &mut r, 4)?;
             assert_eq!(r.position(), s.len() as u64, "section read to its end");
         }
@@ -1562,7 +1565,6 @@ pub(crate) mod tests {
         sections: &[Vec<u8>],
         threads: usize,
     ) -> Result<RamLoadStats, MigrationError> {
-        use crate::migration::chunked::ChunkReader;
         let mut l = RamLoader::new(false);
         l.set_parallel(threads, 0);
         let stream: Vec<u8> = sections.concat();
@@ -1684,6 +1686,30 @@ pub(crate) mod tests {
         }
     }
 
+    /// A reader that keeps the trait's defaults: it cannot share its bytes with other threads.
+    struct UnsharedReader(Cursor<Vec<u8>>);
+
+    impl std::io::Read for UnsharedReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl std::io::BufRead for UnsharedReader {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            self.0.fill_buf()
+        }
+        fn consume(&mut self, amt: usize) {
+            self.0.consume(amt)
+        }
+    }
+
+    impl StreamRead for UnsharedReader {
+        fn seek_to(&mut self, _offset: u64) -> Result<(), MigrationError> {
+            Err(MigrationError::NotSeekable)
+        }
+    }
+
     #[test]
     fn a_reader_that_cannot_share_loads_without_threads() {
         let sections = dirty_rounds();
@@ -1692,7 +1718,7 @@ pub(crate) mod tests {
         let mut l = RamLoader::new(false);
         l.set_parallel(4, 0);
         for s in &sections {
-            let mut r = QemuReader::new(Sequential(Cursor::new(s.clone())));
+            let mut r = QemuReader::new(UnsharedReader(Cursor::new(s.clone())));
             l.load_section(&mut t, &mut r, 4).unwrap();
         }
         assert_eq!(l.stats().writer_threads, 0);
@@ -1796,7 +1822,7 @@ pub(crate) mod tests {
         let mut t = BigHost(VecRam::new(&[("ram", 0x10000)]));
         let setup = setup_bytes(&[("ram", 0x11000)]);
         let mut l = RamLoader::new(false);
-        let mut r = QemuReader::new(Sequential(Cursor::new(setup)));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(setup)));
         let e = l.load_section(&mut t, &mut r, 4).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -1936,7 +1962,9 @@ pub(crate) mod tests {
     fn wrong_ram_version_is_refused_silently() {
         let mut dst = VecRam::new(&[("ram", M)]);
         let mut l = RamLoader::new(false);
-        let mut r = QemuReader::new(Sequential(Cursor::new(setup_bytes(&[("ram", M)]))));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(setup_bytes(&[(
+            "ram", M,
+        )]))));
         let e = l.load_section(&mut dst, &mut r, 3).unwrap_err();
         assert!(matches!(e, MigrationError::RamVersion { version: 3 }));
         assert!(e.qemu_lines().is_empty());
@@ -1965,7 +1993,7 @@ pub(crate) mod tests {
         let mut dst = VecRam::new(&[("ram", M)]);
         let mut l = RamLoader::new(true);
         let bytes = records(&[(RamFlag::ZERO, Some("ram"), vec![0])]);
-        let mut r = QemuReader::new(Sequential(Cursor::new(bytes)));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(bytes)));
         let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
         assert_eq!(e.to_string(), "Unexpected RAM flags: 2");
     }
@@ -2007,13 +2035,12 @@ pub(crate) mod tests {
 
     #[test]
     fn mapped_ram_reads_set_bits_and_zeroes_holes() {
-        use crate::migration::section::Seekable;
         let pages = [Some(1), None, Some(2), Some(3), None];
         let (file, eos_at) = mapped_ram_file(&pages, 1);
         let mut dst = VecRam::new(&[("ram", 5 * PAGE)]);
         dst.fill(0, PAGE, 0xee);
         let mut l = RamLoader::new(true);
-        let mut r = QemuReader::new(Seekable(Cursor::new(file.clone())));
+        let mut r = QemuReader::new(ChunkReader::seekable(Cursor::new(file.clone())));
         l.load_section(&mut dst, &mut r, 4).unwrap();
         assert_eq!(r.position(), eos_at + 8);
         for (n, p) in pages.iter().enumerate() {
@@ -2027,7 +2054,7 @@ pub(crate) mod tests {
         assert_eq!(l.stats().zero_pages, 2);
         // The same bytes through a pipe cannot be loaded.
         let mut l = RamLoader::new(true);
-        let mut r = QemuReader::new(Sequential(Cursor::new(file)));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(file)));
         let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -2036,9 +2063,8 @@ pub(crate) mod tests {
     }
 
     fn load_mapped(file: Vec<u8>, dst: &mut VecRam) -> Result<u64, MigrationError> {
-        use crate::migration::section::Seekable;
         let mut l = RamLoader::new(true);
-        let mut r = QemuReader::new(Seekable(Cursor::new(file)));
+        let mut r = QemuReader::new(ChunkReader::seekable(Cursor::new(file)));
         l.load_section(dst, &mut r, 4)?;
         Ok(r.position())
     }
@@ -2105,11 +2131,10 @@ pub(crate) mod tests {
 
     #[test]
     fn mapped_ram_header_version_2_is_refused() {
-        use crate::migration::section::Seekable;
         let (file, _) = mapped_ram_file(&[Some(1)], 2);
         let mut dst = VecRam::new(&[("ram", PAGE)]);
         let mut l = RamLoader::new(true);
-        let mut r = QemuReader::new(Seekable(Cursor::new(file)));
+        let mut r = QemuReader::new(ChunkReader::seekable(Cursor::new(file)));
         let e = l.load_section(&mut dst, &mut r, 4).unwrap_err();
         assert_eq!(
             e.to_string(),

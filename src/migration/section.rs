@@ -7,7 +7,7 @@
 //! section at completion; iterative ones (like `ram`, which the codec implements itself in
 //! [`crate::migration::ram`]) get a START at setup, PARTs during the rounds and an END at completion.
 
-use std::io::{BufRead, Seek, SeekFrom, Write};
+use std::io::Write;
 
 pub use super::chunked::StreamRead;
 use super::error::MigrationError;
@@ -24,55 +24,6 @@ pub enum SectionPhase {
     End,
     /// SECTION_FULL: a non-iterative handler's whole state.
     Full,
-}
-
-/// A transport that can only be read front to back (a pipe, a socket, `exec:`).
-pub struct Sequential<R>(pub R);
-
-/// A transport that is a file (QEMU's `file:` URI).
-pub struct Seekable<R>(pub R);
-
-impl<R: BufRead> std::io::Read for Sequential<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R: BufRead> BufRead for Sequential<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        self.0.fill_buf()
-    }
-    fn consume(&mut self, amt: usize) {
-        self.0.consume(amt)
-    }
-}
-
-impl<R: BufRead> StreamRead for Sequential<R> {
-    fn seek_to(&mut self, _offset: u64) -> Result<(), MigrationError> {
-        Err(MigrationError::NotSeekable)
-    }
-}
-
-impl<R: BufRead> std::io::Read for Seekable<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl<R: BufRead> BufRead for Seekable<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        self.0.fill_buf()
-    }
-    fn consume(&mut self, amt: usize) {
-        self.0.consume(amt)
-    }
-}
-
-impl<R: BufRead + Seek> StreamRead for Seekable<R> {
-    fn seek_to(&mut self, offset: u64) -> Result<(), MigrationError> {
-        self.0.seek(SeekFrom::Start(offset))?;
-        Ok(())
-    }
 }
 
 /// One registered piece of device state.
@@ -159,6 +110,7 @@ impl SectionHandler for BufferSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::chunked::ChunkReader;
     use std::io::Cursor;
 
     #[test]
@@ -168,18 +120,9 @@ mod tests {
         a.save(SectionPhase::Full, &mut w).unwrap();
         let bytes = w.into_inner();
         let mut b = BufferSection::new("timer", 0, 2, vec![0; 3]);
-        let mut r = QemuReader::new(Sequential(Cursor::new(bytes)));
+        let mut r = QemuReader::new(ChunkReader::sequential(Cursor::new(bytes)));
         b.load(SectionPhase::Full, 2, &mut r).unwrap();
         assert_eq!(b.data, [1, 2, 3]);
         assert_eq!(b.loads, 1);
-    }
-
-    #[test]
-    fn sequential_transport_refuses_to_seek() {
-        let mut s = Sequential(Cursor::new(vec![0u8; 4]));
-        assert!(matches!(s.seek_to(2), Err(MigrationError::NotSeekable)));
-        let mut f = Seekable(Cursor::new(vec![0u8, 1, 2, 3]));
-        f.seek_to(2).unwrap();
-        assert_eq!(f.fill_buf().unwrap(), [2, 3]);
     }
 }
