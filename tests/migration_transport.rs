@@ -475,6 +475,85 @@ fn file_with_offset_keeps_the_bytes_before_it_and_truncates_after_as_qemu_does()
     assert_eq!(mode & !0o600, 0, "mode {mode:o}");
 }
 
+/// A plain or mapped-ram stream of `ram` saved to `uri` (a `file:`); the channel finished.
+fn save_to(uri: &MigrationUri, ram: &Ram, mapped: bool) {
+    let ch = OutgoingChannel::connect(uri, &Cancel::new()).unwrap();
+    let ch = if mapped {
+        save_mapped_ram_file(ch, SaveOptions::new("none"), ram, &mut [])
+            .unwrap()
+            .0
+    } else {
+        save_stream(ch, SaveOptions::new("none"), ram, &mut [])
+            .unwrap()
+            .0
+    };
+    ch.finish().unwrap();
+}
+
+#[test]
+fn a_file_saved_over_holds_what_a_new_file_would_with_no_old_byte_left() {
+    // hostmem writes over an existing file and cuts it where the stream ends (QEMU cuts it at
+    // the offset first): whatever the file held before, plain or mapped-ram, finished or
+    // abandoned, the result is QEMU's file.
+    let ram = Ram::patterned(3 * M, 17);
+    for mapped in [false, true] {
+        let fresh = scratch("fresh.mig");
+        let fresh_uri = parse(&format!("file:{}", fresh.display()));
+        save_to(&fresh_uri, &ram, mapped);
+        let want = std::fs::read(&*fresh).unwrap();
+        for old_len in [want.len() * 3, want.len() / 2] {
+            let over = scratch("over.mig");
+            std::fs::write(&*over, vec![0xeeu8; old_len]).unwrap();
+            let uri = parse(&format!("file:{}", over.display()));
+            save_to(&uri, &ram, mapped);
+            let got = std::fs::read(&*over).unwrap();
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "mapped {mapped}, old length {old_len}"
+            );
+            assert!(
+                got == want,
+                "mapped {mapped}, old length {old_len}: bytes differ"
+            );
+        }
+    }
+
+    // Written over, not cut first: while the stream is under way the old length stands.
+    let over = scratch("under-way.mig");
+    std::fs::write(&*over, vec![0xeeu8; 8 * M]).unwrap();
+    let uri = parse(&format!("file:{},offset=4k", over.display()));
+    let mut ch = OutgoingChannel::connect(&uri, &Cancel::new()).unwrap();
+    ch.write_all(&[0x51; 3000]).unwrap();
+    ch.flush().unwrap();
+    assert_eq!(std::fs::metadata(&*over).unwrap().len(), 8 * M as u64);
+    // Abandoned: what reached the file stays, nothing after it (buffered bytes never land).
+    ch.write_all(&[0x52; 100]).unwrap();
+    drop(ch);
+    let got = std::fs::read(&*over).unwrap();
+    assert_eq!(
+        got.len(),
+        4096 + 3000,
+        "abandoned stream not cut where it ended"
+    );
+    assert!(
+        got[..4096].iter().all(|&b| b == 0xee),
+        "the bytes before the offset changed"
+    );
+    assert!(got[4096..].iter().all(|&b| b == 0x51));
+
+    // Shorter than the offset: extended with zeros to it, as QEMU's cut extends it.
+    let short = scratch("short.mig");
+    std::fs::write(&*short, [0xeeu8; 100]).unwrap();
+    let uri = parse(&format!("file:{},offset=8k", short.display()));
+    let sent = send(&uri, &ram, &Cancel::new()).unwrap();
+    let got = std::fs::read(&*short).unwrap();
+    assert_eq!(got.len() as u64, 8192 + sent);
+    assert!(got[..100].iter().all(|&b| b == 0xee));
+    assert!(got[100..8192].iter().all(|&b| b == 0));
+    assert_eq!(&got[8192..8196], b"QEVM");
+}
+
 #[test]
 fn mapped_ram_goes_through_the_file_channels_and_is_refused_with_an_offset() {
     let path = scratch("mapped.mig");

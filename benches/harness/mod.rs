@@ -19,6 +19,15 @@ pub fn rounds() -> usize {
         .unwrap_or(if quick() { 1 } else { 5 })
 }
 
+/// `HOSTMEM_BENCH_CASES=a,b`: only the cases whose name contains one of the comma-separated
+/// strings run (to look at one case by hand with `cargo bench`; `scripts/bench` runs all).
+pub fn selected(case: &str) -> bool {
+    match std::env::var("HOSTMEM_BENCH_CASES") {
+        Ok(v) if !v.is_empty() => v.split(',').any(|s| case.contains(s)),
+        _ => true,
+    }
+}
+
 fn json_str(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {

@@ -28,7 +28,9 @@
 //!   marked close-on-exec in the child).
 //! * `file:PATH[,offset=N]`: N is a QEMU size (`4k`, `0x1000`, `1.5M`). Outgoing, the file is
 //!   created with mode 0600 if missing, **truncated to N** (so bytes before N survive and
-//!   everything after goes) and written from N. Incoming, it is read from N. Mapped-ram offsets
+//!   everything after goes) and written from N. hostmem leaves the same file but gets there
+//!   by writing over the old bytes and cutting where the stream ends (see
+//!   `open_outgoing_file`), so a save onto an existing file reuses its page cache. Incoming, it is read from N. Mapped-ram offsets
 //!   in the stream are absolute file offsets, as QEMU writes them.
 //! * `defer` is accepted only by `-incoming` ([`IncomingUri`]); `migrate` and
 //!   `migrate_incoming` call it an unknown protocol, as QEMU does.
@@ -1924,6 +1926,10 @@ pub struct OutgoingChannel {
     bytes: u64,
     child: Option<Arc<ChildSlot>>,
     warnings: Vec<String>,
+    /// A `file:` stream written over the file's old bytes (see [`open_outgoing_file`]): the
+    /// file is cut where the stream's bytes end once that is known — when the stream finishes,
+    /// is abandoned, or first seeks (mapped-ram, whose holes must read as zero).
+    cut_at_end: bool,
 }
 
 /// One piece of a gathering write.
@@ -1958,6 +1964,7 @@ impl OutgoingChannel {
         let mut child = None;
         let mut warnings = Vec::new();
         let mut direct = None;
+        let mut cut_at_end = false;
         let mut io = match uri {
             MigrationUri::Tcp(a) => RawIo::new(inet_connect(a, cancel)?, FdKind::Socket, "socket"),
             MigrationUri::Unix(p) => RawIo::new(unix_connect(p, cancel)?, FdKind::Socket, "socket"),
@@ -1973,7 +1980,10 @@ impl OutgoingChannel {
                 io
             }
             MigrationUri::File { path, offset } => {
-                let io = open_outgoing_file(path, *offset)?;
+                // The direct-io writer stages bytes the descriptor's position does not see,
+                // so its file is cut up front, as QEMU cuts every one.
+                let (io, over) = open_outgoing_file(path, *offset, !options.direct_io)?;
+                cut_at_end = over;
                 if options.direct_io {
                     direct = Some(open_direct_writer(&io, path, *offset)?);
                 }
@@ -1990,6 +2000,7 @@ impl OutgoingChannel {
             bytes: 0,
             child,
             warnings,
+            cut_at_end,
         })
     }
 
@@ -2106,12 +2117,33 @@ impl OutgoingChannel {
         Ok(())
     }
 
+    /// Cuts a file written over ([`Self::cut_at_end`]) where the stream's bytes that reached it
+    /// end: the descriptor's position, which every write of a buffered channel advances.
+    fn cut_where_written(&mut self) -> Result<(), TransportError> {
+        if !std::mem::take(&mut self.cut_at_end) {
+            return Ok(());
+        }
+        let Some(io) = self.io.as_ref() else {
+            return Ok(());
+        };
+        let end = io.seek(SeekFrom::Current(0)).map_err(io_to_transport)?;
+        // SAFETY: ftruncate on a descriptor we hold; no memory is passed.
+        if unsafe { libc::ftruncate(io.raw(), end as libc::off_t) } != 0 {
+            return Err(TransportError::Truncate {
+                offset: end,
+                errno: errno(),
+            });
+        }
+        Ok(())
+    }
+
     /// Ends the stream: writes what is buffered, shuts a socket's sending side down (the peer
     /// reads EOF), closes the descriptor, and for `exec:` closes the command's stdin and waits
     /// for it; a non-zero status is [`TransportError::CommandFailed`]. A cancel interrupts the
     /// wait.
     pub fn finish(mut self) -> Result<Finished, TransportError> {
         self.flush_buf().map_err(io_to_transport)?;
+        self.cut_where_written()?;
         self.direct = None;
         let io = self.io.take().expect("a channel is finished once");
         if io.kind == FdKind::Socket {
@@ -2142,7 +2174,18 @@ impl OutgoingChannel {
     }
 }
 
-fn open_outgoing_file(path: &Path, offset: u64) -> Result<RawIo, TransportError> {
+/// Opens a `file:` stream's file at `offset`. The file ends up as QEMU leaves it: the bytes
+/// before `offset` kept (zeros where the file was shorter), the stream after them, nothing
+/// after the stream. QEMU cuts the file at `offset` first, so every page the stream then
+/// writes is a new page-cache page (a host fault on a guest whose host reclaims freed memory).
+/// With `overwrite`, a regular file at least `offset` long is instead written over and cut
+/// where the stream ends (returned `true`: the channel owes that cut); anything else is cut
+/// first, which also refuses what cannot be cut (a character device), as QEMU does.
+fn open_outgoing_file(
+    path: &Path,
+    offset: u64,
+    overwrite: bool,
+) -> Result<(RawIo, bool), TransportError> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -2153,15 +2196,20 @@ fn open_outgoing_file(path: &Path, offset: u64) -> Result<RawIo, TransportError>
             path: path.to_path_buf(),
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })?;
-    f.set_len(offset).map_err(|e| TransportError::Truncate {
-        offset,
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-    })?;
+    let over = overwrite
+        && f.metadata()
+            .is_ok_and(|m| m.file_type().is_file() && m.len() >= offset);
+    if !over {
+        f.set_len(offset).map_err(|e| TransportError::Truncate {
+            offset,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
+    }
     let io = RawIo::new(OwnedFd::from(f), FdKind::File, "file");
     if offset != 0 {
         io.seek(SeekFrom::Start(offset)).map_err(io_to_transport)?;
     }
-    Ok(io)
+    Ok((io, over))
 }
 
 /// The `direct-io` writer of a `file:` channel: a second, O_DIRECT descriptor of the file
@@ -2282,6 +2330,8 @@ impl Seek for OutgoingChannel {
             }
             MigrationUri::File { offset: 0, .. } => {
                 self.flush_buf()?;
+                // What a seek skips must read as zero, not as the file's old bytes.
+                self.cut_where_written()?;
                 self.io()?.seek(pos)
             }
             MigrationUri::File { path, offset } => Err(TransportError::MappedRamOffset {
@@ -2296,6 +2346,10 @@ impl Seek for OutgoingChannel {
 
 impl Drop for OutgoingChannel {
     fn drop(&mut self) {
+        // An abandoned stream written over a file leaves what QEMU's leaves: the bytes that
+        // reached the file and nothing of the old ones after them. Best effort: there is no
+        // one to tell.
+        let _ = self.cut_where_written();
         self.io = None;
         if let Some(child) = self.child.take() {
             child.abort();
