@@ -249,6 +249,10 @@ impl RamSource for RamSnapshot {
         };
         Some(test())
     }
+
+    fn shared(&self) -> Option<&(dyn RamSource + Sync)> {
+        Some(self)
+    }
 }
 
 impl RamLoadTarget for RamSnapshot {

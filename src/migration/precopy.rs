@@ -16,7 +16,7 @@ use crate::error::{Error, HmErrorClass};
 
 use super::blocks::RamSnapshot;
 use super::format::TARGET_PAGE_SIZE;
-use super::ram::{PageRef, RamSource};
+use super::ram::{PageRef, PageRuns, RamSaveStats, RamSource, TestedRuns};
 use super::rate::{RateLimit, SliceBudget};
 use super::section::SectionHandler;
 use super::state::LiveLimits;
@@ -109,10 +109,20 @@ struct Sender<'a, W: StreamWrite> {
     pages_sent: u64,
 }
 
-impl<W: StreamWrite> Sender<'_, W> {
-    /// Sends `pages` as PART sections of at most a chunk each, rate-limited.
+/// Chunks a helper thread keeps tested ahead of the one going out (4 MiB).
+const TESTED_AHEAD: usize = 4;
+
+impl<'a, W: StreamWrite> Sender<'a, W> {
+    /// Sends `pages` as PART sections of at most a chunk each, rate-limited; where the stream
+    /// and the saver's options allow, each chunk's zero test runs ahead on a helper thread.
     fn send(&mut self, pages: impl IntoIterator<Item = PageRef>) -> Result<(), Error> {
         let mut pages = pages.into_iter().peekable();
+        let snap: &'a RamSnapshot = self.snap;
+        if self.saver.zero_test_helper() && self.saver.tests_in_place() {
+            if let Some(shared) = snap.shared() {
+                return self.send_tested_ahead(shared, &mut pages);
+            }
+        }
         let mut chunk = Vec::with_capacity(CHUNK_PAGES);
         while pages.peek().is_some() {
             chunk.clear();
@@ -125,30 +135,107 @@ impl<W: StreamWrite> Sender<'_, W> {
                 .saver
                 .save_pages(self.snap, chunk.iter().copied())
                 .map_err(Error::from)?;
-            let bytes = self.saver.position() - before;
-            self.pages_sent += chunk.len() as u64;
-            self.progress.update(|s| {
-                s.transferred += bytes;
-                s.precopy_bytes += bytes;
-                s.duplicate += st.zero_pages;
-                s.normal += st.normal_pages;
-                s.normal_bytes += st.normal_pages * PAGE;
-                s.remaining = s.remaining.saturating_sub(chunk.len() as u64 * PAGE);
-            });
-            self.budget.charge(bytes);
-            let progress = self.progress;
-            // A cancel ends the wait; the next chunk sees it.
-            let _ = self.budget.wait(self.rate, |left| {
-                if progress.cancel_requested() {
-                    return Err(());
-                }
-                std::thread::sleep(left.min(Duration::from_millis(10)));
-                Ok(())
-            });
-            self.meter
-                .tick(self.progress, self.saver.position(), self.pages_sent);
+            self.chunk_sent(chunk.len(), st, before);
         }
         Ok(())
+    }
+
+    /// [`Self::send`] with the zero tests on two threads: a helper keeps up to
+    /// [`TESTED_AHEAD`] chunks tested ahead of the one going out, and this thread, rather
+    /// than wait for the helper, tests the next chunk itself; framing, the kernel's copy and
+    /// the rate limit stay here, and the chunks go out in the pages' order.
+    fn send_tested_ahead(
+        &mut self,
+        shared: &'a (dyn RamSource + Sync),
+        pages: &mut std::iter::Peekable<impl Iterator<Item = PageRef>>,
+    ) -> Result<(), Error> {
+        use std::collections::VecDeque;
+        use std::sync::mpsc::{sync_channel, TryRecvError};
+        let helper_ended = || {
+            Error::new(
+                HmErrorClass::Generic,
+                "migration: the zero-test helper thread ended unexpectedly",
+            )
+        };
+        std::thread::scope(|scope| {
+            let (to_helper, jobs) = sync_channel::<PageRuns>(TESTED_AHEAD);
+            let (from_helper, results) = sync_channel::<TestedRuns<'a>>(TESTED_AHEAD);
+            scope.spawn(move || {
+                for runs in jobs {
+                    if from_helper.send(runs.test(shared)).is_err() {
+                        break;
+                    }
+                }
+            });
+            // In the pages' order; `None`: the helper's, whose results come back in order.
+            let mut queue: VecDeque<(PageRuns, Option<TestedRuns<'a>>)> = VecDeque::new();
+            let mut with_helper = 0;
+            loop {
+                while with_helper < TESTED_AHEAD && pages.peek().is_some() {
+                    let runs = self.saver.page_runs(pages.by_ref().take(CHUNK_PAGES))?;
+                    to_helper.send(runs.clone()).map_err(|_| helper_ended())?;
+                    queue.push_back((runs, None));
+                    with_helper += 1;
+                }
+                let Some((runs, tested)) = queue.pop_front() else {
+                    break;
+                };
+                let tested = match tested {
+                    Some(t) => t,
+                    None => {
+                        let t = match results.try_recv() {
+                            Ok(t) => t,
+                            Err(TryRecvError::Empty) => {
+                                if pages.peek().is_some() {
+                                    let mine =
+                                        self.saver.page_runs(pages.by_ref().take(CHUNK_PAGES))?;
+                                    let t = mine.test(shared);
+                                    queue.push_back((mine, Some(t)));
+                                }
+                                results.recv().map_err(|_| helper_ended())?
+                            }
+                            Err(TryRecvError::Disconnected) => return Err(helper_ended()),
+                        };
+                        with_helper -= 1;
+                        t
+                    }
+                };
+                if self.progress.cancel_requested() {
+                    return Err(cancelled());
+                }
+                let before = self.saver.position();
+                let st = self.saver.save_tested_pages(self.snap, &runs, tested)?;
+                self.chunk_sent(runs.pages(), st, before);
+            }
+            Ok(())
+        })
+    }
+
+    /// What follows a chunk of `pages` pages that went out from stream position `before`:
+    /// the statistics, the rate limit's wait (a cancel ends it; the next chunk sees it) and
+    /// the meter.
+    fn chunk_sent(&mut self, pages: usize, st: RamSaveStats, before: u64) {
+        let bytes = self.saver.position() - before;
+        self.pages_sent += pages as u64;
+        self.progress.update(|s| {
+            s.transferred += bytes;
+            s.precopy_bytes += bytes;
+            s.duplicate += st.zero_pages;
+            s.normal += st.normal_pages;
+            s.normal_bytes += st.normal_pages * PAGE;
+            s.remaining = s.remaining.saturating_sub(pages as u64 * PAGE);
+        });
+        self.budget.charge(bytes);
+        let progress = self.progress;
+        let _ = self.budget.wait(self.rate, |left| {
+            if progress.cancel_requested() {
+                return Err(());
+            }
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+            Ok(())
+        });
+        self.meter
+            .tick(self.progress, self.saver.position(), self.pages_sent);
     }
 }
 
@@ -434,6 +521,71 @@ mod tests {
         // SAFETY: the destination block's whole mapping, alive with `reg`.
         let data = unsafe { std::slice::from_raw_parts(blk.host_ptr(), size as usize) }.to_vec();
         (data, cpu)
+    }
+
+    /// A stream that takes guest RAM in place (as a socket or a file channel does), copying
+    /// it at once.
+    #[derive(Default)]
+    struct InPlaceVec(Vec<u8>);
+
+    impl std::io::Write for InPlaceVec {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl StreamWrite for InPlaceVec {
+        fn takes_unowned(&self) -> bool {
+            true
+        }
+        unsafe fn write_unowned(&mut self, ptr: *const u8, len: usize) -> std::io::Result<()> {
+            // SAFETY: the caller keeps `ptr..ptr+len` mapped until the next flush, and this
+            // reads it now.
+            self.0
+                .extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, len) });
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn zero_tests_run_ahead_on_a_helper_and_the_stream_is_the_one_tested_alone() {
+        // 24 MiB, half of it written: the bulk pass is 24 chunks, more than the helper keeps
+        // ahead; dirty passes follow.
+        let mut streams = Vec::new();
+        for helper in [true, false] {
+            let mut host = FakeHost::new(24 * MIB);
+            host.writes = vec![vec![0, 4096 * 3000], vec![4096 * 5]];
+            let progress = Progress::new(false);
+            let mut params = Parameters::default();
+            params.set("downtime-limit", "0").unwrap();
+            let mut opts = SaveOptions::new("none");
+            opts.zero_test_helper = helper;
+            let mut out = InPlaceVec::default();
+            run_outgoing(
+                &mut host,
+                &mut out,
+                opts,
+                &params,
+                &LiveLimits::new(&params),
+                0,
+                &progress,
+            )
+            .unwrap();
+            let (data, _) = load_into(&out.0, 24 * MIB);
+            assert!(
+                data == host.bytes(),
+                "helper {helper}: the destination differs"
+            );
+            let s = progress.snapshot();
+            assert_eq!(s.stats.transferred, out.0.len() as u64);
+            assert_eq!(s.stats.duplicate + s.stats.normal, 24 * MIB / PAGE + 3);
+            streams.push(out.0);
+        }
+        assert!(streams[0] == streams[1], "the streams differ");
     }
 
     #[test]

@@ -87,6 +87,11 @@ pub trait RamSource {
         let _ = (block, offset, zero);
         None
     }
+    /// This source, if [`Self::zero_test_in_place`] may run on another thread at the same
+    /// time (a saver then tests ahead on a helper thread). `None`: the saving thread only.
+    fn shared(&self) -> Option<&(dyn RamSource + Sync)> {
+        None
+    }
 }
 
 /// Where a run of consecutive pages of a [`RamSource`] lies in the host's address space, for as
@@ -97,6 +102,11 @@ pub struct InPlace<'a> {
     pages: usize,
     _source: PhantomData<&'a ()>,
 }
+
+// SAFETY: an InPlace is an address range and the borrow that keeps it mapped; reading through
+// it is unsafe and its contract does not depend on the thread that reads (the zero-test helper
+// finds runs, the saving thread sends them).
+unsafe impl Send for InPlace<'_> {}
 
 impl<'a> InPlace<'a> {
     /// # Safety
@@ -169,6 +179,7 @@ pub struct RamSaver {
     blocks: Vec<RamBlockInfo>,
     last_block: Option<usize>,
     zero_page_detection: bool,
+    zero_test_helper: bool,
     page: Vec<u8>,
     stats: RamSaveStats,
 }
@@ -199,6 +210,7 @@ impl RamSaver {
             blocks,
             last_block: None,
             zero_page_detection: true,
+            zero_test_helper: default_zero_test_helper(),
             page: vec![0; TARGET_PAGE_SIZE],
             stats: RamSaveStats::default(),
         })
@@ -291,10 +303,12 @@ impl RamSaver {
 
     /// One round's payload: a record for each page, then EOS. Returns what this round wrote.
     ///
-    /// When both the source and the stream can, pages are tested and sent in place, a run of
-    /// consecutive pages at a time ([`RamSource::zero_test_in_place`]); the stream is then
-    /// flushed before this returns, so the kernel has read every page while `source` is still
-    /// borrowed.
+    /// When both the source and the stream can ([`Self::tests_in_place`]), pages are tested
+    /// and sent in place, a run of consecutive pages at a time
+    /// ([`RamSource::zero_test_in_place`]); the stream is then flushed before this returns, so
+    /// the kernel has read every page while `source` is still borrowed. A caller that tests
+    /// on other threads splits this into [`Self::runs`], [`PageRuns::test`] and
+    /// [`Self::write_tested_round`].
     pub fn write_round<W: StreamWrite + ?Sized>(
         &mut self,
         w: &mut QemuWriter<W>,
@@ -303,15 +317,104 @@ impl RamSaver {
     ) -> Result<RamSaveStats, MigrationError> {
         let before = self.stats;
         let mut pages = pages.into_iter().peekable();
-        let mut in_place = self.zero_page_detection && w.get_mut().takes_unowned();
         let mut sent_in_place = false;
-        let mut zero = [false; IN_PLACE_RUN];
-        while let Some(first) = pages.next() {
-            self.check_page(first)?;
-            if !in_place {
-                self.write_page(w, source, first)?;
-                continue;
+        if !self.tests_in_place(w) {
+            for p in pages {
+                self.check_page(p)?;
+                self.write_page(w, source, p)?;
             }
+        } else {
+            // A batch at a time, so that a round of a huge guest holds little.
+            loop {
+                let runs = self.next_runs(&mut pages, BATCH_PAGES)?;
+                if runs.is_empty() {
+                    break;
+                }
+                let tested = runs.test(source);
+                sent_in_place |= self.write_runs(w, source, &runs, tested)?;
+            }
+        }
+        self.end_round(w, sent_in_place)?;
+        Ok(self.stats_since(before))
+    }
+
+    /// Whether rounds on `w` test pages in place (zero-page detection on, and a stream that
+    /// takes bytes it does not own), so that their zero tests may run on other threads.
+    pub fn tests_in_place<W: StreamWrite + ?Sized>(&self, w: &mut QemuWriter<W>) -> bool {
+        self.zero_page_detection && w.get_mut().takes_unowned()
+    }
+
+    /// Whether a caller should test pages on a helper thread as well
+    /// ([`default_zero_test_helper`] unless set otherwise).
+    pub fn zero_test_helper(&self) -> bool {
+        self.zero_test_helper
+    }
+
+    pub fn set_zero_test_helper(&mut self, on: bool) {
+        self.zero_test_helper = on;
+    }
+
+    /// `pages`, checked against the block list, as runs of consecutive pages for
+    /// [`PageRuns::test`].
+    pub fn runs(
+        &self,
+        pages: impl IntoIterator<Item = PageRef>,
+    ) -> Result<PageRuns, MigrationError> {
+        self.next_runs(&mut pages.into_iter().peekable(), usize::MAX)
+    }
+
+    /// One round's payload from pages [`Self::runs`] found and [`PageRuns::test`] tested (on
+    /// any thread, from this `source`): what [`Self::write_round`] writes for them, flushed
+    /// likewise. For streams that [`Self::tests_in_place`].
+    pub fn write_tested_round<W: StreamWrite + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+        runs: &PageRuns,
+        tested: TestedRuns<'_>,
+    ) -> Result<RamSaveStats, MigrationError> {
+        if !self.tests_in_place(w) {
+            return Err(MigrationError::Usage(
+                "pages tested in place on a stream that copies them".into(),
+            ));
+        }
+        let before = self.stats;
+        let sent_in_place = self.write_runs(w, source, runs, tested)?;
+        self.end_round(w, sent_in_place)?;
+        Ok(self.stats_since(before))
+    }
+
+    /// EOS, and the flush that lets go of pages sent in place.
+    fn end_round<W: StreamWrite + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        sent_in_place: bool,
+    ) -> Result<(), MigrationError> {
+        w.put_be64(RamFlag::EOS)?;
+        if sent_in_place {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    fn stats_since(&self, before: RamSaveStats) -> RamSaveStats {
+        RamSaveStats {
+            normal_pages: self.stats.normal_pages - before.normal_pages,
+            zero_pages: self.stats.zero_pages - before.zero_pages,
+        }
+    }
+
+    /// The next runs of `pages`, checked, until they hold at least `limit` pages or `pages`
+    /// ends.
+    fn next_runs(
+        &self,
+        pages: &mut std::iter::Peekable<impl Iterator<Item = PageRef>>,
+        limit: usize,
+    ) -> Result<PageRuns, MigrationError> {
+        let mut runs = PageRuns::default();
+        while runs.pages < limit {
+            let Some(first) = pages.next() else { break };
+            self.check_page(first)?;
             let mut n = 1;
             while n < IN_PLACE_RUN {
                 match pages.peek() {
@@ -325,40 +428,70 @@ impl RamSaver {
                     _ => break,
                 }
             }
-            let Some(found) = source.zero_test_in_place(first.block, first.offset, &mut zero[..n])
-            else {
-                // This source copies; so does the rest of the round.
-                in_place = false;
-                for i in 0..n {
-                    let offset = first.offset + i as u64 * PAGE;
-                    self.write_page(w, source, PageRef { offset, ..first })?;
+            runs.runs.push(Run { first, n });
+            runs.pages += n;
+        }
+        Ok(runs)
+    }
+
+    /// The records of `runs`, tested; whether any page went out in place (the stream then
+    /// must be flushed while the source is borrowed).
+    fn write_runs<W: StreamWrite + ?Sized>(
+        &mut self,
+        w: &mut QemuWriter<W>,
+        source: &dyn RamSource,
+        runs: &PageRuns,
+        tested: TestedRuns<'_>,
+    ) -> Result<bool, MigrationError> {
+        if tested.0.len() != runs.runs.len() {
+            return Err(MigrationError::Usage(format!(
+                "{} runs tested for a round of {}",
+                tested.0.len(),
+                runs.runs.len()
+            )));
+        }
+        let mut sent_in_place = false;
+        for (run, t) in runs.runs.iter().zip(tested.0) {
+            let Some(found) = t.found else {
+                // This source copies.
+                for i in 0..run.n {
+                    let offset = run.first.offset + i as u64 * PAGE;
+                    self.write_page(
+                        w,
+                        source,
+                        PageRef {
+                            offset,
+                            ..run.first
+                        },
+                    )?;
                 }
                 continue;
             };
-            let run = found?;
-            for (i, &z) in zero[..n].iter().enumerate() {
-                let offset = first.offset + i as u64 * PAGE;
-                self.put_header(w, PageRef { offset, ..first }, z)?;
+            let place = found?;
+            for (i, &z) in t.zero[..run.n].iter().enumerate() {
+                let offset = run.first.offset + i as u64 * PAGE;
+                self.put_header(
+                    w,
+                    PageRef {
+                        offset,
+                        ..run.first
+                    },
+                    z,
+                )?;
                 if z {
                     w.put_u8(0)?;
                     self.stats.zero_pages += 1;
                 } else {
-                    // SAFETY: the page lies in `run`, mapped while `source` is borrowed, and
-                    // the stream is flushed below, before this function returns.
-                    unsafe { w.put_unowned(run.page(i), TARGET_PAGE_SIZE)? };
+                    // SAFETY: the page lies in `place`, which the source keeps mapped while it
+                    // is borrowed (for `tested`'s lifetime, past the flush that ends the
+                    // round).
+                    unsafe { w.put_unowned(place.page(i), TARGET_PAGE_SIZE)? };
                     self.stats.normal_pages += 1;
                     sent_in_place = true;
                 }
             }
         }
-        w.put_be64(RamFlag::EOS)?;
-        if sent_in_place {
-            w.flush()?;
-        }
-        Ok(RamSaveStats {
-            normal_pages: self.stats.normal_pages - before.normal_pages,
-            zero_pages: self.stats.zero_pages - before.zero_pages,
-        })
+        Ok(sent_in_place)
     }
 
     /// Refuses a page the source does not list.
@@ -419,6 +552,67 @@ impl RamSaver {
 
 /// Pages tested in place at a time: one guarded access per run (256 KiB).
 const IN_PLACE_RUN: usize = 64;
+
+/// Pages a round tests and frames at a time, so that a round of a huge guest holds little.
+const BATCH_PAGES: usize = 1024;
+
+/// Whether a saver's caller tests pages on a helper thread too: on a host of more than one
+/// core.
+pub fn default_zero_test_helper() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
+}
+
+/// Consecutive pages of one block, tested with one guarded access.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    first: PageRef,
+    n: usize,
+}
+
+/// Pages of a round as runs of consecutive pages of one block, checked against the saver's
+/// block list ([`RamSaver::runs`]); a thread other than the saver's may test them.
+#[derive(Clone, Debug, Default)]
+pub struct PageRuns {
+    runs: Vec<Run>,
+    pages: usize,
+}
+
+impl PageRuns {
+    /// Pages in all.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// Tests every run for zero where it lies ([`RamSource::zero_test_in_place`]), for
+    /// [`RamSaver::write_tested_round`]; a fault is kept for the round to report.
+    pub fn test<'s>(&self, source: &'s (dyn RamSource + '_)) -> TestedRuns<'s> {
+        TestedRuns(
+            self.runs
+                .iter()
+                .map(|r| {
+                    let mut zero = [false; IN_PLACE_RUN];
+                    let found =
+                        source.zero_test_in_place(r.first.block, r.first.offset, &mut zero[..r.n]);
+                    Tested { zero, found }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What [`PageRuns::test`] found: which pages are zero, and where they lie for as long as the
+/// source is borrowed.
+pub struct TestedRuns<'s>(Vec<Tested<'s>>);
+
+/// A run tested for zero where it lies: `None` when the source has no mapping to offer.
+struct Tested<'s> {
+    zero: [bool; IN_PLACE_RUN],
+    found: Option<Result<InPlace<'s>, Error>>,
+}
 
 /// What a load target knows of one of its RAMBlocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1446,6 +1640,151 @@ pub(crate) mod tests {
                 )
                 .is_err());
         }
+    }
+
+    /// [`InPlaceRam`] that may be tested from two threads: records which thread tested a run.
+    struct SharedInPlaceRam {
+        blocks: Vec<RamBlockInfo>,
+        data: Vec<Vec<u8>>,
+        fault_at: Option<u64>,
+        runs: std::sync::Mutex<Vec<(usize, u64, usize, std::thread::ThreadId)>>,
+    }
+
+    impl SharedInPlaceRam {
+        fn new(ram: &VecRam, fault_at: Option<u64>) -> Self {
+            SharedInPlaceRam {
+                blocks: ram.blocks(),
+                data: ram.blocks.iter().map(|b| b.1.clone()).collect(),
+                fault_at,
+                runs: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl RamSource for SharedInPlaceRam {
+        fn blocks(&self) -> Vec<RamBlockInfo> {
+            self.blocks.clone()
+        }
+        fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+            buf.copy_from_slice(&self.data[block][offset as usize..][..TARGET_PAGE_SIZE]);
+            Ok(())
+        }
+        fn zero_test_in_place(
+            &self,
+            block: usize,
+            offset: u64,
+            zero: &mut [bool],
+        ) -> Option<Result<InPlace<'_>, Error>> {
+            let me = std::thread::current().id();
+            self.runs
+                .lock()
+                .unwrap()
+                .push((block, offset, zero.len(), me));
+            let end = offset + (zero.len() * TARGET_PAGE_SIZE) as u64;
+            if self.fault_at.is_some_and(|f| (offset..end).contains(&f)) {
+                return Some(Err(Error::invalid("SIGBUS: test fault")));
+            }
+            let data = &self.data[block][offset as usize..end as usize];
+            for (z, page) in zero.iter_mut().zip(data.chunks(TARGET_PAGE_SIZE)) {
+                *z = is_zero_page(page);
+            }
+            // SAFETY: `data` is borrowed from the source, unchanged while it is borrowed.
+            Some(Ok(unsafe { InPlace::new(data.as_ptr(), zero.len()) }))
+        }
+        fn shared(&self) -> Option<&(dyn RamSource + Sync)> {
+            Some(self)
+        }
+    }
+
+    #[test]
+    fn runs_tested_on_other_threads_make_the_stream_of_a_round_written_alone() {
+        // Several batches, with gaps and a second block; the runs are tested on a thread of
+        // their own and written here, as precopy's helper does.
+        let pages_in = 3 * BATCH_PAGES as u64 + 77;
+        let mut ram = VecRam::new(&[("pc.ram", pages_in * PAGE), ("vga", 3 * PAGE)]);
+        for n in (0..pages_in).filter(|n| n % 7 == 0 || n % 1000 == 3) {
+            ram.fill(0, n * PAGE, (n % 251) as u8 + 1);
+        }
+        ram.fill(1, PAGE, 4);
+        let mut pages: Vec<PageRef> = all_pages(&ram.blocks()).collect();
+        pages.retain(|p| p.offset % (997 * PAGE) != 500 * PAGE);
+        let expect = copied_round(&ram, &pages);
+        let src = SharedInPlaceRam::new(&ram, None);
+        let me = std::thread::current().id();
+
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        let mut st = RamSaveStats::default();
+        for chunk in pages.chunks(300) {
+            let runs = s.runs(chunk.iter().copied()).unwrap();
+            assert_eq!(runs.pages(), chunk.len());
+            let shared = src.shared().unwrap();
+            let tested = std::thread::scope(|t| t.spawn(|| runs.test(shared)).join().unwrap());
+            let one = s.write_tested_round(&mut w, &src, &runs, tested).unwrap();
+            st.normal_pages += one.normal_pages;
+            st.zero_pages += one.zero_pages;
+        }
+        assert_eq!(st.normal_pages + st.zero_pages, pages.len() as u64);
+        assert!(src.runs.lock().unwrap().iter().all(|r| r.3 != me));
+        let w = w.into_inner();
+        assert!(w.queue.is_empty(), "bytes left unread after a round");
+        // Rounds of 300 pages: each its own EOS. The same rounds written alone match.
+        let mut alone = RamSaver::new(src.blocks()).unwrap();
+        let mut wa = QemuWriter::new(DeferringWriter::default());
+        for chunk in pages.chunks(300) {
+            alone
+                .write_round(&mut wa, &src, chunk.iter().copied())
+                .unwrap();
+        }
+        assert!(w.out == wa.into_inner().out, "the streams differ");
+        // And one round of them all is the copied stream.
+        let mut one = RamSaver::new(src.blocks()).unwrap();
+        let mut wo = QemuWriter::new(DeferringWriter::default());
+        one.write_round(&mut wo, &src, pages.iter().copied())
+            .unwrap();
+        assert!(wo.into_inner().out == expect, "the in-place stream differs");
+
+        // Tested runs on a stream that copies, or for other runs, are refused.
+        let runs = s.runs(pages[..10].iter().copied()).unwrap();
+        let mut copying = QemuWriter::new(Vec::new());
+        assert!(s
+            .write_tested_round(&mut copying, &src, &runs, runs.test(&src))
+            .is_err());
+        let other = s.runs(pages[..200].iter().copied()).unwrap();
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        assert!(s
+            .write_tested_round(&mut w, &src, &runs, other.test(&src))
+            .is_err());
+    }
+
+    #[test]
+    fn a_fault_found_by_a_test_on_another_thread_fails_the_round_and_bad_pages_fail_runs() {
+        let mut ram = VecRam::new(&[("pc.ram", 200 * PAGE)]);
+        ram.fill(0, 0, 1);
+        let src = SharedInPlaceRam::new(&ram, Some(150 * PAGE));
+        let mut s = RamSaver::new(src.blocks()).unwrap();
+        let runs = s.runs(all_pages(&src.blocks())).unwrap();
+        let shared = src.shared().unwrap();
+        let tested = std::thread::scope(|t| t.spawn(|| runs.test(shared)).join().unwrap());
+        let mut w = QemuWriter::new(DeferringWriter::default());
+        let e = s
+            .write_tested_round(&mut w, &src, &runs, tested)
+            .unwrap_err();
+        assert!(e.to_string().contains("SIGBUS: test fault"), "{e}");
+        let bad = PageRef {
+            block: 0,
+            offset: 200 * PAGE,
+        };
+        let e = s
+            .runs([
+                PageRef {
+                    block: 0,
+                    offset: 0,
+                },
+                bad,
+            ])
+            .unwrap_err();
+        assert!(matches!(e, MigrationError::IllegalRamOffset { offset } if offset == 200 * PAGE));
     }
 
     #[test]

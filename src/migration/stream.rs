@@ -30,8 +30,8 @@ use super::format::{
     TARGET_PAGE_BITS, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES,
 };
 use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
+use super::ram::{default_zero_test_helper, PageRuns, RamSaver, RamSource, TestedRuns};
 use super::ram::{PageRef, RamBlockInfo, RamLoadStats, RamLoadTarget, RamLoader, RamSaveStats};
-use super::ram::{RamSaver, RamSource};
 use super::section::{SectionHandler, SectionPhase, StreamRead};
 
 /// Every capability name QEMU 10.0 knows (`MigrationCapability`); a CONFIGURATION naming any
@@ -301,6 +301,9 @@ pub struct SaveOptions {
     /// Send all-zero pages as ZERO records (QEMU's `zero-page-detection=legacy`); with
     /// `false` every page goes out in full.
     pub zero_page_detection: bool,
+    /// Test pages for zero on a helper thread too, where the caller pipelines its rounds
+    /// (precopy); by default on a host of more than one core ([`default_zero_test_helper`]).
+    pub zero_test_helper: bool,
 }
 
 impl SaveOptions {
@@ -311,6 +314,7 @@ impl SaveOptions {
             vmdesc: true,
             send_configuration: true,
             zero_page_detection: true,
+            zero_test_helper: default_zero_test_helper(),
         }
     }
 }
@@ -359,6 +363,7 @@ impl<W: StreamWrite> Saver<W> {
     ) -> Result<Self, MigrationError> {
         let mut ram = RamSaver::new(ram_blocks)?;
         ram.set_zero_page_detection(opts.zero_page_detection);
+        ram.set_zero_test_helper(opts.zero_test_helper);
         Ok(Saver {
             w: QemuWriter::new(out),
             opts,
@@ -521,6 +526,50 @@ impl<W: StreamWrite> Saver<W> {
         let id = self.ram_section_id;
         self.put_part_end(SectionType::PART, id)?;
         let st = self.ram.write_round(&mut self.w, source, pages)?;
+        self.put_footer(id)?;
+        self.ram_rounds += 1;
+        Ok(st)
+    }
+
+    /// Whether `ram` rounds test pages in place ([`RamSaver::tests_in_place`]; never in a
+    /// mapped-ram file): a caller may then test a chunk's pages on another thread
+    /// ([`Self::page_runs`], [`PageRuns::test`]) and send them with
+    /// [`Self::save_tested_pages`].
+    pub fn tests_in_place(&mut self) -> bool {
+        !self.mapped_ram && self.ram.tests_in_place(&mut self.w)
+    }
+
+    /// Whether the caller should test pages on a helper thread ([`SaveOptions`]).
+    pub fn zero_test_helper(&self) -> bool {
+        self.ram.zero_test_helper()
+    }
+
+    /// `pages` checked and grouped for [`PageRuns::test`].
+    pub fn page_runs(
+        &self,
+        pages: impl IntoIterator<Item = PageRef>,
+    ) -> Result<PageRuns, MigrationError> {
+        self.ram.runs(pages)
+    }
+
+    /// [`Self::save_pages`] for pages tested already ([`Self::tests_in_place`]).
+    pub fn save_tested_pages(
+        &mut self,
+        source: &dyn RamSource,
+        runs: &PageRuns,
+        tested: TestedRuns<'_>,
+    ) -> Result<RamSaveStats, MigrationError> {
+        self.expect(SaveState::Iterating, "save_tested_pages")?;
+        if !self.tests_in_place() {
+            return Err(MigrationError::Usage(
+                "this stream does not take pages tested in place".to_string(),
+            ));
+        }
+        let id = self.ram_section_id;
+        self.put_part_end(SectionType::PART, id)?;
+        let st = self
+            .ram
+            .write_tested_round(&mut self.w, source, runs, tested)?;
         self.put_footer(id)?;
         self.ram_rounds += 1;
         Ok(st)
