@@ -179,7 +179,6 @@ pub struct RamSaver {
     blocks: Vec<RamBlockInfo>,
     last_block: Option<usize>,
     zero_page_detection: bool,
-    zero_test_helper: bool,
     page: Vec<u8>,
     stats: RamSaveStats,
 }
@@ -210,7 +209,6 @@ impl RamSaver {
             blocks,
             last_block: None,
             zero_page_detection: true,
-            zero_test_helper: default_zero_test_helper(),
             page: vec![0; TARGET_PAGE_SIZE],
             stats: RamSaveStats::default(),
         })
@@ -342,16 +340,6 @@ impl RamSaver {
     /// takes bytes it does not own), so that their zero tests may run on other threads.
     pub fn tests_in_place<W: StreamWrite + ?Sized>(&self, w: &mut QemuWriter<W>) -> bool {
         self.zero_page_detection && w.get_mut().takes_unowned()
-    }
-
-    /// Whether a caller should test pages on a helper thread as well
-    /// ([`default_zero_test_helper`] unless set otherwise).
-    pub fn zero_test_helper(&self) -> bool {
-        self.zero_test_helper
-    }
-
-    pub fn set_zero_test_helper(&mut self, on: bool) {
-        self.zero_test_helper = on;
     }
 
     /// `pages`, checked against the block list, as runs of consecutive pages for
@@ -555,12 +543,6 @@ const IN_PLACE_RUN: usize = 64;
 
 /// Pages a round tests and frames at a time, so that a round of a huge guest holds little.
 const BATCH_PAGES: usize = 1024;
-
-/// Whether a saver's caller tests pages on a helper thread too: on a host of more than one
-/// core.
-pub fn default_zero_test_helper() -> bool {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
-}
 
 /// Consecutive pages of one block, tested with one guarded access.
 #[derive(Clone, Copy, Debug)]
@@ -1469,19 +1451,33 @@ pub(crate) mod tests {
         assert!(!is_zero_page(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 
-    /// A VecRam offering its pages in place, failing a run that reaches `fault_at`.
+    /// A VecRam offering its pages in place, failing a run that reaches `fault_at`; it may be
+    /// tested from several threads at once and records which thread tested each run.
     struct InPlaceRam {
-        ram: VecRam,
+        blocks: Vec<RamBlockInfo>,
+        data: Vec<Vec<u8>>,
         fault_at: Option<u64>,
-        runs: RefCell<Vec<(usize, u64, usize)>>,
+        runs: std::sync::Mutex<Vec<(usize, u64, usize, std::thread::ThreadId)>>,
+    }
+
+    impl InPlaceRam {
+        fn new(ram: &VecRam, fault_at: Option<u64>) -> Self {
+            InPlaceRam {
+                blocks: ram.blocks(),
+                data: ram.blocks.iter().map(|b| b.1.clone()).collect(),
+                fault_at,
+                runs: std::sync::Mutex::new(Vec::new()),
+            }
+        }
     }
 
     impl RamSource for InPlaceRam {
         fn blocks(&self) -> Vec<RamBlockInfo> {
-            self.ram.blocks()
+            self.blocks.clone()
         }
         fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-            self.ram.read_page(block, offset, buf)
+            buf.copy_from_slice(&self.data[block][offset as usize..][..TARGET_PAGE_SIZE]);
+            Ok(())
         }
         fn zero_test_in_place(
             &self,
@@ -1489,17 +1485,24 @@ pub(crate) mod tests {
             offset: u64,
             zero: &mut [bool],
         ) -> Option<Result<InPlace<'_>, Error>> {
-            self.runs.borrow_mut().push((block, offset, zero.len()));
+            let me = std::thread::current().id();
+            self.runs
+                .lock()
+                .unwrap()
+                .push((block, offset, zero.len(), me));
             let end = offset + (zero.len() * TARGET_PAGE_SIZE) as u64;
             if self.fault_at.is_some_and(|f| (offset..end).contains(&f)) {
                 return Some(Err(Error::invalid("SIGBUS: test fault")));
             }
-            let data = &self.ram.blocks[block].1[offset as usize..end as usize];
+            let data = &self.data[block][offset as usize..end as usize];
             for (z, page) in zero.iter_mut().zip(data.chunks(TARGET_PAGE_SIZE)) {
                 *z = is_zero_page(page);
             }
             // SAFETY: `data` is borrowed from the source, unchanged while it is borrowed.
             Some(Ok(unsafe { InPlace::new(data.as_ptr(), zero.len()) }))
+        }
+        fn shared(&self) -> Option<&(dyn RamSource + Sync)> {
+            Some(self)
         }
     }
 
@@ -1564,11 +1567,7 @@ pub(crate) mod tests {
         pages.retain(|p| p.offset != 100 * PAGE);
         pages.swap(0, 1);
         let expect = copied_round(&ram, &pages);
-        let src = InPlaceRam {
-            ram,
-            fault_at: None,
-            runs: RefCell::new(Vec::new()),
-        };
+        let src = InPlaceRam::new(&ram, None);
         let mut s = RamSaver::new(src.blocks()).unwrap();
         let mut w = QemuWriter::new(DeferringWriter::default());
         let st = s.write_round(&mut w, &src, pages.iter().copied()).unwrap();
@@ -1586,7 +1585,13 @@ pub(crate) mod tests {
             w.out == expect,
             "the in-place stream differs from the copied one"
         );
-        let runs = src.runs.borrow();
+        let runs: Vec<(usize, u64, usize)> = src
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|&(b, o, n, _)| (b, o, n))
+            .collect();
         assert_eq!(runs[..3], [(0, PAGE, 1), (0, 0, 1), (0, 2 * PAGE, 64)]);
         assert!(runs.iter().all(|r| r.2 <= IN_PLACE_RUN));
         assert!(runs.contains(&(1, 0, 2)));
@@ -1604,11 +1609,7 @@ pub(crate) mod tests {
     fn a_fault_in_place_fails_the_round_and_pages_outside_the_list_are_refused() {
         let mut ram = VecRam::new(&[("pc.ram", 8 * PAGE)]);
         ram.fill(0, 0, 1);
-        let src = InPlaceRam {
-            ram,
-            fault_at: Some(5 * PAGE),
-            runs: RefCell::new(Vec::new()),
-        };
+        let src = InPlaceRam::new(&ram, Some(5 * PAGE));
         let mut s = RamSaver::new(src.blocks()).unwrap();
         let mut w = QemuWriter::new(DeferringWriter::default());
         let e = s
@@ -1642,60 +1643,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// [`InPlaceRam`] that may be tested from two threads: records which thread tested a run.
-    struct SharedInPlaceRam {
-        blocks: Vec<RamBlockInfo>,
-        data: Vec<Vec<u8>>,
-        fault_at: Option<u64>,
-        runs: std::sync::Mutex<Vec<(usize, u64, usize, std::thread::ThreadId)>>,
-    }
-
-    impl SharedInPlaceRam {
-        fn new(ram: &VecRam, fault_at: Option<u64>) -> Self {
-            SharedInPlaceRam {
-                blocks: ram.blocks(),
-                data: ram.blocks.iter().map(|b| b.1.clone()).collect(),
-                fault_at,
-                runs: std::sync::Mutex::new(Vec::new()),
-            }
-        }
-    }
-
-    impl RamSource for SharedInPlaceRam {
-        fn blocks(&self) -> Vec<RamBlockInfo> {
-            self.blocks.clone()
-        }
-        fn read_page(&self, block: usize, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-            buf.copy_from_slice(&self.data[block][offset as usize..][..TARGET_PAGE_SIZE]);
-            Ok(())
-        }
-        fn zero_test_in_place(
-            &self,
-            block: usize,
-            offset: u64,
-            zero: &mut [bool],
-        ) -> Option<Result<InPlace<'_>, Error>> {
-            let me = std::thread::current().id();
-            self.runs
-                .lock()
-                .unwrap()
-                .push((block, offset, zero.len(), me));
-            let end = offset + (zero.len() * TARGET_PAGE_SIZE) as u64;
-            if self.fault_at.is_some_and(|f| (offset..end).contains(&f)) {
-                return Some(Err(Error::invalid("SIGBUS: test fault")));
-            }
-            let data = &self.data[block][offset as usize..end as usize];
-            for (z, page) in zero.iter_mut().zip(data.chunks(TARGET_PAGE_SIZE)) {
-                *z = is_zero_page(page);
-            }
-            // SAFETY: `data` is borrowed from the source, unchanged while it is borrowed.
-            Some(Ok(unsafe { InPlace::new(data.as_ptr(), zero.len()) }))
-        }
-        fn shared(&self) -> Option<&(dyn RamSource + Sync)> {
-            Some(self)
-        }
-    }
-
     #[test]
     fn runs_tested_on_other_threads_make_the_stream_of_a_round_written_alone() {
         // Several batches, with gaps and a second block; the runs are tested on a thread of
@@ -1709,7 +1656,7 @@ pub(crate) mod tests {
         let mut pages: Vec<PageRef> = all_pages(&ram.blocks()).collect();
         pages.retain(|p| p.offset % (997 * PAGE) != 500 * PAGE);
         let expect = copied_round(&ram, &pages);
-        let src = SharedInPlaceRam::new(&ram, None);
+        let src = InPlaceRam::new(&ram, None);
         let me = std::thread::current().id();
 
         let mut s = RamSaver::new(src.blocks()).unwrap();
@@ -1761,7 +1708,7 @@ pub(crate) mod tests {
     fn a_fault_found_by_a_test_on_another_thread_fails_the_round_and_bad_pages_fail_runs() {
         let mut ram = VecRam::new(&[("pc.ram", 200 * PAGE)]);
         ram.fill(0, 0, 1);
-        let src = SharedInPlaceRam::new(&ram, Some(150 * PAGE));
+        let src = InPlaceRam::new(&ram, Some(150 * PAGE));
         let mut s = RamSaver::new(src.blocks()).unwrap();
         let runs = s.runs(all_pages(&src.blocks())).unwrap();
         let shared = src.shared().unwrap();

@@ -30,8 +30,8 @@ use super::format::{
     TARGET_PAGE_BITS, TARGET_PAGE_SIZE, VALIDATED_CAPABILITIES,
 };
 use super::qemu_file::{QemuReader, QemuWriter, StreamWrite};
-use super::ram::{default_zero_test_helper, PageRuns, RamSaver, RamSource, TestedRuns};
 use super::ram::{PageRef, RamBlockInfo, RamLoadStats, RamLoadTarget, RamLoader, RamSaveStats};
+use super::ram::{PageRuns, RamSaver, RamSource, TestedRuns};
 use super::section::{SectionHandler, SectionPhase, StreamRead};
 
 /// Every capability name QEMU 10.0 knows (`MigrationCapability`); a CONFIGURATION naming any
@@ -306,6 +306,11 @@ pub struct SaveOptions {
     pub zero_test_helper: bool,
 }
 
+/// Whether precopy tests pages on a helper thread too: on a host of more than one core.
+pub fn default_zero_test_helper() -> bool {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) > 1
+}
+
 impl SaveOptions {
     pub fn new(machine_type: &str) -> Self {
         SaveOptions {
@@ -363,7 +368,6 @@ impl<W: StreamWrite> Saver<W> {
     ) -> Result<Self, MigrationError> {
         let mut ram = RamSaver::new(ram_blocks)?;
         ram.set_zero_page_detection(opts.zero_page_detection);
-        ram.set_zero_test_helper(opts.zero_test_helper);
         Ok(Saver {
             w: QemuWriter::new(out),
             opts,
@@ -517,18 +521,24 @@ impl<W: StreamWrite> Saver<W> {
         source: &dyn RamSource,
         pages: impl IntoIterator<Item = PageRef>,
     ) -> Result<RamSaveStats, MigrationError> {
-        self.expect(SaveState::Iterating, "save_pages")?;
-        if self.mapped_ram {
-            return Err(MigrationError::Usage(
-                "a mapped-ram file has no page records".to_string(),
-            ));
-        }
+        self.expect_page_records("save_pages")?;
         let id = self.ram_section_id;
         self.put_part_end(SectionType::PART, id)?;
         let st = self.ram.write_round(&mut self.w, source, pages)?;
         self.put_footer(id)?;
         self.ram_rounds += 1;
         Ok(st)
+    }
+
+    /// Iterating, and not in a mapped-ram file (whose pages went out with the setup).
+    fn expect_page_records(&self, what: &str) -> Result<(), MigrationError> {
+        self.expect(SaveState::Iterating, what)?;
+        if self.mapped_ram {
+            return Err(MigrationError::Usage(
+                "a mapped-ram file has no page records".to_string(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether `ram` rounds test pages in place ([`RamSaver::tests_in_place`]; never in a
@@ -541,7 +551,7 @@ impl<W: StreamWrite> Saver<W> {
 
     /// Whether the caller should test pages on a helper thread ([`SaveOptions`]).
     pub fn zero_test_helper(&self) -> bool {
-        self.ram.zero_test_helper()
+        self.opts.zero_test_helper
     }
 
     /// `pages` checked and grouped for [`PageRuns::test`].
@@ -559,12 +569,7 @@ impl<W: StreamWrite> Saver<W> {
         runs: &PageRuns,
         tested: TestedRuns<'_>,
     ) -> Result<RamSaveStats, MigrationError> {
-        self.expect(SaveState::Iterating, "save_tested_pages")?;
-        if !self.tests_in_place() {
-            return Err(MigrationError::Usage(
-                "this stream does not take pages tested in place".to_string(),
-            ));
-        }
+        self.expect_page_records("save_tested_pages")?;
         let id = self.ram_section_id;
         self.put_part_end(SectionType::PART, id)?;
         let st = self
