@@ -475,21 +475,6 @@ fn file_with_offset_keeps_the_bytes_before_it_and_truncates_after_as_qemu_does()
     assert_eq!(mode & !0o600, 0, "mode {mode:o}");
 }
 
-/// A plain or mapped-ram stream of `ram` saved to `uri` (a `file:`); the channel finished.
-fn save_to(uri: &MigrationUri, ram: &Ram, mapped: bool) {
-    let ch = OutgoingChannel::connect(uri, &Cancel::new()).unwrap();
-    let ch = if mapped {
-        save_mapped_ram_file(ch, SaveOptions::new("none"), ram, &mut [])
-            .unwrap()
-            .0
-    } else {
-        save_stream(ch, SaveOptions::new("none"), ram, &mut [])
-            .unwrap()
-            .0
-    };
-    ch.finish().unwrap();
-}
-
 #[test]
 fn a_file_saved_over_holds_what_a_new_file_would_with_no_old_byte_left() {
     // hostmem writes over an existing file and cuts it where the stream ends (QEMU cuts it at
@@ -499,13 +484,13 @@ fn a_file_saved_over_holds_what_a_new_file_would_with_no_old_byte_left() {
     for mapped in [false, true] {
         let fresh = scratch("fresh.mig");
         let fresh_uri = parse(&format!("file:{}", fresh.display()));
-        save_to(&fresh_uri, &ram, mapped);
+        save_direct(&fresh_uri, &ram, false, mapped);
         let want = std::fs::read(&*fresh).unwrap();
         for old_len in [want.len() * 3, want.len() / 2] {
             let over = scratch("over.mig");
             std::fs::write(&*over, vec![0xeeu8; old_len]).unwrap();
             let uri = parse(&format!("file:{}", over.display()));
-            save_to(&uri, &ram, mapped);
+            save_direct(&uri, &ram, false, mapped);
             let got = std::fs::read(&*over).unwrap();
             assert_eq!(
                 got.len(),
