@@ -7,7 +7,9 @@
 //! [`RamSource`] (the sending side) and [`RamLoadTarget`] (the receiving side). QEMU's RAM list
 //! cannot change during a migration either (hotplug is refused meanwhile).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use crate::error::{Error, HmErrorClass};
 use crate::guarded::{AccessError, Guard, Span};
@@ -16,6 +18,7 @@ use crate::populated::{Detector, PopulatedMap, Region};
 use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
 
 use super::format::TARGET_PAGE_SIZE;
+use super::known_zero::KnownZero;
 use super::ram::{
     InPlace, LocalRamBlock, PageRef, RamBlockInfo, RamLoadTarget, RamSource, SharedRamTarget,
 };
@@ -94,6 +97,48 @@ pub struct RamSnapshot {
     /// Makes a page the host cannot back (SIGBUS) an error of the access, not the process's
     /// end; None only if the handler could not be installed (then each access tries again).
     guard: Option<Arc<Guard>>,
+    /// A load target's pages known to read as zeros ([`Self::know_zero_pages`]).
+    known_zero: Option<Arc<KnownZero>>,
+}
+
+/// The helper thread testing a load target's pages for zero ahead of the loader
+/// ([`RamSnapshot::know_zero_pages`]); stopped and joined when dropped.
+#[derive(Debug)]
+pub struct ZeroTester {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ZeroTester {
+    /// Whether a helper thread runs (none on one core, or with nothing to test).
+    pub fn runs(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// Waits until the helper has tested every page it could.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops the helper and waits for it.
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ZeroTester {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 impl RamSnapshot {
@@ -127,7 +172,103 @@ impl RamSnapshot {
         RamSnapshot {
             blocks,
             guard: Guard::acquire().ok().map(Arc::new),
+            known_zero: None,
         }
+    }
+
+    /// Makes this load target skip ZERO records for pages known to read as zeros
+    /// ([`super::known_zero`]): scans every migratable, writable block for what may hold data,
+    /// and, with more than one core and `helper` on, tests the populated pages ahead of the
+    /// loader on a thread that runs while the returned [`ZeroTester`] lives. Call it right
+    /// before the load, after anything that writes the destination's memory, and keep the
+    /// target from being written by anything but the load until the tester is dropped. A
+    /// block the scan cannot tell about is tested by the loader, as without this.
+    pub fn know_zero_pages(&mut self, detector: &Detector, helper: bool) -> ZeroTester {
+        let known = KnownZero::new(self.blocks.iter().map(|b| {
+            if !b.migratable || b.mapping.is_readonly() {
+                return None;
+            }
+            let outcome = detector.scan(&b.region().ok()?, None).ok()?;
+            Some((outcome.map()?.clone(), b.used_length))
+        }));
+        let known = Arc::new(known);
+        self.known_zero = Some(known.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let thread = (helper && cores > 1 && known.has_pages_to_test())
+            .then(|| {
+                let (me, stop) = (self.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name("hm-zero-test".into())
+                    .spawn(move || {
+                        known.test_ahead(&stop, &mut |b, offset, zero| {
+                            me.zero_test(b, offset, zero).is_ok()
+                        })
+                    })
+                    .ok()
+            })
+            .flatten();
+        ZeroTester { stop, thread }
+    }
+
+    /// Whether this load target's loader has gone past `end` of block `block` (false when
+    /// it does not know its known-zero pages, which tell where the loader is).
+    pub fn loader_passed(&self, block: usize, end: u64) -> bool {
+        self.known_zero
+            .as_ref()
+            .is_some_and(|k| k.loader_passed(block, end))
+    }
+
+    /// Asks the kernel to populate `len` bytes of block `block` from `offset` for writing
+    /// (`MADV_POPULATE_WRITE`): the faults a write there would take, taken now; no byte changes.
+    pub fn populate(&self, block: usize, offset: u64, len: u64) -> Result<(), Error> {
+        let b = self.block(block)?;
+        let at = b.at(offset, len)?;
+        if b.mapping.is_readonly() {
+            return Err(Error::invalid(format!(
+                "RAMBlock \"{}\" is read-only",
+                b.idstr
+            )));
+        }
+        // SAFETY: `at..at + len` lies inside the block's mapping (checked by `at`), which the
+        // snapshot keeps mapped; populating for write faults pages in and leaves their
+        // contents as they are, so no memory Rust or a guest sees changes. A page the host
+        // cannot back is an errno here, not SIGBUS.
+        let rc = unsafe {
+            libc::madvise(
+                b.mapping.as_ptr().add(at) as *mut libc::c_void,
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::new(
+                HmErrorClass::Host,
+                format!(
+                    "RAMBlock \"{}\": populating 0x{len:x} bytes at 0x{offset:x} failed",
+                    b.idstr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// ZERO records this load target skipped as known zero, and pages its tester found zero.
+    pub fn known_zero_counts(&self) -> (u64, u64) {
+        self.known_zero
+            .as_ref()
+            .map_or((0, 0), |k| (k.skipped(), k.found_zero()))
+    }
+
+    /// Tests `zero.len()` pages of block `block` from `offset` for zero where they lie; the
+    /// offset of the span's first page in the block's mapping.
+    fn zero_test(&self, block: usize, offset: u64, zero: &mut [bool]) -> Result<usize, Error> {
+        let b = self.block(block)?;
+        let at = b.at(offset, (zero.len() * TARGET_PAGE_SIZE) as u64)?;
+        guard(&self.guard)?
+            .zero_test(&Span::of(&b.mapping), at, TARGET_PAGE_SIZE, zero)
+            .map_err(|e| b.access_failed("reading the page", e))?;
+        Ok(at)
     }
 
     pub fn blocks(&self) -> &[SnapshotBlock] {
@@ -236,16 +377,12 @@ impl RamSource for RamSnapshot {
         zero: &mut [bool],
     ) -> Option<Result<InPlace<'_>, Error>> {
         let mut test = || {
-            let b = self.block(block)?;
-            let at = b.at(offset, (zero.len() * TARGET_PAGE_SIZE) as u64)?;
-            let span = Span::of(&b.mapping);
-            guard(&self.guard)?
-                .zero_test(&span, at, TARGET_PAGE_SIZE, zero)
-                .map_err(|e| b.access_failed("reading the page", e))?;
-            // SAFETY: `at..at + zero.len() pages` lies in the block's mapping (checked by `at`
-            // and again by the zero test), which the snapshot holds for as long as it is
-            // borrowed, and which is mapped readable (guest RAM always is).
-            Ok(unsafe { InPlace::new(span.as_ptr().add(at), zero.len()) })
+            let at = self.zero_test(block, offset, zero)?;
+            let base = self.block(block)?.mapping.as_ptr();
+            // SAFETY: `at..at + zero.len() pages` lies in the block's mapping (checked by the
+            // zero test), which the snapshot holds for as long as it is borrowed, and which is
+            // mapped readable (guest RAM always is).
+            Ok(unsafe { InPlace::new(base.add(at), zero.len()) })
         };
         Some(test())
     }
@@ -300,6 +437,9 @@ impl SharedRamTarget for RamSnapshot {
     fn write_page(&self, handle: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
         let b = self.block(handle)?;
         let at = b.at(offset, data.len() as u64)?;
+        if let Some(k) = &self.known_zero {
+            k.writing(handle, offset);
+        }
         guard(&self.guard)?
             .write(&Span::of(&b.mapping), at, data)
             .map_err(|e| b.access_failed("writing the page", e))
@@ -308,6 +448,13 @@ impl SharedRamTarget for RamSnapshot {
     fn zero_page(&self, handle: usize, offset: u64) -> Result<(), Error> {
         let b = self.block(handle)?;
         let at = b.at(offset, PAGE)?;
+        if self
+            .known_zero
+            .as_ref()
+            .is_some_and(|k| k.skips_zero_record(handle, offset))
+        {
+            return Ok(());
+        }
         let guard = guard(&self.guard)?;
         let span = Span::of(&b.mapping);
         // Tested in place, not copied out: a preallocated destination's zero pages are half
@@ -405,6 +552,49 @@ mod tests {
             "{:?}",
             populated[0].runs()
         );
+    }
+
+    #[test]
+    fn zero_records_for_pages_known_zero_are_skipped_and_the_rest_still_cleared() {
+        let (r, _, _, _) = registry();
+        let page: Vec<u8> = (0..4096).map(|i| (i % 13 + 1) as u8).collect();
+        // Before the load: pc.ram holds old data at 1 MiB and a populated zero page at 2 MiB.
+        let mut before = RamSnapshot::all(&r);
+        let h = before.find_block("pc.ram").unwrap().handle;
+        before.write_page(h, MIB, &page).unwrap();
+        before.write_page(h, 2 * MIB, &[0; 4096]).unwrap();
+        for helper in [false, true] {
+            let mut dst = RamSnapshot::all(&r);
+            let tester = dst.know_zero_pages(&Detector::new(), helper);
+            assert_eq!(tester.runs(), tester_ran(helper));
+            tester.join();
+            // A page of the load, then a ZERO record for it (a later round's).
+            dst.write_page(h, 3 * MIB, &page).unwrap();
+            for offset in (0..4 * MIB).step_by(4096) {
+                dst.zero_page(h, offset).unwrap();
+            }
+            let src = RamSnapshot::migratable(&r);
+            let mut got = vec![1; 4096];
+            for at in [MIB, 2 * MIB, 3 * MIB] {
+                src.read_page(0, at, &mut got).unwrap();
+                assert!(got.iter().all(|&b| b == 0), "page at {at:#x}");
+            }
+            let (skipped, found) = dst.known_zero_counts();
+            if tester_ran(helper) {
+                // Every page but the old data and the load's own was known zero, the
+                // populated zero page at 2 MiB (at least) found so by the tester.
+                assert!(skipped == 1022 && found >= 1, "{skipped} {found}");
+            } else {
+                // The pages the scan left out; the populated ones were tested.
+                assert!(skipped < 1022 && found == 0, "{skipped} {found}");
+            }
+            // What the tester found: the old data page is populated and was not zero.
+            before.write_page(h, MIB, &page).unwrap();
+        }
+    }
+
+    fn tester_ran(helper: bool) -> bool {
+        helper && std::thread::available_parallelism().unwrap().get() > 1
     }
 
     #[test]

@@ -72,9 +72,13 @@ mod fixtures;
 /// cbindgen:ignore
 pub mod format;
 /// cbindgen:ignore
+pub mod known_zero;
+/// cbindgen:ignore
 pub mod parallel;
 /// cbindgen:ignore
 pub mod precopy;
+/// cbindgen:ignore
+pub mod prefault;
 /// cbindgen:ignore
 pub mod qemu_file;
 /// cbindgen:ignore

@@ -2560,6 +2560,23 @@ impl IncomingChannel {
         self.seekable
     }
 
+    /// A second reader of a `file:` channel's stream from its start (the URI's offset), with
+    /// a file position of its own: the very file this channel reads, opened again through
+    /// `/proc/self/fd` (a path renamed or replaced meanwhile does not matter). `None` for
+    /// other channels, or if it cannot be opened.
+    pub fn read_ahead(&self) -> Option<std::fs::File> {
+        let MigrationUri::File { offset, .. } = self.uri else {
+            return None;
+        };
+        if !self.seekable {
+            return None;
+        }
+        let fd = self.r.get_ref().io.fd.as_raw_fd();
+        let mut f = std::fs::File::open(format!("/proc/self/fd/{fd}")).ok()?;
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        Some(f)
+    }
+
     /// Lines QEMU prints as warnings for this channel (`fd:` of a regular file).
     pub fn warnings(&self) -> &[String] {
         &self.warnings

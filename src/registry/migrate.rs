@@ -13,6 +13,7 @@ use crate::migration::blocks::RamSnapshot;
 use crate::migration::builtin::{GlobalState, Timer};
 use crate::migration::compat;
 use crate::migration::precopy::{run_outgoing, PrecopyHost, SectionsFn};
+use crate::migration::prefault::Prefault;
 use crate::migration::qemu_file::StreamWrite;
 use crate::migration::ram::PageRef;
 use crate::migration::section::SectionHandler;
@@ -72,8 +73,19 @@ pub enum IncomingChannel {
 }
 
 /// What a seekable incoming channel is.
-pub trait SeekableRead: Read + Seek + Send {}
-impl<T: Read + Seek + Send> SeekableRead for T {}
+pub trait SeekableRead: Read + Seek + Send {
+    /// A second reader of the stream from its start, with a position of its own: what the
+    /// loader's prefaulter reads ahead with ([`crate::migration::prefault`]). `None`: none.
+    fn read_ahead(&self) -> Option<std::fs::File> {
+        None
+    }
+}
+
+impl SeekableRead for crate::migration::transport::IncomingChannel {
+    fn read_ahead(&self) -> Option<std::fs::File> {
+        crate::migration::transport::IncomingChannel::read_ahead(self)
+    }
+}
 
 /// An incoming channel being set up: listening already.
 pub struct PendingIncoming {
@@ -488,11 +500,21 @@ fn incoming(
             m.migration().capabilities.is_on(SKIP_UNPOPULATED),
         ))
     })?;
+    let detector = Detector::new();
     if skip_unpopulated {
         // The stream leaves out what the source never populated: those pages must read as
         // zeros here, whatever this machine's memory held before.
-        target.clear_populated(&Detector::new())?;
+        target.clear_populated(&detector)?;
     }
+    // Nothing but the load writes this machine's memory until it ends: the guest waits.
+    let zero_tester = target.know_zero_pages(&detector, true);
+    // A fresh destination (nothing for the tester): its pages faulted in ahead of the loader.
+    let prefault = match &channel {
+        IncomingChannel::Seekable(file) if !zero_tester.runs() => file
+            .read_ahead()
+            .and_then(|f| Prefault::spawn(&target, f, opts)),
+        _ => None,
+    };
     progress.set_status(MigrationStatus::Active);
     progress.update(|s| s.total = target.total_bytes());
     let mut globalstate = GlobalState::new(Default::default());
@@ -505,7 +527,12 @@ fn incoming(
         IncomingChannel::Seekable(mut file) => with_locked_sections(builtin, sections, &mut |h| {
             load_file(&mut file, opts, Some(&mut target), h).map_err(Error::from)
         }),
-    }?;
+    };
+    zero_tester.stop();
+    if let Some(p) = prefault {
+        p.stop();
+    }
+    let summary = summary?;
     progress.update(|s| {
         s.transferred = summary.bytes;
         s.normal = summary.ram.normal_pages;
