@@ -175,7 +175,8 @@ fn load_into(dst: MachineId, stream: &str) {
 #[test]
 fn a_destination_that_held_data_ends_with_the_sources_zero_pages_zero() {
     // The loader skips ZERO records for pages it knows read as zeros: never populated, or
-    // found zero by its helper before the load wrote them. Old data anywhere must still go.
+    // found zero by its helper before the load wrote them. Old data anywhere must still go,
+    // and a fresh destination, whose pages a second reader faults in ahead, loads the same.
     let src = machine(&["-m", "16M"]);
     fill(src);
     let stream = scratch("old-data.mig");
@@ -185,6 +186,7 @@ fn a_destination_that_held_data_ends_with_the_sources_zero_pages_zero() {
     let backing = scratch("old-data.ram");
     let mut ends = Vec::new();
     for (what, args) in [
+        ("fresh, never touched (prefaulted ahead)", vec!["-m", "16M"]),
         ("anonymous, every page old", vec!["-m", "16M"]),
         (
             "preallocated, old data in a third",
@@ -214,7 +216,7 @@ fn a_destination_that_held_data_ends_with_the_sources_zero_pages_zero() {
             std::fs::write(&backing, data).unwrap();
         }
         let dst = machine(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        if !through_file {
+        if !through_file && !what.starts_with("fresh") {
             let (p, size) = ram(dst);
             let every = if what.contains("third") { 3 } else { 1 };
             for page in (0..size as usize / 4096).step_by(every) {
@@ -626,7 +628,7 @@ fn a_sparse_9_tib_guest_migrates_in_proportion_to_what_was_written() {
     let backend = ["-object", "memory-backend-ram,id=mem,size=9T,reserve=off"];
     let args = |extra: &[&'static str]| {
         let mut a = backend.to_vec();
-        a.extend(["-machine", "memory-backend=ram"]);
+        a.extend(["-machine", "memory-backend=mem"]);
         a.extend(extra);
         a
     };

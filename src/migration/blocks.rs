@@ -184,9 +184,24 @@ impl RamSnapshot {
     /// target from being written by anything but the load until the tester is dropped. A
     /// block the scan cannot tell about is tested by the loader, as without this.
     pub fn know_zero_pages(&mut self, detector: &Detector, helper: bool) -> ZeroTester {
-        let known = KnownZero::new(self.blocks.iter().map(|b| {
-            if !b.migratable || b.mapping.is_readonly() {
+        let known = KnownZero::new(self.blocks.iter().enumerate().map(|(i, b)| {
+            if !b.migratable || b.mapping.is_readonly() || self.overlaps_another(i) {
                 return None;
+            }
+            // A file shorter than the mapping: its pages past the end are holes to the scan
+            // but SIGBUS to a read, and the load must meet that as an error.
+            if let Some(fd) = b.mapping.fd() {
+                let end = b.mapping.file_offset() + b.mapping_offset + b.used_length;
+                // SAFETY: a zeroed stat is a valid buffer, and fstat writes only that buffer,
+                // which we own; `fd` is the mapping's, open as long as the mapping (which the
+                // snapshot holds).
+                let size = unsafe {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    (libc::fstat(fd, &mut st) == 0).then_some(st.st_size as u64)
+                };
+                if size.is_none_or(|size| size < end) {
+                    return None;
+                }
             }
             let outcome = detector.scan(&b.region().ok()?, None).ok()?;
             Some((outcome.map()?.clone(), b.used_length))
@@ -251,6 +266,28 @@ impl RamSnapshot {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the memory of block `index` overlaps another migratable block's: a write
+    /// through one would not be recorded for the other, so neither gets known-zero pages.
+    fn overlaps_another(&self, index: usize) -> bool {
+        let span = |b: &SnapshotBlock| {
+            let start = b.mapping.as_ptr() as usize + b.mapping_offset as usize;
+            start..start + b.used_length as usize
+        };
+        let me = span(&self.blocks[index]);
+        self.blocks.iter().enumerate().any(|(i, b)| {
+            let other = span(b);
+            i != index && b.migratable && other.start < me.end && me.start < other.end
+        })
+    }
+
+    /// Whether most of this load target's memory was never populated when its known-zero
+    /// pages were found ([`Self::know_zero_pages`]): a fresh destination.
+    pub fn starts_mostly_unpopulated(&self) -> bool {
+        self.known_zero
+            .as_ref()
+            .is_some_and(|k| k.unpopulated_bytes() * 2 >= self.total_bytes())
     }
 
     /// ZERO records this load target skipped as known zero, and pages its tester found zero.
@@ -563,11 +600,17 @@ mod tests {
         let h = before.find_block("pc.ram").unwrap().handle;
         before.write_page(h, MIB, &page).unwrap();
         before.write_page(h, 2 * MIB, &[0; 4096]).unwrap();
-        for helper in [false, true] {
+        // The tester off, done before the load, and running while it loads.
+        for (helper, join) in [(false, true), (true, true), (true, false)] {
             let mut dst = RamSnapshot::all(&r);
             let tester = dst.know_zero_pages(&Detector::new(), helper);
-            assert_eq!(tester.runs(), tester_ran(helper));
-            tester.join();
+            assert!(!tester.runs() || tester_ran(helper));
+            let running = if join {
+                tester.join();
+                None
+            } else {
+                Some(tester)
+            };
             // A page of the load, then a ZERO record for it (a later round's).
             dst.write_page(h, 3 * MIB, &page).unwrap();
             for offset in (0..4 * MIB).step_by(4096) {
@@ -578,6 +621,11 @@ mod tests {
             for at in [MIB, 2 * MIB, 3 * MIB] {
                 src.read_page(0, at, &mut got).unwrap();
                 assert!(got.iter().all(|&b| b == 0), "page at {at:#x}");
+            }
+            if let Some(t) = running {
+                t.stop();
+                before.write_page(h, MIB, &page).unwrap();
+                continue;
             }
             let (skipped, found) = dst.known_zero_counts();
             if tester_ran(helper) {

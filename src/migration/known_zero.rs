@@ -53,6 +53,8 @@ fn zeroed_words(n: usize) -> Box<[AtomicU64]> {
 #[derive(Debug)]
 struct Hints {
     pages: u64,
+    /// Pages the scan left out: zero from the start.
+    unpopulated: u64,
     /// Set: the page may hold data (populated when the load began, and not yet found zero).
     /// Only the tester clears bits once the scan has set them.
     may_hold_data: Box<[AtomicU64]>,
@@ -84,8 +86,13 @@ impl Hints {
                 p += n;
             }
         }
+        let populated = may_hold_data
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as u64)
+            .sum::<u64>();
         Hints {
             pages,
+            unpopulated: pages - populated,
             may_hold_data,
             written: zeroed_words(words),
             loader_at: AtomicU64::new(0),
@@ -155,6 +162,15 @@ impl KnownZero {
         known
     }
 
+    /// Bytes the scan found never populated, in every block it knows of.
+    pub fn unpopulated_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .flatten()
+            .map(|h| h.unpopulated * PAGE)
+            .sum()
+    }
+
     /// ZERO records that needed nothing so far.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
@@ -175,7 +191,8 @@ impl KnownZero {
     }
 
     /// Whether the loader has gone past `end` of `block` (into a later block, or has had a
-    /// record for the page that ends there or a later one).
+    /// record for the page that ends there or a later one), as far as it tells: its position
+    /// moves a bitmap word (256 KiB) at a time.
     pub fn loader_passed(&self, block: usize, end: u64) -> bool {
         let at = self.loader_block.load(Ordering::Relaxed);
         at > block
@@ -193,8 +210,10 @@ impl KnownZero {
         if self.loader_block.load(Ordering::Relaxed) != block {
             self.loader_block.store(block, Ordering::Relaxed);
         }
+        // Moved a bitmap word at a time (the tester's unit): with writer threads this line is
+        // shared, and a store per page would bounce it between their cores.
         if let Some(h) = self.hints(block) {
-            if h.loader_at.load(Ordering::Relaxed) < offset {
+            if h.loader_at.load(Ordering::Relaxed) + WORD_PAGES * PAGE <= offset {
                 h.loader_at.store(offset, Ordering::Relaxed);
             }
         }

@@ -81,6 +81,9 @@ impl RamLoadTarget for Prefaulter {
     }
 
     fn zero_page(&mut self, _handle: usize, _offset: u64) -> Result<(), Error> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(Error::invalid("the load ended"));
+        }
         Ok(())
     }
 }

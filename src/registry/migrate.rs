@@ -508,9 +508,9 @@ fn incoming(
     }
     // Nothing but the load writes this machine's memory until it ends: the guest waits.
     let zero_tester = target.know_zero_pages(&detector, true);
-    // A fresh destination (nothing for the tester): its pages faulted in ahead of the loader.
+    // A fresh destination: its pages faulted in ahead of the loader.
     let prefault = match &channel {
-        IncomingChannel::Seekable(file) if !zero_tester.runs() => file
+        IncomingChannel::Seekable(file) if target.starts_mostly_unpopulated() => file
             .read_ahead()
             .and_then(|f| Prefault::spawn(&target, f, opts)),
         _ => None,
