@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use hostmem::machine::{GuestControl, RunState};
 use hostmem::migration::section::BufferSection;
+use hostmem::migration::state::ProgressSnapshot;
 use hostmem::options::cmdline::Cmdline;
 use hostmem::registry::{self, hmp, transports::HostTransports, MachineId, PendingMachine};
 use hostmem::testing::machines::{main_ram, none_board, none_machine};
@@ -61,6 +62,25 @@ fn scratch(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("hostmem-mm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name).display().to_string()
+}
+
+/// Starts loading `stream` into `dst` (started with `-incoming defer`); how it ended.
+fn incoming_file(dst: MachineId, stream: &str) -> ProgressSnapshot {
+    run(dst, &format!("migrate_incoming file:{stream}")).unwrap();
+    let progress = loop {
+        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
+            break p;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let done = progress.wait();
+    done
+}
+
+/// Loads `stream` into `dst` and checks that it completed.
+fn load_into(dst: MachineId, stream: &str) {
+    let done = incoming_file(dst, stream);
+    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
 }
 
 #[test]
@@ -139,15 +159,7 @@ fn a_machine_migrates_through_a_file_into_another_with_its_sections() {
         run(dst, "info status").unwrap(),
         "VM status: paused (inmigrate)\n"
     );
-    run(dst, &format!("migrate_incoming file:{path}")).unwrap();
-    let progress = loop {
-        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
-            break p;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    let done = progress.wait();
-    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
+    load_into(dst, &path);
     assert!(bytes(dst) == bytes(src), "the destination's RAM differs");
     assert_eq!(*section.lock().unwrap(), b"regs");
     assert_eq!(*dst_vcpus.0.lock().unwrap(), ["resume"]);
@@ -157,19 +169,6 @@ fn a_machine_migrates_through_a_file_into_another_with_its_sections() {
     );
     registry::remove(src).unwrap();
     registry::remove(dst).unwrap();
-}
-
-/// Loads `stream` into `dst` (started with `-incoming defer`) and waits until it completed.
-fn load_into(dst: MachineId, stream: &str) {
-    run(dst, &format!("migrate_incoming file:{stream}")).unwrap();
-    let progress = loop {
-        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
-            break p;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    let done = progress.wait();
-    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
 }
 
 #[test]
@@ -279,15 +278,7 @@ fn direct_io_on_writes_a_file_stream_past_the_page_cache_byte_for_byte_the_same(
     assert!(std::fs::read(&plain).unwrap() == std::fs::read(&direct).unwrap());
 
     let dst = machine(&["-m", "32M", "-incoming", "defer"]);
-    run(dst, &format!("migrate_incoming file:{direct}")).unwrap();
-    let progress = loop {
-        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
-            break p;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    let done = progress.wait();
-    assert_eq!(done.status.name(), "completed", "{:?}", done.error);
+    load_into(dst, &direct);
     assert!(
         bytes(dst) == bytes(sources[1]),
         "the destination's RAM differs"
@@ -309,14 +300,7 @@ fn a_stream_for_a_bigger_machine_is_refused_and_the_destination_never_starts() {
         Ok(())
     })
     .unwrap();
-    run(dst, &format!("migrate_incoming file:{path}")).unwrap();
-    let progress = loop {
-        if let Some(p) = registry::with(dst, |m| Ok(m.migration().incoming.clone())).unwrap() {
-            break p;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    let done = progress.wait();
+    let done = incoming_file(dst, &path);
     assert_eq!(done.status.name(), "failed");
     assert_eq!(
         done.error.as_deref(),
