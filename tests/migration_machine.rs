@@ -73,8 +73,7 @@ fn incoming_file(dst: MachineId, stream: &str) -> ProgressSnapshot {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
-    let done = progress.wait();
-    done
+    progress.wait()
 }
 
 /// Loads `stream` into `dst` and checks that it completed.
