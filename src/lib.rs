@@ -9,6 +9,7 @@ pub mod ffi;
 pub mod flatview;
 pub mod gpa_layout;
 pub mod guarded;
+pub mod helper_thread;
 pub mod hostmap;
 pub mod kvm;
 pub mod listener;

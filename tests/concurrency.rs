@@ -14,7 +14,7 @@ use hostmem::registry::{self, MachineId};
 use hostmem::testing::machines::{main_ram, none_machine};
 
 mod stress_support;
-use stress_support::{fds, ram_checksum as checksum, rounds, run};
+use stress_support::{open_fds, ram_checksum as checksum, rounds, run};
 
 const WORKERS: usize = 4;
 const RAM_MIB: u64 = 32;
@@ -254,7 +254,7 @@ fn machines_preallocate_migrate_and_change_layout_at_once() {
         for id in &made {
             assert!(!registry::exists(*id), "machine {id} is still registered");
         }
-        let now = (fds(), big_mappings());
+        let now = (open_fds().len(), big_mappings());
         // The first round settles what the process keeps for good; every later round must
         // end where it did.
         match baseline {

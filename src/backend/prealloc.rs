@@ -92,11 +92,35 @@ fn populate_advice(readonly: bool) -> libc::c_int {
     }
 }
 
+/// Asks the kernel to populate `[addr, addr + len)` (`MADV_POPULATE_WRITE`, or `_READ` when
+/// `readonly`): the faults an access would take, taken now, with no byte changed, so it may run
+/// while other threads write the range. A page the host cannot back is an errno, not SIGBUS.
+///
+/// # Safety
+/// `[addr, addr + len)` must lie inside one live mapping of the caller's, writable unless
+/// `readonly`.
+pub unsafe fn populate_range(
+    addr: *mut u8,
+    len: usize,
+    readonly: bool,
+) -> std::result::Result<(), i32> {
+    // SAFETY: the range is the caller's mapping (this function's contract); populating leaves
+    // its contents as they are.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, populate_advice(readonly)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(crate::hostmap::errno())
+    }
+}
+
 /// Whether the kernel has MADV_POPULATE_*, sensed on the first page of the range.
 fn populate_works(addr: *mut u8, page: usize, readonly: bool) -> bool {
-    // SAFETY: advising the first page of the caller's mapping.
-    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, page, populate_advice(readonly)) };
-    rc == 0 || crate::hostmap::errno() != libc::EINVAL
+    // SAFETY: the first page of the caller's mapping.
+    match unsafe { populate_range(addr, page, readonly) } {
+        Ok(()) => true,
+        Err(errno) => errno != libc::EINVAL,
+    }
 }
 
 /// Faults every page of the range in.
@@ -267,15 +291,11 @@ fn run_chunk(
         let errno = match guard {
             None => {
                 let addr = span.as_ptr().wrapping_add(at);
-                // SAFETY: [addr, addr+n) lies inside the caller's mapping.
-                let rc = unsafe {
-                    libc::madvise(addr as *mut libc::c_void, n, populate_advice(readonly))
-                };
-                if rc != 0 {
-                    crate::hostmap::errno()
-                } else {
-                    0
-                }
+                // SAFETY: [addr, addr+n) lies inside the span's mapping, writable unless
+                // `readonly`.
+                unsafe { populate_range(addr, n, readonly) }
+                    .err()
+                    .unwrap_or(0)
             }
             Some(guard) => {
                 match guard.run(span, at, n, |watch| touch(span, at, n, readonly, watch)) {

@@ -7,12 +7,12 @@
 //! [`RamSource`] (the sending side) and [`RamLoadTarget`] (the receiving side). QEMU's RAM list
 //! cannot change during a migration either (hotplug is refused meanwhile).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
+use crate::backend::prealloc::populate_range;
 use crate::error::{Error, HmErrorClass};
 use crate::guarded::{AccessError, Guard, Span};
+use crate::helper_thread::{second_core, HelperThread};
 use crate::hostmap::HostMapping;
 use crate::populated::{Detector, PopulatedMap, Region};
 use crate::ramblock::{RamBlockId, RamBlockRegistry, DIRTY_PAGE_SIZE};
@@ -101,46 +101,6 @@ pub struct RamSnapshot {
     known_zero: Option<Arc<KnownZero>>,
 }
 
-/// The helper thread testing a load target's pages for zero ahead of the loader
-/// ([`RamSnapshot::know_zero_pages`]); stopped and joined when dropped.
-#[derive(Debug)]
-pub struct ZeroTester {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ZeroTester {
-    /// Whether a helper thread runs (none on one core, or with nothing to test).
-    pub fn runs(&self) -> bool {
-        self.thread.is_some()
-    }
-
-    /// Waits until the helper has tested every page it could.
-    pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    /// Stops the helper and waits for it.
-    pub fn stop(mut self) {
-        self.end();
-    }
-
-    fn end(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for ZeroTester {
-    fn drop(&mut self) {
-        self.end();
-    }
-}
-
 impl RamSnapshot {
     /// The blocks that go in the stream (registered for migration), in `info ramblock` order
     /// (QEMU's ram_list order, the order the stream lists and sends them in).
@@ -179,11 +139,12 @@ impl RamSnapshot {
     /// Makes this load target skip ZERO records for pages known to read as zeros
     /// ([`super::known_zero`]): scans every migratable, writable block for what may hold data,
     /// and, with more than one core and `helper` on, tests the populated pages ahead of the
-    /// loader on a thread that runs while the returned [`ZeroTester`] lives. Call it right
+    /// loader on a thread that runs while the returned helper lives (none on one core, or with
+    /// nothing to test). Call it right
     /// before the load, after anything that writes the destination's memory, and keep the
     /// target from being written by anything but the load until the tester is dropped. A
     /// block the scan cannot tell about is tested by the loader, as without this.
-    pub fn know_zero_pages(&mut self, detector: &Detector, helper: bool) -> ZeroTester {
+    pub fn know_zero_pages(&mut self, detector: &Detector, helper: bool) -> Option<HelperThread> {
         let known = KnownZero::new(self.blocks.iter().enumerate().map(|(i, b)| {
             if !b.migratable || b.mapping.is_readonly() || self.overlaps_another(i) {
                 return None;
@@ -208,22 +169,15 @@ impl RamSnapshot {
         }));
         let known = Arc::new(known);
         self.known_zero = Some(known.clone());
-        let stop = Arc::new(AtomicBool::new(false));
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let thread = (helper && cores > 1 && known.has_pages_to_test())
-            .then(|| {
-                let (me, stop) = (self.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name("hm-zero-test".into())
-                    .spawn(move || {
-                        known.test_ahead(&stop, &mut |b, offset, zero| {
-                            me.zero_test(b, offset, zero).is_ok()
-                        })
-                    })
-                    .ok()
+        if !(helper && second_core() && known.has_pages_to_test()) {
+            return None;
+        }
+        let me = self.clone();
+        HelperThread::spawn("hm-zero-test", move |stop| {
+            known.test_ahead(&stop, &mut |b, offset, zero| {
+                me.zero_test(b, offset, zero).is_ok()
             })
-            .flatten();
-        ZeroTester { stop, thread }
+        })
     }
 
     /// Whether this load target's loader has gone past `end` of block `block` (false when
@@ -245,27 +199,22 @@ impl RamSnapshot {
                 b.idstr
             )));
         }
+        // No touching fallback where the kernel lacks MADV_POPULATE_WRITE (as prealloc has):
+        // rewriting a byte could undo the loader's write of it, which runs meanwhile.
         // SAFETY: `at..at + len` lies inside the block's mapping (checked by `at`), which the
-        // snapshot keeps mapped; populating for write faults pages in and leaves their
-        // contents as they are, so no memory Rust or a guest sees changes. A page the host
-        // cannot back is an errno here, not SIGBUS.
-        let rc = unsafe {
-            libc::madvise(
-                b.mapping.as_ptr().add(at) as *mut libc::c_void,
-                len as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::new(
-                HmErrorClass::Host,
-                format!(
-                    "RAMBlock \"{}\": populating 0x{len:x} bytes at 0x{offset:x} failed",
-                    b.idstr
-                ),
-            ));
-        }
-        Ok(())
+        // snapshot keeps mapped, and the mapping is writable (checked above).
+        unsafe { populate_range(b.mapping.as_ptr().add(at), len as usize, false) }.map_err(
+            |errno| {
+                Error::new(
+                    HmErrorClass::Host,
+                    format!(
+                        "RAMBlock \"{}\": populating 0x{len:x} bytes at 0x{offset:x} failed",
+                        b.idstr
+                    ),
+                )
+                .with_errno(errno)
+            },
+        )
     }
 
     /// Whether the memory of block `index` overlaps another migratable block's: a write
@@ -604,9 +553,11 @@ mod tests {
         for (helper, join) in [(false, true), (true, true), (true, false)] {
             let mut dst = RamSnapshot::all(&r);
             let tester = dst.know_zero_pages(&Detector::new(), helper);
-            assert!(!tester.runs() || tester_ran(helper));
+            assert!(tester.is_none() || tester_ran(helper));
             let running = if join {
-                tester.join();
+                if let Some(t) = tester {
+                    t.join();
+                }
                 None
             } else {
                 Some(tester)
@@ -622,8 +573,10 @@ mod tests {
                 src.read_page(0, at, &mut got).unwrap();
                 assert!(got.iter().all(|&b| b == 0), "page at {at:#x}");
             }
-            if let Some(t) = running {
-                t.stop();
+            if let Some(tester) = running {
+                if let Some(t) = tester {
+                    t.stop();
+                }
                 before.write_page(h, MIB, &page).unwrap();
                 continue;
             }

@@ -15,9 +15,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crate::error::Error;
+use crate::helper_thread::{second_core, HelperThread};
 
 use super::blocks::RamSnapshot;
 use super::format::TARGET_PAGE_SIZE;
@@ -90,51 +90,42 @@ impl RamLoadTarget for Prefaulter {
 
 /// The prefaulting thread of one load; stopped and joined when dropped.
 pub struct Prefault {
-    stop: Arc<AtomicBool>,
+    helper: HelperThread,
     populated: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Prefault {
     /// Starts reading `stream` (a second reader of the load's `file:` stream, at its start)
     /// ahead of the loader of `target`, which must have its known-zero pages
     /// ([`RamSnapshot::know_zero_pages`]): the loader's position is told through them. `None`
-    /// if the thread could not start.
+    /// on one core (it would only take turns with the loader) or if the thread could not
+    /// start.
     pub fn spawn(
         target: &RamSnapshot,
         stream: std::fs::File,
         opts: &LoadOptions,
     ) -> Option<Prefault> {
-        // On one core it would only take turns with the loader.
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        if !second_core() {
             return None;
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let populated = Arc::new(AtomicU64::new(0));
-        let mut prefaulter = Prefaulter {
-            snapshot: target.clone(),
-            stop: stop.clone(),
-            run: None,
-            populated: populated.clone(),
-        };
-        let opts = opts.clone();
-        let thread = std::thread::Builder::new()
-            .name("hm-prefault".into())
-            .spawn(move || {
-                let _ = load_file(
-                    std::io::BufReader::new(stream),
-                    &opts,
-                    Some(&mut prefaulter),
-                    &mut [],
-                );
-                prefaulter.flush();
-            })
-            .ok()?;
-        Some(Prefault {
-            stop,
-            populated,
-            thread: Some(thread),
-        })
+        let (snapshot, counter, opts) = (target.clone(), populated.clone(), opts.clone());
+        let helper = HelperThread::spawn("hm-prefault", move |stop| {
+            let mut prefaulter = Prefaulter {
+                snapshot,
+                stop,
+                run: None,
+                populated: counter,
+            };
+            let _ = load_file(
+                std::io::BufReader::new(stream),
+                &opts,
+                Some(&mut prefaulter),
+                &mut [],
+            );
+            prefaulter.flush();
+        })?;
+        Some(Prefault { helper, populated })
     }
 
     /// Bytes populated so far.
@@ -143,30 +134,15 @@ impl Prefault {
     }
 
     /// Waits until the thread has read as far as it can; the bytes it populated.
-    pub fn join(mut self) -> u64 {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.populated()
+    pub fn join(self) -> u64 {
+        self.helper.join();
+        self.populated.load(Ordering::Relaxed)
     }
 
     /// Stops the thread and waits for it; the bytes it populated.
-    pub fn stop(mut self) -> u64 {
-        self.end();
-        self.populated()
-    }
-
-    fn end(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Prefault {
-    fn drop(&mut self) {
-        self.end();
+    pub fn stop(self) -> u64 {
+        self.helper.stop();
+        self.populated.load(Ordering::Relaxed)
     }
 }
 

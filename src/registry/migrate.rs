@@ -507,10 +507,7 @@ fn incoming(
         target.clear_populated(&detector)?;
     }
     // Nothing but the load writes this machine's memory until it ends: the guest waits.
-    // The tester thread stays off here: with it on, the stress test under ThreadSanitizer
-    // (tests/races.rs) ends with two pipes and /dev/null of exec: channels still open, not yet
-    // understood; the scan's known-zero pages alone are safe and kept.
-    let zero_tester = target.know_zero_pages(&detector, false);
+    let zero_tester = target.know_zero_pages(&detector, true);
     // A fresh destination: its pages faulted in ahead of the loader.
     let prefault = match &channel {
         IncomingChannel::Seekable(file) if target.starts_mostly_unpopulated() => file
@@ -531,7 +528,9 @@ fn incoming(
             load_file(&mut file, opts, Some(&mut target), h).map_err(Error::from)
         }),
     };
-    zero_tester.stop();
+    if let Some(t) = zero_tester {
+        t.stop();
+    }
     if let Some(p) = prefault {
         p.stop();
     }
