@@ -1068,7 +1068,12 @@ pub fn check_block_length(
     if length == local.used_length {
         return Ok(None);
     }
-    let aligned = align_up(align_up(length, PAGE), host_page_size.max(1));
+    // A length that cannot be aligned in 64 bits is past any block's maximum: the errors
+    // below then name it as the stream gave it.
+    let aligned = length
+        .checked_next_multiple_of(PAGE)
+        .and_then(|l| l.checked_next_multiple_of(host_page_size.max(1)))
+        .unwrap_or(length);
     if aligned == local.used_length {
         return Ok(None);
     }
@@ -1436,6 +1441,31 @@ pub(crate) mod tests {
         ];
         let v: Vec<_> = all_pages(&blocks).map(|p| (p.block, p.offset)).collect();
         assert_eq!(v, [(0, 0), (0, PAGE), (1, 0)]);
+    }
+
+    #[test]
+    fn a_stream_length_near_2_pow_64_is_refused_not_wrapped() {
+        let local = |resizeable| LocalRamBlock {
+            handle: 0,
+            used_length: 1 << 20,
+            max_length: 4 << 20,
+            resizeable,
+            migratable: true,
+        };
+        // Found by the migration_load fuzz target: aligning this length overflowed.
+        let length = u64::MAX - 2;
+        match check_block_length("pc.ram", &local(false), length, 4096) {
+            Err(MigrationError::RamSizeMismatch { stream, local, .. }) => {
+                assert_eq!((stream, local), (length, 1 << 20))
+            }
+            other => panic!("{other:?}"),
+        }
+        match check_block_length("pc.ram", &local(true), length, 2 << 20) {
+            Err(MigrationError::RamSizeTooLarge { stream, max, .. }) => {
+                assert_eq!((stream, max), (length, 4 << 20))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
