@@ -8,7 +8,7 @@
 //!   descriptor of its own for every save), onto an existing file, over a unix socket whose reader discards, and to a new file:
 //!   hostmem vs QEMU 10 plain precopy, QEMU 10 multifd (2 channels; for `file:` with
 //!   mapped-ram, with and without direct-io) and the limits (one read pass testing every page
-//!   for zero; one memcpy of the non-zero bytes; a new-file write of them); to a new file also
+//!   for zero, on one core and split over every core; one memcpy of the non-zero bytes; a new-file write of them); to a new file also
 //!   hostmem with direct-io on. Loads from a file
 //!   into a preallocated and into a fresh destination, and over a unix socket fed by a writer
 //!   replaying the recorded stream: hostmem vs QEMU plain (and multifd + mapped-ram for the
@@ -431,8 +431,28 @@ fn read_file_once(path: &Path) -> Duration {
 /// One read pass over `mem` testing every 4 KiB page for zero (the test a save must make).
 fn zero_scan(mem: &[u8]) -> Duration {
     let t = Instant::now();
-    let zero = mem
-        .chunks_exact(4096)
+    std::hint::black_box(zero_pages(mem));
+    t.elapsed()
+}
+
+fn zero_scan_all_cores(mem: &[u8]) -> Duration {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = (mem.len() / 4096).div_ceil(cores) * 4096;
+    let t = Instant::now();
+    let zero: usize = std::thread::scope(|s| {
+        let parts: Vec<_> = mem
+            .chunks(share)
+            .map(|part| s.spawn(move || zero_pages(part)))
+            .collect();
+        parts.into_iter().map(|p| p.join().unwrap()).sum()
+    });
+    let d = t.elapsed();
+    std::hint::black_box(zero);
+    d
+}
+
+fn zero_pages(mem: &[u8]) -> usize {
+    mem.chunks_exact(4096)
         .filter(|page| {
             // SAFETY: every bit pattern is a valid u64; align_to hands back the unaligned
             // ends apart (none here: guest RAM is page-aligned).
@@ -441,10 +461,7 @@ fn zero_scan(mem: &[u8]) -> Duration {
                 .chunks_exact(8)
                 .all(|w| w.iter().fold(0, |a, b| a | b) == 0)
         })
-        .count();
-    let d = t.elapsed();
-    std::hint::black_box(zero);
-    d
+        .count()
 }
 
 /// A unix socket whose reader discards everything, every connection on its own thread
@@ -488,6 +505,9 @@ enum Save {
     Qemu(Mode),
     /// One read pass testing every page of the guest for zero.
     ZeroScan,
+    /// The same pass split evenly over the host's cores: what the zero tests cost when every
+    /// core does nothing else.
+    ZeroScanAllCores,
     /// One memcpy of the guest's non-zero bytes.
     Memcpy,
     /// A new-file write of the guest's non-zero bytes.
@@ -602,7 +622,11 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
         (
             Sink::Null,
             format!("save to a sink that copies nothing, {label} (fd: on /dev/null)"),
-            vec![Save::Qemu(Mode::Plain), Save::ZeroScan],
+            vec![
+                Save::Qemu(Mode::Plain),
+                Save::ZeroScan,
+                Save::ZeroScanAllCores,
+            ],
         ),
         (
             Sink::ExistingFile,
@@ -647,6 +671,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
             let name = match &s {
                 Save::Qemu(mode) => mode.side().to_string(),
                 Save::ZeroScan => zero_scan_side.into(),
+                Save::ZeroScanAllCores => "limit: the same read pass split over every core".into(),
                 Save::Memcpy => memcpy_side.into(),
                 Save::NewFileWrite => "limit: new-file write of the non-zero bytes".into(),
                 Save::HostmemDirect => "hostmem, direct-io on".into(),
@@ -678,6 +703,7 @@ fn dense(dir: &Path, limits: &mut LimitBuffers) {
                 Save::HostmemDirect => hostmem_save_direct_io(src, &uri),
                 Save::Qemu(mode) => q.save(*mode, &uri).0,
                 Save::ZeroScan => zero_scan(mem),
+                Save::ZeroScanAllCores => zero_scan_all_cores(mem),
                 Save::Memcpy => limits.memcpy(nonzero),
                 Save::NewFileWrite => limits.new_file_write(&new, nonzero),
             }

@@ -80,12 +80,32 @@ impl SnapshotBlock {
     }
 }
 
-/// The SIGBUS guard of a snapshot's accesses, held as long as the snapshot (one migration).
-fn guard(held: &Option<Arc<Guard>>) -> Result<Arc<Guard>, Error> {
+/// The SIGBUS guard of one access: the snapshot's own, borrowed (cloning its `Arc` per page
+/// made every page's access a locked increment and decrement of one counter that the loader
+/// and its tester thread, or precopy's two testing threads, kept taking from each other: half
+/// of a preallocated load's loader time), or one acquired for this access when the snapshot
+/// could not hold one.
+enum AccessGuard<'a> {
+    Held(&'a Guard),
+    Acquired(Guard),
+}
+
+impl std::ops::Deref for AccessGuard<'_> {
+    type Target = Guard;
+
+    fn deref(&self) -> &Guard {
+        match self {
+            AccessGuard::Held(g) => g,
+            AccessGuard::Acquired(g) => g,
+        }
+    }
+}
+
+fn guard(held: &Option<Arc<Guard>>) -> Result<AccessGuard<'_>, Error> {
     match held {
-        Some(g) => Ok(g.clone()),
+        Some(g) => Ok(AccessGuard::Held(g)),
         None => Guard::acquire()
-            .map(Arc::new)
+            .map(AccessGuard::Acquired)
             .map_err(|e| Error::new(HmErrorClass::Host, e.to_string())),
     }
 }
