@@ -111,6 +111,8 @@ struct Sender<'a, W: StreamWrite> {
 
 /// Chunks a helper thread keeps tested ahead of the one going out (4 MiB).
 const TESTED_AHEAD: usize = 4;
+/// Chunks the migration thread tests itself at most while it waits for one helper chunk.
+const MINE_AHEAD: usize = 8;
 
 impl<'a, W: StreamWrite> Sender<'a, W> {
     /// Sends `pages` as PART sections of at most a chunk each, rate-limited; where the stream
@@ -142,7 +144,7 @@ impl<'a, W: StreamWrite> Sender<'a, W> {
 
     /// [`Self::send`] with the zero tests on two threads: a helper keeps up to
     /// [`TESTED_AHEAD`] chunks tested ahead of the one going out, and this thread, rather
-    /// than wait for the helper, tests the next chunk itself; framing, the kernel's copy and
+    /// than wait for the helper, tests the next chunks itself (up to [`MINE_AHEAD`]); framing, the kernel's copy and
     /// the rate limit stay here, and the chunks go out in the pages' order.
     fn send_tested_ahead(
         &mut self,
@@ -183,18 +185,24 @@ impl<'a, W: StreamWrite> Sender<'a, W> {
                 let tested = match tested {
                     Some(t) => t,
                     None => {
-                        let t = match results.try_recv() {
-                            Ok(t) => t,
-                            Err(TryRecvError::Empty) => {
-                                if pages.peek().is_some() {
-                                    let mine =
-                                        self.saver.page_runs(pages.by_ref().take(CHUNK_PAGES))?;
-                                    let t = mine.test(shared);
-                                    queue.push_back((mine, Some(t)));
-                                }
-                                results.recv().map_err(|_| helper_ended())?
+                        // Until the helper's chunk is ready, this thread tests the next
+                        // chunks itself (one at a time, looking again after each: a chunk of
+                        // non-zero pages tests in a fraction of a zero chunk's time, so
+                        // testing one and then waiting left this thread idle).
+                        let mut mine_ahead = 0;
+                        let t = loop {
+                            match results.try_recv() {
+                                Ok(t) => break t,
+                                Err(TryRecvError::Disconnected) => return Err(helper_ended()),
+                                Err(TryRecvError::Empty) => {}
                             }
-                            Err(TryRecvError::Disconnected) => return Err(helper_ended()),
+                            if pages.peek().is_none() || mine_ahead == MINE_AHEAD {
+                                break results.recv().map_err(|_| helper_ended())?;
+                            }
+                            let mine = self.saver.page_runs(pages.by_ref().take(CHUNK_PAGES))?;
+                            let t = mine.test(shared);
+                            queue.push_back((mine, Some(t)));
+                            mine_ahead += 1;
                         };
                         with_helper -= 1;
                         t
