@@ -8,8 +8,8 @@
 //!   descriptor of its own for every save), onto an existing file, over a unix socket whose reader discards, and to a new file:
 //!   hostmem vs QEMU 10 plain precopy, QEMU 10 multifd (2 channels; for `file:` with
 //!   mapped-ram, with and without direct-io) and the limits (one read pass testing every page
-//!   for zero, on one core and split over every core; one memcpy of the non-zero bytes; a new-file write of them); to a new file also
-//!   hostmem with direct-io on. Loads from a file
+//!   for zero, on one core and split over every core; one memcpy of the non-zero bytes; a
+//!   new-file write of them); to a new file also hostmem with direct-io on. Loads from a file
 //!   into a preallocated and into a fresh destination, and over a unix socket fed by a writer
 //!   replaying the recorded stream: hostmem vs QEMU plain (and multifd + mapped-ram for the
 //!   fresh file load) and one memcpy. The saving QEMU and hostmem machine are each one

@@ -110,7 +110,14 @@ mod tests {
 
     #[test]
     fn a_panic_in_the_work_ends_only_the_helper() {
-        let helper = HelperThread::spawn("hm-test", |_| panic!("the helper's own failure"));
+        let started = Arc::new(AtomicBool::new(false));
+        let s = started.clone();
+        let helper = HelperThread::spawn("hm-test", move |_| {
+            s.store(true, Ordering::SeqCst);
+            panic!("the helper's own failure")
+        });
+        // Reached only if joining does not pass the helper's panic on to this thread.
         helper.unwrap().join();
+        assert!(started.load(Ordering::SeqCst));
     }
 }

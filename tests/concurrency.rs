@@ -13,8 +13,10 @@ use std::sync::Barrier;
 use hostmem::registry::{self, MachineId};
 use hostmem::testing::machines::{main_ram, none_machine};
 
+mod open_fds;
 mod stress_support;
-use stress_support::{open_fds, ram_checksum as checksum, rounds, run};
+use open_fds::open_fds;
+use stress_support::{ram_checksum as checksum, rounds, run};
 
 const WORKERS: usize = 4;
 const RAM_MIB: u64 = 32;

@@ -17,6 +17,9 @@ use hostmem::registry::{self, hmp, transports::HostTransports, MachineId};
 use hostmem::testing::machines::none_machine;
 use hostmem::Result;
 
+mod open_fds;
+use open_fds::open_fds;
+
 const MIB: u64 = 1 << 20;
 
 /// A `-M none` machine built from `args`, its RAM mapped at 0 as the board does.
@@ -128,29 +131,15 @@ fn truncate(path: &str, len: u64) {
         .unwrap();
 }
 
-/// The process's open descriptors.
-fn fds() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            Some(format!("{:?}", std::fs::read_link(e.path()).ok()?))
-        })
-        .filter(|l| !l.contains("/proc/"))
-        .collect();
-    v.sort();
-    v
-}
-
 /// Checks that a scenario left nothing behind: the same descriptors as before it (threads
 /// that end close theirs, so the check waits a little for them), and none of the guest RAM it
 /// saw still mapped at the same place with the same length.
 fn nothing_left(before: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while fds() != before && Instant::now() < deadline {
+    while open_fds() != before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(fds(), before, "descriptors left behind");
+    assert_eq!(open_fds(), before, "descriptors left behind");
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     for (addr, len) in RAM_SEEN.lock().unwrap().drain(..) {
         let same = format!("{:x}-{:x} ", addr, addr + len as usize);
@@ -191,7 +180,7 @@ fn warm_up() {
 }
 
 fn a_source_whose_ram_faults_fails_its_migration_and_runs_on() {
-    let before = fds();
+    let before = open_fds();
     let backing = scratch("src.ram");
     let src = file_machine(&backing, 16 * MIB, false);
     fill(src, 16 * MIB);
@@ -238,7 +227,7 @@ fn a_source_whose_ram_faults_fails_its_migration_and_runs_on() {
 /// records, the loader writes pages from its writer threads on a host of more than 2 cores
 /// (`ram::default_writer_threads`), and must report the same first failing page.
 fn a_destination_whose_ram_faults_while_loading_fails_and_is_never_resumed(size: u64, cut: u64) {
-    let before = fds();
+    let before = open_fds();
     let m = format!("{}M", size / MIB);
     let src = machine(&["-m", &m]);
     fill(src, size);
@@ -314,7 +303,7 @@ fn proxy(
 }
 
 fn a_peer_that_disconnects_midway_fails_both_sides_and_the_source_runs_on() {
-    let before = fds();
+    let before = open_fds();
     let src = machine(&["-m", "32M"]);
     fill(src, 32 * MIB);
     let src_vcpus = watch_vcpus(src);
@@ -364,7 +353,7 @@ fn a_peer_that_disconnects_midway_fails_both_sides_and_the_source_runs_on() {
 }
 
 fn a_peer_that_stalls_leaves_the_source_running_until_cancelled_and_the_destination_waiting() {
-    let before = fds();
+    let before = open_fds();
     let src = machine(&["-m", "32M"]);
     fill(src, 32 * MIB);
     let src_vcpus = watch_vcpus(src);

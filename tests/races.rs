@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 use hostmem::registry::{self, MachineId};
 use hostmem::testing::machines::{main_ram, none_machine};
 
+mod open_fds;
 mod stress_support;
-use stress_support::{open_fds, ram_checksum, run};
+use open_fds::open_fds;
+use stress_support::{ram_checksum, run};
 
 const MIB: u64 = 1 << 20;
 const WORKERS: usize = 4;

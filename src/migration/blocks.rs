@@ -572,16 +572,13 @@ mod tests {
         // The tester off, done before the load, and running while it loads.
         for (helper, join) in [(false, true), (true, true), (true, false)] {
             let mut dst = RamSnapshot::all(&r);
-            let tester = dst.know_zero_pages(&Detector::new(), helper);
+            let mut tester = dst.know_zero_pages(&Detector::new(), helper);
             assert!(tester.is_none() || tester_ran(helper));
-            let running = if join {
-                if let Some(t) = tester {
+            if join {
+                if let Some(t) = tester.take() {
                     t.join();
                 }
-                None
-            } else {
-                Some(tester)
-            };
+            }
             // A page of the load, then a ZERO record for it (a later round's).
             dst.write_page(h, 3 * MIB, &page).unwrap();
             for offset in (0..4 * MIB).step_by(4096) {
@@ -593,7 +590,7 @@ mod tests {
                 src.read_page(0, at, &mut got).unwrap();
                 assert!(got.iter().all(|&b| b == 0), "page at {at:#x}");
             }
-            if let Some(tester) = running {
+            if !join {
                 if let Some(t) = tester {
                     t.stop();
                 }
