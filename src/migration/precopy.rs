@@ -45,7 +45,9 @@ pub trait PrecopyHost {
     fn stop_guest(&mut self) -> Result<bool, Error>;
     /// Resumes the guest after a failed or cancelled migration that paused it.
     fn resume_guest(&mut self) -> Result<(), Error>;
-    /// Switches dirty logging off again; called once, whatever happened.
+    /// Switches dirty logging off again and lets go of the channel; called once, whatever
+    /// happened, after [`Self::complete`] or [`Self::resume_guest`] and before the final
+    /// status is published (whoever sees it may free the machine at once).
     fn end(&mut self);
     /// The stream went out whole: closes the channel (an error here fails the migration; the
     /// guest then runs on) and records that the guest now runs on the destination.
@@ -276,17 +278,20 @@ pub fn run_outgoing<W: StreamWrite>(
         progress,
         &mut stopped,
     );
-    host.end();
     let result = result.and_then(|()| host.complete());
+    if result.is_err() && stopped {
+        let _ = host.resume_guest();
+    }
+    host.end();
+    // The migration's hold on guest memory goes before its end is published: a caller that
+    // sees "completed" may remove the machine and count what is left of it.
+    drop(snap);
     match result {
         Ok(()) => {
             progress.set_status(MigrationStatus::Completed);
             Ok(())
         }
         Err(e) => {
-            if stopped {
-                let _ = host.resume_guest();
-            }
             if progress.cancel_requested() {
                 progress.set_status(MigrationStatus::Cancelled);
             } else {
@@ -594,6 +599,73 @@ mod tests {
             streams.push(out.0);
         }
         assert!(streams[0] == streams[1], "the streams differ");
+    }
+
+    #[test]
+    fn the_snapshot_and_the_channel_are_released_before_the_end_is_published() {
+        use crate::migration::state::tests::OnDrop;
+        use std::sync::{Arc, Mutex};
+        // What the migration still holds when its final status is set, seen from the
+        // interrupt, which a final status drops just before it becomes visible.
+        struct Held {
+            mapping_holders: usize,
+            channel_open: bool,
+        }
+        for fail in [false, true] {
+            let mut host = FakeHost::new(4 * MIB);
+            host.fail_stop = fail;
+            let mapping = Arc::downgrade(&host.reg.get(host.block).unwrap().mapping);
+            let channel = Arc::new(());
+            let progress = Arc::new(Progress::new(false));
+            let held = Arc::new(Mutex::new(None));
+            let (record, channel_weak) = (held.clone(), Arc::downgrade(&channel));
+            let at_end = OnDrop(move || {
+                *record.lock().unwrap() = Some(Held {
+                    mapping_holders: mapping.strong_count(),
+                    channel_open: channel_weak.strong_count() > 0,
+                });
+            });
+            progress.set_interrupt(Some(Box::new(move || {
+                let _ = &at_end;
+            })));
+            /// A channel that is open while it lives.
+            struct Channel(Vec<u8>, #[allow(dead_code)] Arc<()>);
+            impl std::io::Write for Channel {
+                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                    self.0.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            impl StreamWrite for Channel {}
+            let params = Parameters::default();
+            let result = run_outgoing(
+                &mut host,
+                Channel(Vec::new(), channel),
+                SaveOptions::new("none"),
+                &params,
+                &LiveLimits::new(&params),
+                0,
+                &progress,
+            );
+            assert_eq!(result.is_err(), fail);
+            let held = held
+                .lock()
+                .unwrap()
+                .take()
+                .expect("the final status dropped it");
+            assert_eq!(
+                held.mapping_holders, 1,
+                "fail {fail}: the snapshot still held guest memory (the registry alone should)"
+            );
+            assert!(
+                !held.channel_open,
+                "fail {fail}: the channel was still open"
+            );
+            assert!(progress.status().is_finished());
+        }
     }
 
     #[test]

@@ -433,7 +433,18 @@ impl Progress {
         self.lock().status
     }
 
+    /// Sets the migration's status; a final one (completed, failed, cancelled) first drops
+    /// the interrupt, and with it what the interrupt holds of the channel, so that nothing of
+    /// the channel is left open once anyone can see the migration has ended.
     pub fn set_status(&self, status: MigrationStatus) {
+        if status.is_finished() && !self.status().is_finished() {
+            let interrupt = self
+                .interrupt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            drop(interrupt);
+        }
         let mut g = self.lock();
         if g.status.is_finished() {
             return;
@@ -617,7 +628,7 @@ impl LiveLimits {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -706,6 +717,42 @@ mod tests {
             Some("Unable to write to command: Broken pipe")
         );
         assert!(s.setup_time_ms.is_some());
+    }
+
+    /// Runs its closure when dropped.
+    pub(crate) struct OnDrop<F: FnMut()>(pub(crate) F);
+
+    impl<F: FnMut()> Drop for OnDrop<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+
+    #[test]
+    fn a_final_status_drops_the_interrupt_before_anyone_can_see_it() {
+        for end in [
+            MigrationStatus::Completed,
+            MigrationStatus::Failed,
+            MigrationStatus::Cancelled,
+        ] {
+            let p = std::sync::Arc::new(Progress::new(false));
+            p.set_status(MigrationStatus::Active);
+            let seen = std::sync::Arc::new(Mutex::new(None));
+            let (progress, record) = (std::sync::Arc::downgrade(&p), seen.clone());
+            let held = OnDrop(move || {
+                *record.lock().unwrap() = progress.upgrade().map(|p| p.status());
+            });
+            p.set_interrupt(Some(Box::new(move || {
+                let _ = &held;
+            })));
+            p.set_status(end);
+            assert_eq!(
+                *seen.lock().unwrap(),
+                Some(MigrationStatus::Active),
+                "{end:?}: the interrupt outlived the status change"
+            );
+            assert_eq!(p.status(), end);
+        }
     }
 
     #[test]

@@ -212,6 +212,8 @@ impl PrecopyHost for MachineHost {
     }
 
     fn end(&mut self) {
+        // A channel the migration did not finish closes here, not when the thread ends.
+        self.finish = None;
         let _ = with(self.id, |m| m.memory_mut().set_global_dirty_log(false));
     }
 
@@ -343,7 +345,6 @@ pub fn start_outgoing(
             Err(_) if p.cancel_requested() => p.set_status(MigrationStatus::Cancelled),
             Err(e) => p.fail(&e),
         }
-        p.set_interrupt(None);
     })?;
     Ok(progress)
 }
@@ -451,7 +452,6 @@ fn forget_incoming(id: MachineId) {
 
 /// QEMU's incoming state goes when the load ends: the listener's addresses with it.
 fn end_incoming(progress: &Progress, result: Result<()>) {
-    progress.set_interrupt(None);
     progress.set_socket_addresses(Vec::new());
     match result {
         Ok(()) => progress.set_status(MigrationStatus::Completed),
