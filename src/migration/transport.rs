@@ -931,18 +931,7 @@ fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<libc::c_int> {
 }
 
 fn is_socket(fd: RawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are live locals of the sizes getsockopt is told.
-    unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        ) == 0
-    }
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE).is_ok()
 }
 
 fn is_fifo(fd: RawFd) -> bool {
@@ -1489,6 +1478,27 @@ fn new_socket(family: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd>
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// An integer socket option; the errno of a failure.
+fn int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Result<libc::c_int, i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are live locals of the sizes getsockopt is told.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(errno())
+    }
+}
+
 fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> i32 {
     // SAFETY: `v` is a live c_int and its size is passed.
     unsafe {
@@ -1520,22 +1530,10 @@ fn connect_fd(fd: RawFd, addr: &SockAddr, cancel: &Cancel) -> Result<(), i32> {
         Ok(_) => {}
         Err(_) => return Err(libc::ECANCELED),
     }
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `err` and `len` are live locals of the sizes passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    match (rc, err) {
-        (0, 0) => Ok(()),
-        (0, e) => Err(e),
-        _ => Err(errno()),
+    match int_opt(fd, libc::SOL_SOCKET, libc::SO_ERROR) {
+        Ok(0) => Ok(()),
+        Ok(e) => Err(e),
+        Err(e) => Err(e),
     }
 }
 
@@ -1611,6 +1609,14 @@ fn unix_addr(path: &Path) -> Result<SockAddr, TransportError> {
     Ok(a)
 }
 
+/// The send buffer asked for on an outgoing unix socket. The default (about 208 KiB) fills
+/// in well under a millisecond of a save, and every time it does the migration thread sleeps
+/// until the reader has drained it; with the reader on the same two cores as the sender's two
+/// threads that hand-over cost a 4 GiB save over a unix socket a quarter of its time (0.73 s
+/// against 0.55 s, medians of 5 in one run). TCP keeps the kernel's auto-tuning, which a fixed
+/// size would switch off.
+const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
+
 fn unix_connect(path: &Path, cancel: &Cancel) -> Result<OwnedFd, TransportError> {
     let fd = new_socket(libc::AF_UNIX, 0).map_err(|e| {
         TransportError::os(
@@ -1619,6 +1625,18 @@ fn unix_connect(path: &Path, cancel: &Cancel) -> Result<OwnedFd, TransportError>
         )
     })?;
     let addr = unix_addr(path)?;
+    // Best effort, a smaller buffer only costs speed: a privileged VMM gets the size whatever
+    // net.core.wmem_max says (often 208 KiB), another one at most that.
+    let raw = fd.as_raw_fd();
+    if set_int_opt(
+        raw,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        UNIX_SEND_BUFFER,
+    ) < 0
+    {
+        set_int_opt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, UNIX_SEND_BUFFER);
+    }
     match connect_fd(fd.as_raw_fd(), &addr, cancel) {
         Ok(()) => Ok(fd),
         Err(libc::ECANCELED) if cancel.is_cancelled() => Err(TransportError::Cancelled),
@@ -2859,6 +2877,38 @@ mod tests {
             "file:/x,offset=4096"
         );
         assert_eq!(IncomingUri::Defer.to_string(), "defer");
+    }
+
+    #[test]
+    fn an_outgoing_unix_socket_asks_for_a_send_buffer_of_4_mib() {
+        let dir = std::env::temp_dir().join(format!("hm-sndbuf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd = unix_connect(&path, &Cancel::new()).unwrap();
+        let got = int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap();
+        let cap = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .unwrap()
+            .trim()
+            .parse::<libc::c_int>()
+            .unwrap();
+        // Whether this process may exceed wmem_max (CAP_NET_ADMIN), asked of a scratch socket.
+        let (scratch, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        let privileged = set_int_opt(
+            scratch.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            1 << 20,
+        ) == 0;
+        let granted = if privileged {
+            UNIX_SEND_BUFFER
+        } else {
+            UNIX_SEND_BUFFER.min(cap)
+        };
+        // The kernel doubles what it grants, for its bookkeeping.
+        assert_eq!(got, 2 * granted, "wmem_max {cap}, privileged {privileged}");
+        drop((fd, listener));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
