@@ -12,25 +12,11 @@ use crate::region::{RegionId, RegionKind, RegionLookup};
 
 const SPACE_END: u128 = 1u128 << 64;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FlatRange {
-    pub addr: u64,
-    pub size: u128,
-    /// The leaf region (RAM or I/O) that answers for this range.
-    pub region: RegionId,
-    pub offset_in_region: u64,
-    pub readonly: bool,
-}
-
-impl FlatRange {
-    pub fn end(&self) -> u128 {
-        u128::from(self.addr) + self.size
-    }
-}
+pub use crate::flat_ranges::{FlatRange, FlatRanges};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlatView {
-    pub ranges: Vec<FlatRange>,
+    pub ranges: FlatRanges,
 }
 
 /// What QEMU calls the flat view's root: the region actually rendered for an address space.
@@ -82,11 +68,9 @@ pub fn flatview_root(arena: &impl RegionLookup, root: RegionId) -> Option<Region
 
 /// Renders the view of `root` (already reduced by [`flatview_root`]; `None` = empty view).
 pub fn render(arena: &impl RegionLookup, root: Option<RegionId>) -> FlatView {
-    let mut view = FlatView {
-        ranges: render_window(arena, root, (0, SPACE_END)),
-    };
-    simplify(&mut view);
-    view
+    FlatView {
+        ranges: simplified(render_window(arena, root, (0, SPACE_END))).collect(),
+    }
 }
 
 /// The view of `root` inside the half-open window `[window.0, window.1)`, sorted and disjoint
@@ -95,7 +79,7 @@ pub fn render_window(
     arena: &impl RegionLookup,
     root: Option<RegionId>,
     window: (u128, u128),
-) -> Vec<FlatRange> {
+) -> impl Iterator<Item = FlatRange> {
     // Keyed by address: children render in priority order, not address order, so a sorted Vec
     // would be inserted into at random places (quadratic at 100 000 regions).
     let mut out = BTreeMap::new();
@@ -107,7 +91,7 @@ pub fn render_window(
         let window = (window.0, window.1.min(SPACE_END));
         render_region(arena, &mut out, root, base, window, false, 0);
     }
-    out.into_values().collect()
+    out.into_values()
 }
 
 /// `base` is the absolute address of the region's parent origin (it may be "negative" inside
@@ -215,14 +199,14 @@ pub struct WindowPatch {
     /// Where in the old view the replaced ranges were, and how many ranges replaced them.
     pub at: std::ops::Range<usize>,
     pub replaced_by: usize,
-    /// The addresses of the replaced ranges, in order (those in `at` of the old view).
+    /// The addresses of the replaced ranges, in order.
     pub replaced_addrs: Vec<u64>,
 }
 
 /// Re-renders only `window` of `view` (whose tree changed nowhere else since `view` was
 /// rendered from `root`) and splices it in: the ranges crossing the window's edges are cut,
 /// the window is rendered afresh, and the pieces are merged with their neighbours as
-/// [`simplify`] would. The result equals a full [`render`]; the cost is that of the window.
+/// [`simplified`] would. The result equals a full [`render`]; the cost is that of the window.
 pub fn patch_window(
     arena: &impl RegionLookup,
     root: Option<RegionId>,
@@ -238,7 +222,8 @@ pub fn patch_window(
     // with.
     let first = ranges.partition_point(|f| f.end() <= w0).saturating_sub(1);
     let last = (ranges.partition_point(|f| u128::from(f.addr) < w1) + 1).min(ranges.len());
-    let old = &ranges[first..last];
+    let old: Vec<FlatRange> = ranges.slice(first..last).cloned().collect();
+    let old = &old[..];
     let cut = |f: &FlatRange, from: u128, to: u128| FlatRange {
         addr: from as u64,
         size: to - from,
@@ -257,22 +242,20 @@ pub fn patch_window(
             .filter(|f| f.end() > w1)
             .map(|f| cut(f, u128::from(f.addr).max(w1), f.end())),
     );
-    let mut fresh = FlatView { ranges: pieces };
-    simplify(&mut fresh);
+    let fresh: Vec<FlatRange> = simplified(pieces).collect();
     let removed = old
         .iter()
-        .filter(|f| !sorted_contains(&fresh.ranges, f))
+        .filter(|f| !sorted_contains(&fresh, f))
         .cloned()
         .collect();
     let added = fresh
-        .ranges
         .iter()
         .filter(|f| !sorted_contains(old, f))
         .cloned()
         .collect();
-    let replaced_by = fresh.ranges.len();
     let replaced_addrs = old.iter().map(|f| f.addr).collect();
-    view.ranges.splice(first..last, fresh.ranges);
+    let replaced_by = fresh.len();
+    view.ranges.splice(first..last, fresh);
     WindowPatch {
         removed,
         added,
@@ -282,46 +265,58 @@ pub fn patch_window(
     }
 }
 
-/// QEMU's flatview_simplify: neighbours that continue the same region at contiguous offsets
-/// with the same attributes become one range.
-pub fn simplify(view: &mut FlatView) {
-    let mut merged: Vec<FlatRange> = Vec::with_capacity(view.ranges.len());
-    for r in view.ranges.drain(..) {
-        if let Some(last) = merged.last_mut() {
-            if last.region == r.region
-                && last.end() == u128::from(r.addr)
-                && u128::from(last.offset_in_region) + last.size == u128::from(r.offset_in_region)
-                && last.readonly == r.readonly
-            {
-                last.size += r.size;
-                continue;
-            }
+/// QEMU's flatview_simplify over `ranges` in address order: neighbours that continue the
+/// same region at contiguous offsets with the same attributes become one range.
+pub fn simplified(ranges: impl IntoIterator<Item = FlatRange>) -> impl Iterator<Item = FlatRange> {
+    let mut ranges = ranges.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let mut merged = ranges.next()?;
+        while let Some(r) = ranges.next_if(|r| {
+            merged.region == r.region
+                && merged.end() == u128::from(r.addr)
+                && u128::from(merged.offset_in_region) + merged.size
+                    == u128::from(r.offset_in_region)
+                && merged.readonly == r.readonly
+        }) {
+            merged.size += r.size;
         }
-        merged.push(r);
-    }
-    view.ranges = merged;
+        Some(merged)
+    })
 }
 
 /// Ranges of `old` that are gone from `new`, and ranges of `new` that were not in `old`, each in
-/// address order: what listeners get as region_del and region_add.
+/// address order: what listeners get as region_del and region_add. One walk over both views
+/// in address order (each holds at most one range per address).
 pub fn diff(old: &FlatView, new: &FlatView) -> (Vec<FlatRange>, Vec<FlatRange>) {
-    let removed = old
-        .ranges
-        .iter()
-        .filter(|r| !contains(new, r))
-        .cloned()
-        .collect();
-    let added = new
-        .ranges
-        .iter()
-        .filter(|r| !contains(old, r))
-        .cloned()
-        .collect();
+    let (mut removed, mut added) = (Vec::new(), Vec::new());
+    let mut olds = old.ranges.iter().peekable();
+    let mut news = new.ranges.iter().peekable();
+    loop {
+        match (olds.peek(), news.peek()) {
+            (None, None) => break,
+            (Some(_), None) => removed.extend(olds.by_ref().cloned()),
+            (None, Some(_)) => added.extend(news.by_ref().cloned()),
+            (Some(&o), Some(&n)) => match o.addr.cmp(&n.addr) {
+                std::cmp::Ordering::Less => {
+                    removed.push(o.clone());
+                    olds.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    added.push(n.clone());
+                    news.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if o != n {
+                        removed.push(o.clone());
+                        added.push(n.clone());
+                    }
+                    olds.next();
+                    news.next();
+                }
+            },
+        }
+    }
     (removed, added)
-}
-
-fn contains(view: &FlatView, r: &FlatRange) -> bool {
-    sorted_contains(&view.ranges, r)
 }
 
 /// Whether `ranges` (sorted by address, disjoint, as views and diffs are) holds `r`.
@@ -627,10 +622,10 @@ mod tests {
             readonly: false,
         };
         let old = FlatView {
-            ranges: vec![r(0, 1), r(0x1000, 2), r(0x2000, 3)],
+            ranges: vec![r(0, 1), r(0x1000, 2), r(0x2000, 3)].into(),
         };
         let new = FlatView {
-            ranges: vec![r(0, 1), r(0x1000, 4), r(0x3000, 3)],
+            ranges: vec![r(0, 1), r(0x1000, 4), r(0x3000, 3)].into(),
         };
         let (gone, added) = diff(&old, &new);
         assert_eq!(gone, [r(0x1000, 2), r(0x2000, 3)]);
@@ -760,7 +755,8 @@ mod tests {
             // Rendering from the reduced root gives the same view.
             prop_assert_eq!(&render(&arena, flatview_root(&arena, root)), &view);
             // Sorted, disjoint, non-empty, and fully simplified.
-            for w in view.ranges.windows(2) {
+            let ranges: Vec<&FlatRange> = view.ranges.iter().collect();
+            for w in ranges.windows(2) {
                 prop_assert!(w[0].end() <= u128::from(w[1].addr));
                 let mergeable = w[0].region == w[1].region
                     && w[0].end() == u128::from(w[1].addr)

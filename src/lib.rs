@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod error;
 pub mod ffi;
+pub mod flat_ranges;
 pub mod flatview;
 pub mod gpa_layout;
 pub mod guarded;

@@ -881,8 +881,11 @@ impl MemorySystem {
                 continue;
             }
             rendered += patch.replaced_by;
-            let fresh = &view.ranges[patch.at.start..patch.at.start + patch.replaced_by];
-            let sections: Vec<MemorySection> = fresh.iter().map(|r| self.section(r)).collect();
+            let sections: Vec<MemorySection> = view
+                .ranges
+                .slice(patch.at.start..patch.at.start + patch.replaced_by)
+                .map(|r| self.section(r))
+                .collect();
             let old: Vec<MemorySection> = patch
                 .replaced_addrs
                 .iter()
