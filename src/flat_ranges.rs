@@ -98,9 +98,10 @@ impl FlatRanges {
         let (first, start_in) = self.locate(range.start).unwrap_or((self.chunks.len(), 0));
         // The chunk holding the last replaced range, or the first one when none is replaced
         // (an insertion goes into the chunk it lands in).
-        let last = match range.end.checked_sub(1) {
-            Some(e) if range.end > range.start => self.locate(e).map_or(first, |(c, _)| c),
-            _ => first,
+        let last = if range.is_empty() {
+            first
+        } else {
+            self.locate(range.end - 1).map_or(first, |(c, _)| c)
         };
         let end_chunk = (last + 1).min(self.chunks.len());
         self.len = self.len - range.len() + with.len();

@@ -116,7 +116,8 @@ fuzz_target!(|data: &[u8]| {
     let (arena, root) = build(data);
     let view = render(&arena, Some(root));
     assert_eq!(render(&arena, flatview_root(&arena, root)), view);
-    for w in view.ranges.windows(2) {
+    let ranges: Vec<_> = view.ranges.iter().collect();
+    for w in ranges.windows(2) {
         assert!(w[0].end() <= u128::from(w[1].addr), "overlap {w:?}");
         let mergeable = w[0].region == w[1].region
             && w[0].end() == u128::from(w[1].addr)

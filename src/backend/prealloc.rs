@@ -264,7 +264,7 @@ impl Gate {
 /// The bytes the worker threads have preallocated, and when that is worth telling the
 /// reporting thread: once per 1/[`Tally::REPORTS`] of the total. A message per 8 MiB step
 /// woke that thread 1 024 times for 8 GiB, and on a host with as many cores as workers each
-/// wake-up took a core from them: 5 % of a warm two-thread preallocation.
+/// wake-up took a core from them: 4 % of a warm two-thread preallocation.
 struct Tally {
     done: AtomicU64,
     slice: u64,

@@ -1613,8 +1613,8 @@ fn unix_addr(path: &Path) -> Result<SockAddr, TransportError> {
 /// in well under a millisecond of a save, and every time it does the migration thread sleeps
 /// until the reader has drained it; with the reader on the same two cores as the sender's two
 /// threads that hand-over cost a 4 GiB save over a unix socket a quarter of its time (0.73 s
-/// against 0.55 s, medians of 5 in one run). TCP keeps the kernel's auto-tuning, which a fixed
-/// size would switch off.
+/// against 0.55 s, medians of 5 in two runs back to back). TCP keeps the kernel's
+/// auto-tuning, which a fixed size would switch off.
 const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
 
 fn unix_connect(path: &Path, cancel: &Cancel) -> Result<OwnedFd, TransportError> {
